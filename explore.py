@@ -1,0 +1,78 @@
+"""
+Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): features φ, the covariance
+Σ = λI + Σ_i Δφ_i Δφ_iᵀ with Σ⁻¹ kept up to date, the elliptical uncertainty ‖Δφ‖_{Σ⁻¹},
+and the enhancer's choice of the most informative of N candidates.
+
+Used by train_pbpo.py; nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py
+"""
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def features(backbone, input_ids, attention_mask, response_mask, level="seq", normalize=True):
+    """φ from the backbone's final hidden states, fp32. seq: (B, D) at the last response token;
+    token: (B, T, D) per response token, zero elsewhere. The caller picks no_grad or not."""
+    hidden = backbone(input_ids, attention_mask).float()  # (B, T, D)
+    if normalize:  # unit-norm features keep Σ well scaled whatever the backbone's hidden scale
+        hidden = F.normalize(hidden, dim=-1)
+    if level == "token":
+        return hidden * response_mask[..., None]  # (B, T, D)
+    T = response_mask.shape[1]
+    last = T - 1 - response_mask.flip(-1).int().argmax(-1)  # (B,) index of the last response token
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
+
+
+def trajectory_features(phi):
+    """Φ(τ) with r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: the token-level reward Σ_h ⟨w, φ_h⟩ is ⟨w, Σ_h φ_h⟩."""
+    return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
+
+
+class Covariance:
+    """Σ (d×d, fp32) and Σ⁻¹, updated by Sherman–Morrison; identical on every rank when every
+    rank feeds the same Δφ in the same order (see update_all_ranks)."""
+
+    def __init__(self, dim, lam=1.0, device="cpu"):
+        self.sigma = lam * torch.eye(dim, device=device)  # (d, d)
+        self.sigma_inv = torch.eye(dim, device=device) / lam  # (d, d)
+
+    def uncertainty(self, dphi):
+        """‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)."""
+        return torch.einsum("nd,de,ne->n", dphi, self.sigma_inv, dphi).clamp_min(0).sqrt()  # (n,)
+
+    def update(self, dphi):
+        """Σ ← Σ + ΔφΔφᵀ for each row in order; returns Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹}) (elliptical potential)."""
+        potential = 0.0
+        for v in dphi.float():  # (d,)
+            s_inv_v = self.sigma_inv @ v  # (d,)
+            quad = float(v @ s_inv_v)
+            self.sigma += torch.outer(v, v)
+            self.sigma_inv -= torch.outer(s_inv_v, s_inv_v) / (1.0 + quad)
+            potential += math.log1p(quad)
+        return potential
+
+    def update_all_ranks(self, dphi):
+        """Gather every rank's Δφ (same count on each) and apply them all in rank order."""
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [torch.empty_like(dphi) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, dphi.contiguous())
+            dphi = torch.cat(gathered)
+        return self.update(dphi)
+
+    def state_dict(self):
+        return {"sigma": self.sigma.cpu(), "sigma_inv": self.sigma_inv.cpu()}
+
+    def load_state_dict(self, state):
+        self.sigma.copy_(state["sigma"])
+        self.sigma_inv.copy_(state["sigma_inv"])
+
+
+def select_pair(cov, phi_ref, phi_candidates):
+    """The enhancer's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one prompt.
+    phi_ref (d,), phi_candidates (N, d) -> (j*, Δφ (d,), uncertainty of j*)."""
+    dphi = phi_ref[None] - phi_candidates  # (N, d)
+    u = cov.uncertainty(dphi)  # (N,)
+    j = int(u.argmax())
+    return j, dphi[j], float(u[j])
