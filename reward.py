@@ -1,0 +1,133 @@
+"""
+The reward model r_w(τ) = ⟨w, Φ(τ)⟩ (a linear head on a transformer backbone), the Bradley–Terry
+loss, and the oracles that label pairs (ALGORITHMS.md, "Shared pieces").
+
+Oracles: `gold` (the toy task's shaped gold reward), `gsm8k` (the exact-match verifier) and
+`rm:PATH` (a local Hugging Face sequence-classification reward model). Each scores responses
+and labels a pair by Bradley–Terry sampling at a temperature; every response scored is one call.
+Used by train_pbpo.py, train_selm.py and eval.py. Tests: python -m pytest -q tests/test_reward.py
+"""
+import os
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from explore import features, trajectory_features
+
+
+class RewardModel(nn.Module):
+    """r_w on a backbone that is frozen by default (the theory's setting); ‖w‖ ≤ B by projection."""
+
+    def __init__(self, backbone, level="seq", bound=10.0, normalize=True, train_backbone=False):
+        super().__init__()
+        self.backbone, self.level, self.bound, self.normalize = backbone, level, bound, normalize
+        self.train_backbone = train_backbone
+        self.backbone.requires_grad_(train_backbone)
+        self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
+
+    def phi(self, input_ids, attention_mask, response_mask):
+        """Per-token (token) or last-token (seq) features; grad flows into the backbone only if trained."""
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            return features(self.backbone, input_ids, attention_mask, response_mask, self.level, self.normalize)
+
+    def token_rewards(self, phi):
+        """⟨w, φ_h⟩ per response token (B, T) at the token level; the sequence reward otherwise (B,)."""
+        return phi @ self.w
+
+    def forward(self, phi):
+        """r_w(τ) = ⟨w, Φ(τ)⟩ (B,), from phi (B, D) or (B, T, D) or precomputed Φ."""
+        return trajectory_features(phi) @ self.w
+
+    @torch.no_grad()
+    def project(self):
+        self.w.mul_(min(1.0, self.bound / (self.w.norm().item() + 1e-12)))
+
+
+def bt_loss(r0, r1, labels):
+    """L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))), s = +1 where τ¹ won (label 1) else −1."""
+    sign = 2.0 * labels.float() - 1.0
+    return -F.logsigmoid(sign * (r1 - r0)).mean()
+
+
+def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho):
+    """PbPO follower: L_BT(w; D) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)), the pessimistic RM
+    inside the confidence set. Returns (loss, BT loss, gap)."""
+    fit = bt_loss(rm(phi0), rm(phi1), labels)
+    gap = rm(phi_pi).mean() - rm(phi_ref).mean()
+    return fit + rho * gap, fit.detach(), gap.detach()
+
+
+class Oracle:
+    """Scores responses with r* and labels pairs o ~ Bernoulli(σ((r*(τ¹) − r*(τ⁰)) / temp))."""
+
+    def __init__(self, score_fn, temp=0.0):
+        self.score_fn, self.temp, self.calls = score_fn, temp, 0
+
+    def score(self, prompts, responses):
+        """r* of each (prompt record, response text); counts one call per response."""
+        scores = torch.tensor([float(s) for s in self.score_fn(prompts, responses)])  # (n,)
+        self.calls += len(responses)
+        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+        if bad:
+            i = bad[0]
+            raise ValueError(f"oracle returned {scores[i].item()} for pair item {i}: prompt "
+                             f"{str(prompts[i]['prompt'])[:80]!r}, response {responses[i][:80]!r}")
+        return scores
+
+    def label(self, s0, s1, generator=None):
+        """o = 1 where τ¹ is preferred; temp 0 is deterministic (a tie is a fair coin, σ(0) = ½)."""
+        if self.temp > 0:
+            p = torch.sigmoid((s1 - s0) / self.temp)  # (n,)
+        else:
+            p = 0.5 + 0.5 * torch.sign(s1 - s0)  # (n,)
+        return (torch.rand(p.shape, generator=generator) < p).long()  # (n,)
+
+    def compare(self, prompts, resp0, resp1, generator=None):
+        """Label pairs (τ⁰, τ¹) of one prompt each: (labels, scores of τ⁰, scores of τ¹)."""
+        s0, s1 = self.score(prompts, resp0), self.score(prompts, resp1)
+        return self.label(s0, s1, generator), s0, s1
+
+
+def hf_reward_scorer(path, device="cpu", batch_size=16):
+    """Score with a local HF sequence-classification reward model on its own chat template."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"--oracle=rm:{path}: expected a local HF reward model directory with config.json")
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    rm = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+
+    def as_text(prompt, response):
+        msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        if tok.chat_template:
+            return tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False)
+        return "".join(m["content"] for m in msgs) + response
+
+    @torch.no_grad()
+    def score(prompts, responses):
+        texts = [as_text(p["prompt"], r) for p, r in zip(prompts, responses)]
+        out = []
+        for i in range(0, len(texts), batch_size):
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True).to(device)
+            out += rm(**enc).logits[:, 0].float().cpu().tolist()
+        return out
+
+    return score
+
+
+def make_oracle(spec, temp=0.0, device="cpu"):
+    """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model)."""
+    if spec == "gold":
+        fn = lambda prompts, responses: [data.gold_reward(r, p["answer"]) for p, r in zip(prompts, responses)]
+    elif spec == "gsm8k":
+        fn = lambda prompts, responses: [float(data.is_correct(r, p["answer"])) for p, r in zip(prompts, responses)]
+    elif spec.startswith("rm:"):
+        fn = hf_reward_scorer(spec[3:], device)
+    else:
+        raise ValueError(f"--oracle={spec!r}: expected gold, gsm8k or rm:PATH")
+    return Oracle(fn, temp)
