@@ -1,0 +1,93 @@
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node=2` (CPU, gloo): FSDP2 against the unsharded model.
+
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR            # training, sampling, saving
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR --compile  # the compiled decode step
+"""
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+import model as M
+
+
+def loss_fn(model, ids, attn, resp):  # mean -logp over response tokens
+    return -(M.token_logprobs(model, ids, attn) * resp).sum() / resp.sum()
+
+
+ckpt, out = sys.argv[1], sys.argv[2]
+rank, world, device = M.init_distributed(timeout_s=120)
+assert world == 2 and device.type == "cpu"
+ref = M.from_pretrained(ckpt)
+if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
+    sharded = M.shard_model(M.from_pretrained(ckpt))
+    prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
+    for _ in range(2):  # the second call reuses the compiled step
+        gen = M.generate(sharded, prompts, 8, temperature=0.8, top_k=50, seed=rank, compile=True)
+        gen_r = M.generate(ref, prompts, 8, temperature=0.8, top_k=50, seed=rank, compile=False)
+        assert torch.equal(gen.tokens, gen_r.tokens), (gen.tokens, gen_r.tokens)
+        torch.testing.assert_close(gen.logprobs, gen_r.logprobs, rtol=0, atol=1e-5)
+    print(f"rank {rank}: FSDP compiled generate OK")
+    dist.destroy_process_group()
+    sys.exit(0)
+sharded = M.shard_model(M.from_pretrained(ckpt), activation_checkpointing=True)
+plain = M.shard_model(M.from_pretrained(ckpt))  # no activation checkpointing
+assert isinstance(sharded.lm_head.weight, DTensor)
+
+# one batch for all ranks, each rank takes its own half: prompts left-padded, responses right-padded
+g = torch.Generator().manual_seed(0)
+ids = torch.randint(1, ref.config.vocab_size, (4, 12), generator=g)
+attn = torch.ones(4, 12, dtype=torch.bool)
+attn[1, :3] = attn[3, :5] = attn[2, 10:] = False
+resp = attn.clone()
+resp[:, :6] = False
+mine = slice(2 * rank, 2 * rank + 2)
+
+lr = 1.0  # optimizers first: after a forward the root's registered parameters are its unsharded ones
+opt_s, opt_r = torch.optim.SGD(sharded.parameters(), lr=lr), torch.optim.SGD(ref.parameters(), lr=lr)
+loss_s = loss_fn(sharded, ids[mine], attn[mine], resp[mine])
+loss_p = loss_fn(plain, ids[mine], attn[mine], resp[mine])
+loss_r = loss_fn(ref, ids[mine], attn[mine], resp[mine])
+torch.testing.assert_close(loss_s, loss_r, rtol=0, atol=1e-5)
+torch.testing.assert_close(loss_p, loss_r, rtol=0, atol=1e-5)
+
+# one SGD step: FSDP averages gradients over ranks, so the reference steps on the mean of both ranks' losses
+loss_s.backward()
+opt_s.step()
+sum(loss_fn(ref, ids[2 * r:2 * r + 2], attn[2 * r:2 * r + 2], resp[2 * r:2 * r + 2]) for r in range(world)).div(world).backward()
+opt_r.step()
+full = M.full_state_dict(sharded)
+if rank == 0:
+    start = M.from_pretrained(ckpt).state_dict()
+    assert set(full) == set(ref.state_dict()), (sorted(full), sorted(ref.state_dict()))
+    moved = max((ref.state_dict()[k] - start[k]).abs().max().item() for k in full)
+    assert moved > 1e-3, moved  # the step did something
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(full[k], v, rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+else:
+    assert full == {}
+
+# generate on the sharded model: unshard once, sample, reshard; same greedy tokens as the unsharded model
+prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
+gen_s = M.generate(sharded, prompts, 6, temperature=0)
+gen_r = M.generate(ref, prompts, 6, temperature=0)
+assert torch.equal(gen_s.tokens, gen_r.tokens), (gen_s.tokens, gen_r.tokens)
+torch.testing.assert_close(gen_s.logprobs, gen_r.logprobs, rtol=0, atol=1e-5)
+samp_s = M.generate(sharded, prompts, 6, temperature=1.0, top_p=0.9, seed=rank)
+samp_r = M.generate(ref, prompts, 6, temperature=1.0, top_p=0.9, seed=rank)
+assert torch.equal(samp_s.tokens, samp_r.tokens)
+assert isinstance(sharded.lm_head.weight, DTensor) and all(  # resharded afterwards
+    isinstance(p, DTensor) for p in sharded.parameters())
+# training still works after generate
+torch.testing.assert_close(loss_fn(sharded, ids[mine], attn[mine], resp[mine]),
+                           loss_fn(ref, ids[mine], attn[mine], resp[mine]), rtol=0, atol=1e-5)
+
+M.save_pretrained(sharded, out, state_dict=full)
+dist.barrier()
+back = M.from_pretrained(out)
+for k, v in ref.state_dict().items():
+    torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=1e-5)
+dist.barrier()
+print(f"rank {rank}: FSDP OK")
+dist.destroy_process_group()

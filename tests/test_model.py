@@ -1,0 +1,286 @@
+"""model.py against plain references: `transformers`' own implementation, full-context decoding, log_softmax + gather.
+
+    python -m pytest -q tests/test_model.py
+"""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+import model as M
+
+V = 97  # vocab: not a power of two, not a multiple of the chunk sizes used below
+CONFIGS = {  # tiny random checkpoints, one per supported family and feature
+    "llama": (LlamaConfig, {}),
+    "llama3": (LlamaConfig, dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                      low_freq_factor=1.0, high_freq_factor=4.0,
+                                                      original_max_position_embeddings=16))),
+    "mistral": (MistralConfig, dict(sliding_window=5)),  # shorter than the test sequences, so the window matters
+    "qwen2": (Qwen2Config, dict(tie_word_embeddings=True)),  # q/k/v bias, tied embeddings
+    "qwen3": (Qwen3Config, dict(head_dim=24, attention_bias=True)),  # q/k norm, head_dim != hidden / heads
+}
+
+
+def hf_checkpoint(name, path):
+    """A transformers model with random weights (large enough that mistakes show), saved by transformers."""
+    cls, extra = CONFIGS[name]
+    cfg = cls(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, **extra)
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in n else 0.15 * torch.randn_like(p))
+    hf.save_pretrained(path)
+    return hf, str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    return {name: hf_checkpoint(name, tmp_path_factory.mktemp(name)) for name in CONFIGS}
+
+
+def left_padded(B=3, T=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    attn = torch.ones(B, T, dtype=torch.bool)
+    attn[1, :4] = attn[2, :7] = False
+    return ids.masked_fill(~attn, 0), attn
+
+
+def hf_logits(hf, ids, attn):
+    return hf(ids, attention_mask=attn.long(), position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@torch.no_grad()
+def test_logits_match_transformers_and_save_roundtrip(ckpts, name, tmp_path):
+    hf, path = ckpts[name]
+    model = M.from_pretrained(path)
+    assert {k for k, _ in model.named_parameters()} == {k for k, _ in hf.named_parameters()}  # names map 1:1
+    ids, attn = left_padded()
+    ref = hf_logits(hf, ids, attn)  # (B, T, V)
+    ours = model.lm_head(model(ids, attn))
+    assert (ours - ref)[attn].abs().max() <= 1e-4
+    assert not ours.isnan().any()  # padding rows stay finite
+    full = torch.randint(0, V, (2, 10))
+    assert (model.lm_head(model(full)) - hf(full).logits).abs().max() <= 1e-4  # no mask: plain causal
+
+    M.save_pretrained(model, tmp_path / "out")
+    assert ("lm_head.weight" in load_file(tmp_path / "out" / "model.safetensors")) != (name == "qwen2")  # tied: once
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", attn_implementation="eager").float()
+    assert (hf_logits(back, ids, attn) - ref)[attn].abs().max() <= 1e-5
+
+
+@torch.no_grad()
+def test_sharded_checkpoint_and_bf16(ckpts, tmp_path):
+    hf, path = ckpts["llama"]
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    model = M.from_pretrained(tmp_path)
+    ids, attn = left_padded()
+    assert (model.lm_head(model(ids, attn)) - hf_logits(hf, ids, attn))[attn].abs().max() <= 1e-4
+    bf16 = M.from_pretrained(path, dtype=torch.bfloat16)
+    assert bf16.lm_head.weight.dtype == torch.bfloat16 and bf16.inv_freq.dtype == torch.float32
+    assert (bf16.lm_head(bf16(ids, attn)).float() - hf_logits(hf, ids, attn))[attn].abs().max() < 0.3
+
+
+def test_checkpoint_errors(ckpts, tmp_path):
+    _, path = ckpts["qwen3"]
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        M.from_pretrained(tmp_path / "nowhere")
+    cfg = json.load(open(os.path.join(path, "config.json")))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    json.dump({**cfg, "model_type": "gpt2"}, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match=r"config.json: model_type 'gpt2' is not supported"):
+        M.from_pretrained(bad)
+    json.dump(cfg, open(bad / "config.json", "w"))
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor"):
+        M.from_pretrained(bad)
+    tensors = load_file(os.path.join(path, "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "model.layers.1.self_attn.k_norm.weight"},
+              bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing from model.safetensors: model.layers.1.self_attn.k_norm.weight"):
+        M.from_pretrained(bad)
+    json.dump({**cfg, "intermediate_size": 128}, open(bad / "config.json", "w"))
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor 'model.layers.0.mlp.down_proj.weight' has shape "
+                                         r"\(64, 96\), .*config.json implies \(64, 128\)"):
+        M.from_pretrained(bad)
+    json.dump({**cfg, "rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, open(bad / "config.json", "w"))
+    with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):
+        M.from_pretrained(bad)
+
+
+def test_old_style_rope_config():
+    """Checkpoints from transformers<5 keep rope_theta and rope_scaling at the top level."""
+    new = M.ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": V, "hidden_size": 64, "intermediate_size": 96,
+                                      "num_hidden_layers": 2, "num_attention_heads": 4,
+                                      "rope_parameters": CONFIGS["llama3"][1]["rope_parameters"]})
+    old = M.ModelConfig.from_hf_dict({"model_type": "llama", "vocab_size": V, "hidden_size": 64, "intermediate_size": 96,
+                                      "num_hidden_layers": 2, "num_attention_heads": 4, "rope_theta": 500000.0,
+                                      "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                       "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
+    assert torch.equal(M.rope_inv_freq(new), M.rope_inv_freq(old)) and old.rope["rope_type"] == "llama3"
+
+
+# ------------------------------------------------------------------------------------------------------ sampler
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [14, 15, 16, 17]]
+
+
+def collate(prompts, gen):
+    """Prompt left-padded, response right-padded (the contract's layout) -> ids, attention_mask, Lp."""
+    Lp = max(map(len, prompts))
+    ids = torch.tensor([[0] * (Lp - len(p)) + p for p in prompts])
+    attn = torch.tensor([[False] * (Lp - len(p)) + [True] * len(p) for p in prompts])
+    return torch.cat([ids, gen.tokens], 1), torch.cat([attn, gen.mask], 1), Lp
+
+
+@torch.no_grad()
+def full_context_greedy(model, prompts, n, eos):
+    """Reference: no cache, the whole sequence re-run for every new token."""
+    rows = []
+    for p in prompts:
+        seq = list(p)
+        for _ in range(n):
+            seq.append(int(model.lm_head(model(torch.tensor([seq])))[0, -1].argmax()))
+            if seq[-1] == eos:
+                break
+        rows.append(seq[len(p):])
+    return rows
+
+
+@pytest.mark.parametrize("name", ["qwen2", "mistral"])
+def test_greedy_generate_matches_full_context_and_transformers(ckpts, name):
+    hf, path = ckpts[name]
+    model = M.from_pretrained(path)
+    n = 10  # past mistral's 5-token window: the cache path must apply it too
+    eos = M.generate(model, PROMPTS, n, temperature=0).tokens[0, 3].item()  # an EOS the first row does produce
+    gen = M.generate(model, PROMPTS, n, temperature=0, eos_ids=[eos], pad_id=0)
+    assert gen.responses() == full_context_greedy(model, PROMPTS, n, eos)
+    assert gen.responses()[0][-1] == eos and gen.mask.sum(1).tolist() == list(map(len, gen.responses()))
+    assert (gen.tokens[~gen.mask] == 0).all() and (gen.logprobs[~gen.mask] == 0).all()
+
+    ids, attn, Lp = collate(PROMPTS, gen)
+    out = hf.generate(ids[:, :Lp], attention_mask=attn[:, :Lp].long(), max_new_tokens=n, do_sample=False,
+                      eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(out[:, Lp:], gen.tokens)
+    # greedy log-probs are those of the model at temperature 1
+    logp = M.token_logprobs(model, ids, attn)[:, Lp:]
+    assert (logp - gen.logprobs)[gen.mask].abs().max() <= 1e-4
+
+
+def truncated_logprobs(logits, temperature, top_k, top_p):
+    """Direct reference: per row, keep the top_k tokens, then the shortest most-likely prefix of their renormalised
+    distribution whose mass reaches top_p; renormalise over what is kept."""
+    out = torch.full_like(logits, float("-inf"))
+    for i, row in enumerate(logits / temperature):
+        top = row.sort(descending=True).indices[:top_k]
+        keep, mass = [], 0.0
+        for j, p in zip(top.tolist(), row[top].softmax(-1).tolist()):
+            if mass >= top_p:
+                break
+            keep.append(j)
+            mass += p
+        out[i, keep] = row[keep].log_softmax(-1)
+    return out
+
+
+@torch.no_grad()
+def test_sampled_logprobs_are_those_of_the_sampling_distribution(ckpts):
+    model = M.from_pretrained(ckpts["llama3"][1])
+    gen = M.generate(model, PROMPTS, 8, temperature=1.0, seed=1)
+    ids, attn, Lp = collate(PROMPTS, gen)
+    assert (M.token_logprobs(model, ids, attn)[:, Lp:] - gen.logprobs)[gen.mask].abs().max() <= 1e-4
+    assert gen.mask.all()  # no EOS given: every row runs to max_new_tokens
+
+    gen = M.generate(model, PROMPTS, 8, temperature=0.7, top_k=40, top_p=0.8, seed=2)
+    ids, attn, Lp = collate(PROMPTS, gen)
+    logits = model.lm_head(model(ids, attn))[:, Lp - 1:-1]  # (B, N, V): the distribution of each sampled token
+    ref = truncated_logprobs(logits.reshape(-1, V), 0.7, 40, 0.8).view_as(logits)
+    picked = ref.gather(-1, gen.tokens[..., None])[..., 0]
+    assert picked.isfinite().all()  # nothing sampled outside the truncated support
+    assert (picked - gen.logprobs).abs().max() <= 1e-4
+    assert (gen.logprobs > M.token_logprobs(model, ids, attn, 0.7)[:, Lp:]).any()  # truncation renormalised
+
+
+@torch.no_grad()
+def test_seeded_sampling_is_reproducible(ckpts):
+    model = M.from_pretrained(ckpts["qwen3"][1])
+    a, b, c = (M.generate(model, PROMPTS, 8, temperature=1.0, top_p=0.95, seed=s) for s in (7, 7, 8))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.tokens, c.tokens)
+
+
+# ------------------------------------------------------------------------------------------------ fused log-probs
+def plain_logprobs(hidden, weight, targets, temperature):
+    logp_all = (hidden @ weight.t() / temperature).log_softmax(-1)
+    return logp_all.gather(-1, targets[..., None])[..., 0], -(logp_all.exp() * logp_all).sum(-1)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])  # 16 divides neither the 2 * 23 tokens nor the vocab
+def test_fused_logprobs_values_and_gradients(chunk_size):
+    torch.manual_seed(0)
+    vocab, temperature = 1000, 0.8
+    hidden = torch.randn(2, 23, 32, requires_grad=True)
+    weight = (0.3 * torch.randn(vocab, 32)).requires_grad_()
+    targets = torch.randint(0, vocab, (2, 23))
+    mask = torch.rand(2, 23) > 0.3  # masked positions get no gradient
+    w_logp, w_ent = torch.randn(2, 23) * mask, torch.randn(2, 23) * mask
+
+    logp, ent = M.fused_logprobs(hidden, weight, targets, temperature, with_entropy=True, chunk_size=chunk_size)
+    grads = torch.autograd.grad((logp * w_logp).sum() + (ent * w_ent).sum(), [hidden, weight])
+    ref_logp, ref_ent = plain_logprobs(hidden, weight, targets, temperature)
+    ref_grads = torch.autograd.grad((ref_logp * w_logp).sum() + (ref_ent * w_ent).sum(), [hidden, weight],
+                                    retain_graph=True)
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+    assert (grads[0][~mask] == 0).all()
+
+    logp_only = M.fused_logprobs(hidden, weight, targets, temperature, chunk_size=chunk_size)  # no entropy
+    g = torch.autograd.grad((logp_only * w_logp).sum(), hidden)[0]
+    torch.testing.assert_close(g, torch.autograd.grad((ref_logp * w_logp).sum(), hidden)[0], rtol=0, atol=1e-5)
+
+
+def test_token_logprobs_matches_plain_path(ckpts):
+    model = M.from_pretrained(ckpts["qwen2"][1])  # tied: the lm_head gradient lands in the embedding too
+    ids, attn = left_padded()
+    attn[0, 9:] = False  # right padding after a response
+    logp, ent = M.token_logprobs(model, ids, attn, temperature=1.3, with_entropy=True)
+    grads = torch.autograd.grad(logp.sum() + ent.sum(), [model.lm_head.weight, model.model.norm.weight])
+
+    logp_all = (model.lm_head(model(ids, attn)) / 1.3).log_softmax(-1)[:, :-1]  # (B, T-1, V)
+    valid = attn[:, 1:] & attn[:, :-1]
+    ref_logp = F.pad(logp_all.gather(-1, ids[:, 1:, None])[..., 0] * valid, (1, 0))
+    ref_ent = F.pad(-(logp_all.exp() * logp_all).sum(-1) * valid, (1, 0))
+    ref_grads = torch.autograd.grad(ref_logp.sum() + ref_ent.sum(), [model.lm_head.weight, model.model.norm.weight])
+    torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, ref_ent, rtol=0, atol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-5)
+    assert (logp[:, 0] == 0).all() and (logp[~attn] == 0).all() and (logp[1, 4] == 0)  # no context, no score
+
+
+# --------------------------------------------------------------------------------------- compiled paths (slow on CPU)
+@pytest.mark.slow
+def test_compiled_paths_match_eager(ckpts):
+    """torch.compile of the chunk kernels and of the decode step (CUDA graphs on GPU; inductor C++ here)."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(2, 23, 32, requires_grad=True), (0.3 * torch.randn(1000, 32)).requires_grad_()
+    targets = torch.randint(0, 1000, (2, 23))
+    outs = [M.fused_logprobs(hidden, weight, targets, 0.8, True, chunk_size=16, compile=c) for c in (False, True)]
+    grads = [torch.autograd.grad(lp.sum() + e.sum(), [hidden, weight]) for lp, e in outs]
+    for a, b in zip([*outs[0], *grads[0]], [*outs[1], *grads[1]]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)  # fused kernels reorder fp32 sums
+
+    model = M.from_pretrained(ckpts["mistral"][1])
+    eager, compiled = (M.generate(model, PROMPTS, 10, temperature=0.7, top_p=0.9, seed=3, compile=c) for c in (False, True))
+    assert torch.equal(eager.tokens, compiled.tokens)
+    torch.testing.assert_close(eager.logprobs, compiled.logprobs, rtol=0, atol=1e-5)
