@@ -1,0 +1,366 @@
+"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe store, answers and
+the gold reward, and the toy task (a quick build: determinism, tokenizer, checkpoint loads in transformers)."""
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import data
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return data.build_toy(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
+
+
+@pytest.fixture(scope="module")
+def tok(toy):
+    return data.load_tokenizer(toy.model)
+
+
+def write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def dumps(*records):
+    return [json.dumps(r) for r in records]
+
+
+# ---------------------------------------------------------------------------- tokenizer and chat template
+
+
+def test_chat_template_round_trip(tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tom has 37 apples."}]
+    ids = data.encode_prompt(tok, messages)
+    assert tok.decode(ids) == "<|bos|><|system|>Be brief.<|user|>Tom has 37 apples.<|assistant|>"
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # the template's BOS, not a second one
+    assert data.encode_prompt(tok, "Tom has 37 apples.") == data.encode_prompt(tok, messages[1:])  # str = one user turn
+    assert data.decode(tok, ids) == "Be brief.Tom has 37 apples."  # specials skipped
+    response = data.encode_response(tok, "37 + 48 = 85.\n#### 85")
+    assert response[-1] == tok.eos_token_id and data.decode(tok, response) == "37 + 48 = 85.\n#### 85"
+
+
+def test_plain_prompt_without_chat_template(toy):
+    plain = data.load_tokenizer(toy.model)
+    plain.chat_template = None
+    ids = data.encode_prompt(plain, [{"role": "user", "content": "Hello"}, {"role": "user", "content": "again"}])
+    assert plain.decode(ids, skip_special_tokens=True) == "Hello\n\nagain"
+
+
+def test_load_tokenizer_needs_eos(toy, tmp_path):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text((open(os.path.join(toy.model, name)).read()))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=f"{tmp_path}: the tokenizer has no EOS"):
+        data.load_tokenizer(str(tmp_path))
+
+
+# ---------------------------------------------------------------------------- prompt loaders
+
+
+def test_load_prompts_formats(tok, tmp_path):
+    path = write(tmp_path / "p.jsonl", dumps(
+        {"prompt": "Hi"},
+        {"messages": [{"role": "user", "content": "Yo"}]},
+        {"question": "How many?", "answer": "2 + 2 = 4.\n#### 1,234"},
+        {"prompt": "Sum?", "answer": 70}) + [""])  # a blank line is not a record
+    items = data.load_prompts(path, tok, 64)
+    assert [i["prompt"] for i in items] == ["Hi", [{"role": "user", "content": "Yo"}], "How many?", "Sum?"]
+    assert [i["answer"] for i in items] == [None, None, "1234", "70"]
+    assert items[2]["prompt_ids"] == data.encode_prompt(tok, "How many?")
+    array = tmp_path / "p.json"
+    array.write_text(json.dumps([{"prompt": "Hi"}, {"question": "Q", "answer": "#### -5"}], indent=2))
+    assert [i["answer"] for i in data.load_prompts(str(array), tok, 64)] == [None, "-5"]
+
+
+@pytest.mark.parametrize("lines, error", [
+    (['{"prompt": "ok"}', '{"prompt": "a", '], r"p.jsonl:2: bad JSON"),
+    (['{"prompt": "ok"}', '{"text": "a"}'], r"p.jsonl:2: missing field 'prompt'"),
+    (['{"prompt": 5}'], r"p.jsonl:1: field 'prompt' must be a string or a non-empty list"),
+    (['{"messages": [{"role": "user"}]}'], r"p.jsonl:1: field 'messages' must be"),
+    (['{"messages": []}'], r"p.jsonl:1: field 'messages' must be"),
+    (['{"question": ["x"], "answer": "#### 1"}'], r"p.jsonl:1: field 'question' must be a string, got list"),
+    (['{"question": "Q"}'], r"p.jsonl:1: missing field 'answer'"),
+    (['{"question": "Q", "answer": "####"}'], r"p.jsonl:1: field 'answer' has no value"),
+    (['{"prompt": "Q", "answer": [1]}'], r"p.jsonl:1: field 'answer' must be a string or a number"),
+    (['["prompt"]'], r"p.jsonl:1: expected a JSON object, got a list"),
+    ([], r"p.jsonl:1: empty file"),
+    (["", "  "], r"p.jsonl:1: empty file"),
+])
+def test_load_prompts_errors_name_file_line_and_field(tok, tmp_path, lines, error):
+    path = write(tmp_path / "p.jsonl", lines)
+    with pytest.raises(ValueError, match=error):
+        data.load_prompts(path, tok, 64)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('[\n{"prompt": "a"},\n{"prompt": }\n]', r"p.json:3: bad JSON"),
+    ('{"prompt": "a"}', r"p.json:1: expected a JSON array"),
+    ('[{"prompt": "a"}, {"prompt": null}]', r"p.json\[1\]: field 'prompt' must be"),
+    ("", r"p.json:1: empty file"),
+    ("[]", r"p.json:1: empty file"),
+])
+def test_load_json_array_errors(tok, tmp_path, text, error):
+    (tmp_path / "p.json").write_text(text)
+    with pytest.raises(ValueError, match=error):
+        data.load_prompts(str(tmp_path / "p.json"), tok, 64)
+
+
+def test_long_prompts_dropped_with_count_or_strict_error(tok, tmp_path, capsys):
+    path = write(tmp_path / "p.jsonl", dumps({"prompt": "short"}, {"prompt": "long " * 50}, {"prompt": "ok"}))
+    items = data.load_prompts(path, tok, 20)
+    assert [i["prompt"] for i in items] == ["short", "ok"]
+    assert "dropped 1 of 3 records whose prompt is longer than 20 tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match=r"p.jsonl:2: prompt is \d+ tokens, longer than max_prompt_len=20"):
+        data.load_prompts(path, tok, 20, strict=True)
+    with pytest.raises(ValueError, match="every prompt is longer"):
+        data.load_prompts(path, tok, 2)
+
+
+# ---------------------------------------------------------------------------- preference loader
+
+
+def test_load_preferences_trl_layouts(tok, tmp_path):
+    user, system = {"role": "user", "content": "Q?"}, {"role": "system", "content": "S"}
+    good, bad = {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
+    path = write(tmp_path / "prefs.jsonl", dumps(
+        {"prompt": "Q?", "chosen": "good", "rejected": "bad", "answer": "#### 3"},  # standard
+        {"prompt": [system, user], "chosen": [good], "rejected": [bad]},  # conversational, explicit prompt
+        {"chosen": [system, user, good], "rejected": [system, user, bad]},  # implicit prompt: the shared prefix
+        {"prompt": "Q?", "chosen": [good], "rejected": [bad]}))  # a string prompt is one user turn
+    items = data.load_preferences(path, tok, 64)
+    assert items[0]["answer"] == "3" and items[1]["answer"] is None
+    assert items[1]["prompt"] == items[2]["prompt"] == [system, user]
+    assert items[1]["prompt_ids"] == items[2]["prompt_ids"] == data.encode_prompt(tok, [system, user])
+    assert items[3]["prompt_ids"] == items[0]["prompt_ids"] == data.encode_prompt(tok, "Q?")
+    for item in items:
+        assert (item["chosen"], item["rejected"]) == ("good", "bad")
+        assert item["chosen_ids"] == data.encode_response(tok, "good") and item["chosen_ids"][-1] == tok.eos_token_id
+        assert data.decode(tok, item["rejected_ids"]) == "bad"
+
+
+@pytest.mark.parametrize("record, error", [
+    ({"prompt": "Q", "chosen": "a"}, r"prefs.jsonl:1: missing field 'rejected'"),
+    ({"chosen": "a", "rejected": "b"}, r"prefs.jsonl:1: missing field 'prompt'"),
+    ({"prompt": "Q", "chosen": "a", "rejected": 3}, r"prefs.jsonl:1: field 'rejected' must be"),
+    ({"prompt": "Q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, r"must both be strings or both message lists"),
+    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
+      "rejected": [{"role": "user", "content": "R"}, {"role": "assistant", "content": "b"}]}, r"differ before"),
+    ({"prompt": "Q", "chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+     r"must end in an assistant turn"),
+    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+     r"prefs.jsonl:1: missing field 'prompt'"),
+])
+def test_load_preferences_errors(tok, tmp_path, record, error):
+    path = write(tmp_path / "prefs.jsonl", dumps(record))
+    with pytest.raises(ValueError, match=error):
+        data.load_preferences(path, tok, 64)
+
+
+# ---------------------------------------------------------------------------- sharding and batching
+
+
+@pytest.mark.parametrize("n, world", [(10, 2), (7, 2), (1, 2), (11, 3)])
+def test_shards_are_disjoint_and_cover(n, world):
+    items = list(range(n))
+    shards = [data.shard(items, rank, world) for rank in range(world)]
+    assert sorted(sum(shards, [])) == items  # covers, and with the count equal, disjoint
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_collate_layout():
+    input_ids, attention_mask, response_mask = data.collate([[5, 6, 7], [8]], [[1], [2, 3, 4]], pad_id=0)
+    assert input_ids.tolist() == [[5, 6, 7, 1, 0, 0], [0, 0, 8, 2, 3, 4]]
+    assert attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
+    assert response_mask.tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]]
+    assert attention_mask.dtype == response_mask.dtype == torch.bool and input_ids.dtype == torch.long
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    assert positions[1, 2:].tolist() == [0, 1, 2, 3]  # a left-padded row starts at position 0
+
+
+# ---------------------------------------------------------------------------- the preference store
+
+CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    import data
+    store = data.PreferenceStore({path!r})
+    for i in range(len(store), 10**6):
+        store.append({{"episode": i, "prompt": "Q" * (i % 97), "chosen_ids": list(range(i % 50)), "label": i % 2,
+                      "scores": [0.5, -1.25]}})
+        print(i, flush=True)  # printed only once the append (flush + fsync) has returned
+""")
+
+
+def check_store(path, at_least):
+    records = data.PreferenceStore(path).records
+    assert len(records) >= at_least
+    assert [r["episode"] for r in records] == list(range(len(records)))  # in order, none lost, none garbled
+    assert all(r["chosen_ids"] == list(range(r["episode"] % 50)) for r in records)
+    return len(records)
+
+
+def test_store_survives_kill_mid_run(tmp_path):
+    path = str(tmp_path / "store" / "prefs.jsonl")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = 0
+    for run in range(3):  # kill, reopen and keep appending: each run resumes after the last completed record
+        child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, path=path)], stdout=subprocess.PIPE,
+                                 text=True)
+        target = done + 30 + 17 * run
+        for line in child.stdout:
+            done = int(line) + 1
+            if done >= target:
+                break
+        child.send_signal(signal.SIGKILL)  # anywhere: between writes or inside one
+        child.wait()
+        done = check_store(path, at_least=done)
+
+
+def test_store_torn_last_line_is_dropped_and_appends_continue(tmp_path):
+    path = str(tmp_path / "prefs.jsonl")
+    store = data.PreferenceStore(path)
+    for i in range(3):
+        store.append({"episode": i, "chosen_ids": list(range(i % 50))})
+    store.close()
+    with open(path, "ab") as f:
+        f.write(b'{"episode": 3, "chosen_ids": [0, 1')  # killed mid-write
+    with pytest.warns(UserWarning, match=r"prefs.jsonl:4: ignoring a torn last line"):
+        store = data.PreferenceStore(path)
+    assert len(store) == 3
+    store.append({"episode": 3, "chosen_ids": [0, 1, 2]})
+    store.close()
+    with open(path, "ab") as f:
+        f.write(json.dumps({"episode": 4, "chosen_ids": [0, 1, 2, 3]}).encode())  # whole record, its newline lost
+    store = data.PreferenceStore(path)
+    store.append({"episode": 5, "chosen_ids": [0, 1, 2, 3, 4]})
+    store.close()
+    assert check_store(path, at_least=6) == 6
+
+
+def test_store_corruption_inside_the_file_is_an_error(tmp_path):
+    path = write(tmp_path / "prefs.jsonl", ['{"a": 1}', '{"a": ', '{"a": 3}'])
+    with pytest.raises(ValueError, match=r"prefs.jsonl:2: bad JSON in the preference store"):
+        data.PreferenceStore(path)
+
+
+# ---------------------------------------------------------------------------- answers and the gold reward
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("37 + 48 = 85. 85 - 15 = 70.\n#### 70", "70"),
+    ("#### 1,234", "1234"),
+    ("so the loss is\n#### -15", "-15"),
+    ("####70", "70"),
+    ("#### $1,000.", "1000"),
+    ("#### 70.0", "70"),
+    ("#### 3.5 kg", "3.5"),
+    ("#### 70 apples, and then #### 12", "70"),  # the first '####' is the answer
+    ("#### 70.\nThat is all.", "70"),
+    ("The answer is 70.", None),  # no '####': no answer
+    ("#### seventy", None),
+    ("", None),
+])
+def test_extract_answer(text, expected):
+    assert data.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text, answer, correct", [
+    ("85 - 15 = 70.\n#### 70", "70", True),
+    ("#### 1,234", "1234", True),
+    ("#### 1234", "1,234", True),
+    ("#### -5", "-5", True),
+    ("#### 5", "-5", False),
+    ("#### 70 apples", 70, True),
+    ("The answer is 70", "70", False),
+    ("#### 700", "70", False),
+])
+def test_is_correct(text, answer, correct):
+    assert data.is_correct(text, answer) is correct
+
+
+def test_gold_reward_is_shaped():
+    answer = "70"
+    rewards = {text: data.gold_reward(text, answer) for text in [
+        "85 - 15 = 70.\n#### 70", "#### 71", "#### 60", "#### 7", "the answer is 71", "#### -70", "no idea", ""]}
+    assert rewards["85 - 15 = 70.\n#### 70"] == 1.0
+    assert all(0.0 <= r < 1.0 for t, r in rewards.items() if t != "85 - 15 = 70.\n#### 70")
+    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > rewards["no idea"]
+    assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2  # the format earns credit; so does the number
+    assert rewards["no idea"] == rewards[""] == 0.0
+    assert data.gold_reward("#### 1,000", "1000") == 1.0
+    assert data.gold_reward("#### 5", "yes") == 0.2  # a non-numeric answer: only the format can earn credit
+
+
+# ---------------------------------------------------------------------------- the toy task
+
+
+def test_toy_problems_are_consistent():
+    rng = random.Random(1)
+    for _ in range(200):
+        question, start, ops = data.toy_problem(rng)
+        answer = data.worked_answer(start, ops)
+        assert data.extract_answer(answer) == str(start + sum(ops)) and start + sum(ops) >= 0
+        assert f"has {start} " in question and all(str(abs(n)) in question for n in ops)
+        for step in answer.split("\n")[0].split(". "):
+            lhs, rhs = step.rstrip(".").split(" = ")
+            assert eval(lhs) == int(rhs)  # every step of a clean demonstration is right
+        slipped = data.worked_answer(start, ops, slip=(0, 2))
+        assert data.extract_answer(slipped) == str(start + sum(ops) + 2)
+
+
+def digests(root):
+    out = {}
+    for folder, _, files in os.walk(root):
+        for name in files:
+            if name != "build.json":  # holds the build time
+                path = os.path.join(folder, name)
+                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+    return out
+
+
+def test_toy_build_is_deterministic_and_reused(toy, tmp_path):
+    again = data.build_toy(str(tmp_path / "toy"), seed=0, quick=True)
+    first, second = digests(os.path.dirname(toy.model)), digests(str(tmp_path / "toy"))
+    assert first == second and {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
+    stamp = os.path.getmtime(again.prefs)
+    assert data.build_toy(str(tmp_path / "toy"), seed=0, quick=True) == again and os.path.getmtime(again.prefs) == stamp
+    os.remove(str(tmp_path / "toy" / "build.json"))  # a half-built directory (no marker) is rebuilt
+    data.build_toy(str(tmp_path / "toy"), seed=0, quick=True)
+    assert os.path.getmtime(again.prefs) > stamp and digests(str(tmp_path / "toy")) == first
+    other = data.build_toy(str(tmp_path / "toy1"), seed=1, quick=True)
+    assert open(other.heldout).read() != open(toy.heldout).read()
+
+
+def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
+    for text in ["Tom has 37 apples, buys 48 and gives away 15. How many apples does Tom have now?",
+                 "37 + 48 = 85. 85 - 15 = 70.\n#### 70", "ünïcödé  and   spaces\t!"]:
+        assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
+    assert all(len(tok.convert_ids_to_tokens(tok(str(d)).input_ids)) == 1 for d in range(10))  # one token a digit
+    heldout, train = data.load_prompts(toy.heldout, tok, 256), data.load_prompts(toy.train, tok, 256)
+    assert not {p["prompt"] for p in heldout} & {p["prompt"] for p in train}
+    assert all(p["answer"] is not None for p in heldout + train)
+    pairs = data.load_preferences(toy.prefs, tok, 256)
+    assert pairs and all(data.gold_reward(p["chosen"], p["answer"]) > data.gold_reward(p["rejected"], p["answer"])
+                         for p in pairs)
+
+
+def test_toy_checkpoint_loads_in_transformers(toy, tok):
+    import model as M
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(toy.model).eval()
+    ours = M.from_pretrained(toy.model)
+    ids = torch.tensor([data.encode_prompt(tok, "Tom has 37 apples and buys 48. How many apples does Tom have now?")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
+    assert hf.config.eos_token_id == tok.eos_token_id and hf.config.vocab_size == len(tok)
