@@ -222,11 +222,43 @@ class PreferenceStore:
         os.fsync(self.file.fileno())
         self.records.append(record)
 
+    def rewrite(self, records):
+        """Replace the whole store atomically (temp file, fsync, rename): resume drops the pairs a checkpoint
+        never saw, so they are labelled again instead of counted twice."""
+        tmp = self.path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+        self.file.close()
+        os.replace(tmp, self.path)
+        self.records, self.file = list(records), open(self.path, "a", encoding="utf-8")
+
     def __len__(self):
         return len(self.records)
 
     def close(self):
         self.file.close()
+
+
+# ---------------------------------------------------------------------------- command line
+
+def parse_config(cls, doc, argv=None):
+    """A dataclass of knobs -> one --flag each (its comment is the help); NaN and negative numbers are
+    refused by name, since no knob of ours means anything below zero."""
+    import argparse
+    import inspect
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, field in cls.__dataclass_fields__.items():
+        kind = field.type if field.type is not bool else lambda s: s.lower() in ("1", "true", "yes")
+        parser.add_argument(f"--{name}", type=kind, default=field.default, help=comments.get(name),
+                            **({"nargs": "?", "const": True} if field.type is bool else {}))
+    cfg = cls(**vars(parser.parse_args(argv)))
+    for name, value in vars(cfg).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
+            parser.error(f"--{name}={value}: expected a number >= 0")
+    return cfg
 
 
 # ---------------------------------------------------------------------------- answers and the gold reward
