@@ -241,6 +241,27 @@ class PreferenceStore:
         self.file.close()
 
 
+class MetricsLog:
+    """The JSONL of metrics a user plots: one object a line, flushed at once, written by rank 0 only. Resume cuts
+    it back to the size the checkpoint saw, so an interrupted episode's lines never appear twice."""
+
+    def __init__(self, path, enabled):
+        self.path, self.file = path, open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, **metrics):
+        if self.file:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+
+    def size(self):
+        return self.file.tell() if self.file else 0
+
+    def cut(self, size):
+        if self.file:
+            self.file.truncate(size)
+            self.file.seek(size)
+
+
 # ---------------------------------------------------------------------------- command line
 
 def parse_config(cls, doc, argv=None):
@@ -316,12 +337,12 @@ ToyPaths = namedtuple("ToyPaths", "model train heldout prefs")
 
 
 def toy_problem(rng):
-    """(question, start, ops): '{name} has {start} {item}, buys 48 and gives away 15. How many ...?', ops the
-    signed amounts in order. A loss never exceeds what is held, so the true totals stay non-negative."""
-    name, item, total, ops, clauses = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(10, 99), [], []
+    """(question, start, ops): '{name} has {start} {item}, buys 8 and gives away 5. How many ...?', ops the
+    signed amounts (1..9) in order. A loss never exceeds what is held, so the true totals stay non-negative."""
+    name, item, total, ops, clauses = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, 20), [], []
     start = total
     for _ in range(rng.randint(1, 2)):
-        n = rng.randint(1, 99) if rng.random() < 0.5 or total == 0 else -rng.randint(1, total)
+        n = rng.randint(1, 9) if rng.random() < 0.5 or total == 0 else -rng.randint(1, min(total, 9))
         clauses.append(rng.choice(GAIN if n > 0 else LOSS).format(abs(n)))
         ops, total = ops + [n], total + n
     join = ", " if len(ops) > 1 else " and "
@@ -337,6 +358,18 @@ def worked_answer(start, ops, slip=(-1, 0)):
         steps.append(f"{total} {'+' if n > 0 else '-'} {abs(n)} = {new}.")
         total = new
     return " ".join(steps) + f"\n#### {total}"
+
+
+def noisy_demo(start, ops, rng):
+    """A demonstration as a hurried crowd writes it: on two-step problems 70% (one-step: 30%) only guess ('I think
+    it is about 23.\n#### 23', 1 to 9 off), and 10% of the worked answers carry one arithmetic slip. The SFT
+    policy inherits the habit, greedy decoding guesses on two-step problems: room for preferences to fix."""
+    total = start + sum(ops)
+    if rng.random() < (0.7 if len(ops) > 1 else 0.3):
+        guess = abs(total + rng.choice((-1, 1)) * rng.randint(1, 9))
+        return f"I think it is about {guess}.\n#### {guess}"
+    slip = (rng.randrange(len(ops)), rng.choice((-2, -1, 1, 2))) if rng.random() < 0.1 else (-1, 0)
+    return worked_answer(start, ops, slip)
 
 
 def _build_tokenizer(texts, vocab_size, path):
@@ -420,16 +453,12 @@ def build_toy(out_dir="out/toy", seed=0, quick=False):
     os.makedirs(paths.model, exist_ok=True)
     for path, qs in ((paths.heldout, heldout), (paths.train, train)):
         _write_jsonl(path, [{"question": q, "answer": worked_answer(*problems[q])} for q in qs])
-    # noisy demonstrations: 30% carry one arithmetic slip, so the SFT policy is imperfect and its samples vary
-    slips = [(rng.randrange(len(problems[q][1])), rng.choice((-10, -2, -1, 1, 2, 10))) if rng.random() < 0.3
-             else (-1, 0) for q in demo_qs]
-    texts = [f"{q} {worked_answer(*problems[q], slip)}" for q, slip in zip(demo_qs, slips)]
-    tok = _build_tokenizer(texts, 320 if quick else 384, paths.model)
-    demos = [(encode_prompt(tok, q), encode_response(tok, worked_answer(*problems[q], slip)))
-             for q, slip in zip(demo_qs, slips)]
+    answers = [noisy_demo(*problems[q], rng) for q in demo_qs]
+    tok = _build_tokenizer([f"{q} {a}" for q, a in zip(demo_qs, answers)], 320 if quick else 384, paths.model)
+    demos = [(encode_prompt(tok, q), encode_response(tok, a)) for q, a in zip(demo_qs, answers)]
     hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": len(tok),
-                 "hidden_size": 32 if quick else 128, "intermediate_size": 64 if quick else 384,
-                 "num_hidden_layers": 1 if quick else 4, "num_attention_heads": 2 if quick else 4,
+                 "hidden_size": 32 if quick else 64, "intermediate_size": 64 if quick else 192,
+                 "num_hidden_layers": 1 if quick else 2, "num_attention_heads": 2 if quick else 4,
                  "num_key_value_heads": 2 if quick else 4, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
                  "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": True, "initializer_range": 0.02,
                  "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}

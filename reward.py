@@ -122,10 +122,17 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
 
 def make_oracle(spec, temp=0.0, device="cpu"):
     """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model)."""
+    def answers(prompts):
+        missing = next((p["prompt"] for p in prompts if p.get("answer") is None), None)
+        if missing is not None:
+            raise ValueError(f"--oracle={spec} needs an 'answer' field for every prompt; {str(missing)[:80]!r} has "
+                             "none (use --oracle=rm:PATH for data without verifiable answers)")
+        return [p["answer"] for p in prompts]
+
     if spec == "gold":
-        fn = lambda prompts, responses: [data.gold_reward(r, p["answer"]) for p, r in zip(prompts, responses)]
+        fn = lambda prompts, responses: [data.gold_reward(r, a) for a, r in zip(answers(prompts), responses)]
     elif spec == "gsm8k":
-        fn = lambda prompts, responses: [float(data.is_correct(r, p["answer"])) for p, r in zip(prompts, responses)]
+        fn = lambda prompts, responses: [float(data.is_correct(r, a)) for a, r in zip(answers(prompts), responses)]
     elif spec.startswith("rm:"):
         fn = hf_reward_scorer(spec[3:], device)
     else:

@@ -107,15 +107,13 @@ bb_opt = torch.optim.AdamW(rm.backbone.parameters(), lr=cfg.rm_backbone_lr) if c
 cov = Covariance(rm.w.numel(), cfg.lam, device)
 pairs = {"phi0": [], "phi1": [], "label": [], "records": []}  # D, with Φ cached for the frozen backbone
 store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
-log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a") if master else None
+log = data.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
 ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
-start_episode, sft_eval = 1, None
+start_episode, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
 
 def log_metrics(kind, **metrics):
-    if master:
-        log.write(json.dumps({"kind": kind, "oracle_calls": oracle.calls, **metrics}) + "\n")
-        log.flush()
+    log.write(kind=kind, oracle_calls=calls, **metrics)
 
 
 def sample(model, items, n, temperature, key):
@@ -171,8 +169,9 @@ def checkpoint_modules():
 if cfg.resume:
     state = M.load_checkpoint(ckpt_path, checkpoint_modules())
     rm.w.data.copy_(state["w"])
+    log.cut(state["log_size"])
     cov.load_state_dict(state["cov"])
-    oracle.calls, sft_eval, start_episode = state["oracle_calls"], state["sft_eval"], state["episode"] + 1
+    calls, sft_eval, start_episode = state["oracle_calls"], state["sft_eval"], state["episode"] + 1
     pairs.update(state["pairs"])
     if master:  # pairs labelled after the checkpoint are dropped and labelled again, never duplicated
         store.rewrite([r for r in store.records if r["episode"] < start_episode])
@@ -212,6 +211,7 @@ for episode in bar:
     y1 = [yc[i * cfg.n_candidates + j] for i, j in enumerate(picks)]
     phi1 = phic[torch.arange(len(items)), torch.tensor(picks)]  # (m, d)
     text0, text1 = [data.decode(tok, y) for y in y0], [data.decode(tok, y) for y in y1]
+    before = oracle.calls
     labels, s0, s1 = oracle.compare(items, text0, text1, seeded("oracle", episode, rank))
     with torch.no_grad():  # prequential RM accuracy: the current RM on pairs it has not been fit on
         rm_acc = ((rm(phi1) > rm(phi0)).long().cpu() == labels).float().mean().item()
@@ -227,11 +227,11 @@ for episode in bar:
         pairs["phi0"].append(f0)
         pairs["phi1"].append(f1)
         pairs["label"].append(record["label"])
-    calls = sum(gather([oracle.calls]))  # budget of the whole job
+    calls += sum(gather([oracle.calls - before]))
     log_metrics("explore", episode=episode, pairs=len(pairs["label"]), uncertainty=sum(unc) / len(unc),
                 potential=potential, rm_acc_fresh=rm_acc, oracle_score=float((s0.mean() + s1.mean()) / 2),
                 sigma_hash=gather([digest(cov.sigma.cpu().numpy().tobytes())]),
-                store_hash=gather([digest([(r["label"], r["response0_ids"], r["response1_ids"]) for r in pairs["records"]])]), total_calls=calls)
+                store_hash=gather([digest([(r["label"], r["response0_ids"], r["response1_ids"]) for r in pairs["records"]])]))
 
     # ---------------------------------------------------------------- (II) reward-aware exploitation
     PHI0, PHI1 = torch.stack(pairs["phi0"]).to(device), torch.stack(pairs["phi1"]).to(device)  # (n, d)
@@ -300,7 +300,7 @@ for episode in bar:
 
     log_metrics("episode", episode=episode, gen_s=t_gen, train_s=t_train)
     M.save_checkpoint(ckpt_path, checkpoint_modules(), config=asdict(cfg), episode=episode, w=rm.w.detach().cpu(),
-                      cov=cov.state_dict(), oracle_calls=oracle.calls, sft_eval=sft_eval,
+                      cov=cov.state_dict(), oracle_calls=calls, sft_eval=sft_eval, log_size=log.size(),
                       pairs={k: v for k, v in pairs.items() if k != "records"})
 
 # ---------------------------------------------------------------------------- final evaluation and export
