@@ -26,7 +26,13 @@ import torch
 def load_tokenizer(path):
     """A local HF tokenizer with an EOS; pad falls back to EOS (the contract's pad id)."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory (expected a local HF model / tokenizer directory)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{path}: no loadable tokenizer (expected tokenizer.json / tokenizer_config.json): "
+                         f"{str(e).splitlines()[0]}") from e
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (set eos_token in tokenizer_config.json)")
     if tok.pad_token_id is None:
@@ -277,9 +283,42 @@ def parse_config(cls, doc, argv=None):
                             **({"nargs": "?", "const": True} if field.type is bool else {}))
     cfg = cls(**vars(parser.parse_args(argv)))
     for name, value in vars(cfg).items():
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and not value >= 0:
-            parser.error(f"--{name}={value}: expected a number >= 0")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not 0 <= value < math.inf:
+            parser.error(f"--{name}={value}: expected a finite number >= 0")
+    for name, (low, why) in getattr(cls, "AT_LEAST", {}).items():
+        if getattr(cfg, name) < low:
+            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low} ({why})")
+    for name, allowed in getattr(cls, "CHOICES", {}).items():
+        if getattr(cfg, name) not in allowed:
+            parser.error(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
     return cfg
+
+
+def check_out_dir(out_dir, resume):
+    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run killed before its first checkpoint: its
+    files are reset) or 'fresh'. A fresh run never writes over a previous run's files, so nothing is lost by a typo."""
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    traces = [f for f in ("checkpoint.pt", "preferences.jsonl", "metrics.jsonl") if os.path.exists(os.path.join(out_dir, f))]
+    if not resume and traces:
+        raise FileExistsError(f"{out_dir} holds a previous run ({', '.join(traces)}): pass --resume to continue it, "
+                              "or choose a new --out_dir")
+    if resume and not traces:
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (point --out_dir at the run to continue)")
+    return "fresh" if not resume else "resume" if os.path.exists(ckpt) else "restart"
+
+
+def friendly_errors(script):
+    """Bad input (a ValueError or OSError raised with a message naming the file, line or flag) ends the run with
+    that one message (exit code 1), not a traceback from deep inside; PBPO_TRACEBACK=1 shows the traceback."""
+    import sys
+
+    def hook(kind, error, tb):
+        if issubclass(kind, (ValueError, OSError, ArithmeticError)) and not os.environ.get("PBPO_TRACEBACK"):
+            print(f"{script}: error: {error}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, tb)
+
+    sys.excepthook = hook
 
 
 # ---------------------------------------------------------------------------- answers and the gold reward

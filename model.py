@@ -553,7 +553,7 @@ def save_checkpoint(path, modules, **extra):
                 torch.save(state, f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (disk full) as a RuntimeError
             os.path.exists(tmp) and os.remove(tmp)
             raise OSError(f"writing checkpoint {path} failed ({e}); the previous checkpoint is intact") from e
         os.replace(tmp, path)

@@ -11,6 +11,7 @@ inside the confidence set of the preference data, the leader takes a KL-anchored
 """
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -61,19 +62,32 @@ class Config:
     max_prompt_len: int = 256
     micro_batch: int = 64  # sequences per forward/backward in the leader step
     eval_max: int = 256  # held-out prompts evaluated at the start and the end
+    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf loss or gradient skips that update, or stops the run
+    dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before the job fails
+
+    AT_LEAST = {"episodes": (1, "K"), "explore_prompts": (1, "M"), "n_candidates": (1, "N"), "t_out": (1, "T_out"),
+                "group": (2, "the leave-one-out baseline needs G >= 2"), "leader_prompts": (1, ""),
+                "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""), "micro_batch": (1, ""),
+                "rm_batch": (1, ""), "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B")}
+    CHOICES = {"level": ("seq", "token"), "on_nonfinite": ("skip", "stop")}
 
 
+data.friendly_errors("train_pbpo.py")
 cfg = data.parse_config(Config, __doc__)
-rank, world, device = M.init_distributed()
+rank, world, device = M.init_distributed(cfg.dist_timeout)
 master = rank == 0
 if cfg.explore_prompts % world or cfg.leader_prompts % world:
-    raise ValueError(f"--explore_prompts and --leader_prompts must be multiples of the world size {world}")
+    raise ValueError(f"--explore_prompts={cfg.explore_prompts} and --leader_prompts={cfg.leader_prompts} must be "
+                     f"multiples of the world size {world}")
 if not cfg.model:  # the built-in default: the toy task, built into out/toy on first use
     toy = data.build_toy() if master else None
     if world > 1:
         dist.barrier()
     toy = toy or data.build_toy()
     cfg.model, cfg.prompts, cfg.heldout = toy.model, cfg.prompts or toy.train, cfg.heldout or toy.heldout
+mode = data.check_out_dir(cfg.out_dir, cfg.resume)  # on every rank before any file is written
+if world > 1:
+    dist.barrier()
 if master:
     print(json.dumps(asdict(cfg), indent=1))
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -162,11 +176,28 @@ def leave_one_out(values, group):
     return (v - (v.sum(1, keepdim=True) - v) / (group - 1)).view_as(values)
 
 
+def finite(value, what):
+    """A NaN/inf loss or gradient is logged with its step; the update is skipped, or the run stops (--on_nonfinite)."""
+    if math.isfinite(value):
+        return True
+    log_metrics("nonfinite", episode=episode, step=t, what=what, value=str(value))
+    if cfg.on_nonfinite == "stop":
+        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
+        raise FloatingPointError(f"{what} is {value} at episode {episode}, leader step {t}; stopped "
+                                 f"(--on_nonfinite=stop), {last}; the store keeps every labelled pair")
+    print(f"warning: {what} is {value} at episode {episode}, leader step {t}: update skipped")
+    return False
+
+
 def checkpoint_modules():
     return {"policy": (policy, opt), **({"rm_backbone": (rm.backbone, bb_opt)} if cfg.train_backbone else {})}
 
 
-if cfg.resume:
+if mode == "restart" and master:  # killed before its first checkpoint: what it labelled is labelled again
+    print(f"{ckpt_path} does not exist yet: starting over, {len(store)} pairs in the store are labelled again")
+    store.rewrite([])
+    log.cut(0)
+if mode == "resume":
     state = M.load_checkpoint(ckpt_path, checkpoint_modules())
     rm.w.data.copy_(state["w"])
     log.cut(state["log_size"])
@@ -257,14 +288,16 @@ for episode in bar:
             else:
                 ph0, ph1 = PHI0[idx.to(device)], PHI1[idx.to(device)]
             loss, fit, gap = follower_loss(rm, ph0, ph1, LABEL[idx.to(device)], phi_pi, phi_ref, cfg.adv_coef)
-            rm_opt.zero_grad(set_to_none=True)
             loss.backward()
             if world > 1:  # w is replicated, not sharded: average its gradient by hand
                 dist.all_reduce(rm.w.grad, op=dist.ReduceOp.AVG)
-            rm_opt.step()
-            rm.project()
+            if finite(rm.w.grad.norm().item(), "reward-model gradient"):  # the same verdict on every rank
+                rm_opt.step()
+                rm.project()
+                if bb_opt:
+                    bb_opt.step()
+            rm_opt.zero_grad(set_to_none=True)
             if bb_opt:
-                bb_opt.step()
                 bb_opt.zero_grad(set_to_none=True)
         # leader: policy-gradient ascent on the pessimistic reward, KL-anchored to π_ref^k
         ids, attn, resp = batch(pp, ys)  # (n, T)
@@ -286,7 +319,8 @@ for episode in bar:
             ((pg + cfg.kl_coef * kl.sum() / n_tok)).backward()
             pg_sum, kl_sum = pg_sum + pg.item(), kl_sum + kl.sum().item()
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
+        if finite(float(grad_norm), "policy gradient"):
+            opt.step()
         opt.zero_grad(set_to_none=True)
         t_train += time.time() - t0
         with torch.no_grad():

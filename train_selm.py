@@ -48,7 +48,13 @@ class Config:
     max_new_tokens: int = 48
     max_prompt_len: int = 256
     max_pairs: int = 0  # use at most this many pairs of the file (0 = all)
-    eval_max: int = 256
+    eval_max: int = 256  # held-out prompts evaluated at the start and the end
+    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf loss or gradient skips that step, or stops the run
+    dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before the job fails
+
+    AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""), "micro_batch": (1, ""),
+                "max_new_tokens": (1, "y_ref needs a token"), "max_prompt_len": (1, "")}
+    CHOICES = {"on_nonfinite": ("skip", "stop")}
 
 
 def selm_loss(logp, logp_ref, beta, alpha):
@@ -69,8 +75,9 @@ def best_and_worst(scores):
 
 
 if __name__ == "__main__":
+    data.friendly_errors("train_selm.py")
     cfg = data.parse_config(Config, __doc__)
-    rank, world, device = M.init_distributed()
+    rank, world, device = M.init_distributed(cfg.dist_timeout)
     master = rank == 0
     if not cfg.model:  # the built-in default: the toy task, built into out/toy on first use
         toy = data.build_toy() if master else None
@@ -78,6 +85,9 @@ if __name__ == "__main__":
             dist.barrier()
         toy = toy or data.build_toy()
         cfg.model, cfg.prefs, cfg.heldout = toy.model, cfg.prefs or toy.prefs, cfg.heldout or toy.heldout
+    mode = data.check_out_dir(cfg.out_dir, cfg.resume)  # on every rank before any file is written
+    if world > 1:
+        dist.barrier()
     if master:
         print(json.dumps(asdict(cfg), indent=1))
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -104,7 +114,9 @@ if __name__ == "__main__":
 
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
-    if cfg.resume:
+    if mode == "restart":  # killed before its first checkpoint
+        log.cut(0)
+    if mode == "resume":
         state = M.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
         sched.load_state_dict(state["sched"])
         log.cut(state["log_size"])
@@ -161,8 +173,15 @@ if __name__ == "__main__":
                 totals["optimism"] += optimism.mean().item() * w
                 for k in ("chosen", "rejected", "ref"):
                     totals[k] += (logp[k] - lref[k]).mean().item() * w
-            torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0))
+            if math.isfinite(grad_norm):
+                opt.step()
+            else:  # logged with its step; skipped, or the run stops (--on_nonfinite)
+                log_metrics(kind="nonfinite", iteration=it, step=step, what="policy gradient", value=str(grad_norm))
+                if cfg.on_nonfinite == "stop":
+                    raise FloatingPointError(f"policy gradient is {grad_norm} at iteration {it}, step {step}; stopped "
+                                             f"(--on_nonfinite=stop), the last good checkpoint is {ckpt_path}")
+                print(f"warning: policy gradient is {grad_norm} at iteration {it}, step {step}: step skipped")
             sched.step()
             opt.zero_grad(set_to_none=True)
             log_metrics(kind="step", iteration=it, step=step, lr=sched.get_last_lr()[0], loss=totals["loss"],

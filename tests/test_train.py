@@ -1,58 +1,21 @@
 """The training scripts end to end on a quick toy task: short runs, resume, torchrun with 2 CPU ranks."""
-import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
+from conftest import PBPO, ROOT, SELM, metrics, run, without_timings
 from safetensors.torch import load_file
 
 import data
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PBPO = ["--episodes=2", "--explore_prompts=8", "--n_candidates=3", "--t_out=2", "--t_in=2", "--group=2",
-        "--leader_prompts=4", "--max_new_tokens=16", "--eval_max=16"]
-SELM = ["--iterations=1", "--batch_size=4", "--micro_batch=4", "--max_new_tokens=16", "--eval_max=16", "--lr=1e-4"]
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    t = data.build_toy(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
-    return [f"--model={t.model}", f"--prompts={t.train}", f"--heldout={t.heldout}"], t
-
-
-def run(script, *flags, ranks=0, timeout=300):
-    """Run a training script as a user would; ranks > 0 launches it under torchrun on CPU (gloo)."""
-    launch = [sys.executable, os.path.join(ROOT, script)]
-    if ranks:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-                  f"--master_port={port}", os.path.join(ROOT, script)]
-    proc = subprocess.run(launch + list(flags), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc.stdout
-
-
-def metrics(out_dir):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def without_timings(rows):
-    return [{k: v for k, v in r.items() if not k.endswith("_s")} for r in rows]
-
-
 def test_pbpo_runs_and_resumes_to_the_same_result(toy, tmp_path):
     flags, _ = toy
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
-    out = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={full}")
+    out = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={full}").stdout
     assert "held-out gold accuracy: SFT" in out
     rows = metrics(full)
     kinds = [r["kind"] for r in rows]
@@ -144,7 +107,7 @@ def test_selm_one_iteration_runs_and_resumes(toy, tmp_path):
     flags, t = toy
     flags = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
     started = time.time()
-    out = run("train_selm.py", *flags, *SELM, "--iterations=2", "--max_pairs=16", f"--out_dir={tmp_path / 'full'}")
+    out = run("train_selm.py", *flags, *SELM, "--iterations=2", "--max_pairs=16", f"--out_dir={tmp_path / 'full'}").stdout
     assert "held-out gold accuracy: SFT" in out and time.time() - started < 60
     rows = metrics(tmp_path / "full")
     its = [r for r in rows if r["kind"] == "iteration"]

@@ -1,0 +1,253 @@
+"""Reliability: runs killed at random points resume to the same result, bad input gets one clear message, NaN/inf
+never trains silently, a full disk or a dead rank leaves the last good checkpoint intact."""
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import PBPO, ROOT, SELM, command, metrics, run, without_timings
+from safetensors.torch import load_file, save_file
+
+import data
+
+TRACES = ("checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
+
+
+def killed_then_resumed(script, flags, out, delays, leftovers=lambda: None):
+    """SIGKILL the run after each delay (wherever it is: generating, labelling, checkpointing), restart it with
+    --resume as a user would after a preemption, and let the last restart finish. leftovers() runs before it."""
+    for delay in [*delays, None]:
+        if delay is None:
+            leftovers()
+        resume = ["--resume"] if any(os.path.exists(os.path.join(out, f)) for f in TRACES) else []
+        if delay is None:
+            return run(script, *flags, f"--out_dir={out}", *resume)
+        proc = subprocess.Popen(command(script, *flags, f"--out_dir={out}", *resume), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def same_weights(a, b):
+    a, b = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final", "model.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pbpo_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
+    flags, _ = toy
+    full, part = tmp_path / "full", tmp_path / "part"
+    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={full}")
+    rng = random.Random(0)
+
+    def leftovers():  # what a kill leaves that timing may not hit: half a checkpoint write, a torn store line
+        (part / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+        with open(part / "preferences.jsonl", "ab") as f:
+            f.write(b'{"episode": 2, "prompt": "Tom has')
+
+    killed_then_resumed("train_pbpo.py", [*flags, *PBPO], part, [rng.uniform(3.0, 12.0) for _ in range(2)], leftovers)
+    assert without_timings(metrics(part)) == without_timings(metrics(full))
+    store, ref = (data.PreferenceStore(os.path.join(d, "preferences.jsonl")).records for d in (part, full))
+    assert store == ref and len(store) == 16  # nothing lost, nothing twice
+    assert same_weights(part, full)
+
+
+def test_selm_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
+    flags, t = toy
+    flags = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
+    flags += [*SELM, "--iterations=2", "--max_pairs=16"]
+    run("train_selm.py", *flags, f"--out_dir={tmp_path / 'full'}")
+    rng = random.Random(1)
+    killed_then_resumed("train_selm.py", flags, tmp_path / "part", [rng.uniform(3.0, 9.0) for _ in range(2)])
+    assert without_timings(metrics(tmp_path / "part")) == without_timings(metrics(tmp_path / "full"))
+    assert same_weights(tmp_path / "part", tmp_path / "full")
+
+
+def test_resume_on_fewer_ranks_keeps_every_pair_once(toy, tmp_path):
+    flags, _ = toy
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}", ranks=2)
+    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # 2 ranks -> 1
+    records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
+    assert [r["episode"] for r in records] == [1] * 8 + [2] * 8
+    assert [r["pairs"] for r in metrics(tmp_path) if r["kind"] == "explore"] == [8, 16]
+
+
+def test_runs_with_the_same_seed_are_identical_and_ranks_sample_differently(toy, tmp_path):
+    flags, _ = toy
+    for out in ("a", "b"):
+        run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path / out}")
+    assert without_timings(metrics(tmp_path / "a")) == without_timings(metrics(tmp_path / "b"))
+    # 2 ranks, every prompt the same: each rank's responses differ, yet Σ and the store are identical on both
+    same = tmp_path / "same.jsonl"
+    same.write_text(2 * (json.dumps({"question": "Tom has 5 pens and buys 3. How many pens does Tom have now?",
+                                     "answer": "8"}) + "\n"))
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--prompts={same}", f"--out_dir={tmp_path / 'ranks'}", ranks=2)
+    records = data.PreferenceStore(os.path.join(tmp_path / "ranks", "preferences.jsonl")).records
+    by_rank = [[r["response1_ids"] for r in records[i * 4:(i + 1) * 4]] for i in range(2)]
+    assert by_rank[0] != by_rank[1]
+    explore = [r for r in metrics(tmp_path / "ranks") if r["kind"] == "explore"][0]
+    assert len(set(explore["sigma_hash"])) == 1 and len(set(explore["store_hash"])) == 1
+
+
+# ---------------------------------------------------------------------------- numerical guards
+def test_nonfinite_update_is_skipped_and_logged(toy, tmp_path):
+    flags, _ = toy
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e30", f"--out_dir={tmp_path}")
+    bad = [r for r in metrics(tmp_path) if r["kind"] == "nonfinite"]
+    assert bad and all(r["what"] == "policy gradient" and r["episode"] == 1 for r in bad)
+    assert {r["step"] for r in bad} <= {1, 2}  # step 0 is finite: it is the step that blows the weights up
+
+
+def test_nonfinite_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_path):
+    flags, t = toy
+    shutil.copytree(t.model, tmp_path / "nan_model")  # one NaN weight: every log-prob, so the first loss, is NaN
+    weights = load_file(tmp_path / "nan_model" / "model.safetensors")
+    weights["model.norm.weight"][0] = float("nan")
+    save_file(weights, tmp_path / "nan_model" / "model.safetensors", metadata={"format": "pt"})
+    proc = run("train_pbpo.py", *flags, *PBPO, f"--model={tmp_path / 'nan_model'}", "--on_nonfinite=stop",
+               f"--out_dir={tmp_path / 'out'}", ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "is nan at episode 1, leader step 0; stopped (--on_nonfinite=stop)" in proc.stderr
+    assert [(r["episode"], r["step"]) for r in metrics(tmp_path / "out") if r["kind"] == "nonfinite"] == [(1, 0)]
+    assert len(data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records) == 8
+
+
+# ---------------------------------------------------------------------------- bad input
+def bad_inputs(toy, tmp):
+    """(name, script, flags, what the message must say): each must exit non-zero with that one message."""
+    flags, t = toy
+    model, prompts = f"--model={t.model}", f"--prompts={t.train}"
+
+    def model_copy(name, edit):
+        path = tmp / name
+        shutil.copytree(t.model, path)
+        edit(path)
+        return f"--model={path}"
+
+    def set_json(file, key, value):
+        config = json.loads(file.read_text())
+        config[key] = value
+        file.write_text(json.dumps(config))
+
+    def prompt_file(name, text):
+        (tmp / name).write_text(text)
+        return f"--prompts={tmp / name}"
+
+    (tmp / "run").mkdir()
+    (tmp / "run" / "checkpoint.pt").write_bytes(b"")
+    (tmp / "empty_model").mkdir()
+    return [
+        ("missing model dir", "train_pbpo.py", ["--model=/no/such/model", prompts], "/no/such/model: no such directory"),
+        ("model dir without files", "train_pbpo.py", [f"--model={tmp / 'empty_model'}", prompts], "no loadable tokenizer"),
+        ("unsupported architecture", "train_pbpo.py", [model_copy("gpt2", lambda p: set_json(p / "config.json", "model_type", "gpt2")), prompts],
+         "model_type 'gpt2' is not supported"),
+        ("config.json not JSON", "train_pbpo.py", [model_copy("badcfg", lambda p: (p / "config.json").write_text("{")), prompts], "config.json"),
+        ("weights missing", "train_pbpo.py", [model_copy("noweights", lambda p: os.remove(p / "model.safetensors")), prompts],
+         "neither model.safetensors nor model.safetensors.index.json"),
+        ("tokenizer without EOS", "train_pbpo.py", [model_copy("noeos", lambda p: set_json(p / "tokenizer_config.json", "eos_token", None)), prompts],
+         "the tokenizer has no EOS token"),
+        ("missing prompt file", "train_pbpo.py", [model, "--prompts=/no/such.jsonl"], "/no/such.jsonl"),
+        ("empty prompt file", "train_pbpo.py", [model, prompt_file("empty.jsonl", "")], "empty.jsonl"),
+        ("malformed JSONL", "train_pbpo.py", [model, prompt_file("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n')], "bad.jsonl:2"),
+        ("wrong field type", "train_pbpo.py", [model, prompt_file("type.jsonl", '{"prompt": 5}\n')], "type.jsonl:1: field 'prompt'"),
+        ("missing field", "train_pbpo.py", [model, prompt_file("field.jsonl", '{"text": "hi"}\n')], "field.jsonl:1: missing field 'prompt'"),
+        ("prompts longer than the context", "train_pbpo.py", [model, prompts, "--max_prompt_len=3"], "longer than max_prompt_len=3"),
+        ("no answer for the gold oracle", "train_pbpo.py", [model, prompt_file("noanswer.jsonl", '{"prompt": "hi"}\n')],
+         "--oracle=gold needs an 'answer' field"),
+        ("max_new_tokens 0", "train_pbpo.py", [model, prompts, "--max_new_tokens=0"], "--max_new_tokens=0: expected at least 1"),
+        ("NaN learning rate", "train_pbpo.py", [model, prompts, "--lr=nan"], "--lr=nan: expected a finite number >= 0"),
+        ("negative KL weight", "train_pbpo.py", [model, prompts, "--kl_coef=-1"], "--kl_coef=-1.0: expected a finite number >= 0"),
+        ("infinite bound", "train_pbpo.py", [model, prompts, "--bound=inf"], "--bound=inf: expected a finite number >= 0"),
+        ("group of one", "train_pbpo.py", [model, prompts, "--group=1"], "--group=1: expected at least 2"),
+        ("not an integer", "train_pbpo.py", [model, prompts, "--episodes=two"], "--episodes: invalid int value"),
+        ("unknown level", "train_pbpo.py", [model, prompts, "--level=word"], "--level='word': expected one of seq, token"),
+        ("unknown oracle", "train_pbpo.py", [model, prompts, "--oracle=magic"], "--oracle='magic': expected gold, gsm8k or rm:PATH"),
+        ("missing reward model", "train_pbpo.py", [model, prompts, "--oracle=rm:/no/rm"], "expected a local HF reward model directory"),
+        ("--resume without a checkpoint", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'nothing'}", "--resume"],
+         "--resume: no checkpoint at"),
+        ("fresh run over a previous one", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'run'}"], "holds a previous run"),
+        ("pair without 'rejected'", "train_selm.py", [model, f"--prefs={tmp / 'pairs.jsonl'}"], "pairs.jsonl:1: missing field 'rejected'"),
+        ("SELM with max_new_tokens 0", "train_selm.py", [model, f"--prefs={t.prefs}", "--max_new_tokens=0"], "expected at least 1"),
+    ]
+
+
+def test_bad_inputs_give_one_clear_message(toy, tmp_path):
+    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
+    cases = bad_inputs(toy, tmp_path)
+    assert len(cases) >= 20
+    failures = []
+    for name, script, flags, expected in cases:
+        flags = flags if any(f.startswith("--out_dir") for f in flags) else [*flags, f"--out_dir={tmp_path / 'out' / name}"]
+        proc = run(script, *flags, ok=False, timeout=120)
+        message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
+        print(f"{name:32} {message}")  # the list for the notes: pytest -s
+        if proc.returncode == 0 or expected not in message or "Traceback" in proc.stderr:
+            failures.append(f"{name}: rc={proc.returncode}, last stderr line {message!r}, expected {expected!r}")
+    assert not failures, "\n".join(failures)
+
+
+def nan_reward_model(path, tok_dir):
+    """A real HF sequence-classification checkpoint whose scores are NaN: an oracle gone wrong."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    rm = LlamaForSequenceClassification(config)
+    with torch.no_grad():
+        rm.score.weight.fill_(float("nan"))
+    rm.save_pretrained(path)
+    AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path)
+
+
+def test_oracle_returning_nan_names_the_pair_and_keeps_the_store(toy, tmp_path):
+    flags, t = toy
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
+    nan_reward_model(tmp_path / "nan_rm", t.model)
+    proc = run("train_pbpo.py", *flags, *PBPO, f"--oracle=rm:{tmp_path / 'nan_rm'}", f"--out_dir={tmp_path}", "--resume", ok=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "oracle returned nan for pair item 0" in proc.stderr
+    assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 8
+
+
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
+    flags, _ = toy
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
+    size = os.path.getsize(tmp_path / "checkpoint.pt")
+
+    def small_disk():  # files may grow to half a checkpoint: the write of the next one fails as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "the previous checkpoint is intact" in proc.stderr
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["episode"] == 1
+    assert not os.path.exists(tmp_path / "checkpoint.pt.tmp")
+    assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 16  # episode 2's pairs kept
+    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # space again: it continues
+    assert [r["episode"] for r in data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records] == [1] * 8 + [2] * 8
+
+
+# ---------------------------------------------------------------------------- distributed faults
+def test_a_dead_rank_takes_the_job_down_and_the_checkpoint_survives(toy, tmp_path):
+    flags, _ = toy
+    proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=50", "--dist_timeout=60",
+                                    f"--out_dir={tmp_path}", ranks=2), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not os.path.exists(tmp_path / "checkpoint.pt") and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"train_pbpo.py" in open(f"/proc/{p}/cmdline", "rb").read()
+               and b"LOCAL_RANK=1" in open(f"/proc/{p}/environ", "rb").read().split(b"\0")]
+    assert workers, "rank 1 not found"
+    os.kill(workers[0], signal.SIGKILL)
+    started = time.time()
+    out, _ = proc.communicate(timeout=180)
+    assert proc.returncode != 0 and time.time() - started < 120, out[-3000:]
+    assert "train_pbpo.py FAILED" in out or "ChildFailedError" in out, out[-3000:]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["episode"] >= 1
