@@ -307,6 +307,29 @@ def check_out_dir(out_dir, resume):
     return "fresh" if not resume else "resume" if os.path.exists(ckpt) else "restart"
 
 
+def start_run(cfg, rank, world):
+    """Where no --model is given, the built-in default: the toy task (built once into out/toy by rank 0). Then the
+    out_dir check on every rank before any file is written, and the knobs printed. -> check_out_dir's mode."""
+    import torch.distributed as dist
+    from dataclasses import asdict
+    if not cfg.model:
+        toy = build_toy() if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+        toy = toy or build_toy()
+        cfg.model, cfg.heldout = toy.model, cfg.heldout or toy.heldout
+        for name, path in (("prompts", toy.train), ("prefs", toy.prefs)):
+            if hasattr(cfg, name):
+                setattr(cfg, name, getattr(cfg, name) or path)
+    mode = check_out_dir(cfg.out_dir, cfg.resume)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    return mode
+
+
 def friendly_errors(script):
     """Bad input (a ValueError or OSError raised with a message naming the file, line or flag) ends the run with
     that one message (exit code 1), not a traceback from deep inside; PBPO_TRACEBACK=1 shows the traceback."""

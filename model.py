@@ -495,8 +495,8 @@ def init_distributed(timeout_s=1800):
     if "RANK" not in os.environ:  # one GPU still gets a (one-rank) group: FSDP2 is how bf16 compute is set up
         if not torch.cuda.is_available():
             return 0, 1, torch.device("cpu")
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, device_id=torch.device("cuda", 0))
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
+                                device_id=torch.device("cuda", 0))
         torch.cuda.set_device(0)
         return 0, 1, torch.device("cuda", 0)
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

@@ -10,7 +10,6 @@ inside the confidence set of the preference data, the leader takes a KL-anchored
   python train_pbpo.py --resume                                     # continue from out_dir's checkpoint
 """
 import hashlib
-import json
 import math
 import os
 import time
@@ -24,7 +23,7 @@ import data
 import eval as evaluate
 import model as M
 from explore import Covariance, select_pair, trajectory_features
-from reward import RewardModel, bt_loss, follower_loss, make_oracle
+from reward import RewardModel, follower_loss, make_oracle
 
 
 @dataclass
@@ -79,18 +78,7 @@ master = rank == 0
 if cfg.explore_prompts % world or cfg.leader_prompts % world:
     raise ValueError(f"--explore_prompts={cfg.explore_prompts} and --leader_prompts={cfg.leader_prompts} must be "
                      f"multiples of the world size {world}")
-if not cfg.model:  # the built-in default: the toy task, built into out/toy on first use
-    toy = data.build_toy() if master else None
-    if world > 1:
-        dist.barrier()
-    toy = toy or data.build_toy()
-    cfg.model, cfg.prompts, cfg.heldout = toy.model, cfg.prompts or toy.train, cfg.heldout or toy.heldout
-mode = data.check_out_dir(cfg.out_dir, cfg.resume)  # on every rank before any file is written
-if world > 1:
-    dist.barrier()
-if master:
-    print(json.dumps(asdict(cfg), indent=1))
-    os.makedirs(cfg.out_dir, exist_ok=True)
+mode = data.start_run(cfg, rank, world)  # the toy task by default; 'fresh', 'resume' or 'restart'
 
 
 def digest(obj):

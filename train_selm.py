@@ -10,7 +10,6 @@ trains π_θ from π_ref on the DPO loss plus the optimism term α β (logp_θ(y
   torchrun --nproc_per_node=8 train_selm.py --model=PATH --prefs=FILE --oracle=rm:RM_PATH
   python train_selm.py --resume             # continue from out_dir's checkpoint
 """
-import json
 import math
 import os
 import time
@@ -79,18 +78,7 @@ if __name__ == "__main__":
     cfg = data.parse_config(Config, __doc__)
     rank, world, device = M.init_distributed(cfg.dist_timeout)
     master = rank == 0
-    if not cfg.model:  # the built-in default: the toy task, built into out/toy on first use
-        toy = data.build_toy() if master else None
-        if world > 1:
-            dist.barrier()
-        toy = toy or data.build_toy()
-        cfg.model, cfg.prefs, cfg.heldout = toy.model, cfg.prefs or toy.prefs, cfg.heldout or toy.heldout
-    mode = data.check_out_dir(cfg.out_dir, cfg.resume)  # on every rank before any file is written
-    if world > 1:
-        dist.barrier()
-    if master:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    mode = data.start_run(cfg, rank, world)  # the toy task by default; 'fresh', 'resume' or 'restart'
 
     # ------------------------------------------------------------------------ setup
     tok = data.load_tokenizer(cfg.model)

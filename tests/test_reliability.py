@@ -9,7 +9,6 @@ import signal
 import subprocess
 import time
 
-import pytest
 import torch
 from conftest import PBPO, ROOT, SELM, command, metrics, run, without_timings
 from safetensors.torch import load_file, save_file
@@ -178,17 +177,22 @@ def bad_inputs(toy, tmp):
 
 
 def test_bad_inputs_give_one_clear_message(toy, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
     (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     cases = bad_inputs(toy, tmp_path)
     assert len(cases) >= 20
-    failures = []
-    for name, script, flags, expected in cases:
+
+    def attempt(case):
+        name, script, flags, expected = case
         flags = flags if any(f.startswith("--out_dir") for f in flags) else [*flags, f"--out_dir={tmp_path / 'out' / name}"]
         proc = run(script, *flags, ok=False, timeout=120)
         message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
         print(f"{name:32} {message}")  # the list for the notes: pytest -s
         if proc.returncode == 0 or expected not in message or "Traceback" in proc.stderr:
-            failures.append(f"{name}: rc={proc.returncode}, last stderr line {message!r}, expected {expected!r}")
+            return f"{name}: rc={proc.returncode}, last stderr line {message!r}, expected {expected!r}"
+
+    with ThreadPoolExecutor(2) as pool:  # two at a time: most of each is Python importing torch
+        failures = [f for f in pool.map(attempt, cases) if f]
     assert not failures, "\n".join(failures)
 
 
