@@ -7,9 +7,11 @@ Evaluators for a policy checkpoint, and the theory check on a synthetic linear p
   python eval.py winrate --model=out/pbpo/final --ref=SFT_DIR --prompts=out/toy/heldout.jsonl --oracle=gold
   python eval.py rewards --model=out/pbpo/final --prompts=out/toy/heldout.jsonl --bins=10
   python eval.py regret --d=8 --K=400 --seeds=5         # cumulative regret, uncertainty-guided vs random pairs
+  python eval.py compare --out=out/compare              # every method on the toy task, equal oracle budget, 3 seeds
+  python eval.py compare --quick --out=/tmp/compare     # the same in miniature (a minute on CPU)
 
-Every command prints a short table and writes JSON (--out=FILE); regret also writes CSV (and a PNG when
-matplotlib is installed). The command line runs one process, on CPU or one GPU (--device=cuda, the default when
+Every command prints a short table and writes JSON (--out=FILE); regret and compare also write CSV (and a PNG
+when matplotlib is installed). The command line runs one process, on CPU or one GPU (--device=cuda, the default when
 there is one). Under torchrun (train_pbpo.py, train_selm.py call these functions) every rank evaluates its own
 shard of the items and the counts are summed over ranks. Tests: python -m pytest -q tests/test_eval.py
 """
@@ -18,6 +20,10 @@ import importlib.util
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -219,6 +225,112 @@ def regret(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=5, lam=1
     return out
 
 
+# ---------------------------------------------------------------------------- the paper's comparison on the toy task
+ARMS = {"sft": None, "dpo": ("train_selm.py", "--alpha=0"), "selm": ("train_selm.py",), "pbpo": ("train_pbpo.py",),
+        "pbpo_token": ("train_pbpo.py", "--level=token"), "pbpo_n1": ("train_pbpo.py", "--n_candidates=1"),
+        "pbpo_rho0": ("train_pbpo.py", "--adv_coef=0"), "pbpo_rho0.04": ("train_pbpo.py", "--adv_coef=0.04"),
+        "pbpo_rho0.3": ("train_pbpo.py", "--adv_coef=0.3"), "pbpo_rho1": ("train_pbpo.py", "--adv_coef=1.0")}
+QUICK_ARMS = "sft,dpo,selm,pbpo,pbpo_n1,pbpo_rho0"
+QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--leader_prompts=4"],
+               "train_selm.py": ["--iterations=1", "--batch_size=4", "--micro_batch=4"]}
+
+
+def run_arm(script, flags, out_dir):
+    """Train one arm in a subprocess, its output in out_dir/log.txt; returns its metrics.jsonl lines. A finished run
+    of the same command (out_dir/command.json) is reused, anything else in out_dir is deleted first."""
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), script), *flags,
+           f"--out_dir={out_dir}"]
+    done = os.path.join(out_dir, "command.json")
+    if not os.path.exists(done) or json.load(open(done)) != cmd[1:]:
+        shutil.rmtree(out_dir, ignore_errors=True)  # the scripts append to an existing metrics / preference file
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "log.txt"), "w") as log:
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        if rc:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in {out_dir}/log.txt")
+        with open(done, "w") as f:
+            json.dump(cmd[1:], f)
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def mean_std(values):
+    t = torch.tensor(values, dtype=torch.float64)
+    return t.mean().item(), t.std().item() if len(values) > 1 else 0.0  # sample std over seeds
+
+
+def compare(out="out/compare", budget=0, seeds=3, arms="", quick=False, device="cpu"):
+    """Every arm at an equal oracle budget over seeds 0..seeds-1 of training, one shared toy SFT model. Budget: PbPO
+    spends 2 calls per exploration prompt (episodes = budget // (2 M)); SELM / DPO 3 per pair ranking {y_ref, chosen,
+    rejected} plus the 2 the offline toy file spent labelling it (max_pairs = budget // 5). Greedy held-out accuracy
+    and mean gold reward from each run's final_eval, win rate vs the SFT policy by eval.winrate on the same items."""
+    budget, arms = budget or (32 if quick else 768), (arms or (QUICK_ARMS if quick else ",".join(ARMS))).split(",")
+    if set(arms) - set(ARMS):
+        raise ValueError(f"--arms: unknown {', '.join(sorted(set(arms) - set(ARMS)))}; known: {', '.join(ARMS)}")
+    toy = data.build_toy(os.path.join(out, "toy"), quick=quick)
+    m, eval_max, max_new = (8, 16, 16) if quick else (64, 256, 48)
+    shared = [f"--model={toy.model}", f"--heldout={toy.heldout}", f"--eval_max={eval_max}",
+              f"--max_new_tokens={max_new}"]
+    flags = {"train_pbpo.py": shared + [f"--prompts={toy.train}", f"--explore_prompts={m}",
+                                        f"--episodes={budget // (2 * m)}"],
+             "train_selm.py": shared + [f"--prefs={toy.prefs}", f"--max_pairs={budget // 5}"]}
+    tok, score_fn = data.load_tokenizer(toy.model), make_oracle("gold").score_fn
+    items = data.load_prompts(toy.heldout, tok, 256)[:eval_max]
+    sft = M.from_pretrained(toy.model, device).eval()
+    sft_eval = generation(sft, tok, items, score_fn, max_new)
+    results, curves = {}, []
+    for arm in arms:
+        res = results[arm] = {"oracle_calls": [], "accuracy": [], "win_rate": [], "reward": []}
+        for seed in range(seeds):
+            t0, spec = time.time(), ARMS[arm]
+            if spec is None:  # the SFT policy itself: greedy, so every seed is the same
+                final, win, offline = {**sft_eval, "oracle_calls": 0}, {"win_rate": 0.5}, 0
+                curves.append((arm, seed, "final_eval", 0, sft_eval["reward"]))
+            else:
+                run_dir = os.path.join(out, arm, f"seed{seed}")
+                lines = run_arm(spec[0], flags[spec[0]] + QUICK_FLAGS[spec[0]] * quick + [*spec[1:], f"--seed={seed}"],
+                                run_dir)
+                final = next(l for l in lines if l["kind"] == "final_eval")
+                offline = 2 * (budget // 5) if spec[0] == "train_selm.py" else 0  # the toy file's labels
+                curves += [(arm, seed, l["kind"], l["oracle_calls"] + offline * (l["kind"] != "sft_eval"),
+                            l.get("gold_reward", l.get("reward"))) for l in lines
+                           if "gold_reward" in l or l["kind"] in ("sft_eval", "final_eval")]
+                policy = M.from_pretrained(os.path.join(run_dir, "final"), device).eval()
+                win = winrate(policy, sft, tok, items, score_fn, max_new)
+            for key, value in zip(res, (final["oracle_calls"] + offline, final["accuracy"], win["win_rate"],
+                                        final["reward"])):
+                res[key].append(value)
+            print(f"{arm:>12} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in res.items()) +
+                  f" ({time.time() - t0:.0f} s)", flush=True)
+        res.update({f"{k}_mean_std": mean_std(v) for k, v in list(res.items())})
+    table = [f"Toy task, budget {budget} oracle calls, seeds 0..{seeds - 1} (mean ± sample std over seeds); "
+             f"held-out greedy, first {len(items)} prompts.\n",
+             "| arm | oracle calls | accuracy | win rate vs SFT | gold reward |", "|---|---|---|---|---|"]
+    table += [f"| {arm} | {r['oracle_calls_mean_std'][0]:.0f} | " + " | ".join(
+        "{:.3f} ± {:.3f}".format(*r[f"{k}_mean_std"]) for k in ("accuracy", "win_rate", "reward")) + " |"
+        for arm, r in results.items()]
+    print("\n".join(table))
+    with open(os.path.join(out, "compare.md"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    report({"config": dict(budget=budget, seeds=seeds, quick=quick, flags=flags, n_heldout=len(items)), **results},
+           os.path.join(out, "compare.json"))
+    with open(os.path.join(out, "curves.csv"), "w") as f:  # step: a PbPO leader step's on-policy samples (train
+        f.write("arm,seed,kind,oracle_calls,gold_reward\n")  # prompts, temperature 1); *_eval: held-out greedy
+        f.writelines(",".join(map(str, row)) + "\n" for row in curves)
+    if importlib.util.find_spec("matplotlib"):  # optional
+        import matplotlib.pyplot as plt
+        plt.figure(figsize=(8, 5))
+        for i, arm in enumerate(results):  # means over seeds (and a PbPO episode's steps) per oracle-call count
+            for kind, style in (("step", ".-"), ("final_eval", "o")):
+                points = [(calls, r) for a, _, k, calls, r in curves if a == arm and k == kind]
+                xs = sorted({calls for calls, _ in points})
+                if xs:
+                    plt.plot(xs, [mean_std([r for c, r in points if c == x])[0] for x in xs], style,
+                             color=f"C{i % 10}", label=arm if kind == "final_eval" else None)
+        plt.xlabel("oracle calls"), plt.ylabel("gold reward (line: training samples, o: held-out greedy)")
+        plt.legend(fontsize=8), plt.savefig(os.path.join(out, "curves.png"), dpi=120)
+    return results
+
+
 # ---------------------------------------------------------------------------- command line
 def report(metrics, out):
     for key, v in metrics.items():
@@ -237,12 +349,15 @@ def main(argv=None):
     ckpt, gen = argparse.ArgumentParser(add_help=False), argparse.ArgumentParser(add_help=False)
     ckpt.add_argument("--model", required=True, help="HF checkpoint directory (with its tokenizer)")
     gen.add_argument("--prompts", required=True, help="prompt JSONL: GSM8K {question, answer}, {prompt}, {messages}")
-    rg = sub.add_parser("regret")
+    rg, cmp = sub.add_parser("regret"), sub.add_parser("compare")
+    cmp.add_argument("--quick", action="store_true", help="tiny toy task and arms, 1 seed by default: a smoke test")
     for parser, flags in ((ckpt, dict(device="cuda" if torch.cuda.is_available() else "cpu", batch_size=64, limit=0,
                                       out="")),  # limit: the first N items only (0: all)
                           (gen, dict(oracle="gold", max_new_tokens=256, max_prompt_len=512, temperature=0.0, seed=0)),
                           (rg, dict(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=5, lam=1.0,
-                                    bound=10.0, out="out/regret.json"))):
+                                    bound=10.0, out="out/regret.json")),
+                          (cmp, dict(out="out/compare", budget=0, seeds=0, arms="",  # budget 0: 768 (32 --quick)
+                                     device="cuda" if torch.cuda.is_available() else "cpu"))):  # seeds 0: 3 (1 --quick)
         for key, default in flags.items():
             parser.add_argument(f"--{key}", type=type(default), default=default)
     sub.add_parser("generation", parents=[ckpt, gen]).add_argument("--k", type=int, default=1, help="pass@k")
@@ -272,6 +387,10 @@ def main(argv=None):
                 plt.loglog(range(1, args.K + 1), res[arm]["cum_mean"], label=f"{arm} (slope {res[arm]['slope']:.2f})")
             plt.xlabel("K"), plt.ylabel("cumulative regret"), plt.legend(), plt.savefig(stem + ".png", dpi=120)
         return print(f"wrote {stem}.csv")
+
+    if args.cmd == "compare":
+        seeds = args.seeds or (1 if args.quick else 3)
+        return compare(args.out, args.budget, seeds, args.arms, args.quick, args.device)
 
     tok = data.load_tokenizer(args.model)
     policy = M.from_pretrained(args.model, device=args.device).eval()

@@ -96,7 +96,7 @@ if __name__ == "__main__":
     steps_per_iter = math.ceil(cfg.epochs * (part // world) / local_batch)
     total, warmup = cfg.iterations * steps_per_iter, max(1, int(cfg.warmup_ratio * cfg.iterations * steps_per_iter))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / (total - warmup))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     log = data.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     log_metrics = log.write
 

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import data
 import eval as E
-import explore
 import model as M
 
 WORDS = ("<eos> Question: Answer: what colour is the sky grass snow at night "
@@ -175,3 +174,26 @@ def test_loglog_slope_recovers_a_power_law():
     K = torch.arange(1, 401, dtype=torch.float64)
     assert E.loglog_slope((3 * K.sqrt()).tolist()) == pytest.approx(0.5, abs=1e-9)
     assert E.loglog_slope((2 * K).tolist()) == pytest.approx(1.0, abs=1e-9)
+
+
+# ---------------------------------------------------------------------------- the comparison
+@pytest.mark.slow
+def test_compare_quick_writes_every_arm_at_the_budget(tmp_path):
+    """eval.py compare --quick end to end: every arm trains in its subprocess, and the table, JSON and learning
+    curves hold every arm with finite numbers, each within the oracle budget (PbPO spends all of it)."""
+    E.main(["compare", "--quick", f"--out={tmp_path}"])
+    arms = E.QUICK_ARMS.split(",")
+    res = json.load(open(tmp_path / "compare.json"))
+    budget = res["config"]["budget"]
+    for arm in arms:
+        for key in ("accuracy", "win_rate", "reward", "oracle_calls"):
+            mean, std = res[arm][f"{key}_mean_std"]
+            assert math.isfinite(mean) and math.isfinite(std), (arm, key)
+        assert 0 < max(res[arm]["oracle_calls"]) <= budget or arm == "sft"
+    assert res["pbpo"]["oracle_calls"] == [budget] and res["sft"]["win_rate"] == [0.5]
+    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "compare.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| arm")}
+    assert set(rows) == set(arms) and all(" ± " in row and "nan" not in row for row in rows.values())
+    curves = [line.split(",") for line in (tmp_path / "curves.csv").read_text().splitlines()[1:]]
+    assert {c[0] for c in curves} == set(arms) and all(math.isfinite(float(c[4])) for c in curves)
+    assert any(c[0] == "pbpo" and c[2] == "step" for c in curves)  # PbPO's learning curve, one point per step
