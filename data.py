@@ -268,6 +268,19 @@ class MetricsLog:
             self.file.seek(size)
 
 
+def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
+    """False (and logged as kind 'nonfinite' with fields) for a NaN/inf loss or gradient, whose update the caller
+    skips; with --on_nonfinite=stop the run ends instead, naming the last good checkpoint."""
+    if math.isfinite(value):
+        return True
+    log.write(kind="nonfinite", **fields, what=what, value=str(value))
+    if on_nonfinite == "stop":
+        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
+        raise FloatingPointError(f"{what} is {value} at {where}; stopped (--on_nonfinite=stop), {last}")
+    print(f"warning: {what} is {value} at {where}: update skipped")
+    return False
+
+
 # ---------------------------------------------------------------------------- command line
 
 def parse_config(cls, doc, argv=None):
@@ -484,7 +497,8 @@ def _sft(demos, tok, hf_config, steps, batch_size, lr, seed):
 
 
 @torch.no_grad()
-def _sample(policy, tok, prompt_ids, temperature, seed, batch_size=256, max_new_tokens=48):
+def sample_texts(policy, tok, prompt_ids, max_new_tokens, temperature=0.0, seed=0, batch_size=64):
+    """Decoded responses to prompt_ids with our sampler (greedy at temperature 0), batch_size sequences at a time."""
     import model as M
     texts = []
     for i in range(0, len(prompt_ids), batch_size):
@@ -528,9 +542,9 @@ def build_toy(out_dir="out/toy", seed=0, quick=False):
     import model as M
     M.save_pretrained(policy, paths.model)
     answers = {q: extract_answer(worked_answer(*problems[q])) for q in heldout + train}
-    greedy = _sample(policy, tok, [encode_prompt(tok, q) for q in heldout], 0.0, seed)
+    greedy = sample_texts(policy, tok, [encode_prompt(tok, q) for q in heldout], 48, 0.0, seed, 256)
     accuracy = sum(is_correct(t, answers[q]) for t, q in zip(greedy, heldout)) / len(heldout)
-    samples = _sample(policy, tok, [encode_prompt(tok, q) for q in train for _ in range(2)], 1.0, seed + 1)
+    samples = sample_texts(policy, tok, [encode_prompt(tok, q) for q in train for _ in range(2)], 48, 1.0, seed + 1, 256)
     prefs = []
     for q, a, b in zip(train, samples[0::2], samples[1::2]):
         ra, rb = gold_reward(a, answers[q]), gold_reward(b, answers[q])

@@ -43,17 +43,11 @@ def all_ranks_sum(values, device):
     return totals.tolist()
 
 
-@torch.no_grad()
 def sample_texts(policy, tok, items, max_new_tokens, batch_size=64, temperature=0.0, seed=0, k=1):
     """k decoded responses per item (greedy at temperature 0): len(items) * k texts, item-major; batch_size
     counts sequences."""
     prompts = [p["prompt_ids"] for p in items for _ in range(k)]
-    texts = []
-    for i in range(0, len(prompts), batch_size):
-        gen = M.generate(policy, prompts[i:i + batch_size], max_new_tokens, temperature,
-                         eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id, seed=seed + i)
-        texts += [data.decode(tok, y) for y in gen.responses()]
-    return texts
+    return data.sample_texts(policy, tok, prompts, max_new_tokens, temperature, seed, batch_size)
 
 
 def generation(policy, tok, items, score_fn, max_new_tokens, batch_size=64, temperature=0.0, seed=0, k=1):

@@ -10,7 +10,6 @@ inside the confidence set of the preference data, the leader takes a KL-anchored
   python train_pbpo.py --resume                                     # continue from out_dir's checkpoint
 """
 import hashlib
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -165,16 +164,8 @@ def leave_one_out(values, group):
 
 
 def finite(value, what):
-    """A NaN/inf loss or gradient is logged with its step; the update is skipped, or the run stops (--on_nonfinite)."""
-    if math.isfinite(value):
-        return True
-    log_metrics("nonfinite", episode=episode, step=t, what=what, value=str(value))
-    if cfg.on_nonfinite == "stop":
-        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else "no checkpoint yet"
-        raise FloatingPointError(f"{what} is {value} at episode {episode}, leader step {t}; stopped "
-                                 f"(--on_nonfinite=stop), {last}; the store keeps every labelled pair")
-    print(f"warning: {what} is {value} at episode {episode}, leader step {t}: update skipped")
-    return False
+    return data.finite(value, what, f"episode {episode}, leader step {t}", log, cfg.on_nonfinite, ckpt_path,
+                       oracle_calls=calls, episode=episode, step=t)
 
 
 def checkpoint_modules():

@@ -162,14 +162,9 @@ if __name__ == "__main__":
                 for k in ("chosen", "rejected", "ref"):
                     totals[k] += (logp[k] - lref[k]).mean().item() * w
             grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0))
-            if math.isfinite(grad_norm):
+            if data.finite(grad_norm, "policy gradient", f"iteration {it}, step {step}", log, cfg.on_nonfinite, ckpt_path,
+                           iteration=it, step=step):
                 opt.step()
-            else:  # logged with its step; skipped, or the run stops (--on_nonfinite)
-                log_metrics(kind="nonfinite", iteration=it, step=step, what="policy gradient", value=str(grad_norm))
-                if cfg.on_nonfinite == "stop":
-                    raise FloatingPointError(f"policy gradient is {grad_norm} at iteration {it}, step {step}; stopped "
-                                             f"(--on_nonfinite=stop), the last good checkpoint is {ckpt_path}")
-                print(f"warning: policy gradient is {grad_norm} at iteration {it}, step {step}: step skipped")
             sched.step()
             opt.zero_grad(set_to_none=True)
             log_metrics(kind="step", iteration=it, step=step, lr=sched.get_last_lr()[0], loss=totals["loss"],
