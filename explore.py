@@ -26,7 +26,8 @@ def features(backbone, input_ids, attention_mask, response_mask, level="seq", no
 
 
 def trajectory_features(phi):
-    """Φ(τ) with r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: the token-level reward Σ_h ⟨w, φ_h⟩ is ⟨w, Σ_h φ_h⟩."""
+    """Φ(τ) with r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: the token-level reward Σ_h ⟨w, φ_h⟩ is ⟨w, Σ_h
+    φ_h⟩."""
     return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
 
 
@@ -43,7 +44,8 @@ class Covariance:
         return torch.einsum("nd,de,ne->n", dphi, self.sigma_inv, dphi).clamp_min(0).sqrt()  # (n,)
 
     def update(self, dphi):
-        """Σ ← Σ + ΔφΔφᵀ for each row in order; returns Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹}) (elliptical potential)."""
+        """Σ ← Σ + ΔφΔφᵀ for each row in order; returns Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹}) (elliptical
+        potential)."""
         potential = 0.0
         for v in dphi.float():  # (d,)
             s_inv_v = self.sigma_inv @ v  # (d,)
@@ -70,8 +72,8 @@ class Covariance:
 
 
 def select_pair(cov, phi_ref, phi_candidates):
-    """The enhancer's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one prompt.
-    phi_ref (d,), phi_candidates (N, d) -> (j*, Δφ (d,), uncertainty of j*)."""
+    """The enhancer's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one
+    prompt. phi_ref (d,), phi_candidates (N, d) -> (j*, Δφ (d,), uncertainty of j*)."""
     dphi = phi_ref[None] - phi_candidates  # (N, d)
     u = cov.uncertainty(dphi)  # (N,)
     j = int(u.argmax())

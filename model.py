@@ -1,22 +1,21 @@
-"""model.py: the engine every other file stands on.
+"""
+The engine every other file stands on: a Llama-family decoder in plain PyTorch (Llama 2/3 with
+llama3 rope scaling, Mistral, Qwen2, Qwen3) whose parameter names are Hugging Face's, so checkpoints
+map 1:1; HF checkpoint I/O (safetensors only); a static-KV-cache sampler with a compiled decode
+step; the fused, chunked log-prob kernel (ALGORITHMS.md, "Log-probs"). No `transformers` at run
+time.
 
-A Llama-family decoder in plain PyTorch (Llama 2/3 incl. llama3 rope scaling, Mistral, Qwen2, Qwen3) whose parameter
-names are Hugging Face's, so checkpoints map 1:1; HF checkpoint I/O; a static-KV-cache sampler with a compiled decode
-step; a fused, chunked log-prob kernel (ALGORITHMS.md "Log-probs"); FSDP2 setup. No `transformers` code at run time.
+    python -m pytest -q tests/test_model.py tests/test_fsdp.py      # checked against `transformers`
 
-    python -m pytest -q tests/test_model.py tests/test_fsdp.py              # CPU: checked against `transformers`
-    python -c "import model as M; m = M.from_pretrained('out/toy/sft'); print(M.generate(m, [[1, 2]], 8).responses())"
-    torchrun --nproc_per_node=8 train_pbpo.py --model=/path/to/Qwen2.5-1.5B-Instruct    # FSDP2 via shard_model()
-
-Batch layout (every file): prompt left-padded, response right-padded, `attention_mask` (B, T) bool True on real
-tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0.
+Batch layout (every file): prompt left-padded, response right-padded, `attention_mask` (B, T) bool,
+True on real tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0. FSDP2 sharding is
+set up in run.py; generate() works on sharded models too.
 """
 import functools
 import json
 import math
 import os
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -24,15 +23,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-# ----------------------------------------------------------------------------------------------------------- config
+# ---------------------------------------------------------------- config
 @dataclass
 class ModelConfig:
     model_type: str
@@ -52,70 +49,82 @@ class ModelConfig:
     qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     windows: list  # per layer: sliding-window length, or None for full causal attention
     initializer_range: float = 0.02
-    raw: dict = field(default_factory=dict, repr=False)  # the config.json dict, written back by save_pretrained
+    raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
 
     @classmethod
     def from_hf_dict(cls, d, where="config.json"):
         mt = d.get("model_type")
         if mt not in SUPPORTED:
-            raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: {', '.join(SUPPORTED)})")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+            raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
+                             f"{', '.join(SUPPORTED)})")
+        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads"):
             if key not in d:
                 raise ValueError(f"{where}: missing {key!r}, needed to build a {mt} model")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
-        # transformers>=5 writes `rope_parameters`; older checkpoints have top-level rope_theta + rope_scaling
+            raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported "
+                             "(only silu)")
+        # transformers>=5 writes `rope_parameters`; older configs: rope_theta + rope_scaling
         scaling = d.get("rope_scaling") or {}
-        rope = {"rope_theta": d.get("rope_theta", 10000.0), "rope_type": scaling.get("type", "default"), **scaling,
-                **(d.get("rope_parameters") or {})}
+        rope = {"rope_theta": d.get("rope_theta", 10000.0),
+                "rope_type": scaling.get("type", "default"),
+                **scaling, **(d.get("rope_parameters") or {})}
         if rope["rope_type"] not in ("default", "llama3"):
-            raise ValueError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, llama3)")
-        L = d["num_hidden_layers"]
+            raise ValueError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, "
+                             "llama3)")
+        L, heads = d["num_hidden_layers"], d["num_attention_heads"]
         windows = [None] * L
         if mt == "mistral":
             windows = [d.get("sliding_window")] * L
-        elif d.get("use_sliding_window"):  # Qwen: the layers marked sliding (HF's rule when layer_types is absent)
-            types = d.get("layer_types") or ["sliding_attention" if i >= d.get("max_window_layers", L) else ""
+        elif d.get("use_sliding_window"):  # Qwen: the layers marked sliding (HF's rule by default)
+            first = d.get("max_window_layers", L)
+            types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
                                              for i in range(L)]
             windows = [d["sliding_window"] if t == "sliding_attention" else None for t in types]
         bias = d.get("attention_bias", False)
-        return cls(mt, d["vocab_size"], d["hidden_size"], d["intermediate_size"], L, d["num_attention_heads"],
-                   d.get("num_key_value_heads") or d["num_attention_heads"],
-                   d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"], d.get("rms_norm_eps", 1e-6),
-                   rope, d.get("tie_word_embeddings", True), mt == "qwen2" or bias, mt != "qwen2" and bias,
-                   d.get("mlp_bias", False), mt == "qwen3", windows, d.get("initializer_range", 0.02), dict(d))
+        return cls(mt, d["vocab_size"], d["hidden_size"], d["intermediate_size"], L, heads,
+                   d.get("num_key_value_heads") or heads,
+                   d.get("head_dim") or d["hidden_size"] // heads, d.get("rms_norm_eps", 1e-6),
+                   rope, d.get("tie_word_embeddings", True),
+                   qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
+                   mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", windows=windows,
+                   initializer_range=d.get("initializer_range", 0.02), raw=dict(d))
 
 
-# ------------------------------------------------------------------------------------------------------ transformer
+# ---------------------------------------------------------------- transformer
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
         self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()  # statistics in fp32, scaled in the compute dtype (as HF does, so bf16 runs match too)
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        xf = x.float()  # statistics in fp32, scaled in the compute dtype (as HF does)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
 
 
 def rope_inv_freq(cfg):
-    """RoPE inverse frequencies (head_dim/2,) fp32; llama3 type stretches low frequencies, blends the middle band."""
+    """RoPE inverse frequencies (head_dim/2,) fp32; the llama3 type stretches low frequencies and
+    blends the middle band."""
     r, hd = cfg.rope, cfg.head_dim
     inv = 1.0 / r["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
     if r["rope_type"] == "llama3":
-        lo, hi, ctx = r["low_freq_factor"], r["high_freq_factor"], r["original_max_position_embeddings"]
-        smooth = ((ctx * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelengths, 1: short ones
+        lo, hi = r["low_freq_factor"], r["high_freq_factor"]
+        ctx = r["original_max_position_embeddings"]
+        smooth = ((ctx * inv / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)  # 0: long wavelengths
         inv = (1 - smooth) * inv / r["factor"] + smooth * inv
     return inv
 
 
-def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, 1, T, hd/2) fp32; HF's rotate-half convention
+def apply_rope(x, cos, sin):
+    """x (B, H, T, hd), cos/sin (B, 1, T, hd/2) fp32; HF's rotate-half convention."""
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
 def attn_mask(key_valid, q_idx, window=None):
-    """(B, 1, T, S) bool, True where query i may see key j: causal over cache slots, real keys only, inside the
-    sliding window if any. Each query always sees itself, so padding rows never have an all-False row (SDPA NaN)."""
+    """(B, 1, T, S) bool, True where query i may see key j: causal over cache slots, real keys
+    only, inside the sliding window if any. Each query sees itself, so no row is all False (NaN)."""
     rel = q_idx[:, None] - torch.arange(key_valid.shape[1], device=key_valid.device)  # (T, S)
     ok = (rel >= 0) & key_valid[:, None, :]  # (B, T, S)
     if window is not None:
@@ -126,14 +135,15 @@ def attn_mask(key_valid, q_idx, window=None):
 class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        D = cfg.hidden_size
+        self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        D, self.hd = cfg.hidden_size, cfg.head_dim
         self.q_proj = nn.Linear(D, self.n_head * self.hd, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, D, bias=cfg.o_bias)
         if cfg.qk_norm:
-            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
         # the sampler's static KV cache; buffers, so a CUDA graph sees fixed addresses (never saved)
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
@@ -145,15 +155,17 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q.transpose(1, 2), cos, sin), apply_rope(k.transpose(1, 2), cos, sin)  # (B, H|K, T, hd)
-        if cache_index is not None:  # write these T steps into their slots, then attend over the whole cache
+        q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
+        k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, hd)
+        if cache_index is not None:  # write these T steps into their slots, attend over the cache
             if self.k_cache is None:
                 self.k_cache = k.new_zeros(B, self.n_kv, mask.shape[-1], self.hd)  # (B, K, S, hd)
                 self.v_cache = torch.zeros_like(self.k_cache)
             self.k_cache.index_copy_(2, cache_index, k)
             self.v_cache.index_copy_(2, cache_index, v)
             k, v = self.k_cache, self.v_cache
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv != self.n_head)  # (B,H,T,hd)
+        gqa = self.n_kv != self.n_head
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
 
 
@@ -175,7 +187,8 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.window, self.checkpoint = window, False  # checkpoint: recompute activations in backward (shard_model)
+        self.window = window
+        self.checkpoint = False  # recompute the activations in backward (run.shard_model sets it)
 
     def forward(self, x, cos, sin, masks, cache_index=None):
         if self.checkpoint and torch.is_grad_enabled():
@@ -191,7 +204,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.config = cfg
-        self.model = nn.Module()  # HF's names: model.embed_tokens, model.layers.i.*, model.norm, lm_head
+        self.model = nn.Module()  # HF's names: model.embed_tokens, model.layers.i.*, model.norm
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.model.layers = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -203,20 +216,20 @@ class Transformer(nn.Module):
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None, logprobs=False,
-                temperature=1.0, with_entropy=False):
-        """input_ids (B, T) -> final-normed hidden states (B, T, D).
-        attention_mask (B, S) bool marks real keys: S = T, or, with cache_index (T,) (the cache slots these tokens
-        fill), S is the static cache length. logprobs=True returns token_logprobs' output instead: the lm_head then
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
+                logprobs=False, temperature=1.0, with_entropy=False):
+        """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
+        marks real keys: S = T, or, with cache_index (T,) (the cache slots these tokens fill), the
+        static cache length. logprobs=True returns token_logprobs' output instead: the lm_head then
         runs inside this forward, where FSDP2 has the root's parameters unsharded."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if position_ids is None:
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T): left-padded rows start at 0
+        if position_ids is None:  # (B, T): left-padded rows start at 0
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         q_idx = cache_index if cache_index is not None else torch.arange(T, device=input_ids.device)
-        masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}  # each (B, 1, T, S)
-        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2), RoPE angles in fp32
+        masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         for block in self.model.layers:
@@ -224,47 +237,56 @@ class Transformer(nn.Module):
         x = self.model.norm(x)  # (B, T, D)
         if not logprobs:
             return x
-        valid = attention_mask[:, 1:] & attention_mask[:, :-1]  # (B, T-1): token t and its context t-1 are real
-        out = fused_logprobs(x[:, :-1][valid], self.lm_head.weight, input_ids[:, 1:][valid], temperature, with_entropy)
-        out = [F.pad(torch.zeros(B, T - 1, device=x.device).masked_scatter(valid, o), (1, 0))  # (B, T)
-               for o in (out if with_entropy else (out,))]
+        valid = attention_mask[:, 1:] & attention_mask[:, :-1]  # (B, T-1): token and context real
+        out = fused_logprobs(x[:, :-1][valid], self.lm_head.weight, input_ids[:, 1:][valid],
+                             temperature, with_entropy)
+        out = [F.pad(torch.zeros(B, T - 1, device=x.device).masked_scatter(valid, o), (1, 0))
+               for o in (out if with_entropy else (out,))]  # each (B, T)
         return tuple(out) if with_entropy else out[0]
 
 
 def build(cfg, device="cpu", dtype=torch.float32, init=True):
-    """Construct on the meta device (no memory, no init), then materialise on `device`; init=True draws HF-style
-    weights (normal(0, initializer_range), norms 1, biases 0), else the caller loads them."""
+    """Construct on the meta device (no memory, no init), then materialise on `device`; init=True
+    draws HF-style weights (normal(0, initializer_range), norms 1, biases 0); else the caller loads
+    them."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
     model.tie()  # to_empty makes fresh tensors, which unties
-    model.inv_freq = rope_inv_freq(cfg).to(device)  # buffers made on meta hold nothing; RoPE stays fp32
+    model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer made on meta holds nothing; fp32
     if init:
         with torch.no_grad():
             for name, p in model.named_parameters():
-                p.fill_(1.0) if name.endswith("norm.weight") else p.zero_() if name.endswith("bias") else \
+                if name.endswith("norm.weight"):
+                    p.fill_(1.0)
+                elif name.endswith("bias"):
+                    p.zero_()
+                else:
                     p.normal_(0.0, cfg.initializer_range)
     return model
 
 
-# ------------------------------------------------------------------------------------------------- checkpoint I/O
+# ---------------------------------------------------------------- checkpoint I/O
 def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load an HF directory: config.json and model.safetensors, or shards listed in model.safetensors.index.json."""
+    """Load an HF directory: config.json and model.safetensors, or the shards listed in
+    model.safetensors.index.json."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
-                                f"(config.json + model.safetensors or model.safetensors.index.json)")
+                                "(config.json + model.safetensors or model.safetensors.index.json)")
     with open(cfg_path) as f:
         cfg = ModelConfig.from_hf_dict(json.load(f), cfg_path)
-    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
         with open(index) as f:
-            files = [os.path.join(path, name) for name in sorted(set(json.load(f)["weight_map"].values()))]
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, name) for name in shards]
     else:
-        raise FileNotFoundError(f"{path}: neither model.safetensors nor model.safetensors.index.json "
-                                f"(only safetensors checkpoints are read)")
+        raise FileNotFoundError(f"{path}: neither model.safetensors nor "
+                                "model.safetensors.index.json (only safetensors are read)")
     model = build(cfg, device, dtype, init=False)
     tied = cfg.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
@@ -276,44 +298,47 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
                     if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
                         continue  # recomputed / the embedding itself
                     if key not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {key!r} for a {cfg.model_type} model as "
-                                         f"described by {cfg_path}")
+                        raise ValueError(f"{file}: unexpected tensor {key!r} for a "
+                                         f"{cfg.model_type} model as described by {cfg_path}")
                     t = f.get_tensor(key)
                     if t.shape != expected[key].shape:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, {cfg_path} implies "
-                                         f"{tuple(expected[key].shape)}")
+                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                         f"{cfg_path} implies {tuple(expected[key].shape)}")
                     expected[key].copy_(t)
                     loaded.add(key)
     missing = sorted(set(expected) - loaded)
     if missing:
-        raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing from "
-                         f"{', '.join(map(os.path.basename, files))}: {', '.join(missing[:4])}"
-                         f"{' ...' * (len(missing) > 4)}")
+        raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing "
+                         f"from {', '.join(map(os.path.basename, files))}: "
+                         f"{', '.join(missing[:4])}{' ...' * (len(missing) > 4)}")
     return model
 
 
 def save_pretrained(model, path, state_dict=None):
-    """Write config.json + model.safetensors, loadable by transformers.AutoModelForCausalLM. Rank 0 writes; a
-    sharded model needs state_dict=full_state_dict(model). The tokenizer is the caller's to save."""
+    """Write config.json + model.safetensors, loadable by transformers.AutoModelForCausalLM. Rank 0
+    writes; a sharded model needs state_dict=run.full_state_dict(model). The tokenizer is the
+    caller's to save."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     if state_dict is None:
         if isinstance(model, FSDPModule):
-            raise ValueError("save_pretrained of a sharded model: pass state_dict=full_state_dict(model)")
+            raise ValueError("save_pretrained of a sharded model: pass "
+                             "state_dict=run.full_state_dict(model)")
         state_dict = model.state_dict()
     cfg = model.config
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
-               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # HF re-ties it from the embedding
+               if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # HF re-ties it
     os.makedirs(path, exist_ok=True)
-    raw = {**cfg.raw, "dtype": str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")}
+    dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
+    raw = {**cfg.raw, "dtype": dtype}
     raw.pop("torch_dtype", None)  # the pre-5.x name of "dtype"
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f, indent=2)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
 
 
-# ---------------------------------------------------------------------------------------------- fused log-probs
-COMPILE_LOGPROBS = None  # compile the chunk kernels: None = on CUDA only (on CPU compiling costs more than it saves)
+# ---------------------------------------------------------------- fused log-probs
+COMPILE_LOGPROBS = None  # compile the chunk kernels; None = on CUDA only (on CPU it costs more)
 
 
 @functools.cache
@@ -321,7 +346,8 @@ def _compiled(fn, mode=None):
     return torch.compile(fn, mode=mode)
 
 
-def _logits(h, w):  # (N, D), (V, D) -> (N, V) fp32: a bf16 GEMM accumulates into fp32 outputs on CUDA
+def _logits(h, w):
+    """(N, D), (V, D) -> (N, V) fp32: a bf16 GEMM accumulates into fp32 outputs on CUDA."""
     if h.dtype == torch.float32:
         return h @ w.t()
     return torch.mm(h, w.t(), out_dtype=torch.float32) if h.is_cuda else h.float() @ w.float().t()
@@ -331,16 +357,17 @@ def _chunk_fwd(h, w, tgt, temperature, with_entropy):
     z = _logits(h, w) / temperature  # (C, V) fp32
     lse = z.logsumexp(-1)  # (C,)
     logp = z.gather(-1, tgt[:, None])[:, 0] - lse  # (C,)
-    return logp, lse, (lse - (z.softmax(-1) * z).sum(-1) if with_entropy else lse[:0])  # H = lse - Σ p z
+    ent = lse - (z.softmax(-1) * z).sum(-1) if with_entropy else lse[:0]  # H = lse - Σ p z
+    return logp, lse, ent
 
 
 def _chunk_bwd(h, w, tgt, lse, ent, g_logp, g_ent, temperature, with_entropy):
     z = _logits(h, w) / temperature  # (C, V) recomputed, never stored
     logp_all = z - lse[:, None]
     p = logp_all.exp()  # (C, V)
-    grad_z = (-p * g_logp[:, None]).scatter_add(1, tgt[:, None], g_logp[:, None])  # d logp_t / dz = onehot - p
+    grad_z = (-p * g_logp[:, None]).scatter_add(1, tgt[:, None], g_logp[:, None])  # onehot - p
     if with_entropy:
-        grad_z = grad_z - p * (logp_all + ent[:, None]) * g_ent[:, None]  # dH/dz_j = -p_j (log p_j + H)
+        grad_z = grad_z - p * (logp_all + ent[:, None]) * g_ent[:, None]  # -p_j (log p_j + H)
     grad_z = (grad_z / temperature).to(w.dtype)
     return grad_z @ w, grad_z.t() @ h  # (C, D), (V, D)
 
@@ -349,11 +376,12 @@ class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, tgt, temperature, with_entropy, chunk, compile):
         N = h.shape[0]
-        n_pad = max(1, -(-N // chunk)) * chunk  # padded to whole chunks: one static shape for the compiled kernel
+        n_pad = max(1, -(-N // chunk)) * chunk  # whole chunks: one static shape for the compiler
         h, tgt = F.pad(h, (0, 0, 0, n_pad - N)), F.pad(tgt, (0, n_pad - N))
         fwd = _compiled(_chunk_fwd) if compile else _chunk_fwd
-        logp, lse, ent = (torch.cat(o) for o in zip(*[fwd(hc, w, tc, temperature, with_entropy)
-                                                         for hc, tc in zip(h.split(chunk), tgt.split(chunk))]))
+        chunks = [fwd(hc, w, tc, temperature, with_entropy)
+                  for hc, tc in zip(h.split(chunk), tgt.split(chunk))]
+        logp, lse, ent = (torch.cat(o) for o in zip(*chunks))
         ctx.save_for_backward(h, w, tgt, lse, ent)
         ctx.args = N, temperature, with_entropy, chunk, compile
         return logp[:N], ent[:N]
@@ -365,42 +393,56 @@ class _FusedLogprobs(torch.autograd.Function):
         g_logp = F.pad(g_logp, (0, h.shape[0] - N))  # padded rows get zero gradient
         g_ent = F.pad(g_ent, (0, h.shape[0] - N)) if with_entropy else g_logp
         bwd = _compiled(_chunk_bwd) if compile else _chunk_bwd
-        grad_h, grad_w = torch.empty_like(h), torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        grad_h = torch.empty_like(h)
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
         for i in range(0, h.shape[0], chunk):
             s = slice(i, i + chunk)
-            grad_h[s], gw = bwd(h[s], w, tgt[s], lse[s], ent[s] if with_entropy else ent, g_logp[s], g_ent[s],
-                                temperature, with_entropy)
+            grad_h[s], gw = bwd(h[s], w, tgt[s], lse[s], ent[s] if with_entropy else ent, g_logp[s],
+                                g_ent[s], temperature, with_entropy)
             grad_w += gw  # fp32 accumulation over chunks
         return grad_h[:N], grad_w.to(w.dtype), None, None, None, None, None
 
 
-def fused_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, chunk_size=None, compile=None):
-    """log π(targets | hidden) per token, π = softmax(hidden @ weightᵀ / temperature), chunk by chunk over tokens:
-    the full logits never exist at once and the backward recomputes each chunk; logits and log-sum-exp in fp32.
-    hidden (..., D), weight (V, D), targets (...) long -> logp (...) fp32 [, entropy (...) fp32 of π]."""
+def fused_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, chunk_size=None,
+                   compile=None):
+    """log π(targets | hidden) per token, π = softmax(hidden @ weightᵀ / temperature), chunk by
+    chunk over tokens: the full logits never exist at once and the backward recomputes each chunk;
+    logits and log-sum-exp in fp32. hidden (..., D), weight (V, D), targets (...) long ->
+    logp (...) fp32 [, entropy (...) fp32 of π]."""
     shape, (V, D) = targets.shape, weight.shape
     h, tgt = hidden.reshape(-1, D), targets.reshape(-1)
-    if chunk_size is None:  # ≤ 2^27 fp32 logits (512 MB) a chunk, a power of two, no bigger than needed; big chunks
-        # keep the number of (V, D) gradient accumulations, the backward's main memory traffic, small
-        chunk_size = min(1 << max(4, (2 ** 27 // V).bit_length() - 1), 1 << max(0, (h.shape[0] - 1).bit_length()))
-    compile = (h.is_cuda if COMPILE_LOGPROBS is None else COMPILE_LOGPROBS) if compile is None else compile
-    logp, ent = _FusedLogprobs.apply(h, weight, tgt, float(temperature), with_entropy, chunk_size, compile)
+    if chunk_size is None:  # ≤ 2^27 fp32 logits (512 MB) a chunk, a power of two, no bigger than
+        # needed: big chunks keep the (V, D) gradient accumulations of the backward few
+        chunk_size = min(1 << max(4, (2 ** 27 // V).bit_length() - 1),
+                         1 << max(0, (h.shape[0] - 1).bit_length()))
+    if compile is None:
+        compile = h.is_cuda if COMPILE_LOGPROBS is None else COMPILE_LOGPROBS
+    logp, ent = _FusedLogprobs.apply(h, weight, tgt, float(temperature), with_entropy, chunk_size,
+                                     compile)
     return (logp.view(shape), ent.view(shape)) if with_entropy else logp.view(shape)
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, with_entropy=False):
-    """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature` (0 at t = 0 and
-    where the token or the one before is padding); with_entropy: (logp, entropy (B, T) of the same π)."""
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, with_entropy=False,
+                   micro_batch=None):
+    """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature`
+    (0 at t = 0 and where the token or the one before is padding); with_entropy: (logp, entropy
+    (B, T) of the same π). micro_batch: rows per forward, the pieces concatenated (for passes
+    without grad; with grad, call it per micro-batch and backward each)."""
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    return model(input_ids, attention_mask, logprobs=True, temperature=temperature, with_entropy=with_entropy)
+    if micro_batch:
+        parts = [token_logprobs(model, ids, attn, temperature, with_entropy) for ids, attn in
+                 zip(input_ids.split(micro_batch), attention_mask.split(micro_batch))]
+        return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)
+    return model(input_ids, attention_mask, logprobs=True, temperature=temperature,
+                 with_entropy=with_entropy)
 
 
-# ------------------------------------------------------------------------------------------------------ sampler
+# ---------------------------------------------------------------- sampler
 @dataclass
 class Generation:
     tokens: torch.Tensor  # (B, N) long, pad after each row's end
-    logprobs: torch.Tensor  # (B, N) fp32: log-prob of each sampled token under the distribution sampled from
+    logprobs: torch.Tensor  # (B, N) fp32: each sampled token's log-prob, as sampled
     mask: torch.Tensor  # (B, N) bool: True up to and including EOS
 
     def responses(self):
@@ -408,8 +450,9 @@ class Generation:
 
 
 def _sample(logits, u, temperature, top_k, top_p):
-    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob under the distribution sampled
-    from (temperature, then top-k, then top-p). temperature 0 is greedy, its log-prob that of temperature 1."""
+    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob under the
+    distribution sampled from (temperature, then top-k, then top-p). Temperature 0 is greedy, with
+    the log-prob of temperature 1."""
     if temperature == 0:
         tok = logits.argmax(-1)  # (B,)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -419,16 +462,19 @@ def _sample(logits, u, temperature, top_k, top_p):
     if top_p < 1:  # keep the smallest most-likely prefix whose mass reaches top_p
         z_sorted, order = z.sort(-1, descending=True)  # (B, V)
         p_sorted = z_sorted.softmax(-1)
-        z = z.scatter(-1, order, z_sorted.masked_fill(p_sorted.cumsum(-1) - p_sorted >= top_p, float("-inf")))
+        cut = p_sorted.cumsum(-1) - p_sorted >= top_p
+        z = z.scatter(-1, order, z_sorted.masked_fill(cut, float("-inf")))
     logp = z.log_softmax(-1)  # (B, V)
     cdf = logp.exp().cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=z.shape[-1] - 1)[:, 0]  # inverse CDF
+    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # inverse CDF
+    tok = tok.clamp(max=z.shape[-1] - 1)[:, 0]  # (B,)
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
 def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature, top_k, top_p):
-    """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token. Static shapes, state on the
-    device, no host sync: the step CUDA graphs replay. Rows already done emit pad with log-prob 0."""
+    """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token. Static
+    shapes, state on the device, no host sync: the step CUDA graphs replay. Finished rows emit pad
+    with log-prob 0."""
     h = model(tok[:, None], key_valid, pos[:, None], cache_index=idx)  # (B, 1, D)
     new, logp = _sample(_logits(h[:, -1], model.lm_head.weight), u, temperature, top_k, top_p)
     new, logp = new.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
@@ -436,35 +482,37 @@ def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperat
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(), pad_id=0, seed=None,
-             compile=None, check_every=8):
-    """Sample up to max_new_tokens after each prompt (token id lists of any lengths, left-padded into one batch):
-    one prefill into a static KV cache, then one decode step per token. compile: torch.compile the step in
-    "reduce-overhead" mode (CUDA graphs); None = on CUDA only. Stops once every row is done (checked every
-    `check_every` steps). The same seed gives the same samples. A sharded (FSDP2) model is unsharded once for
-    the whole call, then resharded."""
-    if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or not 0 < top_p <= 1 or temperature < 0:
-        raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, temperature >= 0")
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
+             pad_id=0, seed=None, compile=None, check_every=8):
+    """Sample up to max_new_tokens after each prompt (token id lists of any lengths, left-padded
+    into one batch): one prefill into a static KV cache, then one decode step per token. compile:
+    torch.compile the step in "reduce-overhead" mode (CUDA graphs); None = on CUDA only. Stops once
+    every row is done (checked every `check_every` steps). The same seed gives the same samples. A
+    sharded (FSDP2) model is unsharded once for the whole call, then resharded."""
+    if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or not 0 < top_p <= 1 \
+            or temperature < 0:
+        raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, "
+                         "temperature >= 0")
     device = model.inv_freq.device
     B, Lp = len(prompts), max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=device)  # (B, Lp)
+    ids = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=device)
     n_pad = torch.tensor([Lp - len(p) for p in prompts], device=device)
     prompt_mask = torch.arange(Lp, device=device) >= n_pad[:, None]  # (B, Lp)
-    S = -(-(Lp + max_new_tokens) // 64) * 64  # cache length, rounded so fewer shapes get compiled / graphed
-    key_valid = F.pad(prompt_mask, (0, S - Lp), value=True)  # (B, S): cache slots holding real tokens
+    S = -(-(Lp + max_new_tokens) // 64) * 64  # cache length, rounded: fewer shapes to compile
+    key_valid = F.pad(prompt_mask, (0, S - Lp), value=True)  # (B, S): slots with real tokens
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # -1 never matches
     gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    step = _compiled(_decode_step, "reduce-overhead") if (device.type == "cuda" if compile is None else compile) \
-        else _decode_step
+    compiled = device.type == "cuda" if compile is None else compile
+    step = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp:  # all-gather every block once; forwards must not reshard until we are done
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
     try:
-        h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # (B, Lp, D), fills the cache
-        tok, logp = _sample(_logits(h[:, -1], model.lm_head.weight), torch.rand(B, 1, generator=gen, device=device),
-                            temperature, top_k, top_p)
+        h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
+        u = torch.rand(B, 1, generator=gen, device=device)
+        tok, logp = _sample(_logits(h[:, -1], model.lm_head.weight), u, temperature, top_k, top_p)
         done, out = torch.isin(tok, eos), [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
         pos, idx = pos[:, -1] + 1, torch.tensor([Lp], device=device)
         for t in range(1, max_new_tokens):
@@ -472,106 +520,30 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
                 break
             alive = ~done
             u = torch.rand(B, 1, generator=gen, device=device)
-            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are ours now (cloned below)
-            tok, logp, done, pos, idx = (x.clone() for x in step(model, tok, done, pos, idx, key_valid, u, eos,
-                                                                 pad_id, temperature, top_k, top_p))
-            out.append((tok, logp, alive))  # clones: a replayed CUDA graph overwrites its outputs
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
+            new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature, top_k,
+                       top_p)
+            tok, logp, done, pos, idx = (x.clone() for x in new)  # a graph replay overwrites them
+            out.append((tok, logp, alive))
     finally:
         for m in model.modules():
             if isinstance(m, Attention):
                 m.k_cache = m.v_cache = None
         for m in fsdp:
             m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params for backward
+            m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params
     tokens, logprobs, mask = (torch.stack(x, 1) for x in zip(*out))  # (B, n)
     n = int(mask.sum(1).max())
     return Generation(tokens[:, :n], logprobs[:, :n], mask[:, :n])
 
 
-# -------------------------------------------------------------------------------------------------- distributed
-def init_distributed(timeout_s=1800):
-    """-> (rank, world_size, device). Under torchrun: a process group (nccl on GPU, gloo on CPU) with a collective
-    timeout, so a dead rank fails the others instead of hanging them. Plain python: rank 0 of 1, no group."""
-    if "RANK" not in os.environ:  # one GPU still gets a (one-rank) group: FSDP2 is how bf16 compute is set up
-        if not torch.cuda.is_available():
-            return 0, 1, torch.device("cpu")
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1, timeout=timedelta(seconds=timeout_s),
-                                device_id=torch.device("cuda", 0))
-        torch.cuda.set_device(0)
-        return 0, 1, torch.device("cuda", 0)
-    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
-def shard_model(model, mixed_precision=None, activation_checkpointing=False):
-    """FSDP2 over all ranks: fully_shard each block, then the root (embeddings, final norm, lm_head). Mixed precision
-    (default on CUDA): bf16 compute, fp32 master weights and gradient reduction; fp32 throughout otherwise.
-    Inputs are not cast, so RoPE's cos/sin stay fp32. activation_checkpointing: recompute each block in backward."""
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", (dist.get_world_size(),))
-    if mixed_precision is None:
-        mixed_precision = mesh.device_type == "cuda"
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
-                              reduce_dtype=torch.float32 if mixed_precision else None, cast_forward_inputs=False)
-    for block in model.model.layers:
-        block.checkpoint = activation_checkpointing
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    return model
-
-
-def full_state_dict(model):
-    """The full state dict in CPU memory on rank 0 ({} on other ranks): what save_pretrained writes. Collective."""
-    if not isinstance(model, FSDPModule):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-# --------------------------------------------------------------------------------------------------- checkpoints
-def full_state(model, optimizer=None):
-    """Full (unsharded) CPU state dicts of a model and its optimizer, for a checkpoint. Collective under FSDP."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is None:
-        return full_state_dict(model), None
-    return get_state_dict(model, optimizer, options=options)
-
-
-def save_checkpoint(path, modules, **extra):
-    """modules {name: (model, optimizer | None)} plus extra picklable state, written by rank 0 atomically (a temp file
-    in the same directory, fsynced, then renamed): a kill or a full disk never leaves half a checkpoint."""
-    state = dict(extra)
-    for name, (m, opt) in modules.items():
-        state[name], state[name + "_opt"] = full_state(m, opt)
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = f"{path}.tmp"
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write (disk full) as a RuntimeError
-            os.path.exists(tmp) and os.remove(tmp)
-            raise OSError(f"writing checkpoint {path} failed ({e}); the previous checkpoint is intact") from e
-        os.replace(tmp, path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path, modules):
-    """Load what save_checkpoint wrote into modules {name: (model, optimizer | None)}; returns the extra state."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (point --out_dir at the run to continue)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    for name, (m, opt) in modules.items():
-        if opt is None:
-            set_state_dict(m, (), model_state_dict=state.pop(name), optim_state_dict={},
-                           options=StateDictOptions(full_state_dict=True))
-            state.pop(name + "_opt")
-        else:
-            set_state_dict(m, opt, model_state_dict=state.pop(name), optim_state_dict=state.pop(name + "_opt"),
-                           options=StateDictOptions(full_state_dict=True))
-    return state
+def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None, **kwargs):
+    """n responses per prompt, prompt-major: response token id lists from generate (kwargs are its),
+    run on batch_size rows at a time (None: all at once), rows i.. seeded with seed + i."""
+    rows = [p for p in prompts for _ in range(n)]
+    size, out = batch_size or len(rows), []
+    for i in range(0, len(rows), size):
+        gen = generate(model, rows[i:i + size], max_new_tokens, temperature, seed=seed + i,
+                       **kwargs)
+        out += gen.responses()
+    return out

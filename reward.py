@@ -5,7 +5,7 @@ loss, and the oracles that label pairs (ALGORITHMS.md, "Shared pieces").
 Oracles: `gold` (the toy task's shaped gold reward), `gsm8k` (the exact-match verifier) and
 `rm:PATH` (a local Hugging Face sequence-classification reward model). Each scores responses
 and labels a pair by Bradley–Terry sampling at a temperature; every response scored is one call.
-Used by train_pbpo.py, train_selm.py and eval.py. Tests: python -m pytest -q tests/test_reward.py
+Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py
 """
 import os
 
@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import data
+import model as M
+import run
 from explore import features, trajectory_features
 
 
@@ -28,12 +30,15 @@ class RewardModel(nn.Module):
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
     def phi(self, input_ids, attention_mask, response_mask):
-        """Per-token (token) or last-token (seq) features; grad flows into the backbone only if trained."""
+        """Per-token (token) or last-token (seq) features; grad flows into the backbone only if
+        trained."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            return features(self.backbone, input_ids, attention_mask, response_mask, self.level, self.normalize)
+            return features(self.backbone, input_ids, attention_mask, response_mask, self.level,
+                            self.normalize)
 
     def token_rewards(self, phi):
-        """⟨w, φ_h⟩ per response token (B, T) at the token level; the sequence reward otherwise (B,)."""
+        """⟨w, φ_h⟩ per response token (B, T) at the token level; the sequence reward otherwise
+        (B,)."""
         return phi @ self.w
 
     def forward(self, phi):
@@ -49,14 +54,6 @@ def bt_loss(r0, r1, labels):
     """L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))), s = +1 where τ¹ won (label 1) else −1."""
     sign = 2.0 * labels.float() - 1.0
     return -F.logsigmoid(sign * (r1 - r0)).mean()
-
-
-def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho):
-    """PbPO follower: L_BT(w; D) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)), the pessimistic RM
-    inside the confidence set. Returns (loss, BT loss, gap)."""
-    fit = bt_loss(rm(phi0), rm(phi1), labels)
-    gap = rm(phi_pi).mean() - rm(phi_ref).mean()
-    return fit + rho * gap, fit.detach(), gap.detach()
 
 
 class Oracle:
@@ -89,15 +86,37 @@ class Oracle:
         s0, s1 = self.score(prompts, resp0), self.score(prompts, resp1)
         return self.label(s0, s1, generator), s0, s1
 
+    def evaluate(self, policy, tok, items, max_new_tokens, temperature=0.0, k=1, seed=0,
+                 batch_size=64):
+        """The policy judged on held-out items (calls not counted): exact-match accuracy of the
+        final '#### N' over the items with an answer (pass@k for k > 1: any of k samples right)
+        and the mean score of all samples. Under torchrun each rank passes its share."""
+        if k > 1 and temperature <= 0:
+            raise ValueError(f"pass@{k} needs k samples at a temperature > 0, got "
+                             f"temperature={temperature}")
+        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature,
+                             n=k, seed=seed, batch_size=batch_size, eos_ids=[tok.eos_token_id],
+                             pad_id=tok.pad_token_id)
+        texts = [data.decode(tok, y) for y in responses]
+        reward = sum(map(float, self.score_fn([p for p in items for _ in range(k)], texts))) / k
+        correct = sum(any(data.is_correct(t, p["answer"]) for t in texts[i * k:(i + 1) * k])
+                      for i, p in enumerate(items) if p.get("answer") is not None)
+        device = next(policy.parameters()).device
+        correct, reward, n = run.all_sum([correct, reward, len(items)], device)
+        out = {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
+        return out if k == 1 else {**out, "k": k}
+
 
 def hf_reward_scorer(path, device="cpu", batch_size=16):
     """Score with a local HF sequence-classification reward model on its own chat template."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"--oracle=rm:{path}: expected a local HF reward model directory with config.json")
+        raise FileNotFoundError(f"--oracle=rm:{path}: expected a local HF reward model directory "
+                                "with config.json")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    rm = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True).to(device).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(path,
+                                                            local_files_only=True).to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"
@@ -105,7 +124,8 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
     def as_text(prompt, response):
         msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if tok.chat_template:
-            return tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}], tokenize=False)
+            return tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}],
+                                           tokenize=False)
         return "".join(m["content"] for m in msgs) + response
 
     @torch.no_grad()
@@ -113,7 +133,8 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
         texts = [as_text(p["prompt"], r) for p, r in zip(prompts, responses)]
         out = []
         for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, truncation=True).to(device)
+            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True,
+                      truncation=True).to(device)
             out += rm(**enc).logits[:, 0].float().cpu().tolist()
         return out
 
@@ -125,14 +146,17 @@ def make_oracle(spec, temp=0.0, device="cpu"):
     def answers(prompts):
         missing = next((p["prompt"] for p in prompts if p.get("answer") is None), None)
         if missing is not None:
-            raise ValueError(f"--oracle={spec} needs an 'answer' field for every prompt; {str(missing)[:80]!r} has "
-                             "none (use --oracle=rm:PATH for data without verifiable answers)")
+            raise ValueError(f"--oracle={spec} needs an 'answer' field for every prompt; "
+                             f"{str(missing)[:80]!r} has none (use --oracle=rm:PATH for data "
+                             "without verifiable answers)")
         return [p["answer"] for p in prompts]
 
     if spec == "gold":
-        fn = lambda prompts, responses: [data.gold_reward(r, a) for a, r in zip(answers(prompts), responses)]
+        from toy import gold_reward
+        fn = lambda prompts, texts: [gold_reward(t, a) for a, t in zip(answers(prompts), texts)]
     elif spec == "gsm8k":
-        fn = lambda prompts, responses: [float(data.is_correct(r, a)) for a, r in zip(answers(prompts), responses)]
+        fn = lambda prompts, texts: [float(data.is_correct(t, a))
+                                     for a, t in zip(answers(prompts), texts)]
     elif spec.startswith("rm:"):
         fn = hf_reward_scorer(spec[3:], device)
     else:

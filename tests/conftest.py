@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-import data
+import toy as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PBPO = ["--episodes=2", "--explore_prompts=8", "--n_candidates=3", "--t_out=2", "--t_in=2", "--group=2",
@@ -17,7 +17,7 @@ SELM = ["--iterations=1", "--batch_size=4", "--micro_batch=4", "--max_new_tokens
 
 @pytest.fixture(scope="session")
 def toy(tmp_path_factory):
-    t = data.build_toy(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
+    t = T.build(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
     return [f"--model={t.model}", f"--prompts={t.train}", f"--heldout={t.heldout}"], t
 
 

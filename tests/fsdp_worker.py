@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import model as M
+import run
 
 
 def loss_fn(model, ids, attn, resp):  # mean -logp over response tokens
@@ -17,11 +18,11 @@ def loss_fn(model, ids, attn, resp):  # mean -logp over response tokens
 
 
 ckpt, out = sys.argv[1], sys.argv[2]
-rank, world, device = M.init_distributed(timeout_s=120)
+rank, world, device = run.init_distributed(timeout_s=120)
 assert world == 2 and device.type == "cpu"
 ref = M.from_pretrained(ckpt)
 if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
-    sharded = M.shard_model(M.from_pretrained(ckpt))
+    sharded = run.shard_model(M.from_pretrained(ckpt))
     prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
     for _ in range(2):  # the second call reuses the compiled step
         gen = M.generate(sharded, prompts, 8, temperature=0.8, top_k=50, seed=rank, compile=True)
@@ -31,8 +32,8 @@ if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hoo
     print(f"rank {rank}: FSDP compiled generate OK")
     dist.destroy_process_group()
     sys.exit(0)
-sharded = M.shard_model(M.from_pretrained(ckpt), activation_checkpointing=True)
-plain = M.shard_model(M.from_pretrained(ckpt))  # no activation checkpointing
+sharded = run.shard_model(M.from_pretrained(ckpt), activation_checkpointing=True)
+plain = run.shard_model(M.from_pretrained(ckpt))  # no activation checkpointing
 assert isinstance(sharded.lm_head.weight, DTensor)
 
 # one batch for all ranks, each rank takes its own half: prompts left-padded, responses right-padded
@@ -57,7 +58,7 @@ loss_s.backward()
 opt_s.step()
 sum(loss_fn(ref, ids[2 * r:2 * r + 2], attn[2 * r:2 * r + 2], resp[2 * r:2 * r + 2]) for r in range(world)).div(world).backward()
 opt_r.step()
-full = M.full_state_dict(sharded)
+full = run.full_state_dict(sharded)
 if rank == 0:
     start = M.from_pretrained(ckpt).state_dict()
     assert set(full) == set(ref.state_dict()), (sorted(full), sorted(ref.state_dict()))

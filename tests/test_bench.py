@@ -1,4 +1,4 @@
-"""bench.py end to end on the tiny shape, CPU: every section runs and reports finite numbers. No timing is asserted
+"""experiments/bench.py end to end on the tiny shape, CPU: every section runs and reports finite numbers. No timing is asserted
 (speed and memory are what the benchmark reports, not what a test checks).
 
     python -m pytest -q tests/test_bench.py
@@ -24,7 +24,7 @@ def test_bench_tiny_cpu_every_section(tmp_path):
     out = tmp_path / "bench.json"
     flags = ["--shape=tiny", "--batch=4", "--prompt_len=8", "--new_tokens=8", "--lp_batch=2", "--lp_len=64",
              "--repeats=2", f"--episode_flags={EPISODE}", f"--out={out}"]  # every section: the default
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *flags], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "experiments.bench", *flags], capture_output=True, text=True,
                           timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     assert "section" in proc.stdout and "ours_ms_step" in proc.stdout  # the table

@@ -1,5 +1,4 @@
-"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe store, answers and
-the gold reward, and the toy task (a quick build: determinism, tokenizer, checkpoint loads in transformers)."""
+"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe store and answers."""
 import hashlib
 import json
 import os
@@ -16,13 +15,8 @@ import data
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    return data.build_toy(str(tmp_path_factory.mktemp("toy")), seed=0, quick=True)
-
-
-@pytest.fixture(scope="module")
 def tok(toy):
-    return data.load_tokenizer(toy.model)
+    return data.load_tokenizer(toy[1].model)
 
 
 def write(path, lines):
@@ -49,7 +43,7 @@ def test_chat_template_round_trip(tok):
 
 
 def test_plain_prompt_without_chat_template(toy):
-    plain = data.load_tokenizer(toy.model)
+    plain = data.load_tokenizer(toy[1].model)
     plain.chat_template = None
     ids = data.encode_prompt(plain, [{"role": "user", "content": "Hello"}, {"role": "user", "content": "again"}])
     assert plain.decode(ids, skip_special_tokens=True) == "Hello\n\nagain"
@@ -57,7 +51,7 @@ def test_plain_prompt_without_chat_template(toy):
 
 def test_load_tokenizer_needs_eos(toy, tmp_path):
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_text((open(os.path.join(toy.model, name)).read()))
+        (tmp_path / name).write_text((open(os.path.join(toy[1].model, name)).read()))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     del config["eos_token"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
@@ -287,80 +281,3 @@ def test_extract_answer(text, expected):
 ])
 def test_is_correct(text, answer, correct):
     assert data.is_correct(text, answer) is correct
-
-
-def test_gold_reward_is_shaped():
-    answer = "70"
-    rewards = {text: data.gold_reward(text, answer) for text in [
-        "85 - 15 = 70.\n#### 70", "#### 71", "#### 60", "#### 7", "the answer is 71", "#### -70", "no idea", ""]}
-    assert rewards["85 - 15 = 70.\n#### 70"] == 1.0
-    assert all(0.0 <= r < 1.0 for t, r in rewards.items() if t != "85 - 15 = 70.\n#### 70")
-    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > rewards["no idea"]
-    assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2  # the format earns credit; so does the number
-    assert rewards["no idea"] == rewards[""] == 0.0
-    assert data.gold_reward("#### 1,000", "1000") == 1.0
-    assert data.gold_reward("#### 5", "yes") == 0.2  # a non-numeric answer: only the format can earn credit
-
-
-# ---------------------------------------------------------------------------- the toy task
-
-
-def test_toy_problems_are_consistent():
-    rng = random.Random(1)
-    for _ in range(200):
-        question, start, ops = data.toy_problem(rng)
-        answer = data.worked_answer(start, ops)
-        assert data.extract_answer(answer) == str(start + sum(ops)) and start + sum(ops) >= 0
-        assert f"has {start} " in question and all(str(abs(n)) in question for n in ops)
-        for step in answer.split("\n")[0].split(". "):
-            lhs, rhs = step.rstrip(".").split(" = ")
-            assert eval(lhs) == int(rhs)  # every step of a clean demonstration is right
-        slipped = data.worked_answer(start, ops, slip=(0, 2))
-        assert data.extract_answer(slipped) == str(start + sum(ops) + 2)
-
-
-def digests(root):
-    out = {}
-    for folder, _, files in os.walk(root):
-        for name in files:
-            if name != "build.json":  # holds the build time
-                path = os.path.join(folder, name)
-                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
-    return out
-
-
-def test_toy_build_is_deterministic_and_reused(toy, tmp_path):
-    again = data.build_toy(str(tmp_path / "toy"), seed=0, quick=True)
-    first, second = digests(os.path.dirname(toy.model)), digests(str(tmp_path / "toy"))
-    assert first == second and {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
-    stamp = os.path.getmtime(again.prefs)
-    assert data.build_toy(str(tmp_path / "toy"), seed=0, quick=True) == again and os.path.getmtime(again.prefs) == stamp
-    os.remove(str(tmp_path / "toy" / "build.json"))  # a half-built directory (no marker) is rebuilt
-    data.build_toy(str(tmp_path / "toy"), seed=0, quick=True)
-    assert os.path.getmtime(again.prefs) > stamp and digests(str(tmp_path / "toy")) == first
-    other = data.build_toy(str(tmp_path / "toy1"), seed=1, quick=True)
-    assert open(other.heldout).read() != open(toy.heldout).read()
-
-
-def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
-    for text in ["Tom has 37 apples, buys 48 and gives away 15. How many apples does Tom have now?",
-                 "37 + 48 = 85. 85 - 15 = 70.\n#### 70", "ünïcödé  and   spaces\t!"]:
-        assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
-    assert all(len(tok.convert_ids_to_tokens(tok(str(d)).input_ids)) == 1 for d in range(10))  # one token a digit
-    heldout, train = data.load_prompts(toy.heldout, tok, 256), data.load_prompts(toy.train, tok, 256)
-    assert not {p["prompt"] for p in heldout} & {p["prompt"] for p in train}
-    assert all(p["answer"] is not None for p in heldout + train)
-    pairs = data.load_preferences(toy.prefs, tok, 256)
-    assert pairs and all(data.gold_reward(p["chosen"], p["answer"]) > data.gold_reward(p["rejected"], p["answer"])
-                         for p in pairs)
-
-
-def test_toy_checkpoint_loads_in_transformers(toy, tok):
-    import model as M
-    from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(toy.model).eval()
-    ours = M.from_pretrained(toy.model)
-    ids = torch.tensor([data.encode_prompt(tok, "Tom has 37 apples and buys 48. How many apples does Tom have now?")])
-    with torch.no_grad():
-        torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
-    assert hf.config.eos_token_id == tok.eos_token_id and hf.config.vocab_size == len(tok)

@@ -1,3 +1,5 @@
+"""eval.py's evaluators (and reward.Oracle.evaluate) against direct computations: answers, multiple choice,
+pass@k, the Wilson interval, win rate and the reward histogram."""
 import json
 import math
 
@@ -8,6 +10,7 @@ import torch.nn.functional as F
 import data
 import eval as E
 import model as M
+from reward import Oracle
 
 WORDS = ("<eos> Question: Answer: what colour is the sky grass snow at night "
          "blue green red white black light dark").split()
@@ -121,13 +124,13 @@ def test_pass_at_k_known_answer(tiny, tmp_path):
     score = lambda prompts, texts: [float(data.is_correct(t, p["answer"])) for p, t in zip(prompts, texts)]
     V, k = len(tok), 200
     assert (1 - 1 / V) ** k < 1e-4  # P(item a has no '#### 7' among its k samples)
-    res = E.generation(policy, tok, items, score, max_new_tokens=1, temperature=1.0, k=k, batch_size=64, seed=0)
+    res = Oracle(score).evaluate(policy, tok, items, max_new_tokens=1, temperature=1.0, k=k, batch_size=64, seed=0)
     assert res["accuracy"] == 0.5 and res["k"] == k and res["n"] == 2  # a: some sample right; b: '#### 5' unreachable
     assert res["reward"] == pytest.approx(0.5 / V, abs=0.05)  # mean over samples: half of 1/V
-    greedy = E.generation(policy, tok, items, score, max_new_tokens=1)  # ties: argmax is token 0, EOS, text ''
+    greedy = Oracle(score).evaluate(policy, tok, items, max_new_tokens=1)  # ties: argmax is token 0, EOS, text ''
     assert greedy == {"accuracy": 0.0, "reward": 0.0, "n": 2}
     with pytest.raises(ValueError, match="temperature"):
-        E.generation(policy, tok, items, score, max_new_tokens=1, k=4)
+        Oracle(score).evaluate(policy, tok, items, max_new_tokens=1, k=4)
 
 
 @pytest.mark.parametrize("p, n", [(0.5, 10), (0.9, 40), (0.0, 25), (1.0, 7), (0.35, 200)])
@@ -157,43 +160,3 @@ def test_winrate_against_itself_is_all_ties_and_rewards_histogram(tiny):
     assert sum(hist["counts"]) == 4 and len(hist["edges"]) == 4 and hist["n"] == 4
     assert hist["mean"] == pytest.approx(lengths.mean().item())
     assert hist["std"] == pytest.approx(lengths.std(correction=0).item())
-
-
-# ---------------------------------------------------------------------------- the theory check
-def test_uncertainty_guided_pairs_have_lower_regret_than_random():
-    """On the synthetic linear task (informative comparisons rare), select_pair's Σ⁻¹-uncertainty arm must
-    accumulate clearly less regret than uniformly random pairs. Random selection, or a Σ that never learns
-    (Euclidean ‖Δφ‖), both give a ratio near 1 here."""
-    res = E.regret(K=30, M=4, seeds=10)
-    u, r = res["uncertainty"]["cum_mean"][-1], res["random"]["cum_mean"][-1]
-    assert u < 0.75 * r, (u, r)
-    assert all(b >= a for a, b in zip(res["uncertainty"]["cum_mean"], res["uncertainty"]["cum_mean"][1:]))
-
-
-def test_loglog_slope_recovers_a_power_law():
-    K = torch.arange(1, 401, dtype=torch.float64)
-    assert E.loglog_slope((3 * K.sqrt()).tolist()) == pytest.approx(0.5, abs=1e-9)
-    assert E.loglog_slope((2 * K).tolist()) == pytest.approx(1.0, abs=1e-9)
-
-
-# ---------------------------------------------------------------------------- the comparison
-@pytest.mark.slow
-def test_compare_quick_writes_every_arm_at_the_budget(tmp_path):
-    """eval.py compare --quick end to end: every arm trains in its subprocess, and the table, JSON and learning
-    curves hold every arm with finite numbers, each within the oracle budget (PbPO spends all of it)."""
-    E.main(["compare", "--quick", f"--out={tmp_path}"])
-    arms = E.QUICK_ARMS.split(",")
-    res = json.load(open(tmp_path / "compare.json"))
-    budget = res["config"]["budget"]
-    for arm in arms:
-        for key in ("accuracy", "win_rate", "reward", "oracle_calls"):
-            mean, std = res[arm][f"{key}_mean_std"]
-            assert math.isfinite(mean) and math.isfinite(std), (arm, key)
-        assert 0 < max(res[arm]["oracle_calls"]) <= budget or arm == "sft"
-    assert res["pbpo"]["oracle_calls"] == [budget] and res["sft"]["win_rate"] == [0.5]
-    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "compare.md").read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| arm")}
-    assert set(rows) == set(arms) and all(" ± " in row and "nan" not in row for row in rows.values())
-    curves = [line.split(",") for line in (tmp_path / "curves.csv").read_text().splitlines()[1:]]
-    assert {c[0] for c in curves} == set(arms) and all(math.isfinite(float(c[4])) for c in curves)
-    assert any(c[0] == "pbpo" and c[2] == "step" for c in curves)  # PbPO's learning curve, one point per step

@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import model as M
+import run
 from test_model import hf_checkpoint, left_padded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

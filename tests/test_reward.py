@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from reward import Oracle, bt_loss, follower_loss
+from reward import Oracle, bt_loss
+from train_pbpo import follower_loss
 
 
 class LinearHead(torch.nn.Module):

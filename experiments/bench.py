@@ -1,5 +1,5 @@
 """
-bench.py: model.py against `transformers` on real model shapes with random weights, in one process (BENCHMARKS.md
+experiments/bench.py: model.py against `transformers` on real model shapes with random weights, in one process (experiments/BENCHMARKS.md
 says what each number means and holds the results). Sections:
   sample    our KV-cache sampler vs transformers `generate` (dynamic and static cache), and the bandwidth floor
   logprobs  the fused chunked log-prob kernel vs log_softmax + gather on the full logits: time, peak memory, the
@@ -7,9 +7,9 @@ says what each number means and holds the results). Sections:
   train     a policy-gradient step (fused log-probs, backward, AdamW), FSDP2 on one rank + torch.compile on GPU: MFU
   episode   a PbPO episode of train_pbpo.py in a subprocess: gen_s / train_s from its metrics.jsonl
 
-  python bench.py --shape=qwen2.5-0.5b --out=out/bench_h100_qwen2.5-0.5b.json      # one H100: every section
-  python bench.py --shape=llama3-8b --sections=sample,logprobs                      # 8B: train/episode need > 1 GPU
-  python bench.py --shape=tiny --batch=4 --prompt_len=8 --new_tokens=8 --lp_batch=2 --lp_len=64   # CPU, about 1 min
+  python -m experiments.bench --shape=qwen2.5-0.5b --out=out/bench_h100_qwen2.5-0.5b.json      # one H100: every section
+  python -m experiments.bench --shape=llama3-8b --sections=sample,logprobs                      # 8B: train/episode need > 1 GPU
+  python -m experiments.bench --shape=tiny --batch=4 --prompt_len=8 --new_tokens=8 --lp_batch=2 --lp_len=64   # CPU, about 1 min
   python -m pytest -q tests/test_bench.py                                           # the CPU smoke test
 """
 import gc
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import data
 import model as M
+import run
+import toy
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = {  # config.json dicts of the real models; the weights are random
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
                          num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
@@ -206,7 +207,7 @@ def bench_train(cfg, shape, device, dtype):
     if CUDA:
         for block in model.model.layers if cfg.compile else []:
             block.compile()  # per block, before sharding, as torchtitan does
-        M.shard_model(model, activation_checkpointing=cfg.checkpointing)
+        run.shard_model(model, activation_checkpointing=cfg.checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # as train_pbpo.py builds it
     B, T, V = cfg.lp_batch, cfg.lp_len, mc.vocab_size
     ids, adv = torch.randint(V, (B, T), device=device), torch.randn(B, T, device=device)
@@ -236,12 +237,12 @@ def bench_train(cfg, shape, device, dtype):
 def bench_episode(cfg, shape, device, dtype):  # train_pbpo.py picks its own
     with tempfile.TemporaryDirectory() as tmp:
         # the toy task's prompts and tokenizer: the ids it lacks decode to nothing, the token work is the real shape's
-        toy, path, run_dir = data.build_toy(os.path.join(tmp, "toy"), quick=True), f"{tmp}/model", f"{tmp}/run"
+        paths, path, run_dir = toy.build(os.path.join(tmp, "toy"), quick=True), f"{tmp}/model", f"{tmp}/run"
         M.save_pretrained(M.build(M.ModelConfig.from_hf_dict(shape), dtype=torch.bfloat16), path)  # loaded as fp32
-        for f in os.listdir(toy.model):
+        for f in os.listdir(paths.model):
             if f.startswith("tokenizer"):
-                shutil.copy(os.path.join(toy.model, f), path)
-        cmd = [sys.executable, os.path.join(ROOT, "train_pbpo.py"), f"--model={path}", f"--prompts={toy.train}",
+                shutil.copy(os.path.join(paths.model, f), path)
+        cmd = [sys.executable, os.path.join(ROOT, "train_pbpo.py"), f"--model={path}", f"--prompts={paths.train}",
                "--episodes=2", f"--out_dir={run_dir}", *cfg.episode_flags.split()]  # the last: compiled already
         # init_distributed set RANK etc. in this process; the child must not think it runs under torchrun
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
@@ -260,12 +261,12 @@ def bench_episode(cfg, shape, device, dtype):  # train_pbpo.py picks its own
 SECTIONS = {"sample": bench_sample, "logprobs": bench_logprobs, "train": bench_train, "episode": bench_episode}
 
 if __name__ == "__main__":
-    cfg = data.parse_config(Config, __doc__)
+    cfg = run.parse_flags(Config, __doc__)
     sections = cfg.sections.split(",")
     if cfg.shape not in SHAPES or set(sections) - SECTIONS.keys() or cfg.new_tokens < 2:
         raise SystemExit(f"expected --shape in {list(SHAPES)}, --sections from {list(SECTIONS)}, --new_tokens >= 2")
     cfg.out = cfg.out or os.path.join(ROOT, "out", f"bench_{cfg.shape}.json")
-    _, _, device = M.init_distributed()  # a one-rank group on GPU, for FSDP2 in the train section
+    _, _, device = run.init_distributed()  # a one-rank group on GPU, for FSDP2 in the train section
     dtype = torch.bfloat16 if CUDA else torch.float32
     torch.manual_seed(cfg.seed)
     env = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(dtype), "torch": torch.__version__,

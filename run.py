@@ -1,0 +1,269 @@
+"""
+The life of a run, shared by every entry point: flags from a Config dataclass, the process group and
+FSDP2 sharding, the helpers that sum, gather and broadcast across ranks, the seeding rule, the
+out_dir (fresh, resume or restart), the metrics log, checkpoints, the non-finite guard, and one
+clear line for bad input instead of a traceback.
+
+Nothing to run on its own. Tests: python -m pytest -q tests/test_reliability.py tests/test_fsdp.py
+"""
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+from dataclasses import asdict
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_state_dict, set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+
+# ---------------------------------------------------------------- flags and errors
+def parse_flags(cls, doc, argv=None):
+    """A dataclass of knobs -> one --flag each, its comment the help. NaN and negative numbers are
+    refused by name (no knob of ours means anything below zero), as are values outside the class's
+    AT_LEAST bounds and CHOICES."""
+    comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(cls), re.M))
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, field in cls.__dataclass_fields__.items():
+        kind = field.type if field.type is not bool else lambda s: s.lower() in ("1", "true", "yes")
+        parser.add_argument(f"--{name}", type=kind, default=field.default, help=comments.get(name),
+                            **({"nargs": "?", "const": True} if field.type is bool else {}))
+    cfg = cls(**vars(parser.parse_args(argv)))
+    for name, value in vars(cfg).items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and not 0 <= value < math.inf:
+            parser.error(f"--{name}={value}: expected a finite number >= 0")
+    for name, (low, why) in getattr(cls, "AT_LEAST", {}).items():
+        if getattr(cfg, name) < low:
+            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low} ({why})")
+    for name, allowed in getattr(cls, "CHOICES", {}).items():
+        if getattr(cfg, name) not in allowed:
+            parser.error(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
+    return cfg
+
+
+def friendly_errors(script):
+    """Bad input (a ValueError or OSError whose message names the file, line or flag) ends the run
+    with that one message and exit code 1, not a traceback; PBPO_TRACEBACK=1 shows the traceback."""
+
+    def hook(kind, error, tb):
+        if issubclass(kind, (ValueError, OSError,
+                             ArithmeticError)) and not os.environ.get("PBPO_TRACEBACK"):
+            print(f"{script}: error: {error}", file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, tb)
+
+    sys.excepthook = hook
+
+
+# ---------------------------------------------------------------- process group and sharding
+def init_distributed(timeout_s=1800):
+    """-> (rank, world_size, device). Under torchrun: a process group (nccl on GPU, gloo on CPU)
+    with a collective timeout, so a dead rank fails the others instead of hanging them. Plain
+    python: rank 0 of 1, with a one-rank group on GPU (FSDP2 is how bf16 compute is set up)."""
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ:
+        if not torch.cuda.is_available():
+            return 0, 1, torch.device("cpu")
+        device = torch.device("cuda", 0)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout,
+                                device_id=device)
+        torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def shard_model(model, mixed_precision=None, activation_checkpointing=False):
+    """FSDP2 over all ranks: fully_shard each block, then the root (embeddings, final norm,
+    lm_head). Mixed precision (default on CUDA): bf16 compute, fp32 master weights and gradient
+    reduction; fp32 throughout otherwise. Inputs are not cast, so RoPE's cos/sin stay fp32."""
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
+                            (dist.get_world_size(),))
+    if mixed_precision is None:
+        mixed_precision = mesh.device_type == "cuda"
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
+                              reduce_dtype=torch.float32 if mixed_precision else None,
+                              cast_forward_inputs=False)
+    for block in model.model.layers:
+        block.checkpoint = activation_checkpointing  # recompute the block's activations in backward
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def all_sum(values, device):
+    """Each number of the list summed over ranks (each rank evaluated its own share)."""
+    totals = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces device tensors
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def gather(items):
+    """Every rank's list, concatenated in rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def broadcast(obj):
+    """Rank 0's object on every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def digest(obj):
+    return hashlib.sha256(obj if isinstance(obj, bytes) else repr(obj).encode()).hexdigest()[:16]
+
+
+def generator(*keys):
+    """The seeding rule: a torch.Generator for one purpose, keyed by (seed, purpose, episode, ...).
+    A resumed run needs no saved RNG state, and no two purposes share a stream."""
+    return torch.Generator().manual_seed(int(digest(keys), 16) % 2**62)
+
+
+# ---------------------------------------------------------------- out_dir and metrics
+def check_out_dir(out_dir, resume):
+    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run killed before its first
+    checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run."""
+    ckpt = os.path.join(out_dir, "checkpoint.pt")
+    names = ("checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
+    traces = [f for f in names if os.path.exists(os.path.join(out_dir, f))]
+    if not resume and traces:
+        raise FileExistsError(f"{out_dir} holds a previous run ({', '.join(traces)}): pass "
+                              "--resume to continue it, or choose a new --out_dir")
+    if resume and not traces:
+        raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (point --out_dir at the run "
+                                "to continue)")
+    return "fresh" if not resume else "resume" if os.path.exists(ckpt) else "restart"
+
+
+def start(cfg, rank, world):
+    """Where no --model is given, the built-in default: the toy task (built once into out/toy by
+    rank 0). Then the out_dir check on every rank before any file is written, and the knobs printed.
+    -> check_out_dir's mode."""
+    if not cfg.model:
+        import toy
+        paths = toy.build() if rank == 0 else None
+        if world > 1:
+            dist.barrier()
+        paths = paths or toy.build()
+        cfg.model, cfg.heldout = paths.model, cfg.heldout or paths.heldout
+        for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
+            if hasattr(cfg, name):
+                setattr(cfg, name, getattr(cfg, name) or path)
+    mode = check_out_dir(cfg.out_dir, cfg.resume)
+    if world > 1:
+        dist.barrier()
+    if rank == 0:
+        print(json.dumps(asdict(cfg), indent=1))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    return mode
+
+
+class MetricsLog:
+    """The JSONL a user plots: one object a line, flushed at once, written by rank 0 only. Resume
+    cuts it back to the size the checkpoint saw, so an interrupted episode's lines never appear
+    twice."""
+
+    def __init__(self, path, enabled):
+        self.path, self.file = path, open(path, "a", encoding="utf-8") if enabled else None
+
+    def write(self, **metrics):
+        if self.file:
+            self.file.write(json.dumps(metrics) + "\n")
+            self.file.flush()
+
+    def size(self):
+        return self.file.tell() if self.file else 0
+
+    def cut(self, size):
+        if self.file:
+            self.file.truncate(size)
+            self.file.seek(size)
+
+
+def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
+    """False (and logged as kind 'nonfinite' with fields) for a NaN/inf loss or gradient, whose
+    update the caller skips; with --on_nonfinite=stop the run ends, naming the last good
+    checkpoint."""
+    if math.isfinite(value):
+        return True
+    log.write(kind="nonfinite", **fields, what=what, value=str(value))
+    if on_nonfinite == "stop":
+        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
+            "no checkpoint yet"
+        raise FloatingPointError(f"{what} is {value} at {where}; stopped (--on_nonfinite=stop), "
+                                 f"{last}")
+    print(f"warning: {what} is {value} at {where}: update skipped")
+    return False
+
+
+# ---------------------------------------------------------------- checkpoints
+def full_state_dict(model):
+    """The full state dict in CPU memory on rank 0 ({} on other ranks): what save_pretrained writes.
+    Collective under FSDP."""
+    if not isinstance(model, FSDPModule):
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def save_checkpoint(path, modules, **extra):
+    """modules {name: (model, optimizer | None)} plus extra picklable state, written by rank 0
+    atomically (a temp file in the same directory, fsynced, then renamed): a kill or a full disk
+    never leaves half a checkpoint. Collective under FSDP."""
+    state, options = dict(extra), StateDictOptions(full_state_dict=True, cpu_offload=True)
+    for name, (m, opt) in modules.items():
+        state[name], state[name + "_opt"] = (full_state_dict(m), None) if opt is None else \
+            get_state_dict(m, opt, options=options)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        tmp = f"{path}.tmp"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            os.path.exists(tmp) and os.remove(tmp)
+            raise OSError(f"writing checkpoint {path} failed ({e}); the previous checkpoint "
+                          "is intact") from e
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_checkpoint(path, modules):
+    """Load what save_checkpoint wrote into modules {name: (model, optimizer | None)}; returns
+    the extra state."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--resume: no checkpoint at {path} (point --out_dir at the run "
+                                "to continue)")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    options = StateDictOptions(full_state_dict=True)
+    for name, (m, opt) in modules.items():
+        model_state, opt_state = state.pop(name), state.pop(name + "_opt")
+        set_state_dict(m, opt if opt is not None else (), model_state_dict=model_state,
+                       optim_state_dict=opt_state if opt is not None else {}, options=options)
+    return state

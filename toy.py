@@ -1,0 +1,225 @@
+"""
+The built-in task: GSM8K in miniature. A locally built tokenizer, a tiny SFT policy trained from
+scratch on hurried demonstrations, train / held-out prompt files, an offline preference file, and
+the gold reward r*.
+
+"Tom has 12 pens, buys 5 and gives away 3. How many pens does Tom have now?" is answered with worked
+steps and GSM8K's `#### N` line. The demonstrators often only guess on two-step problems ("I think
+it is about 17.\n#### 17"), so the SFT policy does too: room for preference learning to improve it.
+
+  python toy.py                        # build into out/toy (about 2 minutes on 2 CPU cores)
+  python toy.py --seed=1 --out_dir=out/toy1
+  python toy.py --quick                # the reduced build the tests use (seconds)
+"""
+import json
+import math
+import os
+import random
+import time
+from collections import namedtuple
+from dataclasses import dataclass
+
+import torch
+
+import data
+import model as M
+
+NAMES = "Tom Ann Sam Mia Ben Eva Leo Zoe Max Ivy Dan Amy".split()
+ITEMS = "apples pens cards coins books shells stamps marbles cookies stickers".split()
+GAIN = ("buys {}", "finds {}", "gets {} more", "is given {}")
+LOSS = ("gives away {}", "loses {}", "sells {}", "eats {}")
+SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
+                 "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+ToyPaths = namedtuple("ToyPaths", "model train heldout prefs")
+
+
+# ---------------------------------------------------------------- the gold reward r*
+def gold_reward(text, answer):
+    """1 for a correct '#### N'; else up to 0.8 of shaped credit: 0.2 for the '#### N' format and
+    0.6 for how close the final number (the '####' value, else the last number) is to the answer."""
+    if data.is_correct(text, answer):
+        return 1.0
+    pred, target = data.extract_answer(text), data.normalize_number(str(answer))
+    numbers = data.NUMBER.findall(text)
+    guess = pred if pred is not None else (numbers[-1].replace(",", "") if numbers else None)
+    if guess is None or not data.NUMBER.fullmatch(target):
+        return 0.2 * (pred is not None)
+    err = abs(float(guess) - float(target)) / max(1.0, 0.1 * abs(float(target)))  # in tenths
+    return 0.2 * (pred is not None) + 0.6 / (1.0 + err)
+
+
+# ---------------------------------------------------------------- problems and demonstrations
+def toy_problem(rng):
+    """(question, start, ops): '{name} has {start} {item}, buys 8 and gives away 5. How many ...?',
+    ops the signed amounts (1..9) in order. A loss never exceeds what is held: totals stay >= 0."""
+    name, item, total = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(2, 20)
+    start, ops, clauses = total, [], []
+    for _ in range(rng.randint(1, 2)):
+        gain = rng.random() < 0.5 or total == 0
+        n = rng.randint(1, 9) if gain else -rng.randint(1, min(total, 9))
+        clauses.append(rng.choice(GAIN if n > 0 else LOSS).format(abs(n)))
+        ops, total = ops + [n], total + n
+    join = ", " if len(ops) > 1 else " and "
+    what = f"{name} has {start} {item}{join}{' and '.join(clauses)}"
+    return f"{what}. How many {item} does {name} have now?", start, ops
+
+
+def worked_answer(start, ops, slip=(-1, 0)):
+    """'37 + 48 = 85. 85 - 15 = 70.\\n#### 70'. slip=(step, delta): that step's result is off by
+    delta and the rest of the chain follows it, as after an arithmetic slip."""
+    steps, total = [], start
+    for k, n in enumerate(ops):
+        new = total + n + (slip[1] if k == slip[0] else 0)
+        steps.append(f"{total} {'+' if n > 0 else '-'} {abs(n)} = {new}.")
+        total = new
+    return " ".join(steps) + f"\n#### {total}"
+
+
+def noisy_demo(start, ops, rng):
+    """A demonstration as a hurried crowd writes it: on two-step problems 70% (one-step: 30%) only
+    guess ('I think it is about 23.\\n#### 23', 1 to 9 off); 10% of worked answers carry a slip."""
+    total = start + sum(ops)
+    if rng.random() < (0.7 if len(ops) > 1 else 0.3):
+        guess = abs(total + rng.choice((-1, 1)) * rng.randint(1, 9))
+        return f"I think it is about {guess}.\n#### {guess}"
+    slip = (rng.randrange(len(ops)), rng.choice((-2, -1, 1, 2))) if rng.random() < 0.1 else (-1, 0)
+    return worked_answer(start, ops, slip)
+
+
+# ---------------------------------------------------------------- tokenizer and SFT policy
+def build_tokenizer(texts, vocab_size, path):
+    """Byte-level BPE, every digit its own token (numbers are digit strings), saved as HF files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(texts, trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|bos|>", eos_token="<|eos|>",
+                                  pad_token="<|pad|>", chat_template=CHAT_TEMPLATE)
+    # the chat template inside tokenizer_config.json
+    tok.save_pretrained(path, save_jinja_files=False)
+    config_path = os.path.join(path, "tokenizer_config.json")
+    config = json.load(open(config_path))
+    # a class name transformers 4.x and 5.x know
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    return data.load_tokenizer(path)
+
+
+def train_sft(demos, tok, hf_config, steps, batch_size, lr, seed):
+    """Our transformer from scratch on (prompt ids, response ids): response-token NLL, AdamW."""
+    torch.manual_seed(seed)
+    policy = M.build(M.ModelConfig.from_hf_dict(hf_config))  # HF-style init
+    opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    warmup, g = max(1, steps // 20), torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        for group in opt.param_groups:  # linear warm-up, then cosine down to a tenth
+            cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / steps))
+            group["lr"] = lr * min((step + 1) / warmup, cosine)
+        rows = torch.randint(len(demos), (batch_size,), generator=g).tolist()
+        ids, attn, resp = data.collate([demos[i][0] for i in rows], [demos[i][1] for i in rows],
+                                       tok.pad_token_id)
+        logp = M.token_logprobs(policy, ids, attn)  # (B, T)
+        loss = -(logp * resp).sum() / resp.sum()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"toy sft step {step}/{steps}: loss {loss.item():.3f}")
+    return policy.eval()
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# ---------------------------------------------------------------- the build
+def build(out_dir="out/toy", seed=0, quick=False):
+    """Build (or reuse) the task: tokenizer + SFT policy in out_dir/sft, GSM8K-layout train /
+    held-out prompt files, and prefs.jsonl (two temperature-1 SFT samples per train prompt, ranked
+    by gold_reward, ties skipped). build.json is written last: a directory without it is rebuilt."""
+    files = ("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl")
+    paths = ToyPaths(*(os.path.join(out_dir, f) for f in files))
+    marker = os.path.join(out_dir, "build.json")
+    if os.path.exists(marker):
+        if json.load(open(marker))["key"] == [seed, quick]:
+            return paths
+        os.remove(marker)  # another build's: this one overwrites its files
+    t0, rng = time.time(), random.Random(seed)
+    n_heldout, n_train, n_demos = (32, 32, 256) if quick else (500, 1000, 20000)
+    problems = {}  # question -> (start, ops); unique questions, so the splits are disjoint
+    while len(problems) < n_heldout + n_train + n_demos:
+        q, start, ops = toy_problem(rng)
+        problems.setdefault(q, (start, ops))
+    questions = list(problems)
+    heldout, train = questions[:n_heldout], questions[n_heldout:n_heldout + n_train]
+    demo_questions = questions[n_heldout + n_train:]
+    os.makedirs(paths.model, exist_ok=True)
+    for path, qs in ((paths.heldout, heldout), (paths.train, train)):
+        write_jsonl(path, [{"question": q, "answer": worked_answer(*problems[q])} for q in qs])
+    answers = [noisy_demo(*problems[q], rng) for q in demo_questions]
+    texts = [f"{q} {a}" for q, a in zip(demo_questions, answers)]
+    tok = build_tokenizer(texts, 320 if quick else 384, paths.model)
+    demos = [(data.encode_prompt(tok, q), data.encode_response(tok, a))
+             for q, a in zip(demo_questions, answers)]
+    hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                 "vocab_size": len(tok),
+                 "hidden_size": 32 if quick else 64, "intermediate_size": 64 if quick else 192,
+                 "num_hidden_layers": 1 if quick else 2, "num_attention_heads": 2 if quick else 4,
+                 "num_key_value_heads": 2 if quick else 4, "max_position_embeddings": 256,
+                 "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
+                 "tie_word_embeddings": True, "initializer_range": 0.02,
+                 "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+                 "pad_token_id": tok.pad_token_id}
+    steps, batch_size = (20, 16) if quick else (1500, 64)
+    policy = train_sft(demos, tok, hf_config, steps, batch_size, 3e-3, seed)
+    M.save_pretrained(policy, paths.model)
+    answers = {q: data.extract_answer(worked_answer(*problems[q])) for q in heldout + train}
+
+    def texts(qs, n, temperature, seed):
+        ids = [data.encode_prompt(tok, q) for q in qs]
+        responses = M.sample(policy, ids, 48, temperature, n=n, seed=seed, batch_size=256,
+                             eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+        return [data.decode(tok, y) for y in responses]
+
+    greedy = texts(heldout, 1, 0.0, seed)
+    accuracy = sum(data.is_correct(t, answers[q]) for t, q in zip(greedy, heldout)) / len(heldout)
+    samples = texts(train, 2, 1.0, seed + 1)
+    prefs = []
+    for q, a, b in zip(train, samples[0::2], samples[1::2]):
+        ra, rb = gold_reward(a, answers[q]), gold_reward(b, answers[q])
+        if ra != rb:
+            chosen, rejected = (a, b) if ra > rb else (b, a)
+            prefs.append({"prompt": q, "chosen": chosen, "rejected": rejected,
+                          "answer": answers[q]})
+    write_jsonl(paths.prefs, prefs)
+    stats = {"key": [seed, quick], "heldout_greedy_accuracy": accuracy, "pairs": len(prefs),
+             "seconds": round(time.time() - t0, 1)}
+    print(f"toy task built in {out_dir}: {json.dumps(stats)}")
+    with open(marker, "w") as f:  # last: its presence means every file above is complete
+        json.dump(stats, f)
+    return paths
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/toy"  # where the task is built
+    seed: int = 0  # problems, demonstrations and SFT initialisation
+    quick: bool = False  # the reduced build the tests use
+
+
+if __name__ == "__main__":
+    import run
+    run.friendly_errors("toy.py")
+    cfg = run.parse_flags(Config, __doc__)
+    print(build(cfg.out_dir, cfg.seed, cfg.quick))
