@@ -487,8 +487,9 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     """Sample up to max_new_tokens after each prompt (token id lists of any lengths, left-padded
     into one batch): one prefill into a static KV cache, then one decode step per token. compile:
     torch.compile the step in "reduce-overhead" mode (CUDA graphs); None = on CUDA only. Stops once
-    every row is done (checked every `check_every` steps). The same seed gives the same samples. A
-    sharded (FSDP2) model is unsharded once for the whole call, then resharded."""
+    every row is done (checked every `check_every` steps). A sharded (FSDP2) model is unsharded once
+    for the whole call, then resharded. seed: row i draws its uniforms from its own stream, seeded
+    seed + i (or seed[i] for a list), so a row's sample does not depend on the batch around it."""
     if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or not 0 < top_p <= 1 \
             or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, "
@@ -502,7 +503,13 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     key_valid = F.pad(prompt_mask, (0, S - Lp), value=True)  # (B, S): slots with real tokens
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # -1 never matches
-    gen = torch.Generator(device).manual_seed(seed) if seed is not None else None
+    if seed is None:
+        uniforms = torch.rand(B, max_new_tokens)
+    else:  # (B, max_new_tokens), one stream per row
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
+        streams = [torch.Generator().manual_seed(s) for s in seeds]
+        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in streams])
+    uniforms = uniforms.to(device)
     compiled = device.type == "cuda" if compile is None else compile
     step = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -511,15 +518,14 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
         m.unshard()
     try:
         h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
-        u = torch.rand(B, 1, generator=gen, device=device)
+        u = uniforms[:, :1]
         tok, logp = _sample(_logits(h[:, -1], model.lm_head.weight), u, temperature, top_k, top_p)
         done, out = torch.isin(tok, eos), [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
         pos, idx = pos[:, -1] + 1, torch.tensor([Lp], device=device)
         for t in range(1, max_new_tokens):
             if t % check_every == 0 and done.all():  # the only host sync, every few steps
                 break
-            alive = ~done
-            u = torch.rand(B, 1, generator=gen, device=device)
+            alive, u = ~done, uniforms[:, t:t + 1]
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
             new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature, top_k,
                        top_p)
@@ -537,13 +543,16 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     return Generation(tokens[:, :n], logprobs[:, :n], mask[:, :n])
 
 
-def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None, **kwargs):
-    """n responses per prompt, prompt-major: response token id lists from generate (kwargs are its),
-    run on batch_size rows at a time (None: all at once), rows i.. seeded with seed + i."""
+def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None,
+           logprobs=False, **kwargs):
+    """n responses per prompt, prompt-major, as token id lists (with logprobs=True also the log-prob
+    of each sampled token), from generate (kwargs are its) on batch_size rows at a time (None: all
+    at once). Row i (of prompts × n) is seeded seed + i whatever the batch size."""
     rows = [p for p in prompts for _ in range(n)]
-    size, out = batch_size or len(rows), []
+    size, responses, token_logprobs = batch_size or len(rows), [], []
     for i in range(0, len(rows), size):
         gen = generate(model, rows[i:i + size], max_new_tokens, temperature, seed=seed + i,
                        **kwargs)
-        out += gen.responses()
-    return out
+        responses += gen.responses()
+        token_logprobs += [lp[m].tolist() for lp, m in zip(gen.logprobs.cpu(), gen.mask.cpu())]
+    return (responses, token_logprobs) if logprobs else responses

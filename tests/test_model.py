@@ -217,6 +217,20 @@ def test_seeded_sampling_is_reproducible(ckpts):
     assert not torch.equal(a.tokens, c.tokens)
 
 
+def test_a_rows_sample_does_not_depend_on_its_batch(ckpts):
+    """Row i draws from the stream seed + i: the same responses whatever the batch size, and a block of rows
+    sampled on its own (as one rank samples its share) with seed + its offset gets the same responses too."""
+    model = M.from_pretrained(ckpts["llama"][1])
+    whole, logps = M.sample(model, PROMPTS, 12, temperature=1.0, n=2, seed=11, logprobs=True)
+    assert len(set(map(tuple, whole))) > 1  # rows differ
+    for size in (1, 3):
+        assert M.sample(model, PROMPTS, 12, temperature=1.0, n=2, seed=11, batch_size=size) == whole
+    tail = M.sample(model, PROMPTS[1:], 12, temperature=1.0, n=2, seed=11 + 2)
+    assert tail == whole[2:]
+    gen = M.generate(model, [p for p in PROMPTS for _ in range(2)], 12, temperature=1.0, seed=11)
+    assert [lp[m].tolist() for lp, m in zip(gen.logprobs, gen.mask)] == logps
+
+
 # ------------------------------------------------------------------------------------------------ fused log-probs
 def plain_logprobs(hidden, weight, targets, temperature):
     logp_all = (hidden @ weight.t() / temperature).log_softmax(-1)
