@@ -8,7 +8,6 @@ Used by train_pbpo.py; nothing to run on its own. Tests: python -m pytest -q tes
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -32,8 +31,8 @@ def trajectory_features(phi):
 
 
 class Covariance:
-    """Σ (d×d, fp32) and Σ⁻¹, updated by Sherman–Morrison; identical on every rank when every
-    rank feeds the same Δφ in the same order (see update_all_ranks)."""
+    """Σ (d×d, fp32) and Σ⁻¹, updated by Sherman–Morrison: identical on every rank when every
+    rank feeds it the same Δφ in the same order."""
 
     def __init__(self, dim, lam=1.0, device="cpu"):
         self.sigma = lam * torch.eye(dim, device=device)  # (d, d)
@@ -54,14 +53,6 @@ class Covariance:
             self.sigma_inv -= torch.outer(s_inv_v, s_inv_v) / (1.0 + quad)
             potential += math.log1p(quad)
         return potential
-
-    def update_all_ranks(self, dphi):
-        """Gather every rank's Δφ (same count on each) and apply them all in rank order."""
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            gathered = [torch.empty_like(dphi) for _ in range(dist.get_world_size())]
-            dist.all_gather(gathered, dphi.contiguous())
-            dphi = torch.cat(gathered)
-        return self.update(dphi)
 
     def state_dict(self):
         return {"sigma": self.sigma.cpu(), "sigma_inv": self.sigma_inv.cpu()}

@@ -137,10 +137,14 @@ def digest(obj):
     return hashlib.sha256(obj if isinstance(obj, bytes) else repr(obj).encode()).hexdigest()[:16]
 
 
+def seed_of(*keys):
+    """The seeding rule: one seed per purpose, keyed by (seed, purpose, episode, ...), the same on
+    every rank. A resumed run needs no saved RNG state, and no two purposes share a stream."""
+    return int(digest(keys), 16) % 2**62
+
+
 def generator(*keys):
-    """The seeding rule: a torch.Generator for one purpose, keyed by (seed, purpose, episode, ...).
-    A resumed run needs no saved RNG state, and no two purposes share a stream."""
-    return torch.Generator().manual_seed(int(digest(keys), 16) % 2**62)
+    return torch.Generator().manual_seed(seed_of(*keys))
 
 
 # ---------------------------------------------------------------- out_dir and metrics

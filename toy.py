@@ -32,7 +32,7 @@ SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assist
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-ToyPaths = namedtuple("ToyPaths", "model train heldout prefs")
+ToyPaths = namedtuple("ToyPaths", "model train heldout prefs valid")
 
 
 # ---------------------------------------------------------------- the gold reward r*
@@ -146,13 +146,14 @@ def write_jsonl(path, rows):
 # ---------------------------------------------------------------- the build
 def build(out_dir="out/toy", seed=0, quick=False):
     """Build (or reuse) the task: tokenizer + SFT policy in out_dir/sft, GSM8K-layout train /
-    held-out prompt files, and prefs.jsonl (two temperature-1 SFT samples per train prompt, ranked
-    by gold_reward, ties skipped). build.json is written last: a directory without it is rebuilt."""
-    files = ("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl")
+    held-out / validation prompt files, and prefs.jsonl (two temperature-1 SFT samples per train
+    prompt, ranked by gold_reward, ties skipped). Tune on valid.jsonl, report on heldout.jsonl.
+    build.json is written last: a directory without it, or without one of the files, is rebuilt."""
+    files = ("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")
     paths = ToyPaths(*(os.path.join(out_dir, f) for f in files))
     marker = os.path.join(out_dir, "build.json")
     if os.path.exists(marker):
-        if json.load(open(marker))["key"] == [seed, quick]:
+        if json.load(open(marker))["key"] == [seed, quick] and all(map(os.path.exists, paths)):
             return paths
         os.remove(marker)  # another build's: this one overwrites its files
     t0, rng = time.time(), random.Random(seed)
@@ -164,8 +165,14 @@ def build(out_dir="out/toy", seed=0, quick=False):
     questions = list(problems)
     heldout, train = questions[:n_heldout], questions[n_heldout:n_heldout + n_train]
     demo_questions = questions[n_heldout + n_train:]
+    valid, valid_rng = {}, random.Random(seed + 1_000_003)  # its own stream: the rest is unchanged
+    while len(valid) < n_heldout:
+        q, start, ops = toy_problem(valid_rng)
+        if q not in problems:
+            valid.setdefault(q, (start, ops))
+    problems.update(valid)
     os.makedirs(paths.model, exist_ok=True)
-    for path, qs in ((paths.heldout, heldout), (paths.train, train)):
+    for path, qs in ((paths.heldout, heldout), (paths.train, train), (paths.valid, list(valid))):
         write_jsonl(path, [{"question": q, "answer": worked_answer(*problems[q])} for q in qs])
     answers = [noisy_demo(*problems[q], rng) for q in demo_questions]
     texts = [f"{q} {a}" for q, a in zip(demo_questions, answers)]

@@ -5,14 +5,14 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
   for episode k = 1..K:
     π_ref = π, frozen for the episode
     (I) reward-agnostic exploration, for each of M prompts x:
-        y⁰ ~ π_ref(·|x);  y¹..y^N ~ π_enh(·|x), the policy at temperature T_enh
+        y⁰ ~ π_ref(·|x);  y¹..y^N ~ π_enh(·|x), π_ref at temperature T_enh
         j* = argmax_j ‖φ(x, y⁰) − φ(x, y^j)‖_{Σ⁻¹};  o = oracle(x, y⁰, y^{j*})
         D ← D ∪ {(x, y⁰, y^{j*}, o)};  Σ ← Σ + Δφ Δφᵀ
-    (II) reward-aware exploitation, T_out times:
-        sample G responses per prompt from π and one from π_ref
+    (II) reward-aware exploitation, T_out times: G samples per prompt from π, R from π_ref
         follower, T_in steps:  w ← Proj_B(w − η_r ∇_w [L_BT(w; D) + ρ (E_π r_w − E_π_ref r_w)])
-        leader, one step:      θ ← θ + η_π ∇_θ [E_π A_w(τ) log π_θ(τ) − κ KL(π_θ ‖ π_ref)]
-    with A_w the leave-one-out advantage of r_w among a prompt's G samples.
+        leader, one step:      θ ← θ + η_π ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))]
+    the leader's gradient: REINFORCE with the KL folded into the reward and a leave-one-out
+    baseline among a prompt's G samples; π_anchor is π⁰ (the SFT policy) or π_ref.
 
   python train_pbpo.py                                              # the built-in toy task, CPU
   python train_pbpo.py --model=PATH --prompts=FILE --oracle=gsm8k   # one GPU
@@ -45,8 +45,10 @@ class Config:
     t_out: int = 8  # T_out, leader steps per episode
     t_in: int = 10  # T_in, follower steps per leader step
     group: int = 8  # G, on-policy samples per prompt for the leave-one-out advantage
+    ref_samples: int = 8  # R, π_ref samples per prompt for the follower's gap
     adv_coef: float = 0.1  # ρ, weight of the adversarial gap (0 = a plain maximum-likelihood RM)
-    kl_coef: float = 0.05  # κ, weight of KL(π_θ ‖ π_ref)
+    kl_coef: float = 0.05  # κ, weight of KL(π_θ ‖ π_anchor), per sequence
+    anchor: str = "sft"  # π_anchor: sft (π⁰, the starting policy) or ref (π_ref, this episode's)
     bound: float = 10.0  # B, ‖w‖ ≤ B
     lr: float = 1e-4  # η_π, policy learning rate (AdamW)
     rm_lr: float = 1.0  # η_r, reward-head step size (plain gradient steps)
@@ -64,10 +66,10 @@ class Config:
     oracle: str = "gold"  # gold | gsm8k | rm:PATH
     oracle_temp: float = 0.0  # Bradley-Terry label temperature; 0 = deterministic labels
     # sampling and batching
-    temperature: float = 1.0  # sampling temperature of y⁰ and the leader's samples
+    temperature: float = 1.0  # T: y⁰, the leader's samples and its log-probs are at T
     max_new_tokens: int = 48
     max_prompt_len: int = 256
-    leader_prompts: int = 16  # prompts per leader step (all ranks)
+    leader_prompts: int = 16  # P, prompts per leader step (all ranks)
     micro_batch: int = 64  # sequences per forward / backward
     # the run
     out_dir: str = "out/pbpo"
@@ -78,19 +80,22 @@ class Config:
     dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before failing
 
     AT_LEAST = {"episodes": (1, "K"), "explore_prompts": (1, "M"), "n_candidates": (1, "N"),
-                "t_out": (1, "T_out"), "group": (2, "the leave-one-out baseline needs G >= 2"),
-                "leader_prompts": (1, ""), "max_new_tokens": (1, "a response needs a token"),
-                "max_prompt_len": (1, ""), "micro_batch": (1, ""), "rm_batch": (1, ""),
+                "t_out": (1, "T_out"), "t_in": (1, "T_in"), "ref_samples": (1, "R"),
+                "group": (2, "the leave-one-out baseline needs G >= 2"), "leader_prompts": (1, "P"),
+                "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""),
+                "micro_batch": (1, ""), "rm_batch": (1, ""),
                 "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B")}
-    CHOICES = {"level": ("seq", "token"), "on_nonfinite": ("skip", "stop")}
+    CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
+               "on_nonfinite": ("skip", "stop")}
 
 
 # ---------------------------------------------------------------- the objectives
-def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho):
-    """L_BT(w; D) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)): the pessimistic reward model inside the
-    confidence set of D. Returns (loss, the BT loss, the gap)."""
-    fit = bt_loss(rm(phi0), rm(phi1), labels)
-    gap = rm(phi_pi).mean() - rm(phi_ref).mean()
+def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho, n_pairs, n_pi, n_ref):
+    """This rank's share of F(w) = L_BT(w; D_batch) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)): its
+    sums divided by the counts over all ranks (n_pairs, n_pi, n_ref), so that the shares of all
+    ranks add up to F. Returns (share, its BT part, its gap part)."""
+    fit = bt_loss(rm(phi0), rm(phi1), labels) * len(labels) / n_pairs
+    gap = rm(phi_pi).sum() / n_pi - rm(phi_ref).sum() / n_ref
     return fit + rho * gap, fit.detach(), gap.detach()
 
 
@@ -100,14 +105,32 @@ def leave_one_out(values, group):
     return (v - (v.sum(1, keepdim=True) - v) / (group - 1)).view_as(values)
 
 
-def leader_loss(logp, logp_ref, advantages, response_mask, kl_coef, n_seqs, n_tokens):
-    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | ·) + κ · KL, the KL estimated per token as
-    exp(δ) − δ − 1 with δ = log π_ref − log π_θ and averaged over all n_tokens response tokens.
-    logp, logp_ref, advantages (b, T), response_mask (b, T). Returns (loss, pg term, KL sum)."""
-    delta = logp_ref - logp
-    kl = (delta.exp() - delta - 1) * response_mask  # (b, T)
-    pg = -(advantages * logp).sum() / n_seqs
-    return pg + kl_coef * kl.sum() / n_tokens, pg.detach(), kl.sum().detach()
+def advantages(rewards, log_ratio, response_mask, kl_coef, group):
+    """The leave-one-out advantage of the KL-regularised reward r̃ = r_w − κ log(π_θ / π_anchor),
+    the log-ratio of the sampled tokens taken as a constant. rewards: (n,) r_w(τ) (sequence level)
+    or (n, T) ⟨w, φ_h⟩ per response token (token level); log_ratio, response_mask (n, T).
+    Sequence level: one advantage for all of τ's tokens. Token level: returns R_h = Σ_{h'≥h} r̃_h'
+    and the baseline at the same h. -> (n, T), 0 off the response."""
+    if rewards.dim() == 1:
+        shaped = rewards - kl_coef * log_ratio.sum(-1)  # (n,)
+        return leave_one_out(shaped, group)[:, None] * response_mask
+    returns = (rewards - kl_coef * log_ratio).flip(-1).cumsum(-1).flip(-1)  # (n, T)
+    return leave_one_out(returns, group) * response_mask
+
+
+def leader_loss(logp, advantage, n_samples):
+    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h): its gradient, over samples of π_θ, estimates
+    −∇_θ E[r_w − κ log(π_θ/π_anchor)] = −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage
+    (b, T); n_samples counts the samples of all ranks and micro-batches."""
+    return -(advantage * logp).sum() / n_samples
+
+
+def on_response(values, response_mask):
+    """Per-row lists of per-token values (the sampler's log-probs) placed at the response
+    positions of a collated batch: (n, T), 0 elsewhere."""
+    out = torch.zeros(response_mask.shape, device=response_mask.device)
+    out[response_mask] = torch.tensor([v for row in values for v in row], device=out.device)
+    return out
 
 
 if __name__ == "__main__":
@@ -118,21 +141,27 @@ if __name__ == "__main__":
     if cfg.explore_prompts % world or cfg.leader_prompts % world:
         raise ValueError(f"--explore_prompts={cfg.explore_prompts} and --leader_prompts="
                          f"{cfg.leader_prompts} must be multiples of the world size {world}")
+    if cfg.temperature == 0 and cfg.enh_temp == 0:
+        raise ValueError("--temperature=0 with --enh_temp=0: every candidate would repeat y⁰, "
+                         "and a pair of identical responses teaches nothing; raise --enh_temp")
     mode = run.start(cfg, rank, world)  # 'fresh', 'resume' or 'restart'
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
-    prompts = data.shard(data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len), rank, world)
+    eos_ids = [tok.eos_token_id]
+    prompts = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)  # all of them, on every rank
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     oracle = make_oracle(cfg.oracle, cfg.oracle_temp, device)
     policy = M.from_pretrained(cfg.model, device)
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
+    sft = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π⁰, for the KL to it
     backbone = M.from_pretrained(cfg.rm_backbone or cfg.model, device)
     rm = RewardModel(backbone, cfg.level, cfg.bound, cfg.normalize, cfg.train_backbone).to(device)
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
-        for m in (policy, ref, rm.backbone):
+        for m in (policy, ref, sft, rm.backbone):
             run.shard_model(m)
+    anchor = sft if cfg.anchor == "sft" else ref
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
     bb_opt = torch.optim.AdamW(rm.backbone.parameters(), lr=cfg.rm_backbone_lr) \
@@ -144,13 +173,23 @@ if __name__ == "__main__":
     ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
-    def sample(model, items, n, temperature, key):
-        """n responses per prompt: (prompt ids, response ids), one row each."""
+    def draw(count, *purpose):
+        """`count` prompts for this purpose, the same draw on every rank: (this rank's block of
+        them, the block's offset). Keyed by the purpose, never the rank: any world size draws
+        the same prompts, and with the sampler's per-row seeds the same responses."""
+        picked = torch.randint(len(prompts), (count,), generator=run.generator(cfg.seed, *purpose))
+        share = count // world
+        return [prompts[i] for i in picked[rank * share:(rank + 1) * share]], rank * share
+
+    def sample(model, items, n, temperature, offset, *purpose):
+        """n responses per prompt: (each row's prompt ids, response ids, sampled log-probs). Row j
+        of the whole draw (all ranks) is seeded seed_of(purpose) + j."""
         prompt_ids = [p["prompt_ids"] for p in items]
-        seed = int(torch.randint(2**31, (1,), generator=key))
-        responses = M.sample(model, prompt_ids, cfg.max_new_tokens, temperature, n=n, seed=seed,
-                             eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
-        return [p for p in prompt_ids for _ in range(n)], responses
+        seed = run.seed_of(cfg.seed, *purpose) + offset * n
+        responses, logps = M.sample(model, prompt_ids, cfg.max_new_tokens, temperature, n=n,
+                                    seed=seed, logprobs=True, eos_ids=eos_ids,
+                                    pad_id=tok.pad_token_id)
+        return [p for p in prompt_ids for _ in range(n)], responses, logps
 
     def batch(prompt_ids, responses):
         return [t.to(device) for t in data.collate(prompt_ids, responses, tok.pad_token_id)]
@@ -161,9 +200,13 @@ if __name__ == "__main__":
         with torch.set_grad_enabled(grad):
             for i in range(0, len(responses), cfg.micro_batch):
                 rows = slice(i, i + cfg.micro_batch)
-                phi = rm.phi(*batch(prompt_ids[rows], responses[rows]))
-                out.append(trajectory_features(phi))
+                out.append(trajectory_features(rm.phi(*batch(prompt_ids[rows], responses[rows]))))
         return torch.cat(out)  # (n, d)
+
+    def mean_all(values):
+        """The mean of a 1-d tensor's values over all ranks."""
+        total, count = run.all_sum([float(values.sum()), values.numel()], device)
+        return total / max(count, 1)
 
     def log_metrics(kind, **metrics):
         log.write(kind=kind, oracle_calls=calls, **metrics)
@@ -198,7 +241,7 @@ if __name__ == "__main__":
                   f"{len(pairs['label'])} pairs")
 
     if sft_eval is None and heldout:
-        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens)
+        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
         log_metrics("sft_eval", **sft_eval)
 
     # ---------------------------------------------------------------- episodes
@@ -209,51 +252,58 @@ if __name__ == "__main__":
 
         # ------------------------------------------------ (I) reward-agnostic exploration
         t0 = time.time()
-        key = run.generator(cfg.seed, "explore", episode, rank)
-        picked = torch.randint(len(prompts), (cfg.explore_prompts // world,), generator=key)
-        items = [prompts[i] for i in picked]
-        ref_prompts, ref_responses = sample(policy, items, 1, cfg.temperature, key)  # y⁰ ~ π_ref
-        cand_prompts, candidates = sample(policy, items, cfg.n_candidates, cfg.enh_temp, key)
+        items, offset = draw(cfg.explore_prompts, "explore", episode)
+        rows0, y0, _ = sample(ref, items, 1, cfg.temperature, offset, "y0", episode)
+        rows, candidates, _ = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
+                                     episode)
         gen_seconds += time.time() - t0
         with torch.no_grad():
-            phi_ref = features(ref_prompts, ref_responses)  # (m, d)
-            phi_cand = features(cand_prompts, candidates).view(len(items), cfg.n_candidates, -1)
-        potential, picks, uncertainty = 0.0, [], []
-        for i in range(len(items)):  # lock-step across ranks: Σ sees every Δφ in the same order
-            j, dphi, u = select_pair(cov, phi_ref[i], phi_cand[i])
-            potential += cov.update_all_ranks(dphi[None])
-            picks.append(j)
-            uncertainty.append(u)
-        chosen = [candidates[i * cfg.n_candidates + j] for i, j in enumerate(picks)]  # y^{j*}
-        phi_chosen = phi_cand[torch.arange(len(items)), torch.tensor(picks)]  # (m, d)
-        text0 = [data.decode(tok, y) for y in ref_responses]
-        text1 = [data.decode(tok, y) for y in chosen]
+            phi0 = features(rows0, y0).cpu()  # (m, d)
+            phi_cand = features(rows, candidates).cpu().view(len(items), cfg.n_candidates, -1)
+        N = cfg.n_candidates  # every rank holds every prompt's candidates, in the global order
+        everyone = run.gather([(it, a, candidates[i * N:(i + 1) * N], f0, fc) for i, (it, a, f0, fc)
+                               in enumerate(zip(items, y0, phi0, phi_cand))])
+        new, potential = [], 0.0  # the pairs worth an oracle call: two different responses
+        for item, a, cands, f0, fc in everyone:
+            j, dphi, u = select_pair(cov, f0.to(device), fc.to(device))
+            potential += cov.update(dphi[None])  # a zero Δφ (y^{j*} = y⁰) leaves Σ unchanged
+            if cands[j] != a:
+                new.append((item, a, cands[j], f0, fc[j], u))
+        if not new and not pairs["label"]:
+            raise ValueError(f"episode {episode}: every candidate repeated y⁰, so there is no pair "
+                             "to label; raise --enh_temp or --n_candidates")
+        lo, hi = len(new) * rank // world, len(new) * (rank + 1) // world  # this rank labels these
+        mine = [new[i][0] for i in range(lo, hi)]
+        text0 = [data.decode(tok, p[1]) for p in new]
+        text1 = [data.decode(tok, p[2]) for p in new]
         before = oracle.calls
-        labels, score0, score1 = oracle.compare(items, text0, text1, run.generator(
-            cfg.seed, "oracle", episode, rank))
+        s0, s1 = oracle.score(mine, text0[lo:hi]), oracle.score(mine, text1[lo:hi])
+        calls += int(sum(run.gather([oracle.calls - before])))
+        score0, score1 = torch.tensor(run.gather(list(zip(s0.tolist(), s1.tolist())))).view(-1, 2).T
+        labels = oracle.label(score0, score1, run.generator(cfg.seed, "oracle", episode))
+        phi0_new = torch.stack([p[3] for p in new]) if new else torch.zeros(0, cov.sigma.shape[0])
+        phi1_new = torch.stack([p[4] for p in new]) if new else phi0_new
         with torch.no_grad():  # the current RM on pairs it has not been fit on yet
-            rm_acc = ((rm(phi_chosen) > rm(phi_ref)).long().cpu() == labels).float().mean().item()
-        new_pairs = []
-        for i, item in enumerate(items):
+            rm_acc = ((rm(phi1_new.to(device)) > rm(phi0_new.to(device))).long().cpu() == labels)
+        for i, (item, a, b, f0, f1, u) in enumerate(new):  # every rank keeps all of D
             record = dict(episode=episode, prompt=item["prompt"], prompt_ids=item["prompt_ids"],
-                          response0=text0[i], response1=text1[i], response0_ids=ref_responses[i],
-                          response1_ids=chosen[i], label=int(labels[i]), score0=float(score0[i]),
-                          score1=float(score1[i]), uncertainty=uncertainty[i])
-            new_pairs.append((record, phi_ref[i].cpu(), phi_chosen[i].cpu()))
-        for record, phi0, phi1 in run.gather(new_pairs):  # every rank keeps all of D, in rank order
+                          response0=text0[i], response1=text1[i], response0_ids=a, response1_ids=b,
+                          label=int(labels[i]), score0=float(score0[i]), score1=float(score1[i]),
+                          uncertainty=u)
             if master:
                 store.append(record)
             pairs["records"].append(record)
-            pairs["phi0"].append(phi0)
-            pairs["phi1"].append(phi1)
+            pairs["phi0"].append(f0)
+            pairs["phi1"].append(f1)
             pairs["label"].append(record["label"])
-        calls += int(sum(run.gather([oracle.calls - before])))
         records = pairs["records"]
         store_hash = run.digest([(r["label"], r["response0_ids"], r["response1_ids"])
                                  for r in records])
-        log_metrics("explore", episode=episode, pairs=len(pairs["label"]),
-                    uncertainty=sum(uncertainty) / len(uncertainty), potential=potential,
-                    rm_acc_fresh=rm_acc, oracle_score=float((score0.mean() + score1.mean()) / 2),
+        log_metrics("explore", episode=episode, pairs=len(pairs["label"]), new_pairs=len(new),
+                    identical=len(everyone) - len(new), potential=potential,
+                    uncertainty=sum(p[5] for p in new) / max(len(new), 1),
+                    rm_acc_fresh=rm_acc.float().mean().item() if new else None,
+                    oracle_score=float(torch.cat([score0, score1]).mean()) if new else None,
                     sigma_hash=run.gather([run.digest(cov.sigma.cpu().numpy().tobytes())]),
                     store_hash=run.gather([store_hash]))
 
@@ -261,37 +311,39 @@ if __name__ == "__main__":
         phi0_all = torch.stack(pairs["phi0"]).to(device)  # (n, d)
         phi1_all = torch.stack(pairs["phi1"]).to(device)  # (n, d)
         label_all = torch.tensor(pairs["label"], device=device)  # (n,)
+        n_pi, n_ref = cfg.leader_prompts * cfg.group, cfg.leader_prompts * cfg.ref_samples
         for step in range(cfg.t_out):
             t0 = time.time()
-            key = run.generator(cfg.seed, "leader", episode, step, rank)
-            picked = torch.randint(len(prompts), (cfg.leader_prompts // world,), generator=key)
-            items = [prompts[i] for i in picked]
-            pi_prompts, pi_responses = sample(policy, items, cfg.group, cfg.temperature, key)
-            base_prompts, base_responses = sample(ref, items, 1, cfg.temperature, key)  # π_ref
+            where = f"episode {episode}, leader step {step}"
+            items, offset = draw(cfg.leader_prompts, "leader", episode, step)
+            rows, responses, sampled_logp = sample(policy, items, cfg.group, cfg.temperature,
+                                                   offset, "policy", episode, step)
+            ref_rows, ref_responses, _ = sample(ref, items, cfg.ref_samples, cfg.temperature,
+                                                offset, "ref", episode, step)
             gen_seconds += time.time() - t0
             t0 = time.time()
 
-            # follower: T_in steps on L_BT + ρ·gap
-            where = f"episode {episode}, leader step {step}"
+            # follower: T_in steps on L_BT + ρ·gap, each rank its share of the batch of D
             with torch.no_grad():
-                phi_pi = features(pi_prompts, pi_responses)  # (n, d)
-                phi_base = features(base_prompts, base_responses)  # (P, d)
+                phi_pi = features(rows, responses)  # (p·G, d)
+                phi_base = features(ref_rows, ref_responses)  # (p·R, d)
             for i in range(cfg.t_in):
-                perm = torch.randperm(len(label_all), generator=run.generator(
-                    cfg.seed, "follower", episode, step, i))
-                idx = perm[:cfg.rm_batch][rank::world].to(device)
+                order = torch.randperm(len(label_all), generator=run.generator(
+                    cfg.seed, "follower", episode, step, i))[:cfg.rm_batch]
+                n_pairs = len(order)
+                idx = order[n_pairs * rank // world:n_pairs * (rank + 1) // world].to(device)
                 if cfg.train_backbone:  # features move with the backbone: recompute, with grad
                     recs = [pairs["records"][j] for j in idx.tolist()]
                     rec_prompts = [r["prompt_ids"] for r in recs]
                     phi0 = features(rec_prompts, [r["response0_ids"] for r in recs], grad=True)
                     phi1 = features(rec_prompts, [r["response1_ids"] for r in recs], grad=True)
-                    phi_pi = features(pi_prompts, pi_responses, grad=True)
-                    phi_base = features(base_prompts, base_responses, grad=True)
+                    phi_pi = features(rows, responses, grad=True)
+                    phi_base = features(ref_rows, ref_responses, grad=True)
                 else:
                     phi0, phi1 = phi0_all[idx], phi1_all[idx]
-                loss, fit, gap = follower_loss(rm, phi0, phi1, label_all[idx], phi_pi, phi_base,
-                                               cfg.adv_coef)
-                loss.backward()
+                share, fit, gap = follower_loss(rm, phi0, phi1, label_all[idx], phi_pi, phi_base,
+                                                cfg.adv_coef, n_pairs, n_pi, n_ref)
+                (share * world).backward()  # FSDP and the all_reduce below average over ranks
                 if world > 1:  # w is replicated, not sharded: average its gradient by hand
                     dist.all_reduce(rm.w.grad, op=dist.ReduceOp.AVG)
                 if run.finite(rm.w.grad.norm().item(), "reward-model gradient", where, log,
@@ -303,42 +355,50 @@ if __name__ == "__main__":
                 rm_opt.zero_grad(set_to_none=True)
                 if bb_opt:
                     bb_opt.zero_grad(set_to_none=True)
+            with torch.no_grad():  # the gap per prompt: its spread over prompts gives its error
+                per_prompt = rm(phi_pi).view(-1, cfg.group).mean(1) - \
+                    rm(phi_base).view(-1, cfg.ref_samples).mean(1)  # (p,)
+            gap_by_prompt = torch.tensor(run.gather(per_prompt.tolist()))  # (P,)
+            fit = run.all_sum([fit.item()], device)[0]
 
-            # leader: policy-gradient ascent on the pessimistic reward, KL-anchored to π_ref
-            ids, attn, resp = batch(pi_prompts, pi_responses)  # (n, T)
-            micro = torch.arange(len(ids)).split(cfg.micro_batch)
+            # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
+            ids, attn, resp = batch(rows, responses)  # (n, T)
+            micro, T = torch.arange(len(ids)).split(cfg.micro_batch), cfg.temperature
             with torch.no_grad():
-                phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro])
-                if cfg.level == "token":  # returns R_h = Σ_{h'≥h} ⟨w, φ_h'⟩, baseline at the same h
-                    returns = rm.token_rewards(phi).flip(-1).cumsum(-1).flip(-1)  # (n, T)
-                    advantages = leave_one_out(returns, cfg.group) * resp
-                else:
-                    advantages = leave_one_out(rm(phi), cfg.group)[:, None] * resp  # (n, T)
-                logp_ref = M.token_logprobs(ref, ids, attn, micro_batch=cfg.micro_batch)
-            n_tokens, pg_sum, kl_sum = resp.sum(), 0.0, 0.0
+                phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro])  # (n, [T,] d)
+                rewards = rm.token_rewards(phi)  # (n,) seq, (n, T) token
+                logp = on_response(sampled_logp, resp)  # (n, T), log π_θ of what was sampled
+                logp_sft = M.token_logprobs(sft, ids, attn, T, micro_batch=cfg.micro_batch)
+                logp_anchor = logp_sft if cfg.anchor == "sft" else \
+                    M.token_logprobs(ref, ids, attn, T, micro_batch=cfg.micro_batch)
+                log_ratio = (logp - logp_anchor) * resp  # (n, T)
+                advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
             for r in micro:
-                logp = M.token_logprobs(policy, ids[r], attn[r])  # (b, T)
-                loss, pg, kl = leader_loss(logp, logp_ref[r], advantages[r], resp[r], cfg.kl_coef,
-                                           len(ids), n_tokens)
-                loss.backward()
-                pg_sum, kl_sum = pg_sum + pg.item(), kl_sum + kl.item()
+                logp_theta = M.token_logprobs(policy, ids[r], attn[r], T)  # (b, T)
+                (leader_loss(logp_theta, advantage[r], n_pi) * world).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             if run.finite(float(grad_norm), "policy gradient", where, log, cfg.on_nonfinite,
                           ckpt_path, episode=episode, step=step):
                 opt.step()
             opt.zero_grad(set_to_none=True)
             train_seconds += time.time() - t0
+
+            # health signals, over all ranks: what over-optimisation of r_w looks like
             with torch.no_grad():
-                rm_reward = rm(phi).mean().item()
-            texts = [data.decode(tok, y) for y in pi_responses]
-            rows = [p for p in items for _ in range(cfg.group)]
-            gold = torch.tensor(oracle.score_fn(rows, texts))
-            kl_per_token = kl_sum / n_tokens.item()
-            log_metrics("step", episode=episode, step=step, rm_bt=fit.item(), rm_gap=gap.item(),
-                        rm_reward=rm_reward, gold_reward=gold.mean().item(), kl=kl_per_token,
-                        pg_loss=pg_sum, grad_norm=float(grad_norm), w_norm=rm.w.norm().item(),
-                        length=resp.sum(-1).float().mean().item())
-            bar.set_postfix(gold=f"{gold.mean().item():.3f}", kl=f"{kl_per_token:.3f}")
+                r_pi = rm(phi)  # (n,)
+            gold = torch.tensor(oracle.score_fn([p for p in items for _ in range(cfg.group)],
+                                                [data.decode(tok, y) for y in responses]))
+            both = torch.tensor(run.gather(list(zip(r_pi.tolist(), gold.tolist())))).T  # (2, n)
+            kl_sft = mean_all(((logp - logp_sft) * resp).sum(-1))
+            gap_se = gap_by_prompt.std() / len(gap_by_prompt) ** 0.5
+            log_metrics("step", episode=episode, step=step, rm_bt=fit,
+                        rm_gap=gap_by_prompt.mean().item(), rm_gap_se=gap_se.item(),
+                        rm_reward=both[0].mean().item(), gold_reward=both[1].mean().item(),
+                        rm_gold_corr=torch.corrcoef(both)[0, 1].item(),
+                        kl_anchor=mean_all(log_ratio.sum(-1)), kl_sft=kl_sft,
+                        grad_norm=float(grad_norm), w_norm=rm.w.norm().item(),
+                        length=mean_all(resp.sum(-1).float()))
+            bar.set_postfix(gold=f"{both[1].mean().item():.3f}", kl_sft=f"{kl_sft:.2f}")
 
         log_metrics("episode", episode=episode, gen_s=gen_seconds, train_s=train_seconds)
         run.save_checkpoint(ckpt_path, checkpoint_modules(), config=asdict(cfg), episode=episode,
@@ -347,7 +407,7 @@ if __name__ == "__main__":
                             pairs={k: v for k, v in pairs.items() if k != "records"})
 
     # ---------------------------------------------------------------- final evaluation and export
-    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens) \
+    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids) \
         if heldout else {}
     log_metrics("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")

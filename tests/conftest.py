@@ -11,7 +11,7 @@ import toy as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PBPO = ["--episodes=2", "--explore_prompts=8", "--n_candidates=3", "--t_out=2", "--t_in=2", "--group=2",
-        "--leader_prompts=4", "--max_new_tokens=16", "--eval_max=16"]
+        "--ref_samples=2", "--leader_prompts=4", "--max_new_tokens=16", "--eval_max=16"]
 SELM = ["--iterations=1", "--batch_size=4", "--micro_batch=4", "--max_new_tokens=16", "--eval_max=16", "--lr=1e-4"]
 
 

@@ -21,6 +21,25 @@ ckpt, out = sys.argv[1], sys.argv[2]
 rank, world, device = run.init_distributed(timeout_s=120)
 assert world == 2 and device.type == "cpu"
 ref = M.from_pretrained(ckpt)
+if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses, rank 1 two short ones
+    from train_pbpo import leader_loss
+    sharded = run.shard_model(M.from_pretrained(ckpt))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, ref.config.vocab_size, (5, 14), generator=g)
+    attn = torch.ones(5, 14, dtype=torch.bool)
+    attn[3:, 8:] = False  # rows 3, 4 (rank 1) end early
+    resp = attn.clone()
+    resp[:, :4] = False
+    advantage = torch.randn(5, 1, generator=g) * resp  # (n, T)
+    mine = slice(0, 3) if rank == 0 else slice(3, 5)
+    logp = M.token_logprobs(sharded, ids[mine], attn[mine])
+    (leader_loss(logp, advantage[mine], n_samples=5) * world).backward()  # FSDP averages over ranks
+    leader_loss(M.token_logprobs(ref, ids, attn), advantage, n_samples=5).backward()
+    for (name, p), q in zip(sharded.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
+    print(f"rank {rank}: leader step OK with {int(resp[mine].sum())} response tokens")
+    dist.destroy_process_group()
+    sys.exit(0)
 if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
     sharded = run.shard_model(M.from_pretrained(ckpt))
     prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]

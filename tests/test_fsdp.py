@@ -47,6 +47,12 @@ def test_fsdp_matches_unsharded_and_saves(ckpt, tmp_path):
         assert (ours.lm_head(ours(ids, attn)) - ref)[attn].abs().max() <= 1e-4
 
 
+def test_leader_step_on_two_ranks_with_different_token_counts_is_the_one_rank_step(ckpt, tmp_path):
+    out = torchrun(ckpt, tmp_path / "unused", "--leader")
+    assert "rank 0: leader step OK with 30 response tokens" in out
+    assert "rank 1: leader step OK with 8 response tokens" in out
+
+
 @pytest.mark.slow
 def test_fsdp_compiled_generate(ckpt, tmp_path):
     out = torchrun(ckpt, tmp_path / "unused", "--compile")
