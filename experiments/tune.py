@@ -1,0 +1,115 @@
+"""
+Tuning on the validation split, the same protocol for every method: each setting of a small grid is
+trained with a few tuning seeds and scored by the mean gold reward of greedy decoding on the toy's
+validation prompts (valid.jsonl), never on the held-out prompts. Runs are subprocesses; a finished run
+with the same command is reused.
+
+  python -m experiments.tune --script=train_pbpo.py --grid="kl_coef=0.02,0.05,0.2 anchor=sft,ref"
+  python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4" --flags="--alpha=0"
+
+Writes OUT/tune.json (every run) and prints the table, best first.
+"""
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+
+import run
+import toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_arm(script, flags, out_dir):
+    """Train one run in a subprocess (one thread), its output in out_dir/log.txt; returns its
+    metrics.jsonl lines. A finished run of the same command (out_dir/command.json) is reused,
+    anything else in out_dir is deleted first."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}"]
+    done = os.path.join(out_dir, "command.json")
+    if not os.path.exists(done) or json.load(open(done)) != cmd[1:]:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        os.makedirs(out_dir)
+        with open(os.path.join(out_dir, "log.txt"), "w") as log:
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+        if rc:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in {out_dir}/log.txt")
+        with open(done, "w") as f:
+            json.dump(cmd[1:], f)
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def mean_ci(values, z=None):
+    """(mean, half-width of the 95% t-interval) of a list."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 2.0)
+    return mean, t * sd / math.sqrt(n)
+
+
+def grid_points(grid):
+    """'a=1,2 b=x' -> [['--a=1', '--b=x'], ['--a=2', '--b=x']]"""
+    axes = [[f"--{k}={v}" for v in values.split(",")] for k, values in
+            (item.split("=", 1) for item in grid.split())]
+    return [list(point) for point in itertools.product(*axes)]
+
+
+def tune(script, flags, grid, seeds, out, jobs=2):
+    """Every grid point × seed on the validation prompts; -> rows sorted by mean gold reward."""
+    paths = toy.build()
+    base = [f"--model={paths.model}", f"--heldout={paths.valid}", *flags]
+    if script == "train_pbpo.py":
+        base.append(f"--prompts={paths.train}")
+    else:
+        base.append(f"--prefs={paths.prefs}")
+    todo = [(point, seed) for point in grid_points(grid) for seed in seeds]
+    name = lambda point, seed: os.path.join(out, "_".join(f.strip("-") for f in point) or "default",
+                                            f"seed{seed}")
+    with ThreadPoolExecutor(jobs) as pool:
+        finals = list(pool.map(lambda ps: run_arm(script, base + ps[0] + [f"--seed={ps[1]}"],
+                                                  name(*ps)), todo))
+    rows = {}
+    for (point, seed), lines in zip(todo, finals):
+        final = next(l for l in lines if l["kind"] == "final_eval")
+        sft = next(l for l in lines if l["kind"] == "sft_eval")
+        row = rows.setdefault(" ".join(point) or "(defaults)", {"reward": [], "accuracy": [],
+                                                                  "gain": [], "calls": []})
+        row["reward"].append(final["reward"])
+        row["accuracy"].append(final["accuracy"])
+        row["gain"].append(final["reward"] - sft["reward"])
+        row["calls"].append(final["oracle_calls"])
+    ranked = sorted(rows.items(), key=lambda kv: -mean_ci(kv[1]["reward"])[0])
+    with open(os.path.join(out, "tune.json"), "w") as f:
+        json.dump({"script": script, "flags": flags, "grid": grid, "seeds": seeds, "rows": ranked},
+                  f, indent=1)
+    print(f"{script} {' '.join(flags)}: validation gold reward (mean ± 95% CI over seeds {seeds})")
+    for point, r in ranked:
+        (m, h), (a, ah), (g, gh) = (mean_ci(r[k]) for k in ("reward", "accuracy", "gain"))
+        print(f"  {point:<50} reward {m:.3f} ± {h:.3f}  accuracy {a:.3f} ± {ah:.3f}  "
+              f"gain {g:+.3f} ± {gh:.3f}  min gain {min(r['gain']):+.3f}")
+    return ranked
+
+
+@dataclass
+class Config:
+    script: str = "train_pbpo.py"  # train_pbpo.py | train_selm.py
+    grid: str = ""  # space-separated flag=v1,v2,... axes
+    flags: str = ""  # fixed extra flags, space-separated
+    seeds: str = "100,101,102"  # tuning seeds (the comparison's seeds are 0..9)
+    out: str = "out/tune"
+    jobs: int = 2  # runs at a time (each on one thread)
+
+
+if __name__ == "__main__":
+    run.friendly_errors("experiments/tune.py")
+    cfg = run.parse_flags(Config, __doc__)
+    tune(cfg.script, cfg.flags.split(), cfg.grid, [int(s) for s in cfg.seeds.split(",")], cfg.out,
+         cfg.jobs)
