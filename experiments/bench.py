@@ -11,7 +11,7 @@ means and holds the tables). Sections:
   episode   a PbPO episode of train_pbpo.py in a subprocess: gen_s / train_s from its metrics.jsonl
 
   python -m experiments.bench --suite=gpu          # one H100/H200: BENCHMARKS.md's GPU table
-  OMP_NUM_THREADS=1 python -m experiments.bench --suite=cpu     # its CPU table (about 15 min)
+  OMP_NUM_THREADS=1 python -m experiments.bench --suite=cpu     # its CPU table (11 min)
   python -m experiments.bench --shape=llama3-8b --sections=sample,logprobs   # one shape, any part
   python -m pytest -q tests/test_bench.py          # both suites' command path, tiny, on CPU
 """
@@ -190,7 +190,7 @@ def matmul_rate(device, dtype):
 def model_pair(shape, device, dtype, like=None):
     """Ours and transformers' model of one config with the same random weights (ours' own draw,
     or `like`'s cast to dtype). Neither stops at an EOS: every row decodes every token."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # here: rss_child needs none of it
     ours = M.build(M.ModelConfig.from_hf_dict(shape), device, dtype, init=like is None).eval()
     if like is not None:
         ours.load_state_dict(like.state_dict())
