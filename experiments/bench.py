@@ -217,8 +217,8 @@ def bench_sample(cfg, shape, device, dtype):
     ids = torch.randint(shape["vocab_size"], (B, Lp),
                         generator=torch.Generator().manual_seed(cfg.seed)).to(device)  # (B, Lp)
     prompts = ids.tolist()
-    # greedy tokens, ours and transformers', in fp32: in bf16 the near-ties of random weights
-    # flip argmaxes between any two implementations
+    # greedy tokens, ours and transformers', in fp32: in bf16 a near-tie of the top logits can
+    # flip an argmax between two correct implementations
     ours, hf = model_pair(shape, device, torch.float32)
     rows, n = min(B, cfg.greedy_rows), min(N, cfg.greedy_tokens)
     mine = M.generate(ours, prompts[:rows], n, temperature=0, compile=False).tokens  # (rows, n)
