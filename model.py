@@ -346,75 +346,67 @@ def _compiled(fn, mode=None):
     return torch.compile(fn, mode=mode)
 
 
-def _logits(h, w):
-    """(N, D), (V, D) -> (N, V) fp32: a bf16 GEMM accumulates into fp32 outputs on CUDA."""
-    if h.dtype == torch.float32:
-        return h @ w.t()
-    return torch.mm(h, w.t(), out_dtype=torch.float32) if h.is_cuda else h.float() @ w.float().t()
+def _mm32(a, b):
+    """a @ b in fp32: a bf16 GEMM accumulates in fp32 and writes fp32 outputs on CUDA."""
+    cuda_low = a.is_cuda and a.dtype != torch.float32
+    return torch.mm(a, b, out_dtype=torch.float32) if cuda_low else a.float() @ b.float()
 
 
-def _chunk_fwd(h, w, tgt, temperature, with_entropy):
-    z = _logits(h, w) / temperature  # (C, V) fp32
-    lse = z.logsumexp(-1)  # (C,)
-    logp = z.gather(-1, tgt[:, None])[:, 0] - lse  # (C,)
-    ent = lse - (z.softmax(-1) * z).sum(-1) if with_entropy else lse[:0]  # H = lse - Σ p z
-    return logp, lse, ent
+def _chunk_fwd(w, h, tgt, temperature, with_entropy):
+    z = _mm32(h, w.t()).div_(temperature)  # (C, V) fp32; in place below: few (C, V) buffers
+    m, z_tgt = z.amax(-1, keepdim=True), z.gather(-1, tgt[:, None])  # (C, 1) each
+    e = z.sub_(m).exp() if with_entropy else z.sub_(m).exp_()  # (C, V) exp(z − max)
+    s = e.sum(-1, keepdim=True)  # (C, 1)
+    lse = (m + s.log())[:, 0]  # (C,)
+    # H = −Σ p log p (lse − Σ p·z would cancel); without entropy lse stands in for it
+    ent = -(e.div_(s) * z.sub_(s.log())).sum(-1) if with_entropy else lse  # (C,)
+    return (z_tgt - lse[:, None])[:, 0], lse, ent
 
 
-def _chunk_bwd(h, w, tgt, lse, ent, g_logp, g_ent, temperature, with_entropy):
-    z = _logits(h, w) / temperature  # (C, V) recomputed, never stored
-    logp_all = z - lse[:, None]
-    p = logp_all.exp()  # (C, V)
-    grad_z = (-p * g_logp[:, None]).scatter_add(1, tgt[:, None], g_logp[:, None])  # onehot - p
-    if with_entropy:
-        grad_z = grad_z - p * (logp_all + ent[:, None]) * g_ent[:, None]  # -p_j (log p_j + H)
-    grad_z = (grad_z / temperature).to(w.dtype)
-    return grad_z @ w, grad_z.t() @ h  # (C, D), (V, D)
+def _chunk_grad(w, h, tgt, lse, ent, g_logp, g_ent, temperature, with_entropy):
+    """∂(Σ g_logp·logp + g_ent·H)/∂z of one chunk, z = logits / T recomputed, (C, V) in w's dtype:
+    ∂logp_y/∂z = onehot(y) − p, ∂H/∂z = −p (log p + H); in place, so few (C, V) buffers."""
+    logp_all = _mm32(h, w.t()).div_(temperature).sub_(lse[:, None])  # (C, V) log p
+    p = logp_all.exp() if with_entropy else logp_all.exp_()  # (C, V)
+    g_logp, g_ent = g_logp[:, None] / temperature, g_ent[:, None] / temperature  # (C, 1) each
+    coef = logp_all.add_(ent[:, None]).mul_(-g_ent).sub_(g_logp) if with_entropy else -g_logp
+    return p.mul_(coef).scatter_add_(1, tgt[:, None], g_logp).to(w.dtype)
 
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, tgt, temperature, with_entropy, chunk, compile):
-        N = h.shape[0]
-        n_pad = max(1, -(-N // chunk)) * chunk  # whole chunks: one static shape for the compiler
-        h, tgt = F.pad(h, (0, 0, 0, n_pad - N)), F.pad(tgt, (0, n_pad - N))
-        fwd = _compiled(_chunk_fwd) if compile else _chunk_fwd
-        chunks = [fwd(hc, w, tc, temperature, with_entropy)
-                  for hc, tc in zip(h.split(chunk), tgt.split(chunk))]
-        logp, lse, ent = (torch.cat(o) for o in zip(*chunks))
+        fwd, grad = (_compiled(k) if compile else k for k in (_chunk_fwd, _chunk_grad))
+        rows = zip(h.split(chunk), tgt.split(chunk))  # unpadded: the last chunk may be short
+        logp, lse, ent = map(torch.cat, zip(*[fwd(w, *r, temperature, with_entropy) for r in rows]))
         ctx.save_for_backward(h, w, tgt, lse, ent)
-        ctx.args = N, temperature, with_entropy, chunk, compile
-        return logp[:N], ent[:N]
+        ctx.args = temperature, with_entropy, chunk, grad
+        return logp, ent
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
-        h, w, tgt, lse, ent = ctx.saved_tensors
-        N, temperature, with_entropy, chunk, compile = ctx.args
-        g_logp = F.pad(g_logp, (0, h.shape[0] - N))  # padded rows get zero gradient
-        g_ent = F.pad(g_ent, (0, h.shape[0] - N)) if with_entropy else g_logp
-        bwd = _compiled(_chunk_bwd) if compile else _chunk_bwd
-        grad_h = torch.empty_like(h)
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for i in range(0, h.shape[0], chunk):
-            s = slice(i, i + chunk)
-            grad_h[s], gw = bwd(h[s], w, tgt[s], lse[s], ent[s] if with_entropy else ent, g_logp[s],
-                                g_ent[s], temperature, with_entropy)
-            grad_w += gw  # fp32 accumulation over chunks
-        return grad_h[:N], grad_w.to(w.dtype), None, None, None, None, None
+        h, w, *rows = ctx.saved_tensors
+        temperature, with_entropy, chunk, grad = ctx.args
+        grad_h, grad_w = [], torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for hc, *args in zip(*(t.split(chunk) for t in (h, *rows, g_logp, g_ent))):
+            grad_z = grad(w, hc, *args, temperature, with_entropy)  # (C, V)
+            grad_h.append(grad_z @ w)  # (C, D)
+            if h.dtype == torch.float32:  # in place: no (V, D) temporary a chunk
+                grad_w.addmm_(grad_z.t(), hc)
+            else:  # each chunk's product in fp32, summed in fp32
+                grad_w += _mm32(grad_z.t(), hc)
+        return torch.cat(grad_h), grad_w.to(w.dtype), None, None, None, None, None
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, chunk_size=None,
                    compile=None):
     """log π(targets | hidden) per token, π = softmax(hidden @ weightᵀ / temperature), chunk by
-    chunk over tokens: the full logits never exist at once and the backward recomputes each chunk;
-    logits and log-sum-exp in fp32. hidden (..., D), weight (V, D), targets (...) long ->
-    logp (...) fp32 [, entropy (...) fp32 of π]."""
+    chunk: the (N, V) logits never exist at once, the backward recomputes each chunk, all in fp32.
+    hidden (..., D), weight (V, D), targets (...) long -> logp (...) [, entropy (...) of π]."""
     shape, (V, D) = targets.shape, weight.shape
     h, tgt = hidden.reshape(-1, D), targets.reshape(-1)
-    if chunk_size is None:  # ≤ 2^27 fp32 logits (512 MB) a chunk, a power of two, no bigger than
-        # needed: big chunks keep the (V, D) gradient accumulations of the backward few
-        chunk_size = min(1 << max(4, (2 ** 27 // V).bit_length() - 1),
-                         1 << max(0, (h.shape[0] - 1).bit_length()))
+    if chunk_size is None:  # ≥ 8 chunks of 2^20 to 2^27 logits: a small share of naive's (N, V)
+        chunk_size = max(1, min(max(h.shape[0] // 8, 2 ** 20 // V), 2 ** 27 // V))
     if compile is None:
         compile = h.is_cuda if COMPILE_LOGPROBS is None else COMPILE_LOGPROBS
     logp, ent = _FusedLogprobs.apply(h, weight, tgt, float(temperature), with_entropy, chunk_size,
@@ -476,7 +468,7 @@ def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperat
     shapes, state on the device, no host sync: the step CUDA graphs replay. Finished rows emit pad
     with log-prob 0."""
     h = model(tok[:, None], key_valid, pos[:, None], cache_index=idx)  # (B, 1, D)
-    new, logp = _sample(_logits(h[:, -1], model.lm_head.weight), u, temperature, top_k, top_p)
+    new, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature, top_k, top_p)
     new, logp = new.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
     return new, logp, done | torch.isin(new, eos), pos + 1, idx + 1
 
@@ -519,7 +511,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     try:
         h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
         u = uniforms[:, :1]
-        tok, logp = _sample(_logits(h[:, -1], model.lm_head.weight), u, temperature, top_k, top_p)
+        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature, top_k, top_p)
         done, out = torch.isin(tok, eos), [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
         pos, idx = pos[:, -1] + 1, torch.tensor([Lp], device=device)
         for t in range(1, max_new_tokens):

@@ -1,37 +1,60 @@
-"""experiments/bench.py end to end on the tiny shape, CPU: every section runs and reports finite numbers. No timing is asserted
-(speed and memory are what the benchmark reports, not what a test checks).
+"""experiments/bench.py end to end on CPU at tiny sizes, through the GPU suite's own command path
+(`--suite=gpu --smoke`): every section runs and reports finite numbers, the table goes into its
+block of a copy of BENCHMARKS.md, and our greedy tokens equal transformers'. No time or memory
+figure is asserted: those are what the benchmark reports, not what a test checks.
 
     python -m pytest -q tests/test_bench.py
 """
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EPISODE = "--explore_prompts=8 --n_candidates=2 --t_out=1 --t_in=2 --group=2 --leader_prompts=4 --max_new_tokens=16"
-KEYS = {  # what each section must report as a finite number on CPU (GPU-only fields are null there)
-    "sample": ["ours_tok_s", "ours_ms_step", "hf_dynamic_ms_step", "hf_static_ms_step", "floor_ms_step",
-               "ours_over_floor", "hf_static_over_ours"],
-    "logprobs": ["fused_s", "naive_s", "fused_over_naive_time"],
+KEYS = {  # what each section must report as finite numbers on CPU (GPU-only fields are null)
+    "sample": ["greedy_rows_equal", "ours_ms_step", "hf_static_ms_step", "hf_static_over_ours",
+               "floor_ms_step", "ours_over_floor"],
+    "logprobs": ["naive_s", "fused_s", "fused_over_naive_time", "fused_plus_one_over_n",
+                 "naive_peak_mib", "fused_peak_mib", "fused_over_naive_peak"],
     "train": ["step_s", "tok_s", "matmul_tflop_s", "mfu"],
     "episode": ["gen_s", "train_s", "gen_share", "process_wall_s"],
 }
 
 
-def test_bench_tiny_cpu_every_section(tmp_path):
-    out = tmp_path / "bench.json"
-    flags = ["--shape=tiny", "--batch=4", "--prompt_len=8", "--new_tokens=8", "--lp_batch=2", "--lp_len=64",
-             "--repeats=2", f"--episode_flags={EPISODE}", f"--out={out}"]  # every section: the default
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench", *flags], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+def finite(value):
+    """A number, or [min, median, max] of numbers, all finite."""
+    values = value if isinstance(value, list) else [value]
+    return all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+
+
+def test_gpu_suite_command_path_on_cpu(tmp_path):
+    doc, out = tmp_path / "BENCHMARKS.md", tmp_path / "bench.json"
+    shutil.copy(os.path.join(ROOT, "experiments", "BENCHMARKS.md"), doc)
+    before = doc.read_text(encoding="utf-8")
+    cmd = [sys.executable, "-m", "experiments.bench", "--suite=gpu", "--smoke", f"--doc={doc}",
+           f"--out={out}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    assert "section" in proc.stdout and "ours_ms_step" in proc.stdout  # the table
-    results = json.loads(out.read_text())
-    assert results["config"]["shape"] == "tiny" and results["env"]["device"] == "cpu"
-    for section, keys in KEYS.items():
-        values = results[section]
-        assert all(isinstance(values[k], (int, float)) and math.isfinite(values[k]) for k in keys), (section, values)
-        assert all(v is None or math.isfinite(v) for v in values.values()), (section, values)
-    assert 0 <= results["episode"]["gen_share"] <= 1
+
+    results = json.loads(out.read_text())["results"]
+    assert {s: set(sections) for s, sections in results.items()} == {
+        "tiny": {"sample", "logprobs", "train", "episode"}, "tiny-llama": {"sample", "logprobs"}}
+    for shape, sections in results.items():
+        for section, figures in sections.items():
+            assert all(finite(figures[k]) for k in KEYS[section]), (shape, section, figures)
+            assert all(v is None or finite(v) for v in figures.values()), (shape, figures)
+        assert sections["sample"]["greedy_rows_equal"] == 1  # ours = transformers, token by token
+    assert 0 <= results["tiny"]["episode"]["gen_share"] <= 1
+
+    after = doc.read_text(encoding="utf-8")
+    begin, end = "<!-- suite:gpu -->", "<!-- /suite:gpu -->"
+    assert after.split(begin)[0] == before.split(begin)[0]  # the rest of the document is kept
+    assert after.split(end)[1] == before.split(end)[1]
+    block = after.split(begin)[1].split(end)[0]
+    assert "python -m experiments.bench --suite=gpu --smoke" in block  # the command that made it
+    for row in ("| tiny | hf_static_over_ours >= 4 |", "| tiny | mfu >= 0.4 |",
+                "| tiny-llama | fused_over_naive_peak <= 0.25 |", "| tiny | episode | gen_share |"):
+        assert row in block
