@@ -19,10 +19,14 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+CHECKPOINT, HISTORY = "checkpoint.safetensors", "checkpoints.log"  # in out_dir
 
 
 # ---------------------------------------------------------------- flags and errors
@@ -147,8 +151,8 @@ def generator(*keys):
 def check_out_dir(out_dir, resume):
     """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run killed before its first
     checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run."""
-    ckpt = os.path.join(out_dir, "checkpoint.pt")
-    names = ("checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
+    ckpt = os.path.join(out_dir, CHECKPOINT)
+    names = (CHECKPOINT, "checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
     traces = [f for f in names if os.path.exists(os.path.join(out_dir, f))]
     if not resume and traces:
         raise FileExistsError(f"{out_dir} holds a previous run ({', '.join(traces)}): pass "
@@ -230,37 +234,71 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=options)
 
 
+def _checksum(doc, tensors):
+    """SHA-256 of the document and of every tensor: name, dtype, shape and bytes."""
+    h = hashlib.sha256(doc.encode())
+    for name, t in sorted(tensors.items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, modules, **extra):
-    """modules {name: (model, optimizer | None)} plus extra picklable state, written by rank 0
-    atomically (a temp file in the same directory, fsynced, then renamed): a kill or a full disk
-    never leaves half a checkpoint. Collective under FSDP."""
+    """modules {name: (model, optimizer | None)} plus extra state (nested dicts with string keys,
+    lists, tensors, plain values) in safetensors: the tensors, and in the header a JSON document of
+    the rest with a SHA-256 of both, so loading runs no pickle. Written by rank 0 atomically (temp
+    file, fsync, rename) and logged in checkpoints.log beside it. Collective under FSDP."""
     state, options = dict(extra), StateDictOptions(full_state_dict=True, cpu_offload=True)
     for name, (m, opt) in modules.items():
         state[name], state[name + "_opt"] = (full_state_dict(m), None) if opt is None else \
             get_state_dict(m, opt, options=options)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = f"{path}.tmp"
+        tensors, storages, tmp = {}, set(), f"{path}.tmp"
+
+        def put(t):  # json.dumps' call for each tensor: into `tensors`, one storage each (tied
+            t = t.detach().cpu().contiguous()  # weights share one, which safetensors refuses)
+            t = t.clone() if t.untyped_storage().data_ptr() in storages else t
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[f"t{len(tensors)}"] = t
+            return {"__tensor__": f"t{len(tensors) - 1}"}
+
+        doc = json.dumps({**state, "script": os.path.basename(sys.argv[0])}, default=put)
+        checksum = _checksum(doc, tensors)
         try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
+            save_file(tensors, tmp, metadata={"state": doc, "sha256": checksum})
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            os.path.exists(tmp) and os.remove(tmp)
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as e:
             raise OSError(f"writing checkpoint {path} failed ({e}); the previous checkpoint "
                           "is intact") from e
-        os.replace(tmp, path)
+        finally:  # also when stopped by SIGTERM or Ctrl-C
+            os.path.exists(tmp) and os.remove(tmp)
+        with open(os.path.join(os.path.dirname(path), HISTORY), "a") as f:
+            f.write(f"{path} sha256 {checksum}\n")
     if dist.is_initialized():
         dist.barrier()
+
+
+def read_checkpoint(path, tensors=True):
+    """What save_checkpoint wrote, its checksum verified; tensors=False: the document alone (flags,
+    script, counters), from the header. Anything else (truncated, corrupt, crafted) is refused."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta, found = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if tensors}
+        if tensors and meta.get("sha256") != _checksum(meta.get("state", ""), found):
+            raise ValueError("checksum mismatch: the file is corrupt")
+        return json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
+            d["__tensor__"], d) if d.keys() == {"__tensor__"} else d)
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e}); refusing to resume from it") \
+            from None
 
 
 def load_checkpoint(path, modules):
     """Load what save_checkpoint wrote into modules {name: (model, optimizer | None)}; returns
     the extra state."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (point --out_dir at the run "
-                                "to continue)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():
         model_state, opt_state = state.pop(name), state.pop(name + "_opt")

@@ -141,7 +141,7 @@ if __name__ == "__main__":
     pairs = {"phi0": [], "phi1": [], "label": [], "records": []}  # D, with the features cached
     store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
     def sample(model, items, n, temperature, key):

@@ -115,7 +115,7 @@ if __name__ == "__main__":
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
     def log_metrics(kind, **metrics):

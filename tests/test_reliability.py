@@ -1,5 +1,6 @@
 """Reliability: runs killed at random points resume to the same result, bad input gets one clear message, NaN/inf
-never trains silently, a full disk or a dead rank leaves the last good checkpoint intact."""
+never trains silently, a full disk or a dead rank leaves the last good checkpoint intact; a run directory is one run's
+(a lock, its flags), its checkpoint runs no code and is refused when corrupt, what was labelled is never wiped."""
 import json
 import os
 import random
@@ -14,8 +15,9 @@ from conftest import PBPO, ROOT, SELM, command, metrics, run, without_timings
 from safetensors.torch import load_file, save_file
 
 import data
+import run as R
 
-TRACES = ("checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
+TRACES = (R.CHECKPOINT, "preferences.jsonl", "metrics.jsonl")
 
 
 def killed_then_resumed(script, flags, out, delays, leftovers=lambda: None):
@@ -46,7 +48,7 @@ def test_pbpo_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
     rng = random.Random(0)
 
     def leftovers():  # what a kill leaves that timing may not hit: half a checkpoint write, a torn store line
-        (part / "checkpoint.pt.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+        (part / f"{R.CHECKPOINT}.tmp").write_bytes(b"\x10\x00\x00\x00 half a checkpoint")
         with open(part / "preferences.jsonl", "ab") as f:
             f.write(b'{"episode": 2, "prompt": "Tom has')
 
@@ -118,6 +120,16 @@ def test_nonfinite_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_p
 
 
 # ---------------------------------------------------------------------------- bad input
+class Payload:
+    """Unpickling this runs code: it creates the file named."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
 def bad_inputs(toy, tmp):
     """(name, script, flags, what the message must say): each must exit non-zero with that one message."""
     flags, t = toy
@@ -196,6 +208,64 @@ def test_bad_inputs_give_one_clear_message(toy, tmp_path):
     assert not failures, "\n".join(failures)
 
 
+# ---------------------------------------------------------------------------- checkpoints and run directories
+def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+    marker = tmp_path / "MARKER"
+    torch.save({"policy": Payload(marker)}, tmp_path / "payload")
+    torch.load(tmp_path / "payload", weights_only=False)  # the payload is live: unpickling it runs it
+    assert marker.exists()
+    marker.unlink()
+    for load in (lambda p: R.read_checkpoint(p), lambda p: R.read_checkpoint(p, tensors=False),
+                 lambda p: R.load_checkpoint(p, {})):
+        try:
+            load(str(tmp_path / "payload"))
+        except ValueError as e:
+            assert "not a readable checkpoint" in str(e)
+        else:
+            raise AssertionError("a pickle was read as a checkpoint")
+    assert not marker.exists()
+
+
+def test_checkpoint_round_trip_is_exact_and_a_changed_byte_is_refused(tmp_path):
+    def tied():  # two names, one storage, as a tied lm_head
+        linear, embedding = torch.nn.Linear(3, 4), torch.nn.Embedding(4, 3)
+        linear.weight = embedding.weight
+        return torch.nn.Sequential(embedding, linear)
+
+    torch.manual_seed(0)
+    model = tied()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.9))
+    model(torch.tensor([[1, 2]])).sum().backward()
+    opt.step()
+    rows = torch.randn(3, 5)
+    extra = {"rows": [rows[0], rows[1]], "nested": {"a": [1, 2.5, None, "x", True], "b": {"c": torch.tensor(7)}},
+             "bf16": torch.randn(4).bfloat16(), "empty": [], "pair": (1, 2), "inf": float("inf")}
+    path = str(tmp_path / R.CHECKPOINT)
+    R.save_checkpoint(path, {"model": (model, opt)}, **extra)
+    copy = tied()
+    copy_opt = torch.optim.AdamW(copy.parameters(), lr=1e-3)
+    out = R.load_checkpoint(path, {"model": (copy, copy_opt)})
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+    state, copy_state = opt.state_dict()["state"], copy_opt.state_dict()["state"]
+    assert all(torch.equal(state[i][k], copy_state[i][k]) for i in state for k in state[i])
+    assert copy_opt.param_groups[0]["betas"] == [0.8, 0.9]  # tuples come back as lists
+    assert [torch.equal(a, b) for a, b in zip(out["rows"], extra["rows"])] == [True, True]
+    assert out["nested"]["a"] == [1, 2.5, None, "x", True] and out["nested"]["b"]["c"].item() == 7
+    assert out["bf16"].dtype == torch.bfloat16 and torch.equal(out["bf16"], extra["bf16"])
+    assert out["empty"] == [] and out["pair"] == [1, 2] and out["inf"] == float("inf") and out["script"]
+    assert sorted(os.listdir(tmp_path)) == sorted([R.CHECKPOINT, R.HISTORY])  # no temp file left
+    raw = bytearray(open(path, "rb").read())
+    at = raw.index(b'\\"x\\"')  # the string "x" in the JSON document: the header still parses, the sum differs
+    raw[at + 2] = ord("y")
+    open(path, "wb").write(raw)
+    try:
+        R.load_checkpoint(path, {})
+    except ValueError as e:
+        assert "checksum mismatch" in str(e)
+    else:
+        raise AssertionError("a changed checkpoint was loaded")
+
+
 def nan_reward_model(path, tok_dir):
     """A real HF sequence-classification checkpoint whose scores are NaN: an oracle gone wrong."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
@@ -221,7 +291,7 @@ def test_oracle_returning_nan_names_the_pair_and_keeps_the_store(toy, tmp_path):
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
     flags, _ = toy
     run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
-    size = os.path.getsize(tmp_path / "checkpoint.pt")
+    size = os.path.getsize(tmp_path / R.CHECKPOINT)
 
     def small_disk():  # files may grow to half a checkpoint: the write of the next one fails as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
@@ -230,8 +300,8 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
                           capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the previous checkpoint is intact" in proc.stderr
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["episode"] == 1
-    assert not os.path.exists(tmp_path / "checkpoint.pt.tmp")
+    assert R.read_checkpoint(str(tmp_path / R.CHECKPOINT), tensors=False)["episode"] == 1
+    assert not os.path.exists(tmp_path / f"{R.CHECKPOINT}.tmp")
     assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 16  # episode 2's pairs kept
     run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # space again: it continues
     assert [r["episode"] for r in data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records] == [1] * 8 + [2] * 8
@@ -244,7 +314,7 @@ def test_a_dead_rank_takes_the_job_down_and_the_checkpoint_survives(toy, tmp_pat
                                     f"--out_dir={tmp_path}", ranks=2), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
-    while not os.path.exists(tmp_path / "checkpoint.pt") and time.time() < deadline:
+    while not os.path.exists(tmp_path / R.CHECKPOINT) and time.time() < deadline:
         time.sleep(0.2)
     workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"train_pbpo.py" in open(f"/proc/{p}/cmdline", "rb").read()
                and b"LOCAL_RANK=1" in open(f"/proc/{p}/environ", "rb").read().split(b"\0")]
@@ -254,4 +324,4 @@ def test_a_dead_rank_takes_the_job_down_and_the_checkpoint_survives(toy, tmp_pat
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0 and time.time() - started < 120, out[-3000:]
     assert "train_pbpo.py FAILED" in out or "ChildFailedError" in out, out[-3000:]
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["episode"] >= 1
+    assert R.read_checkpoint(str(tmp_path / R.CHECKPOINT))["episode"] >= 1
