@@ -7,6 +7,7 @@ clear line for bad input instead of a traceback.
 Nothing to run on its own. Tests: python -m pytest -q tests/test_reliability.py tests/test_fsdp.py
 """
 import argparse
+import fcntl
 import hashlib
 import inspect
 import json
@@ -27,6 +28,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 CHECKPOINT, HISTORY = "checkpoint.safetensors", "checkpoints.log"  # in out_dir
+RUN = {}  # this process's run: its out_dir once start() checked it, and the lock held on it
 
 
 # ---------------------------------------------------------------- flags and errors
@@ -148,25 +150,46 @@ def generator(*keys):
 
 
 # ---------------------------------------------------------------- out_dir and metrics
-def check_out_dir(out_dir, resume):
-    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run killed before its first
-    checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run."""
-    ckpt = os.path.join(out_dir, CHECKPOINT)
-    names = (CHECKPOINT, "checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
-    traces = [f for f in names if os.path.exists(os.path.join(out_dir, f))]
-    if not resume and traces:
-        raise FileExistsError(f"{out_dir} holds a previous run ({', '.join(traces)}): pass "
-                              "--resume to continue it, or choose a new --out_dir")
-    if resume and not traces:
+def check_out_dir(cfg):
+    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run stopped before its first
+    checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run. A
+    resume continues the same run, same script and flags (but the Config's RESUME_MAY_CHANGE), or
+    is refused; so is a run whose checkpoint is gone: it is never started over."""
+    out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, CHECKPOINT)
+    names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
+    traces = [f for f in names if os.path.exists(os.path.join(out, f))]
+    if not cfg.resume and traces:
+        raise FileExistsError(f"{out} holds a previous run ({', '.join(traces)}): pass --resume "
+                              "to continue it, or choose a new --out_dir")
+    if cfg.resume and not traces:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (point --out_dir at the run "
                                 "to continue)")
-    return "fresh" if not resume else "resume" if os.path.exists(ckpt) else "restart"
+    lost = [f for f in traces if f in (HISTORY, "checkpoint.pt")]  # checkpoint.pt: pickled, older
+    if cfg.resume and lost and CHECKPOINT not in traces:
+        raise FileNotFoundError(f"--resume: no {ckpt}, yet {lost[0]} shows the run had one: "
+                                "refusing to start it over, which would drop its labelled pairs "
+                                "(restore the checkpoint, or choose a new --out_dir)")
+    if CHECKPOINT not in traces:
+        return "restart" if cfg.resume else "fresh"
+    doc, script = read_checkpoint(ckpt, tensors=False), os.path.basename(sys.argv[0])
+    if doc.get("script") != script:
+        raise ValueError(f"--resume: {ckpt} was written by {doc.get('script')}, not {script}: "
+                         "choose another --out_dir")
+    old, new = doc.get("config", {}), asdict(cfg)
+    may = ("resume", "out_dir", *getattr(cfg, "RESUME_MAY_CHANGE", ()))
+    changed = [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if k not in may and old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
+                         f"only {', '.join(may[2:])} may change")
+    return "resume"
 
 
 def start(cfg, rank, world):
     """Where no --model is given, the built-in default: the toy task (built once into out/toy by
-    rank 0). Then the out_dir check on every rank before any file is written, and the knobs printed.
-    -> check_out_dir's mode."""
+    rank 0). Then the out_dir check on every rank before any file is written; rank 0 locks out_dir
+    (flock on out_dir/lock, held until the process ends, kill -9 included: a second run is
+    refused, naming the holder), checks again under the lock, prints the knobs. -> the mode."""
     if not cfg.model:
         import toy
         paths = toy.build() if rank == 0 else None
@@ -177,12 +200,23 @@ def start(cfg, rank, world):
         for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
             if hasattr(cfg, name):
                 setattr(cfg, name, getattr(cfg, name) or path)
-    mode = check_out_dir(cfg.out_dir, cfg.resume)
+    mode = check_out_dir(cfg)
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = RUN["lock"] = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 4096).decode(errors="replace") or "another run"
+            raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
+                                  "choose another --out_dir") from None
+        os.ftruncate(lock, 0)
+        os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: {' '.join(sys.argv)}".encode())
+        mode = check_out_dir(cfg)
+        print(json.dumps(asdict(cfg), indent=1))
     if world > 1:
         dist.barrier()
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    RUN["out_dir"] = cfg.out_dir
     return mode
 
 
@@ -203,7 +237,11 @@ class MetricsLog:
         return self.file.tell() if self.file else 0
 
     def cut(self, size):
-        if self.file:
+        """Back to the `size` bytes a checkpoint saw; a shorter log (deleted?) is never padded."""
+        if self.file and size > self.size():
+            print(f"warning: {self.path} is shorter than its checkpoint saw ({self.size()} < "
+                  f"{size} bytes): lines before the checkpoint are missing")
+        elif self.file:
             self.file.truncate(size)
             self.file.seek(size)
 

@@ -83,6 +83,7 @@ class Config:
                 "max_prompt_len": (1, ""), "micro_batch": (1, ""), "rm_batch": (1, ""),
                 "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B")}
     CHOICES = {"level": ("seq", "token"), "on_nonfinite": ("skip", "stop")}
+    RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
 
 
 # ---------------------------------------------------------------- the objectives
@@ -181,6 +182,9 @@ if __name__ == "__main__":
         log.cut(0)
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, checkpoint_modules())
+        if state["episode"] > cfg.episodes:
+            raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
+                             f"{state['episode']} already")
         rm.w.data.copy_(state["w"])
         log.cut(state["log_size"])
         cov.load_state_dict(state["cov"])

@@ -64,6 +64,7 @@ class Config:
                 "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
                 "max_prompt_len": (1, "")}
     CHOICES = {"on_nonfinite": ("skip", "stop")}
+    RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
 
 
 # ---------------------------------------------------------------- the objective

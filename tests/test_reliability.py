@@ -266,26 +266,52 @@ def test_checkpoint_round_trip_is_exact_and_a_changed_byte_is_refused(tmp_path):
         raise AssertionError("a changed checkpoint was loaded")
 
 
-def nan_reward_model(path, tok_dir):
-    """A real HF sequence-classification checkpoint whose scores are NaN: an oracle gone wrong."""
+def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
+    """A second run in a directory in use (here --resume while the run is still going: both would label and
+    checkpoint into it) is refused, naming the holder, and the running one keeps its labelled pairs."""
+    flags, _ = toy
+    longer = [*flags, *PBPO[1:], "--episodes=500", f"--out_dir={tmp_path}"]
+    first = subprocess.Popen(command("train_pbpo.py", *longer), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while not os.path.exists(tmp_path / "preferences.jsonl") and time.time() < deadline:
+            time.sleep(0.1)
+        second = run("train_pbpo.py", *longer, "--resume", ok=False)
+        assert first.poll() is None, "the first run ended before the second was tried"
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"{tmp_path} is in use by pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
+        time.sleep(3)  # the first run goes on labelling
+        assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) >= 8
+    finally:
+        first.kill()
+        first.wait()
+
+
+def reward_model(path, tok_dir, nan=False):
+    """A real HF sequence-classification checkpoint; nan=True: one whose scores are NaN, an oracle gone wrong."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
     config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                          num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    torch.manual_seed(0)
     rm = LlamaForSequenceClassification(config)
-    with torch.no_grad():
-        rm.score.weight.fill_(float("nan"))
+    if nan:
+        with torch.no_grad():
+            rm.score.weight.fill_(float("nan"))
     rm.save_pretrained(path)
     AutoTokenizer.from_pretrained(tok_dir).save_pretrained(path)
 
 
 def test_oracle_returning_nan_names_the_pair_and_keeps_the_store(toy, tmp_path):
     flags, t = toy
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
-    nan_reward_model(tmp_path / "nan_rm", t.model)
-    proc = run("train_pbpo.py", *flags, *PBPO, f"--oracle=rm:{tmp_path / 'nan_rm'}", f"--out_dir={tmp_path}", "--resume", ok=False)
+    oracle, out = f"--oracle=rm:{tmp_path / 'rm'}", f"--out_dir={tmp_path / 'out'}"
+    reward_model(tmp_path / "rm", t.model)
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", oracle, out)
+    reward_model(tmp_path / "rm", t.model, nan=True)  # the same oracle goes wrong between two episodes
+    proc = run("train_pbpo.py", *flags, *PBPO, oracle, out, "--resume", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "oracle returned nan for pair item 0" in proc.stderr
-    assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 8
+    assert len(data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records) == 8
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
