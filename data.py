@@ -252,12 +252,15 @@ class PreferenceStore:
         """Replace the whole store atomically (temp file, fsync, rename): resume drops the pairs a
         checkpoint never saw, so they are labelled again instead of counted twice."""
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        self.file.close()
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+                f.flush()
+                os.fsync(f.fileno())
+            self.file.close()
+            os.replace(tmp, self.path)
+        finally:  # also when stopped by SIGTERM or Ctrl-C
+            os.path.exists(tmp) and os.remove(tmp)
         self.records, self.file = list(records), open(self.path, "a", encoding="utf-8")
 
     def __len__(self):

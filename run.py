@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 from dataclasses import asdict
 from datetime import timedelta
@@ -59,14 +60,22 @@ def parse_flags(cls, doc, argv=None):
 
 def friendly_errors(script):
     """Bad input (a ValueError or OSError whose message names the file, line or flag) ends the run
-    with that one message and exit code 1, not a traceback; PBPO_TRACEBACK=1 shows the traceback."""
+    with that one message and exit code 1, not a traceback; PBPO_TRACEBACK=1 shows the traceback.
+    SIGTERM stops a run as Ctrl-C does: one line says where it resumes from."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
 
     def hook(kind, error, tb):
-        if issubclass(kind, (ValueError, OSError,
-                             ArithmeticError)) and not os.environ.get("PBPO_TRACEBACK"):
-            print(f"{script}: error: {error}", file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, error, tb)
+        stopped = issubclass(kind, KeyboardInterrupt)
+        if os.environ.get("PBPO_TRACEBACK") or not (stopped or issubclass(kind, (
+                ValueError, OSError, ArithmeticError))):
+            return sys.__excepthook__(kind, error, tb)
+        message, ckpt = f"error: {error}", os.path.join(RUN.get("out_dir", ""), CHECKPOINT)
+        if stopped:
+            message = "stopped" + ("" if "out_dir" not in RUN else f"; --resume continues from "
+                                   f"{ckpt}" if os.path.isfile(ckpt) else
+                                   "; no checkpoint yet, --resume starts over")
+        if not stopped or os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            print(f"{script}: {message}", file=sys.stderr)
 
     sys.excepthook = hook
 

@@ -288,6 +288,30 @@ def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
         first.wait()
 
 
+def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_their_log(toy, tmp_path):
+    """Ctrl-C before the first checkpoint and SIGTERM after one: one line each, no .tmp file. The second run resumes
+    with its metrics.jsonl deleted: the log restarts from there, never padded with NUL bytes."""
+    flags, _ = toy
+    for sig, out, wait_for in ((signal.SIGINT, tmp_path / "a", "metrics.jsonl"), (signal.SIGTERM, tmp_path / "b", R.CHECKPOINT)):
+        proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={out}"), cwd=ROOT,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        while not os.path.exists(out / wait_for) and proc.poll() is None:
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        where = (f"stopped; --resume continues from {out / R.CHECKPOINT}" if sig == signal.SIGTERM else
+                 "stopped; no checkpoint yet, --resume starts over")
+        assert proc.returncode != 0 and "Traceback" not in err and err.strip().splitlines()[-1] == f"train_pbpo.py: {where}"
+        assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
+    os.remove(tmp_path / "b" / "metrics.jsonl")
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={tmp_path / 'b'}", "--resume")
+    assert "metrics.jsonl is shorter than its checkpoint saw (0 <" in proc.stdout
+    log = open(tmp_path / "b" / "metrics.jsonl", "rb").read()
+    assert b"\0" not in log and metrics(tmp_path / "b")[-1]["kind"] == "final_eval"
+    records = data.PreferenceStore(os.path.join(tmp_path / "b", "preferences.jsonl")).records
+    assert [r["episode"] for r in records] == [1] * 8 + [2] * 8 + [3] * 8
+
+
 def reward_model(path, tok_dir, nan=False):
     """A real HF sequence-classification checkpoint; nan=True: one whose scores are NaN, an oracle gone wrong."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
