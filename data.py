@@ -20,11 +20,14 @@ def load_tokenizer(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
                                 "tokenizer directory)")
+    for file in (os.path.join(path, name) for name in os.listdir(path)):  # a FIFO never ends
+        if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
+            raise ValueError(f"{file}: not a regular file")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # a broken file raises anything (KeyError, TypeError, ...): named here
         raise ValueError(f"{path}: no loadable tokenizer (expected tokenizer.json / "
-                         f"tokenizer_config.json): {str(e).splitlines()[0]}") from e
+                         f"tokenizer_config.json): {' '.join(str(e).split())}") from e
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (set eos_token in "
                          "tokenizer_config.json)")
@@ -55,27 +58,41 @@ def decode(tokenizer, ids):
 
 
 # ---------------------------------------------------------------- loaders
+def read_text(path):
+    """A regular file's UTF-8 text, else one error naming it (a FIFO or a device never ends)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
+                                               "no such file"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def parse_json(text, path, line=1):
+    """json.loads; bad JSON (syntax, 4300+ digits, deep nesting, lone surrogates) is one error."""
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode()  # a lone surrogate fails here
+        return value
+    except (ValueError, RecursionError) as e:
+        line += getattr(e, "lineno", 1) - 1
+        raise ValueError(f"{path}:{line}: bad JSON ({getattr(e, 'msg', e)})") from None
+
+
 def _records(path):
     """[(where, record)]: where is 'file:line' in JSONL, 'file[i]' (item index) in a .json array."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if path.endswith(".json"):
-        try:
-            rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        rows = parse_json(text, path) if text.strip() else []
         if not isinstance(rows, list):
             raise ValueError(f"{path}:1: expected a JSON array of records, got a "
                              f"{type(rows).__name__}")
         rows = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():  # blank lines (a trailing newline) are not records
-                try:
-                    rows.append((f"{path}:{i}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: bad JSON ({e.msg})") from None
+    else:  # lines end at \n only: JSON strings may hold U+2028 and the like
+        rows = [(f"{path}:{i}", parse_json(line, path, i))
+                for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}:1: empty file, no records")
     for where, r in rows:
@@ -119,6 +136,8 @@ def _answer(where, record):
 
 
 def _keep(where, ids, max_prompt_len, strict):
+    if not ids:
+        raise ValueError(f"{where}: the prompt is empty (no tokens)")
     if len(ids) <= max_prompt_len:
         return True
     if strict:
@@ -226,7 +245,7 @@ class PreferenceStore:
                 try:
                     self.records.append(json.loads(line))
                 # inside the file: corruption, not a crash artefact; never guess
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:
                     raise ValueError(f"{path}:{i}: bad JSON in the preference store "
                                      f"({e})") from None
         if tail.strip():

@@ -16,6 +16,7 @@ GPU (--device). Tests: python -m pytest -q tests/test_eval.py
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -144,7 +145,8 @@ class Config:
     device: str = ""  # cpu | cuda (default: cuda when there is one)
     out: str = ""  # write the results as JSON here
 
-    AT_LEAST = {"k": (1, ""), "bins": (1, ""), "max_new_tokens": (1, ""), "batch_size": (1, "")}
+    AT_LEAST = {"k": (1, ""), "bins": (1, ""), "max_new_tokens": (1, ""), "batch_size": (1, ""),
+                "max_prompt_len": (1, "")}
     NEEDS = {"generation": ("prompts",), "choice": ("data",), "winrate": ("prompts", "ref"),
              "rewards": ("prompts",)}
 
@@ -170,6 +172,9 @@ def main(argv=None):
         if not getattr(cfg, name):
             raise ValueError(f"eval.py {cmd} needs --{name}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not cuda:
+        raise ValueError(f"--device={device}: expected cpu, or cuda[:N] on a machine with CUDA")
     tok, policy = data.load_tokenizer(cfg.model), M.from_pretrained(cfg.model, device).eval()
     if cmd == "choice":
         items = load_choices(cfg.data, tok)[:cfg.limit or None]

@@ -33,6 +33,11 @@ RUN = {}  # this process's run: its out_dir once start() checked it, and the loc
 
 
 # ---------------------------------------------------------------- flags and errors
+def boolean(text):
+    """A bool flag: 1/true/yes/on or 0/false/no/off (a ValueError otherwise, argparse names it)."""
+    return ("0", "false", "no", "off", "1", "true", "yes", "on").index(text.lower()) >= 4
+
+
 def parse_flags(cls, doc, argv=None):
     """A dataclass of knobs -> one --flag each, its comment the help. NaN and negative numbers are
     refused by name (no knob of ours means anything below zero), as are values outside the class's
@@ -41,7 +46,7 @@ def parse_flags(cls, doc, argv=None):
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in cls.__dataclass_fields__.items():
-        kind = field.type if field.type is not bool else lambda s: s.lower() in ("1", "true", "yes")
+        kind = field.type if field.type is not bool else boolean
         parser.add_argument(f"--{name}", type=kind, default=field.default, help=comments.get(name),
                             **({"nargs": "?", "const": True} if field.type is bool else {}))
     cfg = cls(**vars(parser.parse_args(argv)))

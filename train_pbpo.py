@@ -78,7 +78,8 @@ class Config:
     dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before failing
 
     AT_LEAST = {"episodes": (1, "K"), "explore_prompts": (1, "M"), "n_candidates": (1, "N"),
-                "t_out": (1, "T_out"), "group": (2, "the leave-one-out baseline needs G >= 2"),
+                "t_out": (1, "T_out"), "t_in": (1, "T_in"), "eval_max": (1, ""),
+                "group": (2, "the leave-one-out baseline needs G >= 2"),
                 "leader_prompts": (1, ""), "max_new_tokens": (1, "a response needs a token"),
                 "max_prompt_len": (1, ""), "micro_batch": (1, ""), "rm_batch": (1, ""),
                 "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B")}

@@ -62,7 +62,7 @@ class Config:
 
     AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
                 "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
-                "max_prompt_len": (1, "")}
+                "max_prompt_len": (1, ""), "eval_max": (1, "")}
     CHOICES = {"on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
 

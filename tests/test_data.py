@@ -75,6 +75,9 @@ def test_load_prompts_formats(tok, tmp_path):
     array = tmp_path / "p.json"
     array.write_text(json.dumps([{"prompt": "Hi"}, {"question": "Q", "answer": "#### -5"}], indent=2))
     assert [i["answer"] for i in data.load_prompts(str(array), tok, 64)] == [None, "-5"]
+    # a JSON string may hold U+2028 (a line separator to str.splitlines, not to JSONL) and CRLF line ends
+    (tmp_path / "sep.jsonl").write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\r\n", newline="")
+    assert [i["prompt"] for i in data.load_prompts(str(tmp_path / "sep.jsonl"), tok, 64)] == ["a\u2028b"]
 
 
 @pytest.mark.parametrize("lines, error", [

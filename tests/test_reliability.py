@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 
 import torch
 from conftest import PBPO, ROOT, SELM, command, metrics, run, without_timings
@@ -120,6 +121,15 @@ def test_nonfinite_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_p
 
 
 # ---------------------------------------------------------------------------- bad input
+def corrupt(path, how):
+    """A checkpoint as disks and people leave them."""
+    raw = open(path, "rb").read()
+    if how == "flipped":  # 4 bytes inside the tensor data
+        raw = raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:-96]) + raw[-96:]
+    open(path, "wb").write({"flipped": raw, "truncated": raw[:len(raw) // 2], "empty": b"",
+                            "random": random.Random(0).randbytes(len(raw))}[how])
+
+
 class Payload:
     """Unpickling this runs code: it creates the file named."""
 
@@ -131,9 +141,11 @@ class Payload:
 
 
 def bad_inputs(toy, tmp):
-    """(name, script, flags, what the message must say): each must exit non-zero with that one message."""
+    """(name, script, flags, what the message must say): each must exit non-zero with that one
+    message, before any oracle call, leaving a run directory it was pointed at as it was."""
     flags, t = toy
     model, prompts = f"--model={t.model}", f"--prompts={t.train}"
+    selm_flags = [model, f"--prefs={t.prefs}", f"--heldout={t.heldout}", *SELM, "--max_pairs=8"]
 
     def model_copy(name, edit):
         path = tmp / name
@@ -142,17 +154,34 @@ def bad_inputs(toy, tmp):
         return f"--model={path}"
 
     def set_json(file, key, value):
-        config = json.loads(file.read_text())
+        config = json.loads(file.read_text()) if file.exists() else {}
         config[key] = value
         file.write_text(json.dumps(config))
 
     def prompt_file(name, text):
-        (tmp / name).write_text(text)
+        (tmp / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         return f"--prompts={tmp / name}"
 
+    def index_only(path):
+        os.remove(path / "model.safetensors")
+        (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
+
+    def run_dir(name, base, edit=lambda d: None):
+        shutil.copytree(base, tmp / name)
+        edit(tmp / name)
+        return f"--out_dir={tmp / name}"
+
+    pbpo_run, selm_run = tmp / "base_pbpo", tmp / "base_selm"  # finished runs, to resume
+    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={pbpo_run}")
+    run("train_selm.py", *selm_flags, f"--out_dir={selm_run}")
+    pbpo_resume = [*flags, *PBPO, "--resume"]
+    ckpt = lambda how: lambda d: corrupt(d / R.CHECKPOINT, how)
+    (tmp / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     (tmp / "run").mkdir()
     (tmp / "run" / "checkpoint.pt").write_bytes(b"")
     (tmp / "empty_model").mkdir()
+    os.mkfifo(tmp / "fifo.jsonl")
+    fifo_in_model = model_copy("fifo_model", lambda p: os.mkfifo(p / "generation_config.json"))
     return [
         ("missing model dir", "train_pbpo.py", ["--model=/no/such/model", prompts], "/no/such/model: no such directory"),
         ("model dir without files", "train_pbpo.py", [f"--model={tmp / 'empty_model'}", prompts], "no loadable tokenizer"),
@@ -185,27 +214,118 @@ def bad_inputs(toy, tmp):
         ("fresh run over a previous one", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'run'}"], "holds a previous run"),
         ("pair without 'rejected'", "train_selm.py", [model, f"--prefs={tmp / 'pairs.jsonl'}"], "pairs.jsonl:1: missing field 'rejected'"),
         ("SELM with max_new_tokens 0", "train_selm.py", [model, f"--prefs={t.prefs}", "--max_new_tokens=0"], "expected at least 1"),
+        # flags whose range was never checked
+        ("no follower steps", "train_pbpo.py", [model, prompts, "--t_in=0"], "--t_in=0: expected at least 1"),
+        ("max_new_tokens past the context", "train_pbpo.py", [model, prompts, "--max_new_tokens=1000000"],
+         "--max_new_tokens=1000000 is more than the model's context, max_position_embeddings=256"),
+        ("nothing to evaluate", "train_pbpo.py", [model, prompts, "--eval_max=0"], "--eval_max=0: expected at least 1"),
+        ("SELM, nothing to evaluate", "train_selm.py", [model, f"--prefs={t.prefs}", "--eval_max=0"], "--eval_max=0: expected at least 1"),
+        ("a bool flag neither on nor off", "train_pbpo.py", [model, prompts, "--normalize=maybe"],
+         "argument --normalize: invalid boolean value: 'maybe'"),
+        # files
+        ("JSON nested too deep", "train_pbpo.py", [model, prompt_file("deep.jsonl", "[" * 100000 + "\n")],
+         "deep.jsonl:1: bad JSON (maximum recursion depth exceeded"),
+        ("a 5000-digit number", "train_pbpo.py", [model, prompt_file("digits.jsonl", '{"prompt": "a", "answer": ' + "9" * 5000 + "}\n")],
+         "digits.jsonl:1: bad JSON (Exceeds the limit (4300 digits)"),
+        ("text that is not Unicode", "train_pbpo.py", [model, prompt_file("surrogate.jsonl", '{"prompt": "\\ud800"}\n')],
+         "surrogate.jsonl:1: bad JSON ('utf-8' codec can't encode character"),
+        ("text that is not UTF-8", "train_pbpo.py", [model, prompt_file("latin1.jsonl", b'{"prompt": "caf\xe9"}\n')],
+         "latin1.jsonl: not UTF-8 text (byte 15: invalid continuation byte)"),
+        ("prompt file that never ends (FIFO)", "train_pbpo.py", [model, f"--prompts={tmp / 'fifo.jsonl'}"],
+         "fifo.jsonl: not a regular file"),
+        ("prompt file that never ends (/dev/zero)", "train_pbpo.py", [model, "--prompts=/dev/zero"], "/dev/zero: not a regular file"),
+        ("model file that never ends (FIFO)", "train_pbpo.py", [fifo_in_model, prompts], "generation_config.json: not a regular file"),
+        ("truncated safetensors", "train_pbpo.py",
+         [model_copy("truncated", lambda p: os.truncate(p / "model.safetensors", os.path.getsize(p / "model.safetensors") // 2)), prompts],
+         "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete metadata"),
+        ("index without a weight map", "train_pbpo.py", [model_copy("index", index_only), prompts],
+         "model.safetensors.index.json: expected a 'weight_map' of tensor names to files"),
+        ("config.json: a size that is no number", "train_pbpo.py",
+         [model_copy("strsize", lambda p: set_json(p / "config.json", "hidden_size", "32")), prompts],
+         "Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str (value: '32')"),
+        ("config.json: a negative size", "train_pbpo.py",
+         [model_copy("negsize", lambda p: set_json(p / "config.json", "hidden_size", -32)), prompts],
+         "config.json: hidden_size must be a positive integer to build a llama model, got -32"),
+        ("config.json disagrees with the weights", "train_pbpo.py",
+         [model_copy("heads", lambda p: set_json(p / "config.json", "intermediate_size", 48)), prompts], "config.json implies (32, 48)"),
+        ("broken tokenizer.json", "train_pbpo.py",
+         [model_copy("badtok", lambda p: (p / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')), prompts], "no loadable tokenizer"),
+        ("checkpoint with 4 bytes flipped", "train_pbpo.py", [*pbpo_resume, run_dir("flipped", pbpo_run, ckpt("flipped"))],
+         "checksum mismatch: the file is corrupt"),
+        ("checkpoint truncated", "train_pbpo.py", [*pbpo_resume, run_dir("truncated_ckpt", pbpo_run, ckpt("truncated"))],
+         "not a readable checkpoint (Error while deserializing header"),
+        ("checkpoint empty", "train_pbpo.py", [*pbpo_resume, run_dir("empty_ckpt", pbpo_run, ckpt("empty"))],
+         "not a readable checkpoint (Error while deserializing header: header too small)"),
+        ("checkpoint of random bytes", "train_pbpo.py", [*pbpo_resume, run_dir("random_ckpt", pbpo_run, ckpt("random"))],
+         "not a readable checkpoint (Error while deserializing header"),
+        ("checkpoint crafted to run code", "train_pbpo.py",
+         [*pbpo_resume, run_dir("pickle", pbpo_run, lambda d: torch.save(Payload(tmp / "MARKER"), d / R.CHECKPOINT))],
+         "not a readable checkpoint"),
+        ("checkpoint lost", "train_pbpo.py", [*pbpo_resume, run_dir("lost", pbpo_run, lambda d: os.remove(d / R.CHECKPOINT))],
+         "checkpoints.log shows the run had one: refusing to start it over"),
+        ("only a checkpoint of an older version", "train_pbpo.py",
+         [*pbpo_resume, run_dir("legacy", pbpo_run, lambda d: [os.rename(d / R.CHECKPOINT, d / "checkpoint.pt"), os.remove(d / R.HISTORY)])],
+         "checkpoint.pt shows the run had one: refusing to start it over"),
+        ("resume with another learning rate", "train_pbpo.py", [*pbpo_resume, run_dir("lr", pbpo_run), "--lr=0.5"],
+         "is a run with other flags (--lr 0.0001 -> 0.5); only episodes, micro_batch, on_nonfinite, dist_timeout may change"),
+        ("resume with another G, level and seed", "train_pbpo.py",
+         [*pbpo_resume, run_dir("glevel", pbpo_run), "--group=4", "--level=token", "--seed=1"],
+         "(--group 2 -> 4; --level 'seq' -> 'token'; --seed 0 -> 1)"),
+        ("resume with another model", "train_pbpo.py", [*pbpo_resume, run_dir("model", pbpo_run), model_copy("same_arch", lambda p: None)],
+         f"(--model '{t.model}' -> '{tmp / 'same_arch'}')"),
+        ("resume with fewer episodes than done", "train_pbpo.py", [*pbpo_resume, run_dir("fewer", pbpo_run), "--episodes=1"],
+         "--episodes=1: the run is past episode 2 already"),
+        ("SELM resume with more iterations", "train_selm.py", [*selm_flags, "--resume", run_dir("iterations", selm_run), "--iterations=2"],
+         "(--iterations 1 -> 2); only micro_batch, on_nonfinite, dist_timeout may change"),
+        ("PbPO resume in a SELM run", "train_pbpo.py", [*pbpo_resume, run_dir("selm", selm_run)],
+         "checkpoint.safetensors was written by train_selm.py, not train_pbpo.py"),
+        # eval.py
+        ("eval: negative limit", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--limit=-3"], "--limit=-3: expected a finite number >= 0"),
+        ("eval: unknown device", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--device=gpu"], "--device=gpu: expected cpu"),
+        ("eval: truncated safetensors", "eval.py", ["generation", f"--model={tmp / 'truncated'}", f"--prompts={t.heldout}"],
+         "model.safetensors: not a readable safetensors file"),
+        ("eval: max_new_tokens past the context", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--max_new_tokens=1000000"],
+         "is more than the model's context"),
+        ("eval: pass@k at temperature 0", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--k=2"],
+         "pass@2 needs k samples at a temperature > 0"),
+        ("eval: data file that never ends", "eval.py", ["choice", model, f"--data={tmp / 'fifo.jsonl'}"], "fifo.jsonl: not a regular file"),
     ]
+
+
+def snapshot(out_dir):
+    """{file: bytes} of a run directory (its lock's holder line apart), None if there is none."""
+    if not os.path.isdir(out_dir):
+        return None
+    return {f: b"" if f == "lock" else open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir))
+            if os.path.isfile(os.path.join(out_dir, f))}
 
 
 def test_bad_inputs_give_one_clear_message(toy, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
-    (tmp_path / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
     cases = bad_inputs(toy, tmp_path)
-    assert len(cases) >= 20
+    assert len(cases) >= 60
 
     def attempt(case):
         name, script, flags, expected = case
-        flags = flags if any(f.startswith("--out_dir") for f in flags) else [*flags, f"--out_dir={tmp_path / 'out' / name}"]
+        given = [f.split("=", 1)[1] for f in flags if f.startswith("--out_dir=")]
+        out_dir = given[-1] if given else str(tmp_path / "out" / name)
+        flags = flags if given or script == "eval.py" else [*flags, f"--out_dir={out_dir}"]
+        before = snapshot(out_dir)
         proc = run(script, *flags, ok=False, timeout=120)
         message = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ""
-        print(f"{name:32} {message}")  # the list for the notes: pytest -s
+        print(f"{name:40} {message}")  # the table for the notes: pytest -s
         if proc.returncode == 0 or expected not in message or "Traceback" in proc.stderr:
             return f"{name}: rc={proc.returncode}, last stderr line {message!r}, expected {expected!r}"
+        after = snapshot(out_dir)
+        if before is not None and after != before:  # nothing lost, nothing left behind
+            return f"{name}: {out_dir} changed: {sorted(before)} -> {sorted(after)}"
+        if before is None and after and (after.get("preferences.jsonl") or after.get("metrics.jsonl")):
+            return f"{name}: the oracle was called before the refusal: {sorted(after)}"
 
     with ThreadPoolExecutor(2) as pool:  # two at a time: most of each is Python importing torch
         failures = [f for f in pool.map(attempt, cases) if f]
     assert not failures, "\n".join(failures)
+    assert not os.path.exists(tmp_path / "MARKER")  # the crafted checkpoint ran nothing
 
 
 # ---------------------------------------------------------------------------- checkpoints and run directories
@@ -264,6 +384,18 @@ def test_checkpoint_round_trip_is_exact_and_a_changed_byte_is_refused(tmp_path):
         assert "checksum mismatch" in str(e)
     else:
         raise AssertionError("a changed checkpoint was loaded")
+
+
+@dataclass
+class Flags:
+    on: bool = False  # a bool flag
+
+
+def test_bool_flags_take_the_usual_spellings():
+    for text, value in [("on", True), ("yes", True), ("TRUE", True), ("1", True), ("off", False), ("no", False),
+                        ("False", False), ("0", False)]:
+        assert R.parse_flags(Flags, "", [f"--on={text}"]).on is value, text
+    assert R.parse_flags(Flags, "", ["--on"]).on is True and R.parse_flags(Flags, "", []).on is False
 
 
 def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
