@@ -14,8 +14,9 @@ import warnings
 import torch
 
 # ---------------------------------------------------------------- tokenizer and encoding
-def load_tokenizer(path):
-    """A local HF tokenizer with an EOS; pad falls back to EOS."""
+def load_tokenizer(path, like=None):
+    """A local HF tokenizer with an EOS; pad falls back to EOS. like: a tokenizer this one must
+    equal (a model given another tokenizer's ids reads other tokens)."""
     from transformers import AutoTokenizer
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
@@ -31,6 +32,9 @@ def load_tokenizer(path):
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (set eos_token in "
                          "tokenizer_config.json)")
+    if like is not None and tok.get_vocab() != like.get_vocab():
+        raise ValueError(f"{path}: its tokenizer is not {like.name_or_path}'s, whose token ids it "
+                         "would be given")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok

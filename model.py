@@ -280,6 +280,20 @@ def read_json(path):
     return value
 
 
+def stop_ids(path, tokenizer):
+    """The ids that end a response, read as transformers does: generation_config.json's (else
+    config.json's) eos_token_id, int or list, and the tokenizer's EOS; all below vocab_size."""
+    config, gen = os.path.join(path, "config.json"), os.path.join(path, "generation_config.json")
+    where = gen if os.path.isfile(gen) else config
+    eos, vocab = read_json(where).get("eos_token_id"), read_json(config).get("vocab_size")
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    if not all(type(i) is int and 0 <= i < vocab for i in ids) or len(tokenizer) > vocab:
+        raise ValueError(f"{where}: eos_token_id {eos!r} and the tokenizer ({len(tokenizer)} "
+                         f"tokens, EOS {tokenizer.eos_token_id}) must be ids below the "
+                         f"vocab_size={vocab} of {config}")
+    return sorted(ids)
+
+
 def from_pretrained(path, device="cpu", dtype=torch.float32):
     """Load an HF directory: config.json and model.safetensors, or the shards listed in
     model.safetensors.index.json."""

@@ -124,11 +124,14 @@ if __name__ == "__main__":
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
+    if cfg.rm_backbone:  # its embedding is given the policy's token ids
+        data.load_tokenizer(cfg.rm_backbone, like=tok)
     prompts = data.shard(data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len), rank, world)
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     oracle = make_oracle(cfg.oracle, cfg.oracle_temp, device)
     policy = M.from_pretrained(cfg.model, device)
+    stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
     backbone = M.from_pretrained(cfg.rm_backbone or cfg.model, device)
     rm = RewardModel(backbone, cfg.level, cfg.bound, cfg.normalize, cfg.train_backbone).to(device)
@@ -151,7 +154,7 @@ if __name__ == "__main__":
         prompt_ids = [p["prompt_ids"] for p in items]
         seed = int(torch.randint(2**31, (1,), generator=key))
         responses = M.sample(model, prompt_ids, cfg.max_new_tokens, temperature, n=n, seed=seed,
-                             eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+                             eos_ids=stop, pad_id=tok.pad_token_id)
         return [p for p in prompt_ids for _ in range(n)], responses
 
     def batch(prompt_ids, responses):
@@ -203,7 +206,7 @@ if __name__ == "__main__":
                   f"{len(pairs['label'])} pairs")
 
     if sft_eval is None and heldout:
-        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens)
+        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
         log_metrics("sft_eval", **sft_eval)
 
     # ---------------------------------------------------------------- episodes
@@ -352,7 +355,7 @@ if __name__ == "__main__":
                             pairs={k: v for k, v in pairs.items() if k != "records"})
 
     # ---------------------------------------------------------------- final evaluation and export
-    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens) \
+    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop) \
         if heldout else {}
     log_metrics("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")

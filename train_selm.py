@@ -105,6 +105,7 @@ if __name__ == "__main__":
                          f"parts over {world} ranks")
     oracle = make_oracle(cfg.oracle, 0.0, device)
     policy = M.from_pretrained(cfg.model, device)
+    stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         run.shard_model(policy)
     part = len(pairs) // cfg.iterations  # |D_t|; each rank takes part // world: equal step counts
@@ -136,7 +137,7 @@ if __name__ == "__main__":
         log.cut(state["log_size"])
         calls, sft_eval, start = state["oracle_calls"], state["sft_eval"], state["iteration"] + 1
     if sft_eval is None and heldout:
-        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens)
+        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
         log_metrics("sft_eval", **sft_eval)
 
     # ---------------------------------------------------------------- iterations
@@ -146,7 +147,7 @@ if __name__ == "__main__":
         prompt_ids = [p["prompt_ids"] for p in d_t]
         seed = int(torch.randint(2**31, (1,), generator=run.generator(cfg.seed, "y_ref", it, rank)))
         y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0 if cfg.sample_ref else 0.0,
-                         seed=seed, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+                         seed=seed, eos_ids=stop, pad_id=tok.pad_token_id)
         # rank {y_ref, chosen, rejected}: the best becomes chosen, the worst rejected
         texts = {"ref": [data.decode(tok, y) for y in y_ref], "chosen": [p["chosen"] for p in d_t],
                  "rejected": [p["rejected"] for p in d_t]}
@@ -206,7 +207,7 @@ if __name__ == "__main__":
                             config=asdict(cfg), log_size=log.size())
 
     # ---------------------------------------------------------------- final evaluation and export
-    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens) \
+    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop) \
         if heldout else {}
     log_metrics("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")

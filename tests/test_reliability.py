@@ -1,6 +1,7 @@
 """Reliability: runs killed at random points resume to the same result, bad input gets one clear message, NaN/inf
 never trains silently, a full disk or a dead rank leaves the last good checkpoint intact; a run directory is one run's
 (a lock, its flags), its checkpoint runs no code and is refused when corrupt, what was labelled is never wiped."""
+import collections
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from conftest import PBPO, ROOT, SELM, command, metrics, run, without_timings
 from safetensors.torch import load_file, save_file
 
 import data
+import model as M
 import run as R
 
 TRACES = (R.CHECKPOINT, "preferences.jsonl", "metrics.jsonl")
@@ -162,6 +164,19 @@ def bad_inputs(toy, tmp):
         (tmp / name).write_bytes(text if isinstance(text, bytes) else text.encode())
         return f"--prompts={tmp / name}"
 
+    def smaller_vocab(path):  # config.json and the weights agree on 300 tokens; the tokenizer has more
+        set_json(path / "config.json", "vocab_size", 300)
+        weights = load_file(path / "model.safetensors")
+        weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:300].clone()
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+
+    def other_tokenizer(path):  # two tokens swap ids: the same text, other ids
+        tokenizer = json.loads((path / "tokenizer.json").read_text())
+        vocab = tokenizer["model"]["vocab"]
+        (a, i), (b, j) = sorted(vocab.items(), key=lambda kv: kv[1])[-2:]
+        vocab[a], vocab[b] = j, i
+        (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+
     def index_only(path):
         os.remove(path / "model.safetensors")
         (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
@@ -248,8 +263,16 @@ def bad_inputs(toy, tmp):
          "config.json: hidden_size must be a positive integer to build a llama model, got -32"),
         ("config.json disagrees with the weights", "train_pbpo.py",
          [model_copy("heads", lambda p: set_json(p / "config.json", "intermediate_size", 48)), prompts], "config.json implies (32, 48)"),
+        ("config.json disagrees with the tokenizer", "train_pbpo.py", [model_copy("vocab", smaller_vocab), prompts],
+         "must be ids below the vocab_size=300"),
+        ("EOS id outside the vocabulary", "train_pbpo.py",
+         [model_copy("geneos", lambda p: set_json(p / "generation_config.json", "eos_token_id", [2, 100000])), prompts],
+         "generation_config.json: eos_token_id [2, 100000] and the tokenizer"),
         ("broken tokenizer.json", "train_pbpo.py",
          [model_copy("badtok", lambda p: (p / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')), prompts], "no loadable tokenizer"),
+        ("reward backbone with another tokenizer", "train_pbpo.py",
+         [model, prompts, model_copy("othertok", other_tokenizer).replace("--model", "--rm_backbone")], "its tokenizer is not"),
+        # run directories: checkpoints, flags, scripts
         ("checkpoint with 4 bytes flipped", "train_pbpo.py", [*pbpo_resume, run_dir("flipped", pbpo_run, ckpt("flipped"))],
          "checksum mismatch: the file is corrupt"),
         ("checkpoint truncated", "train_pbpo.py", [*pbpo_resume, run_dir("truncated_ckpt", pbpo_run, ckpt("truncated"))],
@@ -286,6 +309,8 @@ def bad_inputs(toy, tmp):
          "model.safetensors: not a readable safetensors file"),
         ("eval: max_new_tokens past the context", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--max_new_tokens=1000000"],
          "is more than the model's context"),
+        ("eval: reference with another tokenizer", "eval.py", ["winrate", model, f"--ref={tmp / 'othertok'}", f"--prompts={t.heldout}"],
+         "its tokenizer is not"),
         ("eval: pass@k at temperature 0", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--k=2"],
          "pass@2 needs k samples at a temperature > 0"),
         ("eval: data file that never ends", "eval.py", ["choice", model, f"--data={tmp / 'fifo.jsonl'}"], "fifo.jsonl: not a regular file"),
@@ -442,6 +467,26 @@ def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_thei
     assert b"\0" not in log and metrics(tmp_path / "b")[-1]["kind"] == "final_eval"
     records = data.PreferenceStore(os.path.join(tmp_path / "b", "preferences.jsonl")).records
     assert [r["episode"] for r in records] == [1] * 8 + [2] * 8 + [3] * 8
+
+
+# ---------------------------------------------------------------------------- inputs as users have them
+def test_responses_end_on_every_eos_id_of_generation_config(toy, tmp_path):
+    """An instruct checkpoint ends a turn on more than one token: generation_config.json lists them. The sampler
+    stops on any of them in training (here the 3 tokens the toy policy writes most, besides its EOS)."""
+    flags, t = toy
+    tok, policy = data.load_tokenizer(t.model), M.from_pretrained(t.model)
+    prompts = [p["prompt_ids"] for p in data.load_prompts(t.train, tok, 256)]
+    written = collections.Counter(x for y in M.sample(policy, prompts, 16, 1.0, n=4, eos_ids=[tok.eos_token_id]) for x in y)
+    extra = [x for x, _ in written.most_common(4) if x != tok.eos_token_id][:3]
+    shutil.copytree(t.model, tmp_path / "model")
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, *extra]}))
+    assert M.stop_ids(str(tmp_path / "model"), tok) == sorted({tok.eos_token_id, *extra})
+    assert M.stop_ids(t.model, tok) == [tok.eos_token_id]  # no generation_config.json: config.json's, the same
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--model={tmp_path / 'model'}", f"--out_dir={tmp_path / 'out'}")
+    responses = [r[k] for r in data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records
+                 for k in ("response0_ids", "response1_ids")]
+    assert not [y for y in responses if set(y[:-1]) & set(extra)]  # nothing after the first stop id
+    assert sum(y[-1] in extra for y in responses) >= 2  # and responses did stop there
 
 
 def reward_model(path, tok_dir, nan=False):
