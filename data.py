@@ -139,15 +139,10 @@ def _answer(where, record):
     return value
 
 
-def _keep(where, ids, max_prompt_len, strict):
+def _keep(where, ids, max_prompt_len):
     if not ids:
         raise ValueError(f"{where}: the prompt is empty (no tokens)")
-    if len(ids) <= max_prompt_len:
-        return True
-    if strict:
-        raise ValueError(f"{where}: prompt is {len(ids)} tokens, longer than "
-                         f"max_prompt_len={max_prompt_len}")
-    return False
+    return len(ids) <= max_prompt_len
 
 
 def _report_dropped(path, kept, total, max_prompt_len):
@@ -158,7 +153,7 @@ def _report_dropped(path, kept, total, max_prompt_len):
         raise ValueError(f"{path}: every prompt is longer than max_prompt_len={max_prompt_len}")
 
 
-def load_prompts(path, tokenizer, max_prompt_len, strict=False):
+def load_prompts(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "answer"}] from {"prompt"}, {"messages"} or GSM8K {"question",
     "answer"} records."""
     rows, items = _records(path), []
@@ -172,13 +167,13 @@ def load_prompts(path, tokenizer, max_prompt_len, strict=False):
             raise ValueError(f"{where}: missing field 'answer' (a GSM8K record needs "
                              "'question' and 'answer')")
         ids = encode_prompt(tokenizer, prompt)
-        if _keep(where, ids, max_prompt_len, strict):
+        if _keep(where, ids, max_prompt_len):
             items.append({"prompt": prompt, "prompt_ids": ids, "answer": _answer(where, rec)})
     _report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
 
-def load_preferences(path, tokenizer, max_prompt_len, strict=False):
+def load_preferences(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
     TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
     (after an explicit prompt, if any) is the prompt, their final assistant turns the responses."""
@@ -204,7 +199,7 @@ def load_preferences(path, tokenizer, max_prompt_len, strict=False):
                 raise ValueError(f"{where}: missing field 'prompt' (and 'chosen' has no turns "
                                  "before its last)")
         ids = encode_prompt(tokenizer, prompt)
-        if _keep(where, ids, max_prompt_len, strict):
+        if _keep(where, ids, max_prompt_len):
             items.append({"prompt": prompt, "prompt_ids": ids, "chosen": chosen,
                           "rejected": rejected, "chosen_ids": encode_response(tokenizer, chosen),
                           "rejected_ids": encode_response(tokenizer, rejected),
@@ -252,16 +247,11 @@ class PreferenceStore:
                 except (ValueError, RecursionError) as e:
                     raise ValueError(f"{path}:{i}: bad JSON in the preference store "
                                      f"({e})") from None
-        if tail.strip():
-            try:  # the record may be whole with only its newline lost
-                self.records.append(json.loads(tail))
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-            except ValueError:
-                line = raw.count(b"\n") + 1
-                warnings.warn(f"{path}:{line}: ignoring a torn last line ({len(tail)} bytes of an "
-                              "interrupted write)")
-                os.truncate(path, len(raw) - len(tail))  # so the next record starts on a clean line
+        if tail.strip():  # a write the kill cut short: its episode, never checkpointed, is redone
+            line = raw.count(b"\n") + 1
+            warnings.warn(f"{path}:{line}: ignoring a torn last line ({len(tail)} bytes of an "
+                          "interrupted write)")
+            os.truncate(path, len(raw) - len(tail))  # so the next record starts on a clean line
         self.file = open(path, "a", encoding="utf-8")
 
     def append(self, record):
