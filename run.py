@@ -56,7 +56,8 @@ def parse_flags(cls, doc, argv=None):
             parser.error(f"--{name}={value}: expected a finite number >= 0")
     for name, (low, why) in getattr(cls, "AT_LEAST", {}).items():
         if getattr(cfg, name) < low:
-            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low} ({why})")
+            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low}" + (
+                f" ({why})" if why else ""))
     for name, allowed in getattr(cls, "CHOICES", {}).items():
         if getattr(cfg, name) not in allowed:
             parser.error(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
