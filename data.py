@@ -14,20 +14,27 @@ import warnings
 import torch
 
 # ---------------------------------------------------------------- tokenizer and encoding
-def load_tokenizer(path):
-    """A local HF tokenizer with an EOS; pad falls back to EOS."""
+def load_tokenizer(path, like=None):
+    """A local HF tokenizer with an EOS; pad falls back to EOS. like: a tokenizer this one must
+    equal (a model given another tokenizer's ids reads other tokens)."""
     from transformers import AutoTokenizer
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
                                 "tokenizer directory)")
+    for file in (os.path.join(path, name) for name in os.listdir(path)):  # a FIFO never ends
+        if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
+            raise ValueError(f"{file}: not a regular file")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
+    except Exception as e:  # a broken file raises anything (KeyError, TypeError, ...): named here
         raise ValueError(f"{path}: no loadable tokenizer (expected tokenizer.json / "
-                         f"tokenizer_config.json): {str(e).splitlines()[0]}") from e
+                         f"tokenizer_config.json): {' '.join(str(e).split())}") from e
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (set eos_token in "
                          "tokenizer_config.json)")
+    if like is not None and tok.get_vocab() != like.get_vocab():
+        raise ValueError(f"{path}: its tokenizer is not {like.name_or_path}'s, whose token ids it "
+                         "would be given")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -55,27 +62,41 @@ def decode(tokenizer, ids):
 
 
 # ---------------------------------------------------------------- loaders
+def read_text(path):
+    """A regular file's UTF-8 text, else one error naming it (a FIFO or a device never ends)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
+                                               "no such file"))
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
+def parse_json(text, path, line=1):
+    """json.loads; bad JSON (syntax, 4300+ digits, deep nesting, lone surrogates) is one error."""
+    try:
+        value = json.loads(text)
+        json.dumps(value, ensure_ascii=False).encode()  # a lone surrogate fails here
+        return value
+    except (ValueError, RecursionError) as e:
+        line += getattr(e, "lineno", 1) - 1
+        raise ValueError(f"{path}:{line}: bad JSON ({getattr(e, 'msg', e)})") from None
+
+
 def _records(path):
     """[(where, record)]: where is 'file:line' in JSONL, 'file[i]' (item index) in a .json array."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if path.endswith(".json"):
-        try:
-            rows = json.loads(text) if text.strip() else []
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        rows = parse_json(text, path) if text.strip() else []
         if not isinstance(rows, list):
             raise ValueError(f"{path}:1: expected a JSON array of records, got a "
                              f"{type(rows).__name__}")
         rows = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
-    else:
-        rows = []
-        for i, line in enumerate(text.splitlines(), 1):
-            if line.strip():  # blank lines (a trailing newline) are not records
-                try:
-                    rows.append((f"{path}:{i}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: bad JSON ({e.msg})") from None
+    else:  # lines end at \n only: JSON strings may hold U+2028 and the like
+        rows = [(f"{path}:{i}", parse_json(line, path, i))
+                for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}:1: empty file, no records")
     for where, r in rows:
@@ -118,13 +139,10 @@ def _answer(where, record):
     return value
 
 
-def _keep(where, ids, max_prompt_len, strict):
-    if len(ids) <= max_prompt_len:
-        return True
-    if strict:
-        raise ValueError(f"{where}: prompt is {len(ids)} tokens, longer than "
-                         f"max_prompt_len={max_prompt_len}")
-    return False
+def _keep(where, ids, max_prompt_len):
+    if not ids:
+        raise ValueError(f"{where}: the prompt is empty (no tokens)")
+    return len(ids) <= max_prompt_len
 
 
 def _report_dropped(path, kept, total, max_prompt_len):
@@ -135,7 +153,7 @@ def _report_dropped(path, kept, total, max_prompt_len):
         raise ValueError(f"{path}: every prompt is longer than max_prompt_len={max_prompt_len}")
 
 
-def load_prompts(path, tokenizer, max_prompt_len, strict=False):
+def load_prompts(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "answer"}] from {"prompt"}, {"messages"} or GSM8K {"question",
     "answer"} records."""
     rows, items = _records(path), []
@@ -149,13 +167,13 @@ def load_prompts(path, tokenizer, max_prompt_len, strict=False):
             raise ValueError(f"{where}: missing field 'answer' (a GSM8K record needs "
                              "'question' and 'answer')")
         ids = encode_prompt(tokenizer, prompt)
-        if _keep(where, ids, max_prompt_len, strict):
+        if _keep(where, ids, max_prompt_len):
             items.append({"prompt": prompt, "prompt_ids": ids, "answer": _answer(where, rec)})
     _report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
 
-def load_preferences(path, tokenizer, max_prompt_len, strict=False):
+def load_preferences(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
     TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
     (after an explicit prompt, if any) is the prompt, their final assistant turns the responses."""
@@ -181,7 +199,7 @@ def load_preferences(path, tokenizer, max_prompt_len, strict=False):
                 raise ValueError(f"{where}: missing field 'prompt' (and 'chosen' has no turns "
                                  "before its last)")
         ids = encode_prompt(tokenizer, prompt)
-        if _keep(where, ids, max_prompt_len, strict):
+        if _keep(where, ids, max_prompt_len):
             items.append({"prompt": prompt, "prompt_ids": ids, "chosen": chosen,
                           "rejected": rejected, "chosen_ids": encode_response(tokenizer, chosen),
                           "rejected_ids": encode_response(tokenizer, rejected),
@@ -226,19 +244,14 @@ class PreferenceStore:
                 try:
                     self.records.append(json.loads(line))
                 # inside the file: corruption, not a crash artefact; never guess
-                except ValueError as e:
+                except (ValueError, RecursionError) as e:
                     raise ValueError(f"{path}:{i}: bad JSON in the preference store "
                                      f"({e})") from None
-        if tail.strip():
-            try:  # the record may be whole with only its newline lost
-                self.records.append(json.loads(tail))
-                with open(path, "ab") as f:
-                    f.write(b"\n")
-            except ValueError:
-                line = raw.count(b"\n") + 1
-                warnings.warn(f"{path}:{line}: ignoring a torn last line ({len(tail)} bytes of an "
-                              "interrupted write)")
-                os.truncate(path, len(raw) - len(tail))  # so the next record starts on a clean line
+        if tail.strip():  # a write the kill cut short: its episode, never checkpointed, is redone
+            line = raw.count(b"\n") + 1
+            warnings.warn(f"{path}:{line}: ignoring a torn last line ({len(tail)} bytes of an "
+                          "interrupted write)")
+            os.truncate(path, len(raw) - len(tail))  # so the next record starts on a clean line
         self.file = open(path, "a", encoding="utf-8")
 
     def append(self, record):
@@ -252,12 +265,15 @@ class PreferenceStore:
         """Replace the whole store atomically (temp file, fsync, rename): resume drops the pairs a
         checkpoint never saw, so they are labelled again instead of counted twice."""
         tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
-        self.file.close()
-        os.replace(tmp, self.path)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+                f.flush()
+                os.fsync(f.fileno())
+            self.file.close()
+            os.replace(tmp, self.path)
+        finally:  # also when stopped by SIGTERM or Ctrl-C
+            os.path.exists(tmp) and os.remove(tmp)
         self.records, self.file = list(records), open(self.path, "a", encoding="utf-8")
 
     def __len__(self):

@@ -16,6 +16,7 @@ GPU (--device). Tests: python -m pytest -q tests/test_eval.py
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -27,10 +28,12 @@ import run
 from reward import make_oracle
 
 
-def sample_texts(policy, tok, items, max_new_tokens, batch_size=64, temperature=0.0, seed=0, k=1):
-    """k decoded responses per item (greedy at temperature 0), item-major."""
+def sample_texts(policy, tok, items, max_new_tokens, batch_size=64, temperature=0.0, seed=0, k=1,
+                 eos_ids=None):
+    """k decoded responses per item (greedy at temperature 0), item-major, each ending on any of
+    eos_ids (model.stop_ids; default: the tokenizer's EOS)."""
     responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature, n=k,
-                         seed=seed, batch_size=batch_size, eos_ids=[tok.eos_token_id],
+                         seed=seed, batch_size=batch_size, eos_ids=eos_ids or [tok.eos_token_id],
                          pad_id=tok.pad_token_id)
     return [data.decode(tok, y) for y in responses]
 
@@ -98,11 +101,11 @@ def wilson(p, n, z=1.96):
 
 
 def winrate(policy, ref, tok, items, score_fn, max_new_tokens, batch_size=64, temperature=0.0,
-            seed=0, z=1.96):
+            seed=0, z=1.96, eos_ids=None):
     """Share of prompts where the policy's response scores above the reference policy's (ties
     count half), with a Wilson interval over the n prompts."""
-    texts = [sample_texts(m, tok, items, max_new_tokens, batch_size, temperature, seed)
-             for m in (policy, ref)]
+    texts = [sample_texts(m, tok, items, max_new_tokens, batch_size, temperature, seed,
+                          eos_ids=eos_ids) for m in (policy, ref)]
     s, s_ref = (torch.tensor([float(v) for v in score_fn(items, t)]) for t in texts)  # (n,) each
     counts = [(s > s_ref).sum(), (s == s_ref).sum(), len(items), s.sum(), s_ref.sum()]
     wins, ties, n, r, r_ref = run.all_sum(counts, next(policy.parameters()).device)
@@ -114,10 +117,11 @@ def winrate(policy, ref, tok, items, score_fn, max_new_tokens, batch_size=64, te
 
 
 def rewards(policy, tok, items, score_fn, max_new_tokens, bins=10, batch_size=64, temperature=0.0,
-            seed=0):
+            seed=0, eos_ids=None):
     """Histogram (bin edges, counts), mean and std of the oracle reward of the policy's responses,
     over all ranks."""
-    texts = sample_texts(policy, tok, items, max_new_tokens, batch_size, temperature, seed)
+    texts = sample_texts(policy, tok, items, max_new_tokens, batch_size, temperature, seed,
+                         eos_ids=eos_ids)
     scores = run.gather([float(v) for v in score_fn(items, texts)])
     s = torch.tensor(scores, dtype=torch.float64)  # (n,)
     counts, edges = torch.histogram(s, bins=bins)
@@ -144,7 +148,8 @@ class Config:
     device: str = ""  # cpu | cuda (default: cuda when there is one)
     out: str = ""  # write the results as JSON here
 
-    AT_LEAST = {"k": (1, ""), "bins": (1, ""), "max_new_tokens": (1, ""), "batch_size": (1, "")}
+    AT_LEAST = {"k": (1, ""), "bins": (1, ""), "max_new_tokens": (1, ""), "batch_size": (1, ""),
+                "max_prompt_len": (1, "")}
     NEEDS = {"generation": ("prompts",), "choice": ("data",), "winrate": ("prompts", "ref"),
              "rewards": ("prompts",)}
 
@@ -170,14 +175,22 @@ def main(argv=None):
         if not getattr(cfg, name):
             raise ValueError(f"eval.py {cmd} needs --{name}")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.cuda.is_available()
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not cuda:
+        raise ValueError(f"--device={device}: expected cpu, or cuda[:N] on a machine with CUDA")
     tok, policy = data.load_tokenizer(cfg.model), M.from_pretrained(cfg.model, device).eval()
+    stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
+    if cmd == "winrate":  # the reference policy is given the policy's token ids
+        data.load_tokenizer(cfg.ref, like=tok)
+        stop = sorted({*stop, *M.stop_ids(cfg.ref, tok)})
     if cmd == "choice":
         items = load_choices(cfg.data, tok)[:cfg.limit or None]
         return report(choice(policy, items, tok.pad_token_id, cfg.batch_size), cfg.out)
     items = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)[:cfg.limit or None]
     oracle = make_oracle(cfg.oracle, device=device)
     score_fn = oracle.score_fn
-    common = dict(batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed)
+    common = dict(batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed,
+                  eos_ids=stop)
     if cmd == "generation":
         res = oracle.evaluate(policy, tok, items, cfg.max_new_tokens, k=cfg.k, **common)
     elif cmd == "winrate":

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
@@ -59,8 +59,9 @@ class ModelConfig:
                              f"{', '.join(SUPPORTED)})")
         for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                     "num_attention_heads"):
-            if key not in d:
-                raise ValueError(f"{where}: missing {key!r}, needed to build a {mt} model")
+            if type(d.get(key)) is not int or d[key] < 1:
+                raise ValueError(f"{where}: {key} must be a positive integer to build a {mt} "
+                                 f"model, got {d.get(key)!r}")
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported "
                              "(only silu)")
@@ -267,6 +268,32 @@ def build(cfg, device="cpu", dtype=torch.float32, init=True):
 
 
 # ---------------------------------------------------------------- checkpoint I/O
+def read_json(path):
+    """A JSON object from a model directory's file; anything else is one ValueError naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: bad JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+def stop_ids(path, tokenizer):
+    """The ids that end a response, read as transformers does: generation_config.json's (else
+    config.json's) eos_token_id, int or list, and the tokenizer's EOS; all below vocab_size."""
+    config, gen = os.path.join(path, "config.json"), os.path.join(path, "generation_config.json")
+    where = gen if os.path.isfile(gen) else config
+    eos, vocab = read_json(where).get("eos_token_id"), read_json(config).get("vocab_size")
+    ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
+    if not all(type(i) is int and 0 <= i < vocab for i in ids) or len(tokenizer) > vocab:
+        raise ValueError(f"{where}: eos_token_id {eos!r} and the tokenizer ({len(tokenizer)} "
+                         f"tokens, EOS {tokenizer.eos_token_id}) must be ids below the "
+                         f"vocab_size={vocab} of {config}")
+    return sorted(ids)
+
+
 def from_pretrained(path, device="cpu", dtype=torch.float32):
     """Load an HF directory: config.json and model.safetensors, or the shards listed in
     model.safetensors.index.json."""
@@ -274,16 +301,16 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
                                 "(config.json + model.safetensors or model.safetensors.index.json)")
-    with open(cfg_path) as f:
-        cfg = ModelConfig.from_hf_dict(json.load(f), cfg_path)
+    cfg = ModelConfig.from_hf_dict(read_json(cfg_path), cfg_path)
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        files = [os.path.join(path, name) for name in shards]
+        shards = read_json(index).get("weight_map")
+        if not isinstance(shards, dict) or not shards:
+            raise ValueError(f"{index}: expected a 'weight_map' of tensor names to files")
+        files = [os.path.join(path, name) for name in sorted(set(map(str, shards.values())))]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor "
                                 "model.safetensors.index.json (only safetensors are read)")
@@ -293,7 +320,11 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     loaded = set()
     with torch.no_grad():
         for file in files:
-            with safe_open(file, "pt", device="cpu") as f:
+            try:  # truncated, or not safetensors: the header says so at once
+                f = safe_open(file, "pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+            with f:
                 for key in f.keys():
                     if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
                         continue  # recomputed / the embedding itself
@@ -486,6 +517,10 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, "
                          "temperature >= 0")
+    context = model.config.raw.get("max_position_embeddings") or math.inf
+    if max_new_tokens > context:  # the static cache would outgrow what the model attends to
+        raise ValueError(f"--max_new_tokens={max_new_tokens} is more than the model's context, "
+                         f"max_position_embeddings={context}")
     device = model.inv_freq.device
     B, Lp = len(prompts), max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=device)

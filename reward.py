@@ -90,14 +90,14 @@ class Oracle:
                  batch_size=64, eos_ids=None):
         """The policy judged on held-out items (calls not counted): exact-match accuracy of the
         final '#### N' over the items with an answer (pass@k for k > 1: any of k samples right)
-        and the mean score of all samples. Under torchrun each rank passes its share."""
+        and the mean score of all samples; responses end on eos_ids (default: the tokenizer's
+        EOS). Under torchrun each rank passes its share."""
         if k > 1 and temperature <= 0:
             raise ValueError(f"pass@{k} needs k samples at a temperature > 0, got "
                              f"temperature={temperature}")
         responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature,
                              n=k, seed=seed, batch_size=batch_size,
-                             eos_ids=eos_ids or [tok.eos_token_id],
-                             pad_id=tok.pad_token_id)
+                             eos_ids=eos_ids or [tok.eos_token_id], pad_id=tok.pad_token_id)
         texts = [data.decode(tok, y) for y in responses]
         reward = sum(map(float, self.score_fn([p for p in items for _ in range(k)], texts))) / k
         correct = sum(any(data.is_correct(t, p["answer"]) for t in texts[i * k:(i + 1) * k])

@@ -7,25 +7,37 @@ clear line for bad input instead of a traceback.
 Nothing to run on its own. Tests: python -m pytest -q tests/test_reliability.py tests/test_fsdp.py
 """
 import argparse
+import fcntl
 import hashlib
 import inspect
 import json
 import math
 import os
 import re
+import signal
 import sys
 from dataclasses import asdict
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+CHECKPOINT, HISTORY = "checkpoint.safetensors", "checkpoints.log"  # in out_dir
+RUN = {}  # this process's run: its out_dir once start() checked it, and the lock held on it
+
 
 # ---------------------------------------------------------------- flags and errors
+def boolean(text):
+    """A bool flag: 1/true/yes/on or 0/false/no/off (a ValueError otherwise, argparse names it)."""
+    return ("0", "false", "no", "off", "1", "true", "yes", "on").index(text.lower()) >= 4
+
+
 def parse_flags(cls, doc, argv=None):
     """A dataclass of knobs -> one --flag each, its comment the help. NaN and negative numbers are
     refused by name (no knob of ours means anything below zero), as are values outside the class's
@@ -34,7 +46,7 @@ def parse_flags(cls, doc, argv=None):
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in cls.__dataclass_fields__.items():
-        kind = field.type if field.type is not bool else lambda s: s.lower() in ("1", "true", "yes")
+        kind = field.type if field.type is not bool else boolean
         parser.add_argument(f"--{name}", type=kind, default=field.default, help=comments.get(name),
                             **({"nargs": "?", "const": True} if field.type is bool else {}))
     cfg = cls(**vars(parser.parse_args(argv)))
@@ -44,7 +56,8 @@ def parse_flags(cls, doc, argv=None):
             parser.error(f"--{name}={value}: expected a finite number >= 0")
     for name, (low, why) in getattr(cls, "AT_LEAST", {}).items():
         if getattr(cfg, name) < low:
-            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low} ({why})")
+            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low}" + (
+                f" ({why})" if why else ""))
     for name, allowed in getattr(cls, "CHOICES", {}).items():
         if getattr(cfg, name) not in allowed:
             parser.error(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
@@ -53,14 +66,22 @@ def parse_flags(cls, doc, argv=None):
 
 def friendly_errors(script):
     """Bad input (a ValueError or OSError whose message names the file, line or flag) ends the run
-    with that one message and exit code 1, not a traceback; PBPO_TRACEBACK=1 shows the traceback."""
+    with that one message and exit code 1, not a traceback; PBPO_TRACEBACK=1 shows the traceback.
+    SIGTERM stops a run as Ctrl-C does: one line says where it resumes from."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
 
     def hook(kind, error, tb):
-        if issubclass(kind, (ValueError, OSError,
-                             ArithmeticError)) and not os.environ.get("PBPO_TRACEBACK"):
-            print(f"{script}: error: {error}", file=sys.stderr)
-        else:
-            sys.__excepthook__(kind, error, tb)
+        stopped = issubclass(kind, KeyboardInterrupt)
+        if os.environ.get("PBPO_TRACEBACK") or not (stopped or issubclass(kind, (
+                ValueError, OSError, ArithmeticError))):
+            return sys.__excepthook__(kind, error, tb)
+        message, ckpt = f"error: {error}", os.path.join(RUN.get("out_dir", ""), CHECKPOINT)
+        if stopped:
+            message = "stopped" + ("" if "out_dir" not in RUN else f"; --resume continues from "
+                                   f"{ckpt}" if os.path.isfile(ckpt) else
+                                   "; no checkpoint yet, --resume starts over")
+        if not stopped or os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
+            print(f"{script}: {message}", file=sys.stderr)
 
     sys.excepthook = hook
 
@@ -148,25 +169,46 @@ def generator(*keys):
 
 
 # ---------------------------------------------------------------- out_dir and metrics
-def check_out_dir(out_dir, resume):
-    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run killed before its first
-    checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run."""
-    ckpt = os.path.join(out_dir, "checkpoint.pt")
-    names = ("checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
-    traces = [f for f in names if os.path.exists(os.path.join(out_dir, f))]
-    if not resume and traces:
-        raise FileExistsError(f"{out_dir} holds a previous run ({', '.join(traces)}): pass "
-                              "--resume to continue it, or choose a new --out_dir")
-    if resume and not traces:
+def check_out_dir(cfg):
+    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run stopped before its first
+    checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run. A
+    resume continues the same run, same script and flags (but the Config's RESUME_MAY_CHANGE), or
+    is refused; so is a run whose checkpoint is gone: it is never started over."""
+    out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, CHECKPOINT)
+    names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
+    traces = [f for f in names if os.path.exists(os.path.join(out, f))]
+    if not cfg.resume and traces:
+        raise FileExistsError(f"{out} holds a previous run ({', '.join(traces)}): pass --resume "
+                              "to continue it, or choose a new --out_dir")
+    if cfg.resume and not traces:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (point --out_dir at the run "
                                 "to continue)")
-    return "fresh" if not resume else "resume" if os.path.exists(ckpt) else "restart"
+    lost = [f for f in traces if f in (HISTORY, "checkpoint.pt")]  # checkpoint.pt: pickled, older
+    if cfg.resume and lost and CHECKPOINT not in traces:
+        raise FileNotFoundError(f"--resume: no {ckpt}, yet {lost[0]} shows the run had one: "
+                                "refusing to start it over, which would drop its labelled pairs "
+                                "(restore the checkpoint, or choose a new --out_dir)")
+    if CHECKPOINT not in traces:
+        return "restart" if cfg.resume else "fresh"
+    doc, script = read_checkpoint(ckpt, tensors=False), os.path.basename(sys.argv[0])
+    if doc.get("script") != script:
+        raise ValueError(f"--resume: {ckpt} was written by {doc.get('script')}, not {script}: "
+                         "choose another --out_dir")
+    old, new = doc.get("config", {}), asdict(cfg)
+    may = ("resume", "out_dir", *getattr(cfg, "RESUME_MAY_CHANGE", ()))
+    changed = [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if k not in may and old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
+                         f"only {', '.join(may[2:])} may change")
+    return "resume"
 
 
 def start(cfg, rank, world):
     """Where no --model is given, the built-in default: the toy task (built once into out/toy by
-    rank 0). Then the out_dir check on every rank before any file is written, and the knobs printed.
-    -> check_out_dir's mode."""
+    rank 0). Then the out_dir check on every rank before any file is written; rank 0 locks out_dir
+    (flock on out_dir/lock, held until the process ends, kill -9 included: a second run is
+    refused, naming the holder), checks again under the lock, prints the knobs. -> the mode."""
     if not cfg.model:
         import toy
         paths = toy.build() if rank == 0 else None
@@ -177,12 +219,23 @@ def start(cfg, rank, world):
         for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
             if hasattr(cfg, name):
                 setattr(cfg, name, getattr(cfg, name) or path)
-    mode = check_out_dir(cfg.out_dir, cfg.resume)
+    mode = check_out_dir(cfg)
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        lock = RUN["lock"] = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(lock, 4096).decode(errors="replace") or "another run"
+            raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
+                                  "choose another --out_dir") from None
+        os.ftruncate(lock, 0)
+        os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: {' '.join(sys.argv)}".encode())
+        mode = check_out_dir(cfg)
+        print(json.dumps(asdict(cfg), indent=1))
     if world > 1:
         dist.barrier()
-    if rank == 0:
-        print(json.dumps(asdict(cfg), indent=1))
-        os.makedirs(cfg.out_dir, exist_ok=True)
+    RUN["out_dir"] = cfg.out_dir
     return mode
 
 
@@ -203,7 +256,11 @@ class MetricsLog:
         return self.file.tell() if self.file else 0
 
     def cut(self, size):
-        if self.file:
+        """Back to the `size` bytes a checkpoint saw; a shorter log (deleted?) is never padded."""
+        if self.file and size > self.size():
+            print(f"warning: {self.path} is shorter than its checkpoint saw ({self.size()} < "
+                  f"{size} bytes): lines before the checkpoint are missing")
+        elif self.file:
             self.file.truncate(size)
             self.file.seek(size)
 
@@ -234,37 +291,71 @@ def full_state_dict(model):
     return get_model_state_dict(model, options=options)
 
 
+def _checksum(doc, tensors):
+    """SHA-256 of the document and of every tensor: name, dtype, shape and bytes."""
+    h = hashlib.sha256(doc.encode())
+    for name, t in sorted(tensors.items()):
+        h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def save_checkpoint(path, modules, **extra):
-    """modules {name: (model, optimizer | None)} plus extra picklable state, written by rank 0
-    atomically (a temp file in the same directory, fsynced, then renamed): a kill or a full disk
-    never leaves half a checkpoint. Collective under FSDP."""
+    """modules {name: (model, optimizer | None)} plus extra state (nested dicts with string keys,
+    lists, tensors, plain values) in safetensors: the tensors, and in the header a JSON document of
+    the rest with a SHA-256 of both, so loading runs no pickle. Written by rank 0 atomically (temp
+    file, fsync, rename) and logged in checkpoints.log beside it. Collective under FSDP."""
     state, options = dict(extra), StateDictOptions(full_state_dict=True, cpu_offload=True)
     for name, (m, opt) in modules.items():
         state[name], state[name + "_opt"] = (full_state_dict(m), None) if opt is None else \
             get_state_dict(m, opt, options=options)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tmp = f"{path}.tmp"
+        tensors, storages, tmp = {}, set(), f"{path}.tmp"
+
+        def put(t):  # json.dumps' call for each tensor: into `tensors`, one storage each (tied
+            t = t.detach().cpu().contiguous()  # weights share one, which safetensors refuses)
+            t = t.clone() if t.untyped_storage().data_ptr() in storages else t
+            storages.add(t.untyped_storage().data_ptr())
+            tensors[f"t{len(tensors)}"] = t
+            return {"__tensor__": f"t{len(tensors) - 1}"}
+
+        doc = json.dumps({**state, "script": os.path.basename(sys.argv[0])}, default=put)
+        checksum = _checksum(doc, tensors)
         try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
+            save_file(tensors, tmp, metadata={"state": doc, "sha256": checksum})
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
-        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-            os.path.exists(tmp) and os.remove(tmp)
+            os.replace(tmp, path)
+        except (OSError, SafetensorError) as e:
             raise OSError(f"writing checkpoint {path} failed ({e}); the previous checkpoint "
                           "is intact") from e
-        os.replace(tmp, path)
+        finally:  # also when stopped by SIGTERM or Ctrl-C
+            os.path.exists(tmp) and os.remove(tmp)
+        with open(os.path.join(os.path.dirname(path), HISTORY), "a") as f:
+            f.write(f"{path} sha256 {checksum}\n")
     if dist.is_initialized():
         dist.barrier()
+
+
+def read_checkpoint(path, tensors=True):
+    """What save_checkpoint wrote, its checksum verified; tensors=False: the document alone (flags,
+    script, counters), from the header. Anything else (truncated, corrupt, crafted) is refused."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta, found = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if tensors}
+        if tensors and meta.get("sha256") != _checksum(meta.get("state", ""), found):
+            raise ValueError("checksum mismatch: the file is corrupt")
+        return json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
+            d["__tensor__"], d) if d.keys() == {"__tensor__"} else d)
+    except (SafetensorError, OSError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: not a readable checkpoint ({e}); refusing to resume from it") \
+            from None
 
 
 def load_checkpoint(path, modules):
     """Load what save_checkpoint wrote into modules {name: (model, optimizer | None)}; returns
     the extra state."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--resume: no checkpoint at {path} (point --out_dir at the run "
-                                "to continue)")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():
         model_state, opt_state = state.pop(name), state.pop(name + "_opt")

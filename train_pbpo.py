@@ -83,10 +83,11 @@ class Config:
                 "t_out": (1, "T_out"), "t_in": (1, "T_in"), "ref_samples": (1, "R"),
                 "group": (2, "the leave-one-out baseline needs G >= 2"), "leader_prompts": (1, "P"),
                 "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""),
-                "micro_batch": (1, ""), "rm_batch": (1, ""),
+                "micro_batch": (1, ""), "rm_batch": (1, ""), "eval_max": (1, ""),
                 "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B")}
     CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
                "on_nonfinite": ("skip", "stop")}
+    RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
 
 
 # ---------------------------------------------------------------- the objectives
@@ -148,7 +149,9 @@ if __name__ == "__main__":
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
-    eos_ids = [tok.eos_token_id]
+    eos_ids = M.stop_ids(cfg.model, tok)  # a response ends on any of them
+    if cfg.rm_backbone:  # its embedding is given the policy's token ids
+        data.load_tokenizer(cfg.rm_backbone, like=tok)
     prompts = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)  # all of them, on every rank
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)
@@ -170,7 +173,7 @@ if __name__ == "__main__":
     pairs = {"phi0": [], "phi1": [], "label": [], "records": []}  # D, with the features cached
     store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
     def draw(count, *purpose):
@@ -224,6 +227,9 @@ if __name__ == "__main__":
         log.cut(0)
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, checkpoint_modules())
+        if state["episode"] > cfg.episodes:
+            raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
+                             f"{state['episode']} already")
         rm.w.data.copy_(state["w"])
         log.cut(state["log_size"])
         cov.load_state_dict(state["cov"])

@@ -62,8 +62,9 @@ class Config:
 
     AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
                 "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
-                "max_prompt_len": (1, "")}
+                "max_prompt_len": (1, ""), "eval_max": (1, "")}
     CHOICES = {"on_nonfinite": ("skip", "stop")}
+    RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
 
 
 # ---------------------------------------------------------------- the objective
@@ -104,6 +105,7 @@ if __name__ == "__main__":
                          f"parts over {world} ranks")
     oracle = make_oracle(cfg.oracle, 0.0, device)
     policy = M.from_pretrained(cfg.model, device)
+    stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         run.shard_model(policy)
     part = len(pairs) // cfg.iterations  # |D_t|; each rank takes part // world: equal step counts
@@ -115,7 +117,7 @@ if __name__ == "__main__":
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
-    ckpt_path = os.path.join(cfg.out_dir, "checkpoint.pt")
+    ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
     def log_metrics(kind, **metrics):
@@ -135,7 +137,7 @@ if __name__ == "__main__":
         log.cut(state["log_size"])
         calls, sft_eval, start = state["oracle_calls"], state["sft_eval"], state["iteration"] + 1
     if sft_eval is None and heldout:
-        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens)
+        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
         log_metrics("sft_eval", **sft_eval)
 
     # ---------------------------------------------------------------- iterations
@@ -145,7 +147,7 @@ if __name__ == "__main__":
         prompt_ids = [p["prompt_ids"] for p in d_t]
         seed = int(torch.randint(2**31, (1,), generator=run.generator(cfg.seed, "y_ref", it, rank)))
         y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0 if cfg.sample_ref else 0.0,
-                         seed=seed, eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+                         seed=seed, eos_ids=stop, pad_id=tok.pad_token_id)
         # rank {y_ref, chosen, rejected}: the best becomes chosen, the worst rejected
         texts = {"ref": [data.decode(tok, y) for y in y_ref], "chosen": [p["chosen"] for p in d_t],
                  "rejected": [p["rejected"] for p in d_t]}
@@ -205,7 +207,7 @@ if __name__ == "__main__":
                             config=asdict(cfg), log_size=log.size())
 
     # ---------------------------------------------------------------- final evaluation and export
-    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens) \
+    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop) \
         if heldout else {}
     log_metrics("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")

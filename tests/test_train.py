@@ -116,7 +116,7 @@ def test_selm_one_iteration_runs_and_resumes(toy, tmp_path):
     part = tmp_path / "part"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_selm.py"), *flags, *SELM, "--iterations=2",
                              "--max_pairs=16", f"--out_dir={part}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not os.path.exists(part / "checkpoint.pt") and proc.poll() is None:
+    while not os.path.exists(part / "checkpoint.safetensors") and proc.poll() is None:
         time.sleep(0.01)
     proc.kill()
     proc.wait()
