@@ -1,8 +1,8 @@
 """
-Data: the tokenizer, loaders for the formats researchers keep on disk (JSONL or .json arrays of
-{"prompt"} / {"messages"} prompts, TRL prompt/chosen/rejected pairs, GSM8K question/answer),
-batching in the layout every file shares, the crash-safe preference store, and GSM8K's answer format
-('#### N').
+Data: the tokenizer, the reader of the files researchers keep on disk (JSONL or .json arrays, every
+error naming the file and line), the prompt loader ({"prompt"} / {"messages"} prompts, GSM8K
+question/answer; train_selm.py holds the loader of TRL prompt/chosen/rejected pairs), batching in
+the layout every file shares, the crash-safe preference store, and GSM8K's answer format ('#### N').
 
 Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py
 """
@@ -85,7 +85,7 @@ def parse_json(text, path, line=1):
         raise ValueError(f"{path}:{line}: bad JSON ({getattr(e, 'msg', e)})") from None
 
 
-def _records(path):
+def records(path):
     """[(where, record)]: where is 'file:line' in JSONL, 'file[i]' (item index) in a .json array."""
     text = read_text(path)
     if path.endswith(".json"):
@@ -111,7 +111,7 @@ def _is_messages(v):
         for m in v)
 
 
-def _field(where, record, name, messages_ok=True):
+def field(where, record, name, messages_ok=True):
     """record[name], checked: a string, or (messages_ok) a list of {"role": str, "content": str}."""
     if name not in record:
         raise ValueError(f"{where}: missing field '{name}'")
@@ -124,7 +124,7 @@ def _field(where, record, name, messages_ok=True):
                      f"{str(v)[:40]!r}")
 
 
-def _answer(where, record):
+def answer_of(where, record):
     """The verifiable answer: a GSM8K solution's '#### N' value, or a bare value; None if absent."""
     if "answer" not in record:
         return None
@@ -139,13 +139,13 @@ def _answer(where, record):
     return value
 
 
-def _keep(where, ids, max_prompt_len):
+def fits(where, ids, max_prompt_len):
     if not ids:
         raise ValueError(f"{where}: the prompt is empty (no tokens)")
     return len(ids) <= max_prompt_len
 
 
-def _report_dropped(path, kept, total, max_prompt_len):
+def report_dropped(path, kept, total, max_prompt_len):
     if kept < total:
         print(f"{path}: dropped {total - kept} of {total} records whose prompt is longer than "
               f"{max_prompt_len} tokens")
@@ -156,55 +156,20 @@ def _report_dropped(path, kept, total, max_prompt_len):
 def load_prompts(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "answer"}] from {"prompt"}, {"messages"} or GSM8K {"question",
     "answer"} records."""
-    rows, items = _records(path), []
+    rows, items = records(path), []
     for where, rec in rows:
         key = next((k for k in ("question", "prompt", "messages") if k in rec), None)
         if key is None:
             raise ValueError(f"{where}: missing field 'prompt' (or 'messages', or GSM8K "
                              "'question' and 'answer')")
-        prompt = _field(where, rec, key, messages_ok=key != "question")
+        prompt = field(where, rec, key, messages_ok=key != "question")
         if key == "question" and "answer" not in rec:
             raise ValueError(f"{where}: missing field 'answer' (a GSM8K record needs "
                              "'question' and 'answer')")
         ids = encode_prompt(tokenizer, prompt)
-        if _keep(where, ids, max_prompt_len):
-            items.append({"prompt": prompt, "prompt_ids": ids, "answer": _answer(where, rec)})
-    _report_dropped(path, len(items), len(rows), max_prompt_len)
-    return items
-
-
-def load_preferences(path, tokenizer, max_prompt_len):
-    """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
-    TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
-    (after an explicit prompt, if any) is the prompt, their final assistant turns the responses."""
-    rows, items = _records(path), []
-    for where, rec in rows:
-        chosen, rejected = _field(where, rec, "chosen"), _field(where, rec, "rejected")
-        if isinstance(chosen, list) != isinstance(rejected, list):
-            raise ValueError(f"{where}: fields 'chosen' and 'rejected' must both be strings or "
-                             "both message lists")
-        prompt = _field(where, rec, "prompt") if "prompt" in rec or isinstance(chosen, str) else []
-        if isinstance(chosen, list):
-            if chosen[:-1] != rejected[:-1]:
-                raise ValueError(f"{where}: fields 'chosen' and 'rejected' differ before their "
-                                 "final turn")
-            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
-                raise ValueError(f"{where}: fields 'chosen' and 'rejected' must end in an "
-                                 "assistant turn")
-            if isinstance(prompt, str):
-                prompt = [{"role": "user", "content": prompt}]
-            prompt = prompt + chosen[:-1]
-            chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
-            if not prompt:
-                raise ValueError(f"{where}: missing field 'prompt' (and 'chosen' has no turns "
-                                 "before its last)")
-        ids = encode_prompt(tokenizer, prompt)
-        if _keep(where, ids, max_prompt_len):
-            items.append({"prompt": prompt, "prompt_ids": ids, "chosen": chosen,
-                          "rejected": rejected, "chosen_ids": encode_response(tokenizer, chosen),
-                          "rejected_ids": encode_response(tokenizer, rejected),
-                          "answer": _answer(where, rec)})
-    _report_dropped(path, len(items), len(rows), max_prompt_len)
+        if fits(where, ids, max_prompt_len):
+            items.append({"prompt": prompt, "prompt_ids": ids, "answer": answer_of(where, rec)})
+    report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
 

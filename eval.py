@@ -38,14 +38,32 @@ def sample_texts(policy, tok, items, max_new_tokens, batch_size=64, temperature=
     return [data.decode(tok, y) for y in responses]
 
 
+def generation(oracle, policy, tok, items, max_new_tokens, k=1, batch_size=64, temperature=0.0,
+               seed=0, eos_ids=None):
+    """Oracle.evaluate's accuracy and mean reward, or for k > 1 pass@k: an item counts as right
+    if any of its k samples (at a temperature > 0) is, the reward averaged over all samples."""
+    sampling = dict(batch_size=batch_size, temperature=temperature, seed=seed)
+    if k == 1:
+        return oracle.evaluate(policy, tok, items, max_new_tokens, eos_ids, **sampling)
+    if temperature <= 0:
+        raise ValueError(f"pass@{k} needs k samples at a temperature > 0, got "
+                         f"temperature={temperature}")
+    texts = sample_texts(policy, tok, items, max_new_tokens, k=k, eos_ids=eos_ids, **sampling)
+    reward = sum(map(float, oracle.score_fn([p for p in items for _ in range(k)], texts))) / k
+    correct = sum(any(data.is_correct(t, p["answer"]) for t in texts[i * k:(i + 1) * k])
+                  for i, p in enumerate(items) if p.get("answer") is not None)
+    return {"accuracy": correct / max(len(items), 1), "reward": reward / max(len(items), 1),
+            "n": len(items), "k": k}
+
+
 # ---------------------------------------------------------------- multiple choice
 def load_choices(path, tok):
     """ARC / MMLU style records {"question", "choices": [str, ...], "answer": 0-based index or
     letter}, or ARC's {"choices": {"text", "label"}, "answerKey"}. The context is
     'Question: q\\nAnswer:', each option ' c'."""
     items = []
-    for where, rec in data._records(path):  # data.py's reader: 'file:line' in every error
-        question = data._field(where, rec, "question", messages_ok=False)
+    for where, rec in data.records(path):  # data.py's reader: 'file:line' in every error
+        question = data.field(where, rec, "question", messages_ok=False)
         choices, labels = rec.get("choices"), None
         if isinstance(choices, dict):  # ARC on the Hub: {"text": [...], "label": ["A", ...]}
             choices, labels = choices.get("text"), choices.get("label")
@@ -192,7 +210,7 @@ def main(argv=None):
     common = dict(batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed,
                   eos_ids=stop)
     if cmd == "generation":
-        res = oracle.evaluate(policy, tok, items, cfg.max_new_tokens, k=cfg.k, **common)
+        res = generation(oracle, policy, tok, items, cfg.max_new_tokens, k=cfg.k, **common)
     elif cmd == "winrate":
         ref = M.from_pretrained(cfg.ref, device).eval()
         res = winrate(policy, ref, tok, items, score_fn, cfg.max_new_tokens, **common)

@@ -3,9 +3,8 @@ The reward model r_w(τ) = ⟨w, Φ(τ)⟩ (a linear head on a transformer backb
 loss, and the oracles that label pairs (ALGORITHMS.md, "Shared pieces").
 
 Oracles: `gold` (the toy task's shaped gold reward), `gsm8k` (the exact-match verifier) and
-`rm:PATH` (a local Hugging Face sequence-classification reward model). Each scores responses
-and labels a pair by Bradley–Terry sampling at a temperature; every response scored is one call.
-Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py
+`rm:PATH` (a local Hugging Face sequence-classification reward model). Every response scored is one
+call. Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py
 """
 import os
 
@@ -30,15 +29,13 @@ class RewardModel(nn.Module):
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
     def phi(self, input_ids, attention_mask, response_mask):
-        """Per-token (token) or last-token (seq) features; grad flows into the backbone only if
-        trained."""
+        """Per-token (token) or last-token (seq) features; grad reaches a trained backbone only."""
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
             return features(self.backbone, input_ids, attention_mask, response_mask, self.level,
                             self.normalize)
 
     def token_rewards(self, phi):
-        """⟨w, φ_h⟩ per response token (B, T) at the token level; the sequence reward otherwise
-        (B,)."""
+        """⟨w, φ_h⟩ per response token (B, T) at the token level; r_w(τ) (B,) otherwise."""
         return phi @ self.w
 
     def forward(self, phi):
@@ -66,46 +63,31 @@ class Oracle:
         """r* of each (prompt record, response text); counts one call per response."""
         scores = torch.tensor([float(s) for s in self.score_fn(prompts, responses)])  # (n,)
         self.calls += len(responses)
-        bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-        if bad:
-            i = bad[0]
+        for i in (~torch.isfinite(scores)).nonzero().flatten().tolist()[:1]:
             raise ValueError(f"oracle returned {scores[i].item()} for pair item {i}: prompt "
                              f"{str(prompts[i]['prompt'])[:80]!r}, response {responses[i][:80]!r}")
         return scores
 
     def label(self, s0, s1, generator=None):
         """o = 1 where τ¹ is preferred; temp 0 is deterministic (a tie is a fair coin, σ(0) = ½)."""
-        if self.temp > 0:
-            p = torch.sigmoid((s1 - s0) / self.temp)  # (n,)
-        else:
-            p = 0.5 + 0.5 * torch.sign(s1 - s0)  # (n,)
+        p = torch.sigmoid((s1 - s0) / self.temp) if self.temp > 0 else (1 + torch.sign(s1 - s0)) / 2
         return (torch.rand(p.shape, generator=generator) < p).long()  # (n,)
 
-    def compare(self, prompts, resp0, resp1, generator=None):
-        """Label pairs (τ⁰, τ¹) of one prompt each: (labels, scores of τ⁰, scores of τ¹)."""
-        s0, s1 = self.score(prompts, resp0), self.score(prompts, resp1)
-        return self.label(s0, s1, generator), s0, s1
-
-    def evaluate(self, policy, tok, items, max_new_tokens, temperature=0.0, k=1, seed=0,
-                 batch_size=64, eos_ids=None):
-        """The policy judged on held-out items (calls not counted): exact-match accuracy of the
-        final '#### N' over the items with an answer (pass@k for k > 1: any of k samples right)
-        and the mean score of all samples; responses end on eos_ids (default: the tokenizer's
-        EOS). Under torchrun each rank passes its share."""
-        if k > 1 and temperature <= 0:
-            raise ValueError(f"pass@{k} needs k samples at a temperature > 0, got "
-                             f"temperature={temperature}")
-        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature,
-                             n=k, seed=seed, batch_size=batch_size,
+    def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, **sampling):
+        """The policy judged on held-out items (calls not counted), greedy unless sampling says
+        otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the
+        final '#### N' over the items with an answer, and the mean score. Under torchrun each rank
+        passes its share; the counts are summed."""
+        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens,
+                             **{"temperature": 0.0, **sampling},
                              eos_ids=eos_ids or [tok.eos_token_id], pad_id=tok.pad_token_id)
         texts = [data.decode(tok, y) for y in responses]
-        reward = sum(map(float, self.score_fn([p for p in items for _ in range(k)], texts))) / k
-        correct = sum(any(data.is_correct(t, p["answer"]) for t in texts[i * k:(i + 1) * k])
-                      for i, p in enumerate(items) if p.get("answer") is not None)
+        reward = sum(map(float, self.score_fn(items, texts)))
+        correct = sum(data.is_correct(t, p["answer"]) for t, p in zip(texts, items)
+                      if p.get("answer") is not None)
         device = next(policy.parameters()).device
         correct, reward, n = run.all_sum([correct, reward, len(items)], device)
-        out = {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
-        return out if k == 1 else {**out, "k": k}
+        return {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
 
 
 def hf_reward_scorer(path, device="cpu", batch_size=16):
@@ -116,8 +98,8 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
         raise FileNotFoundError(f"--oracle=rm:{path}: expected a local HF reward model directory "
                                 "with config.json")
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    rm = AutoModelForSequenceClassification.from_pretrained(path,
-                                                            local_files_only=True).to(device).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    rm = rm.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

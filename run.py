@@ -1,10 +1,7 @@
 """
-The life of a run, shared by every entry point: flags from a Config dataclass, the process group and
-FSDP2 sharding, the helpers that sum, gather and broadcast across ranks, the seeding rule, the
-out_dir (fresh, resume or restart), the metrics log, checkpoints, the non-finite guard, and one
-clear line for bad input instead of a traceback.
-
-Nothing to run on its own. Tests: python -m pytest -q tests/test_reliability.py tests/test_fsdp.py
+The life of a run, shared by every entry point: flags, the process group and FSDP2 sharding, sums
+and gathers across ranks, the seeding rule, the out_dir, the metrics log, checkpoints, the
+non-finite guard, and one clear line for bad input. Tests: tests/test_reliability.py, test_fsdp.py
 """
 import argparse
 import fcntl
@@ -97,8 +94,7 @@ def init_distributed(timeout_s=1800):
             return 0, 1, torch.device("cpu")
         device = torch.device("cuda", 0)
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout,
-                                device_id=device)
+                                timeout=timeout, device_id=device)
         torch.cuda.set_device(device)
         return 0, 1, device
     rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -114,10 +110,9 @@ def shard_model(model, mixed_precision=None, activation_checkpointing=False):
     """FSDP2 over all ranks: fully_shard each block, then the root (embeddings, final norm,
     lm_head). Mixed precision (default on CUDA): bf16 compute, fp32 master weights and gradient
     reduction; fp32 throughout otherwise. Inputs are not cast, so RoPE's cos/sin stay fp32."""
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", 
                             (dist.get_world_size(),))
-    if mixed_precision is None:
-        mixed_precision = mesh.device_type == "cuda"
+    mixed_precision = mesh.device_type == "cuda" if mixed_precision is None else mixed_precision
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
                               reduce_dtype=torch.float32 if mixed_precision else None,
                               cast_forward_inputs=False)
@@ -164,7 +159,7 @@ def seed_of(*keys):
     return int(digest(keys), 16) % 2**62
 
 
-def generator(*keys):
+def generator(*keys):  # a torch.Generator seeded by the rule
     return torch.Generator().manual_seed(seed_of(*keys))
 
 

@@ -47,7 +47,7 @@ class Config:
     group: int = 8  # G, on-policy samples per prompt for the leave-one-out advantage
     ref_samples: int = 8  # R, π_ref samples per prompt for the follower's gap
     adv_coef: float = 0.1  # ρ, weight of the adversarial gap (0 = a plain maximum-likelihood RM)
-    kl_coef: float = 0.05  # κ, weight of KL(π_θ ‖ π_anchor), per sequence
+    kl_coef: float = 0.5  # κ, weight of KL(π_θ ‖ π_anchor), per sequence
     anchor: str = "sft"  # π_anchor: sft (π⁰, the starting policy) or ref (π_ref, this episode's)
     bound: float = 10.0  # B, ‖w‖ ≤ B
     lr: float = 1e-4  # η_π, policy learning rate (AdamW)
@@ -169,6 +169,7 @@ if __name__ == "__main__":
     rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
     bb_opt = torch.optim.AdamW(rm.backbone.parameters(), lr=cfg.rm_backbone_lr) \
         if cfg.train_backbone else None
+    modules = {"policy": (policy, opt), **({"rm_backbone": (rm.backbone, bb_opt)} if bb_opt else {})}
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": [], "records": []}  # D, with the features cached
     store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
@@ -214,19 +215,13 @@ if __name__ == "__main__":
     def log_metrics(kind, **metrics):
         log.write(kind=kind, oracle_calls=calls, **metrics)
 
-    def checkpoint_modules():
-        modules = {"policy": (policy, opt)}
-        if cfg.train_backbone:
-            modules["rm_backbone"] = (rm.backbone, bb_opt)
-        return modules
-
     if mode == "restart" and master:  # killed before its first checkpoint: labelled again
         print(f"{ckpt_path} does not exist yet: starting over, the {len(store)} pairs in the store "
               "are labelled again")
         store.rewrite([])
         log.cut(0)
     if mode == "resume":
-        state = run.load_checkpoint(ckpt_path, checkpoint_modules())
+        state = run.load_checkpoint(ckpt_path, modules)
         if state["episode"] > cfg.episodes:
             raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
                              f"{state['episode']} already")
@@ -287,10 +282,9 @@ if __name__ == "__main__":
         calls += int(sum(run.gather([oracle.calls - before])))
         score0, score1 = torch.tensor(run.gather(list(zip(s0.tolist(), s1.tolist())))).view(-1, 2).T
         labels = oracle.label(score0, score1, run.generator(cfg.seed, "oracle", episode))
-        phi0_new = torch.stack([p[3] for p in new]) if new else torch.zeros(0, cov.sigma.shape[0])
-        phi1_new = torch.stack([p[4] for p in new]) if new else phi0_new
-        with torch.no_grad():  # the current RM on pairs it has not been fit on yet
-            rm_acc = ((rm(phi1_new.to(device)) > rm(phi0_new.to(device))).long().cpu() == labels)
+        with torch.no_grad():  # the current RM on the new pairs, before it is fit on them
+            right = [bool(rm(p[4][None].to(device)) > rm(p[3][None].to(device))) == bool(o)
+                     for p, o in zip(new, labels)]
         for i, (item, a, b, f0, f1, u) in enumerate(new):  # every rank keeps all of D
             record = dict(episode=episode, prompt=item["prompt"], prompt_ids=item["prompt_ids"],
                           response0=text0[i], response1=text1[i], response0_ids=a, response1_ids=b,
@@ -302,16 +296,11 @@ if __name__ == "__main__":
             pairs["phi0"].append(f0)
             pairs["phi1"].append(f1)
             pairs["label"].append(record["label"])
-        records = pairs["records"]
-        store_hash = run.digest([(r["label"], r["response0_ids"], r["response1_ids"])
-                                 for r in records])
         log_metrics("explore", episode=episode, pairs=len(pairs["label"]), new_pairs=len(new),
                     identical=len(everyone) - len(new), potential=potential,
                     uncertainty=sum(p[5] for p in new) / max(len(new), 1),
-                    rm_acc_fresh=rm_acc.float().mean().item() if new else None,
-                    oracle_score=float(torch.cat([score0, score1]).mean()) if new else None,
-                    sigma_hash=run.gather([run.digest(cov.sigma.cpu().numpy().tobytes())]),
-                    store_hash=run.gather([store_hash]))
+                    rm_acc_fresh=sum(right) / len(right) if new else None,
+                    oracle_score=float(torch.cat([score0, score1]).mean()) if new else None)
 
         # ------------------------------------------------ (II) reward-aware exploitation
         phi0_all = torch.stack(pairs["phi0"]).to(device)  # (n, d)
@@ -407,7 +396,7 @@ if __name__ == "__main__":
             bar.set_postfix(gold=f"{both[1].mean().item():.3f}", kl_sft=f"{kl_sft:.2f}")
 
         log_metrics("episode", episode=episode, gen_s=gen_seconds, train_s=train_seconds)
-        run.save_checkpoint(ckpt_path, checkpoint_modules(), config=asdict(cfg), episode=episode,
+        run.save_checkpoint(ckpt_path, modules, config=asdict(cfg), episode=episode,
                             w=rm.w.detach().cpu(), cov=cov.state_dict(), oracle_calls=calls,
                             sft_eval=sft_eval, log_size=log.size(),
                             pairs={k: v for k, v in pairs.items() if k != "records"})

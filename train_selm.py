@@ -67,7 +67,44 @@ class Config:
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
 
 
-# ---------------------------------------------------------------- the objective
+# ---------------------------------------------------------------- the pairs and the objective
+def load_preferences(path, tokenizer, max_prompt_len):
+    """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
+    TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
+    (after an explicit prompt, if any) is the prompt, their final assistant turns the responses."""
+    rows, items = data.records(path), []
+    for where, rec in rows:
+        chosen, rejected = data.field(where, rec, "chosen"), data.field(where, rec, "rejected")
+        if isinstance(chosen, list) != isinstance(rejected, list):
+            raise ValueError(f"{where}: fields 'chosen' and 'rejected' must both be strings or "
+                             "both message lists")
+        explicit = "prompt" in rec or isinstance(chosen, str)
+        prompt = data.field(where, rec, "prompt") if explicit else []
+        if isinstance(chosen, list):
+            if chosen[:-1] != rejected[:-1]:
+                raise ValueError(f"{where}: fields 'chosen' and 'rejected' differ before their "
+                                 "final turn")
+            if chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+                raise ValueError(f"{where}: fields 'chosen' and 'rejected' must end in an "
+                                 "assistant turn")
+            if isinstance(prompt, str):
+                prompt = [{"role": "user", "content": prompt}]
+            prompt = prompt + chosen[:-1]
+            chosen, rejected = chosen[-1]["content"], rejected[-1]["content"]
+            if not prompt:
+                raise ValueError(f"{where}: missing field 'prompt' (and 'chosen' has no turns "
+                                 "before its last)")
+        ids = data.encode_prompt(tokenizer, prompt)
+        if data.fits(where, ids, max_prompt_len):
+            items.append({"prompt": prompt, "prompt_ids": ids, "chosen": chosen,
+                          "rejected": rejected,
+                          "chosen_ids": data.encode_response(tokenizer, chosen),
+                          "rejected_ids": data.encode_response(tokenizer, rejected),
+                          "answer": data.answer_of(where, rec)})
+    data.report_dropped(path, len(items), len(rows), max_prompt_len)
+    return items
+
+
 def selm_loss(logp, logp_ref, beta, alpha):
     """DPO on (chosen, rejected) plus α β (log π_θ(y_ref) − log π_ref(y_ref)). logp, logp_ref: dicts
     of summed response log-probs (B,), keyed chosen / rejected / ref. Returns (loss, DPO margin,
@@ -96,7 +133,7 @@ if __name__ == "__main__":
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
-    pairs = data.load_preferences(cfg.prefs, tok, cfg.max_prompt_len)
+    pairs = load_preferences(cfg.prefs, tok, cfg.max_prompt_len)
     pairs = pairs[:cfg.max_pairs] if cfg.max_pairs else pairs
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)

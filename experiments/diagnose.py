@@ -27,6 +27,7 @@ import model as M
 import run
 import toy
 from reward import bt_loss
+from train_selm import load_preferences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +145,7 @@ if __name__ == "__main__":
     pad = tok.pad_token_id
     heldout = gold_pairs(sft, tok, data.load_prompts(paths.valid, tok, 256), cfg.seed)
     train_all = [(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
-                 for p in data.load_preferences(paths.prefs, tok, 256)]
+                 for p in load_preferences(paths.prefs, tok, 256)]
     layers = [0, -1]  # the first block's output and the final normed hidden state
     test_phi = features(sft, heldout, pad, layers)
     results = {"config": asdict(cfg), "heldout_pairs": len(heldout), "rows": []}

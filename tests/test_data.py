@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+from train_selm import load_preferences
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +134,7 @@ def test_load_preferences_trl_layouts(tok, tmp_path):
         {"prompt": [system, user], "chosen": [good], "rejected": [bad]},  # conversational, explicit prompt
         {"chosen": [system, user, good], "rejected": [system, user, bad]},  # implicit prompt: the shared prefix
         {"prompt": "Q?", "chosen": [good], "rejected": [bad]}))  # a string prompt is one user turn
-    items = data.load_preferences(path, tok, 64)
+    items = load_preferences(path, tok, 64)
     assert items[0]["answer"] == "3" and items[1]["answer"] is None
     assert items[1]["prompt"] == items[2]["prompt"] == [system, user]
     assert items[1]["prompt_ids"] == items[2]["prompt_ids"] == data.encode_prompt(tok, [system, user])
@@ -159,7 +160,7 @@ def test_load_preferences_trl_layouts(tok, tmp_path):
 def test_load_preferences_errors(tok, tmp_path, record, error):
     path = write(tmp_path / "prefs.jsonl", dumps(record))
     with pytest.raises(ValueError, match=error):
-        data.load_preferences(path, tok, 64)
+        load_preferences(path, tok, 64)
 
 
 # ---------------------------------------------------------------------------- sharding and batching

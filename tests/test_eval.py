@@ -124,13 +124,13 @@ def test_pass_at_k_known_answer(tiny, tmp_path):
     score = lambda prompts, texts: [float(data.is_correct(t, p["answer"])) for p, t in zip(prompts, texts)]
     V, k = len(tok), 200
     assert (1 - 1 / V) ** k < 1e-4  # P(item a has no '#### 7' among its k samples)
-    res = Oracle(score).evaluate(policy, tok, items, max_new_tokens=1, temperature=1.0, k=k, batch_size=64, seed=0)
+    res = E.generation(Oracle(score), policy, tok, items, max_new_tokens=1, temperature=1.0, k=k, seed=0)
     assert res["accuracy"] == 0.5 and res["k"] == k and res["n"] == 2  # a: some sample right; b: '#### 5' unreachable
     assert res["reward"] == pytest.approx(0.5 / V, abs=0.05)  # mean over samples: half of 1/V
-    greedy = Oracle(score).evaluate(policy, tok, items, max_new_tokens=1)  # ties: argmax is token 0, EOS, text ''
+    greedy = E.generation(Oracle(score), policy, tok, items, max_new_tokens=1)  # ties: argmax is token 0, EOS, text ''
     assert greedy == {"accuracy": 0.0, "reward": 0.0, "n": 2}
     with pytest.raises(ValueError, match="temperature"):
-        Oracle(score).evaluate(policy, tok, items, max_new_tokens=1, k=4)
+        E.generation(Oracle(score), policy, tok, items, max_new_tokens=1, k=4)
 
 
 @pytest.mark.parametrize("p, n", [(0.5, 10), (0.9, 40), (0.0, 25), (1.0, 7), (0.35, 200)])

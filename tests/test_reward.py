@@ -61,7 +61,8 @@ def test_follower_step_lowers_policy_reward_when_rho_positive():
 def test_oracle_labels_counts_and_nan():
     oracle = Oracle(lambda prompts, responses: [len(r) for r in responses], temp=0.0)
     prompts = [{"prompt": "p"}] * 3
-    labels, s0, s1 = oracle.compare(prompts, ["aa", "a", "aaa"], ["a", "aaaa", "bbb"], torch.Generator().manual_seed(0))
+    s0, s1 = oracle.score(prompts, ["aa", "a", "aaa"]), oracle.score(prompts, ["a", "aaaa", "bbb"])
+    labels = oracle.label(s0, s1, torch.Generator().manual_seed(0))
     assert labels[:2].tolist() == [0, 1] and oracle.calls == 6
     # a tie at temp 0 is a fair coin: over many draws about half each way
     ties = oracle.label(torch.zeros(2000), torch.zeros(2000), torch.Generator().manual_seed(0))

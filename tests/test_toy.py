@@ -9,6 +9,7 @@ import torch
 
 import data
 import toy as T
+from train_selm import load_preferences
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
     heldout, train = data.load_prompts(toy.heldout, tok, 256), data.load_prompts(toy.train, tok, 256)
     assert not {p["prompt"] for p in heldout} & {p["prompt"] for p in train}
     assert all(p["answer"] is not None for p in heldout + train)
-    pairs = data.load_preferences(toy.prefs, tok, 256)
+    pairs = load_preferences(toy.prefs, tok, 256)
     assert pairs and all(T.gold_reward(p["chosen"], p["answer"]) > T.gold_reward(p["rejected"], p["answer"])
                          for p in pairs)
 
