@@ -1,11 +1,12 @@
 """
 Tuning on the validation split, the same protocol for every method: each setting of a small grid is
 trained with a few tuning seeds and scored by the mean gold reward of greedy decoding on the toy's
-validation prompts (valid.jsonl), never on the held-out prompts. Runs are subprocesses; a finished run
-with the same command is reused.
+validation prompts (valid.jsonl), never on the held-out prompts. Runs are subprocesses; a finished
+run with the same command is reused.
 
   python -m experiments.tune --script=train_pbpo.py --grid="kl_coef=0.02,0.05,0.2 anchor=sft,ref"
-  python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4" --flags="--alpha=0"
+  python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4"
+  --flags="--alpha=0"
 
 Writes OUT/tune.json (every run) and prints the table, best first.
 """
@@ -62,10 +63,10 @@ def grid_points(grid):
     return [list(point) for point in itertools.product(*axes)]
 
 
-def tune(script, flags, grid, seeds, out, jobs=2):
-    """Every grid point × seed on the validation prompts; -> rows sorted by mean gold reward."""
+def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
+    """Every grid point × seed, evaluated on `split`; -> rows sorted by mean gold reward."""
     paths = toy.build()
-    base = [f"--model={paths.model}", f"--heldout={paths.valid}", *flags]
+    base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
     if script == "train_pbpo.py":
         base.append(f"--prompts={paths.train}")
     else:
@@ -106,10 +107,14 @@ class Config:
     seeds: str = "100,101,102"  # tuning seeds (the comparison's seeds are 0..9)
     out: str = "out/tune"
     jobs: int = 2  # runs at a time (each on one thread)
+    # valid: tuning; heldout: only to report the chosen settings, never to choose
+    split: str = "valid"
+
+    CHOICES = {"split": ("valid", "heldout")}
 
 
 if __name__ == "__main__":
     run.friendly_errors("experiments/tune.py")
     cfg = run.parse_flags(Config, __doc__)
     tune(cfg.script, cfg.flags.split(), cfg.grid, [int(s) for s in cfg.seeds.split(",")], cfg.out,
-         cfg.jobs)
+         cfg.jobs, cfg.split)
