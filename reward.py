@@ -19,20 +19,18 @@ from explore import features, trajectory_features
 
 
 class RewardModel(nn.Module):
-    """r_w on a backbone that is frozen by default (the theory's setting); ‖w‖ ≤ B by projection."""
+    """r_w on a frozen backbone (the theory's setting); ‖w‖ ≤ B by projection."""
 
-    def __init__(self, backbone, level="seq", bound=10.0, normalize=True, train_backbone=False):
+    def __init__(self, backbone, level="seq", bound=10.0, normalize=True):
         super().__init__()
         self.backbone, self.level, self.bound, self.normalize = backbone, level, bound, normalize
-        self.train_backbone = train_backbone
-        self.backbone.requires_grad_(train_backbone)
+        self.backbone.requires_grad_(False)
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
     def phi(self, input_ids, attention_mask, response_mask):
-        """Per-token (token) or last-token (seq) features; grad reaches a trained backbone only."""
-        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            return features(self.backbone, input_ids, attention_mask, response_mask, self.level,
-                            self.normalize)
+        """Per-token (token) or last-token (seq) features φ of the frozen backbone."""
+        return features(self.backbone, input_ids, attention_mask, response_mask, self.level,
+                        self.normalize)
 
     def token_rewards(self, phi):
         """⟨w, φ_h⟩ per response token (B, T) at the token level; r_w(τ) (B,) otherwise."""

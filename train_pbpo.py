@@ -55,8 +55,6 @@ class Config:
     level: str = "seq"  # seq | token: reward model and advantages per sequence or per token
     # the reward model
     normalize: bool = True  # L2-normalise the features φ
-    train_backbone: bool = False  # train the RM backbone too (the theory keeps it frozen)
-    rm_backbone_lr: float = 1e-5  # AdamW lr of the RM backbone when --train_backbone
     rm_batch: int = 512  # preference pairs per follower step
     # model, data and oracle
     model: str = ""  # π⁰, an HF checkpoint dir (default: the toy SFT model, built on first use)
@@ -91,12 +89,11 @@ class Config:
 
 
 # ---------------------------------------------------------------- the objectives
-def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho, n_pairs, n_pi, n_ref):
-    """This rank's share of F(w) = L_BT(w; D_batch) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)): its
-    sums divided by the counts over all ranks (n_pairs, n_pi, n_ref), so that the shares of all
-    ranks add up to F. Returns (share, its BT part, its gap part)."""
-    fit = bt_loss(rm(phi0), rm(phi1), labels) * len(labels) / n_pairs
-    gap = rm(phi_pi).sum() / n_pi - rm(phi_ref).sum() / n_ref
+def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho):
+    """F(w) = L_BT(w; D_batch) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)): the pessimistic reward
+    model inside the confidence set of D. Returns (F, the BT loss, the gap)."""
+    fit = bt_loss(rm(phi0), rm(phi1), labels)
+    gap = rm(phi_pi).mean() - rm(phi_ref).mean()
     return fit + rho * gap, fit.detach(), gap.detach()
 
 
@@ -160,16 +157,14 @@ if __name__ == "__main__":
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
     sft = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π⁰, for the KL to it
     backbone = M.from_pretrained(cfg.rm_backbone or cfg.model, device)
-    rm = RewardModel(backbone, cfg.level, cfg.bound, cfg.normalize, cfg.train_backbone).to(device)
+    rm = RewardModel(backbone, cfg.level, cfg.bound, cfg.normalize).to(device)  # backbone frozen
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         for m in (policy, ref, sft, rm.backbone):
             run.shard_model(m)
     anchor = sft if cfg.anchor == "sft" else ref
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
-    bb_opt = torch.optim.AdamW(rm.backbone.parameters(), lr=cfg.rm_backbone_lr) \
-        if cfg.train_backbone else None
-    modules = {"policy": (policy, opt), **({"rm_backbone": (rm.backbone, bb_opt)} if bb_opt else {})}
+    modules = {"policy": (policy, opt)}  # what a checkpoint holds besides the extra state
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": [], "records": []}  # D, with the features cached
     store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
@@ -198,14 +193,12 @@ if __name__ == "__main__":
     def batch(prompt_ids, responses):
         return [t.to(device) for t in data.collate(prompt_ids, responses, tok.pad_token_id)]
 
-    def features(prompt_ids, responses, grad=False):
+    @torch.no_grad()
+    def features(prompt_ids, responses):
         """Φ(τ) (n, d) from the RM backbone, micro_batch trajectories at a time."""
-        out = []
-        with torch.set_grad_enabled(grad):
-            for i in range(0, len(responses), cfg.micro_batch):
-                rows = slice(i, i + cfg.micro_batch)
-                out.append(trajectory_features(rm.phi(*batch(prompt_ids[rows], responses[rows]))))
-        return torch.cat(out)  # (n, d)
+        return torch.cat([trajectory_features(rm.phi(*batch(prompt_ids[i:i + cfg.micro_batch],
+                                                            responses[i:i + cfg.micro_batch])))
+                          for i in range(0, len(responses), cfg.micro_batch)])  # (n, d)
 
     def mean_all(values):
         """The mean of a 1-d tensor's values over all ranks."""
@@ -258,9 +251,8 @@ if __name__ == "__main__":
         rows, candidates, _ = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
                                      episode)
         gen_seconds += time.time() - t0
-        with torch.no_grad():
-            phi0 = features(rows0, y0).cpu()  # (m, d)
-            phi_cand = features(rows, candidates).cpu().view(len(items), cfg.n_candidates, -1)
+        phi0 = features(rows0, y0).cpu()  # (m, d)
+        phi_cand = features(rows, candidates).cpu().view(len(items), cfg.n_candidates, -1)
         N = cfg.n_candidates  # every rank holds every prompt's candidates, in the global order
         everyone = run.gather([(it, a, candidates[i * N:(i + 1) * N], f0, fc) for i, (it, a, f0, fc)
                                in enumerate(zip(items, y0, phi0, phi_cand))])
@@ -306,7 +298,6 @@ if __name__ == "__main__":
         phi0_all = torch.stack(pairs["phi0"]).to(device)  # (n, d)
         phi1_all = torch.stack(pairs["phi1"]).to(device)  # (n, d)
         label_all = torch.tensor(pairs["label"], device=device)  # (n,)
-        n_pi, n_ref = cfg.leader_prompts * cfg.group, cfg.leader_prompts * cfg.ref_samples
         for step in range(cfg.t_out):
             t0 = time.time()
             where = f"episode {episode}, leader step {step}"
@@ -317,50 +308,31 @@ if __name__ == "__main__":
                                                 offset, "ref", episode, step)
             gen_seconds += time.time() - t0
             t0 = time.time()
-
-            # follower: T_in steps on L_BT + ρ·gap, each rank its share of the batch of D
-            with torch.no_grad():
-                phi_pi = features(rows, responses)  # (p·G, d)
-                phi_base = features(ref_rows, ref_responses)  # (p·R, d)
-            for i in range(cfg.t_in):
-                order = torch.randperm(len(label_all), generator=run.generator(
-                    cfg.seed, "follower", episode, step, i))[:cfg.rm_batch]
-                n_pairs = len(order)
-                idx = order[n_pairs * rank // world:n_pairs * (rank + 1) // world].to(device)
-                if cfg.train_backbone:  # features move with the backbone: recompute, with grad
-                    recs = [pairs["records"][j] for j in idx.tolist()]
-                    rec_prompts = [r["prompt_ids"] for r in recs]
-                    phi0 = features(rec_prompts, [r["response0_ids"] for r in recs], grad=True)
-                    phi1 = features(rec_prompts, [r["response1_ids"] for r in recs], grad=True)
-                    phi_pi = features(rows, responses, grad=True)
-                    phi_base = features(ref_rows, ref_responses, grad=True)
-                else:
-                    phi0, phi1 = phi0_all[idx], phi1_all[idx]
-                share, fit, gap = follower_loss(rm, phi0, phi1, label_all[idx], phi_pi, phi_base,
-                                                cfg.adv_coef, n_pairs, n_pi, n_ref)
-                (share * world).backward()  # FSDP and the all_reduce below average over ranks
-                if world > 1:  # w is replicated, not sharded: average its gradient by hand
-                    dist.all_reduce(rm.w.grad, op=dist.ReduceOp.AVG)
-                if run.finite(rm.w.grad.norm().item(), "reward-model gradient", where, log,
-                              cfg.on_nonfinite, ckpt_path, episode=episode, step=step):
-                    rm_opt.step()
-                    rm.project()
-                    if bb_opt:
-                        bb_opt.step()
-                rm_opt.zero_grad(set_to_none=True)
-                if bb_opt:
-                    bb_opt.zero_grad(set_to_none=True)
-            with torch.no_grad():  # the gap per prompt: its spread over prompts gives its error
-                per_prompt = rm(phi_pi).view(-1, cfg.group).mean(1) - \
-                    rm(phi_base).view(-1, cfg.ref_samples).mean(1)  # (p,)
-            gap_by_prompt = torch.tensor(run.gather(per_prompt.tolist()))  # (P,)
-            fit = run.all_sum([fit.item()], device)[0]
-
-            # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
             ids, attn, resp = batch(rows, responses)  # (n, T)
             micro, T = torch.arange(len(ids)).split(cfg.micro_batch), cfg.temperature
             with torch.no_grad():
                 phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro])  # (n, [T,] d)
+
+            # follower: T_in steps on L_BT + ρ·gap, the same on every rank (all ranks' samples)
+            phi_pi = torch.cat(run.gather([trajectory_features(phi).cpu()])).to(device)  # (P·G, d)
+            phi_base = torch.cat(run.gather([features(ref_rows, ref_responses).cpu()])).to(device)
+            for i in range(cfg.t_in):
+                idx = torch.randperm(len(label_all), generator=run.generator(
+                    cfg.seed, "follower", episode, step, i))[:cfg.rm_batch].to(device)
+                loss, fit, gap = follower_loss(rm, phi0_all[idx], phi1_all[idx], label_all[idx],
+                                               phi_pi, phi_base, cfg.adv_coef)
+                loss.backward()
+                if run.finite(rm.w.grad.norm().item(), "reward-model gradient", where, log,
+                              cfg.on_nonfinite, ckpt_path, episode=episode, step=step):
+                    rm_opt.step()
+                    rm.project()
+                rm_opt.zero_grad(set_to_none=True)
+            with torch.no_grad():  # the gap prompt by prompt: its spread gives its standard error
+                gap_by_prompt = rm(phi_pi).view(-1, cfg.group).mean(1) - \
+                    rm(phi_base).view(-1, cfg.ref_samples).mean(1)  # (P,)
+
+            # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
+            with torch.no_grad():
                 rewards = rm.token_rewards(phi)  # (n,) seq, (n, T) token
                 logp = on_response(sampled_logp, resp)  # (n, T), log π_θ of what was sampled
                 logp_sft = M.token_logprobs(sft, ids, attn, T, micro_batch=cfg.micro_batch)
@@ -370,7 +342,7 @@ if __name__ == "__main__":
                 advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
             for r in micro:
                 logp_theta = M.token_logprobs(policy, ids[r], attn[r], T)  # (b, T)
-                (leader_loss(logp_theta, advantage[r], n_pi) * world).backward()
+                (leader_loss(logp_theta, advantage[r], len(phi_pi)) * world).backward()  # FSDP avg
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             if run.finite(float(grad_norm), "policy gradient", where, log, cfg.on_nonfinite,
                           ckpt_path, episode=episode, step=step):
@@ -386,7 +358,7 @@ if __name__ == "__main__":
             both = torch.tensor(run.gather(list(zip(r_pi.tolist(), gold.tolist())))).T  # (2, n)
             kl_sft = mean_all(((logp - logp_sft) * resp).sum(-1))
             gap_se = gap_by_prompt.std() / len(gap_by_prompt) ** 0.5
-            log_metrics("step", episode=episode, step=step, rm_bt=fit,
+            log_metrics("step", episode=episode, step=step, rm_bt=fit.item(),
                         rm_gap=gap_by_prompt.mean().item(), rm_gap_se=gap_se.item(),
                         rm_reward=both[0].mean().item(), gold_reward=both[1].mean().item(),
                         rm_gold_corr=torch.corrcoef(both)[0, 1].item(),

@@ -91,7 +91,7 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     with open(os.path.join(out, "tune.json"), "w") as f:
         json.dump({"script": script, "flags": flags, "grid": grid, "seeds": seeds, "rows": ranked},
                   f, indent=1)
-    print(f"{script} {' '.join(flags)}: validation gold reward (mean ± 95% CI over seeds {seeds})")
+    print(f"{script} {' '.join(flags)}: {split} gold reward (mean ± 95% CI over seeds {seeds})")
     for point, r in ranked:
         (m, h), (a, ah), (g, gh) = (mean_ci(r[k]) for k in ("reward", "accuracy", "gain"))
         print(f"  {point:<50} reward {m:.3f} ± {h:.3f}  accuracy {a:.3f} ± {ah:.3f}  "

@@ -46,8 +46,7 @@ def test_follower_step_lowers_policy_reward_when_rho_positive():
     for rho in (0.0, 1.0):
         head = LinearHead(w0)
         opt = torch.optim.SGD(head.parameters(), lr=0.1)
-        loss, fit, gap_before = follower_loss(head, phi0, phi1, labels, phi_pi, phi_ref, rho, len(labels),
-                                              len(phi_pi), len(phi_ref))
+        loss, fit, gap_before = follower_loss(head, phi0, phi1, labels, phi_pi, phi_ref, rho)
         opt.zero_grad(); loss.backward(); opt.step()
         gaps[rho] = (head(phi_pi).mean() - head(phi_ref).mean()).item()
         # the step direction equals −η ∇[L_BT + ρ gap], with ∇ gap = mean Φ_π − mean Φ_ref
