@@ -1,22 +1,34 @@
 """
-The paper's comparison on the built-in toy task: every method at an equal oracle budget, over
-several training seeds, one shared toy SFT model. Each arm trains as its own subprocess in
-OUT/ARM/seedS/ (a finished run with the same command is reused).
+The comparison on the built-in task, as a reviewer would accept it:
+  1. every arm tuned by one protocol on the validation prompts (a small stated grid, at most two
+     stages of at most 8 points, 3 tuning seeds, scored by the mean greedy gold reward; the chosen
+     flags are written out), never on the held-out prompts;
+  2. every arm run at equal oracle budgets, every labelled response counted (the offline pairs
+     too), over paired seeds (10 for the main arms, 5 for ablations and sweeps) that change every
+     arm's data: the pair subset, the prompts, the samples;
+  3. every policy evaluated on all held-out prompts: greedy accuracy and gold reward, the expected
+     gold reward of 8 samples at temperature 1, and its KL to the SFT policy;
+  4. the paper's claims judged by paired differences with 95% intervals: a claim holds only when
+     its interval excludes 0.
+Two settings: `standard` (toy.py's task) and `rare` (toy.py --rare: the demonstrators guess far
+more often, so the correct behaviour is rare under the SFT policy).
 
-  python -m experiments.compare --out=out/compare          # every arm, 3 seeds
-  python -m experiments.compare --quick --out=/tmp/compare  # the same in miniature (a few minutes)
+  python -m experiments.compare --out=out/compare             # everything (reuses finished runs)
+  python -m experiments.compare --quick --out=/tmp/compare    # the same path in miniature (CI)
 
-Writes compare.md (the table), compare.json (per-seed values), curves.csv and, with matplotlib,
-curves.png; experiments/RESULTS.md reports the run.
+Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.png and
+OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run.
 """
-import importlib.util
 import json
+import math
 import os
+import random
 import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -24,129 +36,312 @@ import data
 import model as M
 import run
 import toy
-from eval import winrate
+from experiments.tune import grid_points, mean_ci, run_arm
 from reward import make_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TUNING_SEEDS = (100, 101, 102)
+RANKING_CALLS = 3  # train_selm.py scores {y_ref, chosen, rejected} once per offline pair
 
 
-ARMS = {"sft": None, "dpo": ("train_selm.py", "--alpha=0"), "selm": ("train_selm.py",), "pbpo": ("train_pbpo.py",),
-        "pbpo_token": ("train_pbpo.py", "--level=token"), "pbpo_n1": ("train_pbpo.py", "--n_candidates=1"),
-        "pbpo_rho0": ("train_pbpo.py", "--adv_coef=0"), "pbpo_rho0.04": ("train_pbpo.py", "--adv_coef=0.04"),
-        "pbpo_rho0.3": ("train_pbpo.py", "--adv_coef=0.3"), "pbpo_rho1": ("train_pbpo.py", "--adv_coef=1.0")}
-QUICK_ARMS = "sft,dpo,selm,pbpo,pbpo_n1,pbpo_rho0"
-QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--leader_prompts=4"],
-               "train_selm.py": ["--iterations=1", "--batch_size=4", "--micro_batch=4"]}
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    script: str = ""  # "" = the SFT policy itself
+    flags: tuple = ()  # fixed flags (what makes the arm)
+    stages: tuple = ()  # tuning grids, run one after the other, each on the best of the last
+    like: str = ""  # take this arm's tuned flags instead of tuning (ablations, sweeps)
+    seeds: int = 10
+    settings: tuple = ("standard", "rare")
 
 
-def run_arm(script, flags, out_dir):
-    """Train one arm in a subprocess, its output in out_dir/log.txt; returns its metrics.jsonl lines. A finished run
-    of the same command (out_dir/command.json) is reused, anything else in out_dir is deleted first."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags,
-           f"--out_dir={out_dir}"]
-    done = os.path.join(out_dir, "command.json")
-    if not os.path.exists(done) or json.load(open(done)) != cmd[1:]:
-        shutil.rmtree(out_dir, ignore_errors=True)  # the scripts append to an existing metrics / preference file
-        os.makedirs(out_dir)
-        with open(os.path.join(out_dir, "log.txt"), "w") as log:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in {out_dir}/log.txt")
-        with open(done, "w") as f:
-            json.dump(cmd[1:], f)
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+DPO_GRID = ("epochs=1,4 lr=1e-4,3e-4 beta=0.01,0.1",)
+ARMS = [
+    Arm("sft"),
+    Arm("dpo", "train_selm.py", ("--alpha=0",), DPO_GRID),
+    Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
+    Arm("selm", "train_selm.py", (), DPO_GRID + ("alpha=0.001,0.01,0.1,1",)),
+    Arm("pbpo", "train_pbpo.py", (), ("kl_coef=0.2,0.5,1 anchor=sft,ref", "adv_coef=0.1,1 t_out=4,8")),
+    Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo"),
+    Arm("pbpo_n1", "train_pbpo.py", ("--n_candidates=1",), like="pbpo", seeds=5),
+    *[Arm(f"pbpo_rho{rho}", "train_pbpo.py", (f"--adv_coef={rho}",), like="pbpo", seeds=5,
+          settings=("standard",)) for rho in ("0", "0.1", "1", "10", "25")],
+]
+MAIN = ("sft", "dpo", "dpo_online", "selm", "pbpo", "pbpo_token")
+CLAIMS = [  # (claim, arm a, arm b): holds when a − b > 0, its 95% interval above 0
+    ("PbPO ≥ SELM", "pbpo", "selm"), ("SELM ≥ iterative DPO", "selm", "dpo"),
+    ("iterative DPO ≥ SFT", "dpo", "sft"), ("PbPO ≥ online iterative DPO", "pbpo", "dpo_online"),
+    ("token-level PbPO ≥ PbPO", "pbpo_token", "pbpo"),
+    ("N = 1 hurts (PbPO ≥ N = 1)", "pbpo", "pbpo_n1"), ("ρ = 0 hurts (PbPO ≥ ρ = 0)", "pbpo", "pbpo_rho0"),
+    *[(f"ρ = {r} beats ρ = 0", f"pbpo_rho{r}", "pbpo_rho0") for r in ("0.1", "1", "10", "25")],
+]
 
 
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), t.std().item() if len(values) > 1 else 0.0  # sample std over seeds
+# ---------------------------------------------------------------- runs at a budget
+def offline_pairs(paths, budget, seed, out):
+    """A seed's random subset of the toy's offline pairs, as many as the budget pays for: building
+    the file scored two SFT samples per train prompt (ties dropped, so each kept pair cost
+    2 · prompts / pairs calls), and train_selm.py ranks each pair once more (3 calls)."""
+    pairs = open(paths.prefs).read().splitlines()
+    prompts = sum(1 for _ in open(paths.train))
+    cost = 2 * prompts / len(pairs) + RANKING_CALLS
+    keep = max(3, int(budget // cost))
+    random.Random(seed).shuffle(pairs)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"pairs_{budget}_seed{seed}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(p + "\n" for p in pairs[:keep])
+    return path, keep * (cost - RANKING_CALLS)  # the calls spent before the run
 
 
-def compare(out="out/compare", budget=0, seeds=3, arms="", quick=False, device="cpu"):
-    """Every arm at an equal oracle budget over seeds 0..seeds-1 of training, one shared toy SFT model. Budget: PbPO
-    spends 2 calls per exploration prompt (episodes = budget // (2 M)); SELM / DPO 3 per pair ranking {y_ref, chosen,
-    rejected} plus the 2 the offline toy file spent labelling it (max_pairs = budget // 5). Greedy held-out accuracy
-    and mean gold reward from each run's final_eval, win rate vs the SFT policy by eval.winrate on the same items."""
-    budget, arms = budget or (32 if quick else 768), (arms or (QUICK_ARMS if quick else ",".join(ARMS))).split(",")
-    if set(arms) - set(ARMS):
-        raise ValueError(f"--arms: unknown {', '.join(sorted(set(arms) - set(ARMS)))}; known: {', '.join(ARMS)}")
-    paths = toy.build(os.path.join(out, "toy"), quick=quick)
-    m, eval_max, max_new = (8, 16, 16) if quick else (64, 256, 48)
-    shared = [f"--model={paths.model}", f"--heldout={paths.heldout}", f"--eval_max={eval_max}",
-              f"--max_new_tokens={max_new}"]
-    flags = {"train_pbpo.py": shared + [f"--prompts={paths.train}", f"--explore_prompts={m}",
-                                        f"--episodes={budget // (2 * m)}"],
-             "train_selm.py": shared + [f"--prefs={paths.prefs}", f"--max_pairs={budget // 5}"]}
+def budget_flags(arm, paths, budget, seed, out, quick):
+    """The flags that make a run spend `budget` oracle calls, and the calls spent offline."""
+    if arm.script == "train_pbpo.py":
+        m = 8 if quick else 64  # exploration prompts per episode: 2 calls each (1 if identical)
+        return [f"--prompts={paths.train}", f"--explore_prompts={m}",
+                f"--episodes={max(1, budget // (2 * m))}"], 0.0
+    if "--online" in arm.flags:  # 2 calls per prompt, 3 iterations
+        return [f"--prompts={paths.train}", f"--online_prompts={max(1, budget // 6)}"], 0.0
+    prefs, offline = offline_pairs(paths, budget, seed, out)
+    return [f"--prefs={prefs}"], offline
+
+
+def train(arm, flags, paths, seed, out, quick, split, budgets):
+    """An arm's runs at every budget for one seed: {budget: (final policy dir, oracle calls, all
+    counted)}. A PbPO run at a larger budget continues the one below (--resume with more episodes,
+    which is bit-identical to one long run), so one run gives every point of its curve."""
+    common = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", "--eval_max=1",
+              *(QUICK_FLAGS[arm.script] if quick else []), *arm.flags, *flags, f"--seed={seed}"]
+    tag = run.digest(common)[:8]
+    done, previous = {}, None
+    for budget in budgets:
+        extra, offline = budget_flags(arm, paths, budget, seed, os.path.join(out, "data"), quick)
+        run_dir = os.path.join(out, "runs", f"{arm.name}_{budget}_s{seed}_{tag}")
+        lines = run_arm(arm.script, common + extra, run_dir, resume_from=previous)
+        done[budget] = os.path.join(run_dir, "final"), lines[-1]["oracle_calls"] + offline
+        previous = run_dir if arm.script == "train_pbpo.py" else None
+    return done
+
+
+QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_samples=2",
+                                 "--leader_prompts=4", "--max_new_tokens=16"],
+               "train_selm.py": ["--iterations=1", "--batch_size=4", "--micro_batch=4",
+                                 "--max_new_tokens=16"]}
+
+
+# ---------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(policy_dir, paths, split, samples, max_new, out_file):
+    """Greedy accuracy and gold reward, the expected gold reward of `samples` samples at
+    temperature 1, and KL(π ‖ π_SFT) on those samples (the mean of Σ_h log π/π_SFT), on every
+    prompt of the split. Cached in out_file."""
+    if os.path.exists(out_file):
+        return json.load(open(out_file))
     tok, oracle = data.load_tokenizer(paths.model), make_oracle("gold")
-    items = data.load_prompts(paths.heldout, tok, 256)[:eval_max]
-    sft = M.from_pretrained(paths.model, device).eval()
-    sft_eval = oracle.evaluate(sft, tok, items, max_new)
-    results, curves = {}, []
-    for arm in arms:
-        res = results[arm] = {"oracle_calls": [], "accuracy": [], "win_rate": [], "reward": []}
-        for seed in range(seeds):
-            t0, spec = time.time(), ARMS[arm]
-            if spec is None:  # the SFT policy itself: greedy, so every seed is the same
-                final, win, offline = {**sft_eval, "oracle_calls": 0}, {"win_rate": 0.5}, 0
-                curves.append((arm, seed, "final_eval", 0, sft_eval["reward"]))
+    items = data.load_prompts(getattr(paths, split), tok, 256)
+    policy, sft = M.from_pretrained(policy_dir).eval(), M.from_pretrained(paths.model).eval()
+    eos = M.stop_ids(paths.model, tok)
+    res = oracle.evaluate(policy, tok, items, max_new, eos, batch_size=500)
+    prompts = [p["prompt_ids"] for p in items]
+    responses, logps = M.sample(policy, prompts, max_new, 1.0, n=samples, seed=12345, logprobs=True,
+                                batch_size=512, eos_ids=eos, pad_id=tok.pad_token_id)
+    rows = [p for p in items for _ in range(samples)]
+    gold = oracle.score_fn(rows, [data.decode(tok, y) for y in responses])
+    ids, attn, resp = data.collate([p["prompt_ids"] for p in rows], responses, tok.pad_token_id)
+    logp_sft = (M.token_logprobs(sft, ids, attn, micro_batch=512) * resp).sum(-1)  # (n,)
+    kl = sum(map(sum, logps)) / len(rows) - logp_sft.mean().item()
+    res = {**res, "expected_reward": sum(gold) / len(gold), "kl_sft": kl}
+    with open(out_file, "w") as f:
+        json.dump(res, f)
+    return res
+
+
+def evaluate_in_subprocess(policy_dir, toy_dir, split, samples, max_new):
+    """evaluate() in its own process (one thread), so evaluations run side by side."""
+    out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
+    if not os.path.exists(out_file):
+        cmd = [sys.executable, "-m", "experiments.compare", f"--evaluate={policy_dir}",
+               f"--toy_dir={toy_dir}", f"--split={split}", f"--samples={samples}",
+               f"--max_new_tokens={max_new}"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+    return json.load(open(out_file))
+
+
+# ---------------------------------------------------------------- tuning, runs, claims
+def paired(a, b):
+    """Mean and 95% interval of the paired differences a_s − b_s over the seeds both have."""
+    diffs = [a[s] - b[s] for s in a if s in b]
+    return (*mean_ci(diffs), len(diffs)) if diffs else (float("nan"), float("nan"), 0)
+
+
+def compare(cfg):
+    t_start = time.time()
+    budgets = (32, 64) if cfg.quick else tuple(map(int, cfg.budgets.split(",")))
+    arms = [a for a in ARMS if not cfg.arms or a.name in cfg.arms.split(",")]
+    settings = cfg.settings.split(",")
+    results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
+    max_new = 16 if cfg.quick else 48
+    with ThreadPoolExecutor(cfg.jobs) as pool:
+        for setting in settings:
+            rare = setting == "rare"
+            toy_dir = os.path.join(cfg.out, setting, "toy")
+            paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
+            out = os.path.join(cfg.out, setting)
+            here = [a for a in arms if setting in a.settings]
+            evaluate_job = lambda d, split, n=cfg.samples: evaluate_in_subprocess(
+                d, toy_dir, split, n, max_new)
+            # 1. tuning: each stage's grid × tuning seeds at the top budget, on valid.jsonl; a
+            # setting not in --tune_on takes the tuned flags of the first setting
+            if setting in cfg.tune_on.split(","):
+                tuned, tuning_calls = {"sft": []}, {}
             else:
-                run_dir = os.path.join(out, arm, f"seed{seed}")
-                lines = run_arm(spec[0], flags[spec[0]] + QUICK_FLAGS[spec[0]] * quick + [*spec[1:], f"--seed={seed}"],
-                                run_dir)
-                final = next(l for l in lines if l["kind"] == "final_eval")
-                offline = 2 * (budget // 5) if spec[0] == "train_selm.py" else 0  # the toy file's labels
-                curves += [(arm, seed, l["kind"], l["oracle_calls"] + offline * (l["kind"] != "sft_eval"),
-                            l.get("gold_reward", l.get("reward"))) for l in lines
-                           if "gold_reward" in l or l["kind"] in ("sft_eval", "final_eval")]
-                policy = M.from_pretrained(os.path.join(run_dir, "final"), device).eval()
-                win = winrate(policy, sft, tok, items, oracle.score_fn, max_new)
-            for key, value in zip(res, (final["oracle_calls"] + offline, final["accuracy"], win["win_rate"],
-                                        final["reward"])):
-                res[key].append(value)
-            print(f"{arm:>12} seed {seed}: " + ", ".join(f"{k} {v[-1]:.4g}" for k, v in res.items()) +
-                  f" ({time.time() - t0:.0f} s)", flush=True)
-        res.update({f"{k}_mean_std": mean_std(v) for k, v in list(res.items())})
-    table = [f"Toy task, budget {budget} oracle calls, seeds 0..{seeds - 1} (mean ± sample std over seeds); "
-             f"held-out greedy, first {len(items)} prompts.\n",
-             "| arm | oracle calls | accuracy | win rate vs SFT | gold reward |", "|---|---|---|---|---|"]
-    table += [f"| {arm} | {r['oracle_calls_mean_std'][0]:.0f} | " + " | ".join(
-        "{:.3f} ± {:.3f}".format(*r[f"{k}_mean_std"]) for k in ("accuracy", "win_rate", "reward")) + " |"
-        for arm, r in results.items()]
-    print("\n".join(table))
-    with open(os.path.join(out, "compare.md"), "w") as f:
-        f.write("\n".join(table) + "\n")
-    with open(os.path.join(out, "compare.json"), "w") as f:
-        json.dump({"config": dict(budget=budget, seeds=seeds, quick=quick, flags=flags,
-                                  n_heldout=len(items)), **results}, f, indent=1)
-    with open(os.path.join(out, "curves.csv"), "w") as f:  # step: a PbPO leader step's on-policy samples (train
-        f.write("arm,seed,kind,oracle_calls,gold_reward\n")  # prompts, temperature 1); *_eval: held-out greedy
-        f.writelines(",".join(map(str, row)) + "\n" for row in curves)
-    if importlib.util.find_spec("matplotlib"):  # optional
-        import matplotlib.pyplot as plt
-        plt.figure(figsize=(8, 5))
-        for i, arm in enumerate(results):  # means over seeds (and a PbPO episode's steps) per oracle-call count
-            for kind, style in (("step", ".-"), ("final_eval", "o")):
-                points = [(calls, r) for a, _, k, calls, r in curves if a == arm and k == kind]
-                xs = sorted({calls for calls, _ in points})
-                if xs:
-                    plt.plot(xs, [mean_std([r for c, r in points if c == x])[0] for x in xs], style,
-                             color=f"C{i % 10}", label=arm if kind == "final_eval" else None)
-        plt.xlabel("oracle calls"), plt.ylabel("gold reward (line: training samples, o: held-out greedy)")
-        plt.legend(fontsize=8), plt.savefig(os.path.join(out, "curves.png"), dpi=120)
+                tuned, tuning_calls = dict(first["tuned"]), {}
+            for arm in [a for a in here if a.script and not a.like and a.name not in tuned]:
+                best, calls = [], 0
+                for stage in arm.stages:
+                    points = grid_points(stage)[:1] if cfg.quick else grid_points(stage)
+                    seeds = TUNING_SEEDS[:1] if cfg.quick else TUNING_SEEDS
+                    jobs = [(p, s) for p in points for s in seeds]
+
+                    def tune_job(job):  # a run at the top budget, scored on valid.jsonl
+                        policy, used = train(arm, best + job[0], paths, job[1], out, cfg.quick,
+                                             "valid", budgets[-1:])[budgets[-1]]
+                        return used, evaluate_job(policy, "valid", 1)["reward"]
+
+                    scores = list(pool.map(tune_job, jobs))
+                    calls += sum(used for used, _ in scores)
+                    by_point = {}
+                    for (p, _), (_, score) in zip(jobs, scores):
+                        by_point.setdefault(tuple(p), []).append(score)
+                    best += max(by_point, key=lambda p: sum(by_point[p]) / len(by_point[p]))
+                    print(f"[{setting}] {arm.name}: tuned {' '.join(best)} "
+                          f"({time.time() - t_start:.0f} s)", flush=True)
+                tuned[arm.name], tuning_calls[arm.name] = best, calls
+            for arm in here:
+                if arm.like:
+                    tuned[arm.name] = [f for f in tuned[arm.like]
+                                       if f.split("=")[0] not in {g.split("=")[0] for g in arm.flags}]
+            # 2. the runs: every arm × budget × seed, then their evaluation on the held-out split
+            jobs = [(arm, s) for arm in here if arm.script
+                    for s in range(1 if cfg.quick else arm.seeds)]
+
+            def job(arm_seed):  # an arm's runs at every budget for a seed, then their evaluation
+                arm, seed = arm_seed
+                runs = train(arm, tuned[arm.name], paths, seed, out, cfg.quick, "heldout", budgets)
+                return {b: {**evaluate_job(d, "heldout"), "calls": c} for b, (d, c) in runs.items()}
+
+            finished = list(pool.map(job, jobs))
+            print(f"[{setting}] runs and evaluations done ({time.time() - t_start:.0f} s)",
+                  flush=True)
+            sft_eval = {**evaluate_job(paths.model, "heldout"), "calls": 0}
+            table = {"sft": {b: {s: sft_eval for s in range(10)} for b in budgets}}
+            for (arm, seed), by_budget in zip(jobs, finished):
+                for b, res in by_budget.items():
+                    table.setdefault(arm.name, {}).setdefault(b, {})[seed] = res
+            claims = []
+            for claim, a, b in CLAIMS:
+                if a in table and b in table:
+                    for budget in budgets:
+                        for metric in ("reward", "expected_reward"):
+                            va = {s: r[metric] for s, r in table[a][budget].items()}
+                            vb = {s: r[metric] for s, r in table[b][budget].items()}
+                            mean, half, n = paired(va, vb)
+                            claims.append(dict(claim=claim, budget=budget, metric=metric, diff=mean,
+                                               ci=half, seeds=n, holds=n > 1 and mean - half > 0))
+            results["settings"][setting] = {"tuned": tuned, "tuning_calls": tuning_calls,
+                                            "table": table, "claims": claims}
+            first = results["settings"][settings[0]]
+    results["seconds"] = time.time() - t_start
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, "compare.json"), "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    with open(os.path.join(cfg.out, "compare.md"), "w") as f:
+        f.write(report(results))
+    plots(results, cfg.out)
+    print(report(results))
     return results
+
+
+# ---------------------------------------------------------------- tables and plots
+def report(results):
+    lines = [f"Wall time {results['seconds'] / 60:.0f} min. Mean ± 95% interval over seeds; "
+             "held-out split, all prompts.\n"]
+    for setting, res in results["settings"].items():
+        lines += [f"### {setting}\n", "| arm | tuned flags | tuning calls |", "|---|---|---|"]
+        lines += [f"| {a} | `{' '.join(f) or '-'}` | {res['tuning_calls'].get(a, '-')} |"
+                  for a, f in res["tuned"].items()]
+        lines += ["", "| arm | budget | calls | seeds | accuracy | gold reward | "
+                      "expected gold (T=1) | KL to SFT |", "|---|---|---|---|---|---|---|---|"]
+        for arm, by_budget in res["table"].items():
+            for budget, by_seed in by_budget.items():
+                rows = list(by_seed.values())
+                cell = lambda k: "{:.3f} ± {:.3f}".format(*mean_ci([r[k] for r in rows]))
+                lines.append(f"| {arm} | {budget} | {sum(r['calls'] for r in rows) / len(rows):.0f}"
+                             f" | {len(rows)} | {cell('accuracy')} | {cell('reward')} | "
+                             f"{cell('expected_reward')} | {cell('kl_sft')} |")
+        lines += ["", "| claim | budget | metric | paired difference | seeds | holds |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {c['claim']} | {c['budget']} | {c['metric']} | {c['diff']:+.4f} ± "
+                  f"{c['ci']:.4f} | {c['seeds']} | {'yes' if c['holds'] else 'no'} |"
+                  for c in res["claims"]]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plots(results, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return print("matplotlib is not installed: no plots")
+    settings = results["settings"]
+    for name, x_key, y_key, x_label in (("curves", "calls", "reward", "oracle calls"),
+                                        ("frontier", "kl_sft", "expected_reward",
+                                         "KL(π ‖ π_SFT), nats")):
+        fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+        for ax, (setting, res) in zip(axes[0], settings.items()):
+            for i, (arm, by_budget) in enumerate(res["table"].items()):
+                pts = sorted((sum(r[x_key] for r in s.values()) / len(s),
+                              sum(r[y_key] for r in s.values()) / len(s)) for s in by_budget.values())
+                if name == "curves" and arm != "sft":
+                    sft = res["table"]["sft"]
+                    pts = [(0, next(iter(next(iter(sft.values())).values()))[y_key])] + pts
+                ax.plot(*zip(*pts), "o-" if name == "curves" else "o", color=f"C{i % 10}",
+                        label=arm, markersize=4)
+            ax.set_title(setting)
+            ax.set_xlabel(x_label)
+            ax.set_ylabel("held-out gold reward (greedy)" if name == "curves" else
+                          "expected gold reward, 8 samples at T = 1")
+        axes[0][-1].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
 
 
 @dataclass
 class Config:
-    out: str = "out/compare"  # where the runs, tables and plots go
-    budget: int = 0  # oracle calls per run (0: 768, or 32 with --quick)
-    seeds: int = 0  # training seeds 0..seeds-1 (0: 3, or 1 with --quick)
-    arms: str = ""  # comma-separated subset of the arms (default: all, or the quick ones)
-    quick: bool = False  # a tiny toy task and short runs: a smoke test
-    device: str = "cpu"  # where the evaluation runs
+    out: str = "out/compare"  # runs, tables and plots
+    settings: str = "standard,rare"  # standard | rare, comma-separated
+    tune_on: str = "standard"  # settings tuned on their own validation split; the others take
+    # the first setting's tuned flags
+    budgets: str = "384,768"  # oracle-call budgets
+    arms: str = ""  # a comma-separated subset of the arms (default: all)
+    samples: int = 8  # samples per prompt for the expected gold reward at temperature 1
+    jobs: int = 2  # runs at a time, one thread each
+    quick: bool = False  # the quick toy, one seed, the first grid point: a smoke test
+    evaluate: str = ""  # internal: evaluate this policy dir (a subprocess of the comparison)
+    toy_dir: str = ""  # internal, with --evaluate
+    split: str = "heldout"  # internal, with --evaluate
+    max_new_tokens: int = 48  # internal, with --evaluate
 
 
 if __name__ == "__main__":
     run.friendly_errors("experiments/compare.py")
     cfg = run.parse_flags(Config, __doc__)
-    compare(cfg.out, cfg.budget, cfg.seeds or (1 if cfg.quick else 3), cfg.arms, cfg.quick, cfg.device)
+    if cfg.evaluate:
+        paths = toy.ToyPaths(*(os.path.join(cfg.toy_dir, f) for f in toy.FILES))
+        evaluate(cfg.evaluate, paths, cfg.split, cfg.samples, cfg.max_new_tokens,
+                 os.path.join(cfg.evaluate, f"eval_{cfg.split}_{cfg.samples}.json"))
+    else:
+        compare(cfg)

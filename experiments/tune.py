@@ -26,15 +26,21 @@ import toy
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_arm(script, flags, out_dir):
+def run_arm(script, flags, out_dir, resume_from=None):
     """Train one run in a subprocess (one thread), its output in out_dir/log.txt; returns its
     metrics.jsonl lines. A finished run of the same command (out_dir/command.json) is reused,
-    anything else in out_dir is deleted first."""
-    cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}"]
+    anything else in out_dir is deleted first. resume_from: a finished run whose files this one
+    starts from, with --resume (e.g. more episodes)."""
+    cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}",
+           *["--resume"] * bool(resume_from)]
     done = os.path.join(out_dir, "command.json")
     if not os.path.exists(done) or json.load(open(done)) != cmd[1:]:
         shutil.rmtree(out_dir, ignore_errors=True)
-        os.makedirs(out_dir)
+        if resume_from:
+            shutil.copytree(resume_from, out_dir, ignore=shutil.ignore_patterns(
+                "command.json", "final", "lock", "log.txt"))
+        else:
+            os.makedirs(out_dir)
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
