@@ -7,10 +7,11 @@ import time
 
 import pytest
 import torch
-from conftest import PBPO, ROOT, SELM, metrics, run, without_timings
+from conftest import PBPO, ROOT, SELM, command, metrics, run, without_timings
 from safetensors.torch import load_file
 
 import data
+from run import read_checkpoint
 
 def test_pbpo_runs_and_resumes_to_the_same_result(toy, tmp_path):
     flags, _ = toy
@@ -131,3 +132,104 @@ def test_selm_torchrun_two_ranks(toy, tmp_path):
     its = [r for r in metrics(tmp_path) if r["kind"] == "iteration"]
     assert len(its) == 1 and its[0]["oracle_calls"] == 48
     assert os.path.exists(os.path.join(tmp_path, "final", "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------- online iterative DPO
+ONLINE = ["--online", "--online_prompts=8", "--iterations=2", "--batch_size=4", "--micro_batch=4",
+          "--max_new_tokens=16", "--eval_max=16"]
+
+
+@pytest.fixture(scope="module")
+def online(toy, tmp_path_factory):
+    """An uninterrupted online run on the quick toy (2 iterations of 8 prompts): its out_dir."""
+    flags, _ = toy
+    out = tmp_path_factory.mktemp("online")
+    run("train_selm.py", *flags, *ONLINE, f"--out_dir={out}")
+    return out
+
+
+def online_pairs(out_dir):
+    return data.PreferenceStore(os.path.join(out_dir, "preferences.jsonl")).records
+
+
+def test_selm_online_counts_every_oracle_call_and_drops_ties(online):
+    rows = metrics(online)
+    its = [r for r in rows if r["kind"] == "iteration"]
+    # 2 samples scored per drawn prompt, whether or not the pair then ties
+    assert [r["oracle_calls"] for r in its] == [2 * 8, 2 * 8 * 2]
+    assert all(r["pairs"] + r["ties"] == 8 and r["pairs"] > 0 for r in its)
+    assert sum(r["ties"] for r in its) > 0  # the quick toy's samples often tie: some were dropped
+    pairs = online_pairs(online)
+    assert [sum(p["iteration"] == i for p in pairs) for i in (1, 2)] == [r["pairs"] for r in its]
+    assert all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    # the steps are those of 8 pairs at batch 4, whatever the ties: 2 an iteration
+    steps = [(r["iteration"], r["step"]) for r in rows if r["kind"] == "step"]
+    assert steps == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_selm_online_pairs_are_the_policys_samples_ranked_by_gold(toy, online):
+    """Iteration 1's pairs are π⁰'s two temperature-1 samples of the drawn prompts (the draw and
+    the rows keyed as in train_pbpo.py), the gold-better one chosen, ties left out."""
+    import model as M
+    import toy as T
+    from run import generator, seed_of
+    _, t = toy
+    policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
+    prompts = data.load_prompts(t.train, tok, 256)
+    picked = torch.randint(len(prompts), (8,), generator=generator(0, "online", 1))
+    items = [prompts[i] for i in picked]
+    samples = M.sample(policy, [p["prompt_ids"] for p in items], 16, 1.0, n=2,
+                       seed=seed_of(0, "pair", 1), eos_ids=M.stop_ids(t.model, tok),
+                       pad_id=tok.pad_token_id)
+    texts = [data.decode(tok, y) for y in samples]
+    expected = []
+    for p, a, b in zip(items, texts[0::2], texts[1::2]):
+        # the oracle's scores are float32: a tie is a tie there
+        ra, rb = torch.tensor([T.gold_reward(a, p["answer"]), T.gold_reward(b, p["answer"])])
+        if ra != rb:
+            expected.append((p["prompt"], a, b) if ra > rb else (p["prompt"], b, a))
+    got = [(r["prompt"], r["chosen"], r["rejected"]) for r in online_pairs(online)
+           if r["iteration"] == 1]
+    assert got == expected and 0 < len(got) < 8
+
+
+def test_selm_online_resumes_after_a_kill_to_the_same_run(toy, online, tmp_path):
+    flags, _ = toy
+    part = tmp_path / "part"
+    proc = subprocess.Popen(command("train_selm.py", *flags, *ONLINE, f"--out_dir={part}"),
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not os.path.exists(part / "checkpoint.safetensors") and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL as soon as iteration 1's checkpoint exists
+    proc.wait()
+    assert read_checkpoint(str(part / "checkpoint.safetensors"), tensors=False)["iteration"] == 1
+    # as a kill after iteration 2's labelling leaves it: pairs the checkpoint never saw
+    store = data.PreferenceStore(str(part / "preferences.jsonl"))
+    for record in [r for r in online_pairs(online) if r["iteration"] == 2]:
+        store.append(record)
+    store.close()
+    run("train_selm.py", *flags, *ONLINE, f"--out_dir={part}", "--resume")
+    assert without_timings(metrics(part)) == without_timings(metrics(online))
+    assert online_pairs(part) == online_pairs(online)  # iteration 2's pairs labelled once
+    a = load_file(str(online / "final" / "model.safetensors"))
+    b = load_file(str(part / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_selm_online_two_ranks_label_the_same_pairs_as_one(toy, online, tmp_path):
+    flags, _ = toy
+    run("train_selm.py", *flags, *ONLINE, f"--out_dir={tmp_path}", ranks=2)
+    assert online_pairs(tmp_path) == online_pairs(online)
+    counts = lambda d: [(r["oracle_calls"], r["pairs"], r["ties"]) for r in metrics(d)
+                        if r["kind"] == "iteration"]
+    assert counts(tmp_path) == counts(online)
+
+
+def test_selm_online_refuses_an_iteration_of_ties_only(toy, tmp_path):
+    flags, _ = toy
+    # one token can never hold a '#### N' line: under the exact-match oracle every pair ties
+    proc = run("train_selm.py", *flags, *ONLINE, "--oracle=gsm8k", "--max_new_tokens=1",
+               f"--out_dir={tmp_path}", ok=False)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "train_selm.py: error: iteration 1: all 8 online pairs are ties")
