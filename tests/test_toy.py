@@ -1,6 +1,7 @@
 """toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused, loads in
 transformers, its tokenizer round-trips)."""
 import hashlib
+import json
 import os
 import random
 
@@ -95,3 +96,52 @@ def test_toy_checkpoint_loads_in_transformers(toy, tok):
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
     assert hf.config.eos_token_id == tok.eos_token_id and hf.config.vocab_size == len(tok)
+
+
+def test_toy_rare_setting_guesses_far_more_often():
+    rng = random.Random(0)
+    problems = [T.toy_problem(rng)[1:] for _ in range(4000)]
+
+    def crowd(rare):
+        """(one-step guess rate, two-step guess rate, slip rate of the worked answers)."""
+        rng = random.Random(1)
+        demos = [(len(ops) > 1, start + sum(ops), T.noisy_demo(start, ops, rng, rare))
+                 for start, ops in problems]
+        rate = lambda xs: sum(xs) / len(xs)
+        guesses = [rate([d.startswith("I think") for two, _, d in demos if two == k])
+                   for k in (False, True)]
+        worked = [not data.is_correct(d, total) for _, total, d in demos
+                  if not d.startswith("I think")]
+        return guesses + [rate(worked)]
+
+    assert crowd(False) == pytest.approx([0.3, 0.7, 0.1], abs=0.03)
+    assert crowd(True) == pytest.approx([0.9, 0.97, 0.1], abs=0.04)
+
+
+def test_toy_default_demonstrations_are_unchanged():
+    """The default crowd's demonstrations, pinned as they were before the rare setting existed:
+    the default build's texts (and so its tokenizer and SFT data) are the same byte for byte."""
+    rng, demos = random.Random(0), []
+    for _ in range(500):
+        _, start, ops = T.toy_problem(rng)
+        demos.append(T.noisy_demo(start, ops, rng))
+    digest = hashlib.sha256("\n".join(demos).encode()).hexdigest()
+    assert digest == "f1de4e576b9da3a51d0f978d62b009491451977e9d5721ed562b9b8a8a3cc8ab"
+
+
+def test_toy_rare_build_is_its_own(toy, tmp_path):
+    """Same prompt files, another SFT policy, a key of its own: a directory built in one setting
+    is rebuilt, not reused, for the other, and the default build comes back byte for byte."""
+    default = digests(os.path.dirname(toy[1].model))
+    rare = T.build(str(tmp_path), seed=0, quick=True, rare=True)
+    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True, "rare"]
+    built = digests(str(tmp_path))
+    assert set(built) == set(default)
+    same = {f for f in built if built[f] == default[f]}
+    assert {"train.jsonl", "heldout.jsonl", "valid.jsonl"} <= same
+    assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"}.isdisjoint(same)
+    T.build(str(tmp_path), seed=0, quick=True)  # the default setting in the same directory
+    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True]
+    assert digests(str(tmp_path)) == default
+    assert T.build(str(tmp_path), seed=0, quick=True, rare=True) == rare
+    assert digests(str(tmp_path)) == built
