@@ -1,5 +1,5 @@
-"""toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused, loads in
-transformers, its tokenizer round-trips)."""
+"""toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused,
+loads in transformers, its tokenizer round-trips); the rare setting."""
 import hashlib
 import json
 import os
@@ -21,14 +21,18 @@ def tok(toy):
 def test_gold_reward_is_shaped():
     answer = "70"
     rewards = {text: T.gold_reward(text, answer) for text in [
-        "85 - 15 = 70.\n#### 70", "#### 71", "#### 60", "#### 7", "the answer is 71", "#### -70", "no idea", ""]}
+        "85 - 15 = 70.\n#### 70", "#### 71", "#### 60", "#### 7", "the answer is 71", "#### -70",
+        "no idea", ""]}
     assert rewards["85 - 15 = 70.\n#### 70"] == 1.0
     assert all(0.0 <= r < 1.0 for t, r in rewards.items() if t != "85 - 15 = 70.\n#### 70")
-    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > rewards["no idea"]
-    assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2  # the format earns credit; so does the number
+    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > \
+        rewards["no idea"]
+    # the format earns credit; so does the number
+    assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2
     assert rewards["no idea"] == rewards[""] == 0.0
     assert T.gold_reward("#### 1,000", "1000") == 1.0
-    assert T.gold_reward("#### 5", "yes") == 0.2  # a non-numeric answer: only the format can earn credit
+    # a non-numeric answer: only the format can earn credit
+    assert T.gold_reward("#### 5", "yes") == 0.2
 
 
 # ---------------------------------------------------------------------------- the toy task
@@ -54,7 +58,8 @@ def digests(root):
         for name in files:
             if name != "build.json":  # holds the build time
                 path = os.path.join(folder, name)
-                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                out[os.path.relpath(path, root)] = digest
     return out
 
 
@@ -62,9 +67,11 @@ def test_toy_build_is_deterministic_and_reused(toy, tmp_path):
     toy = toy[1]
     again = T.build(str(tmp_path / "toy"), seed=0, quick=True)
     first, second = digests(os.path.dirname(toy.model)), digests(str(tmp_path / "toy"))
-    assert first == second and {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
+    assert first == second
+    assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
     stamp = os.path.getmtime(again.prefs)
-    assert T.build(str(tmp_path / "toy"), seed=0, quick=True) == again and os.path.getmtime(again.prefs) == stamp
+    assert T.build(str(tmp_path / "toy"), seed=0, quick=True) == again
+    assert os.path.getmtime(again.prefs) == stamp
     os.remove(str(tmp_path / "toy" / "build.json"))  # a half-built directory (no marker) is rebuilt
     T.build(str(tmp_path / "toy"), seed=0, quick=True)
     assert os.path.getmtime(again.prefs) > stamp and digests(str(tmp_path / "toy")) == first
@@ -77,13 +84,15 @@ def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
     for text in ["Tom has 37 apples, buys 48 and gives away 15. How many apples does Tom have now?",
                  "37 + 48 = 85. 85 - 15 = 70.\n#### 70", "ünïcödé  and   spaces\t!"]:
         assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
-    assert all(len(tok.convert_ids_to_tokens(tok(str(d)).input_ids)) == 1 for d in range(10))  # one token a digit
-    heldout, train = data.load_prompts(toy.heldout, tok, 256), data.load_prompts(toy.train, tok, 256)
+    # one token a digit
+    assert all(len(tok.convert_ids_to_tokens(tok(str(d)).input_ids)) == 1 for d in range(10))
+    heldout = data.load_prompts(toy.heldout, tok, 256)
+    train = data.load_prompts(toy.train, tok, 256)
     assert not {p["prompt"] for p in heldout} & {p["prompt"] for p in train}
     assert all(p["answer"] is not None for p in heldout + train)
     pairs = load_preferences(toy.prefs, tok, 256)
-    assert pairs and all(T.gold_reward(p["chosen"], p["answer"]) > T.gold_reward(p["rejected"], p["answer"])
-                         for p in pairs)
+    assert pairs and all(T.gold_reward(p["chosen"], p["answer"]) >
+                         T.gold_reward(p["rejected"], p["answer"]) for p in pairs)
 
 
 def test_toy_checkpoint_loads_in_transformers(toy, tok):
@@ -92,7 +101,8 @@ def test_toy_checkpoint_loads_in_transformers(toy, tok):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(toy.model).eval()
     ours = M.from_pretrained(toy.model)
-    ids = torch.tensor([data.encode_prompt(tok, "Tom has 37 apples and buys 48. How many apples does Tom have now?")])
+    question = "Tom has 37 apples and buys 48. How many apples does Tom have now?"
+    ids = torch.tensor([data.encode_prompt(tok, question)])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
     assert hf.config.eos_token_id == tok.eos_token_id and hf.config.vocab_size == len(tok)
