@@ -7,8 +7,14 @@ the gold reward r*.
 steps and GSM8K's `#### N` line. The demonstrators often only guess on two-step problems ("I think
 it is about 17.\n#### 17"), so the SFT policy does too: room for preference learning to improve it.
 
+A second setting, `rare` (--rare), is the regime exploration is for: the behaviour the gold reward
+wants is rare under the SFT policy. The same task and splits, tokenizer recipe and SFT schedule; the
+demonstrators guess on 97% of two-step and 90% of one-step problems (not 70% / 30%; worked answers
+keep their 10% slip rate), so few of the SFT policy's samples are correct worked answers.
+
   python toy.py                        # build into out/toy (about 2 minutes on 2 CPU cores)
   python toy.py --seed=1 --out_dir=out/toy1
+  python toy.py --rare --out_dir=out/toy_rare   # the rare setting
   python toy.py --quick                # the reduced build the tests use (seconds)
 """
 import json
@@ -77,11 +83,15 @@ def worked_answer(start, ops, slip=(-1, 0)):
     return " ".join(steps) + f"\n#### {total}"
 
 
-def noisy_demo(start, ops, rng):
+GUESS_RATE = {False: (0.3, 0.7), True: (0.9, 0.97)}  # rare -> (one-step, two-step) guess rates
+
+
+def noisy_demo(start, ops, rng, rare=False):
     """A demonstration as a hurried crowd writes it: on two-step problems 70% (one-step: 30%) only
-    guess ('I think it is about 23.\\n#### 23', 1 to 9 off); 10% of worked answers carry a slip."""
+    guess ('I think it is about 23.\\n#### 23', 1 to 9 off); 10% of worked answers carry a slip.
+    rare: the rare setting's crowd, which guesses on 97% (one-step: 90%)."""
     total = start + sum(ops)
-    if rng.random() < (0.7 if len(ops) > 1 else 0.3):
+    if rng.random() < GUESS_RATE[rare][len(ops) > 1]:
         guess = abs(total + rng.choice((-1, 1)) * rng.randint(1, 9))
         return f"I think it is about {guess}.\n#### {guess}"
     slip = (rng.randrange(len(ops)), rng.choice((-2, -1, 1, 2))) if rng.random() < 0.1 else (-1, 0)
@@ -144,16 +154,19 @@ def write_jsonl(path, rows):
 
 
 # ---------------------------------------------------------------- the build
-def build(out_dir="out/toy", seed=0, quick=False):
+def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     """Build (or reuse) the task: tokenizer + SFT policy in out_dir/sft, GSM8K-layout train /
     held-out / validation prompt files, and prefs.jsonl (two temperature-1 SFT samples per train
     prompt, ranked by gold_reward, ties skipped). Tune on valid.jsonl, report on heldout.jsonl.
-    build.json is written last: a directory without it, or without one of the files, is rebuilt."""
+    rare: the rare setting (module docstring), the demonstrators of noisy_demo(rare=True); the
+    prompt files are the default build's. build.json is written last, with the build's key
+    ([seed, quick], plus "rare" in that setting): a directory without it, without one of the
+    files, or with another key is rebuilt."""
     files = ("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")
     paths = ToyPaths(*(os.path.join(out_dir, f) for f in files))
-    marker = os.path.join(out_dir, "build.json")
+    marker, key = os.path.join(out_dir, "build.json"), [seed, quick] + (["rare"] if rare else [])
     if os.path.exists(marker):
-        if json.load(open(marker))["key"] == [seed, quick] and all(map(os.path.exists, paths)):
+        if json.load(open(marker))["key"] == key and all(map(os.path.exists, paths)):
             return paths
         os.remove(marker)  # another build's: this one overwrites its files
     t0, rng = time.time(), random.Random(seed)
@@ -174,7 +187,7 @@ def build(out_dir="out/toy", seed=0, quick=False):
     os.makedirs(paths.model, exist_ok=True)
     for path, qs in ((paths.heldout, heldout), (paths.train, train), (paths.valid, list(valid))):
         write_jsonl(path, [{"question": q, "answer": worked_answer(*problems[q])} for q in qs])
-    answers = [noisy_demo(*problems[q], rng) for q in demo_questions]
+    answers = [noisy_demo(*problems[q], rng, rare) for q in demo_questions]
     texts = [f"{q} {a}" for q, a in zip(demo_questions, answers)]
     tok = build_tokenizer(texts, 320 if quick else 384, paths.model)
     demos = [(data.encode_prompt(tok, q), data.encode_response(tok, a))
@@ -210,7 +223,7 @@ def build(out_dir="out/toy", seed=0, quick=False):
             prefs.append({"prompt": q, "chosen": chosen, "rejected": rejected,
                           "answer": answers[q]})
     write_jsonl(paths.prefs, prefs)
-    stats = {"key": [seed, quick], "heldout_greedy_accuracy": accuracy, "pairs": len(prefs),
+    stats = {"key": key, "heldout_greedy_accuracy": accuracy, "pairs": len(prefs),
              "seconds": round(time.time() - t0, 1)}
     print(f"toy task built in {out_dir}: {json.dumps(stats)}")
     with open(marker, "w") as f:  # last: its presence means every file above is complete
@@ -223,10 +236,11 @@ class Config:
     out_dir: str = "out/toy"  # where the task is built
     seed: int = 0  # problems, demonstrations and SFT initialisation
     quick: bool = False  # the reduced build the tests use
+    rare: bool = False  # the rare setting: demonstrators guess on 97% / 90% of 2- / 1-step problems
 
 
 if __name__ == "__main__":
     import run
     run.friendly_errors("toy.py")
     cfg = run.parse_flags(Config, __doc__)
-    print(build(cfg.out_dir, cfg.seed, cfg.quick))
+    print(build(cfg.out_dir, cfg.seed, cfg.quick, cfg.rare))

@@ -9,8 +9,13 @@ The preference set is split into T equal parts D_1..D_T; iteration t trains π_�
       L = −log σ(β [(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))])
           + α β (log π_θ(y_ref) − log π_ref(y_ref))
 
+Online (--online): no preference file; iteration t labels its own pairs instead of ranking D_t:
+    x_1..x_M drawn from the prompt file (M = --online_prompts); y¹, y² ~ π_ref(·|x) at temperature 1
+    the oracle scores both (2 calls a prompt); ties are dropped, the better is y_w, the other y_l
+
   python train_selm.py                      # SELM on the built-in toy preference file, CPU
   python train_selm.py --alpha=0            # iterative DPO, the baseline
+  python train_selm.py --online --alpha=0   # online iterative DPO on the toy train prompts
   python train_selm.py --model=PATH --prefs=FILE --oracle=rm:RM_PATH        # one GPU
   torchrun --nproc_per_node=8 train_selm.py --model=PATH --prefs=FILE --oracle=rm:RM_PATH
   python train_selm.py --resume             # continue out_dir's run
@@ -46,6 +51,10 @@ class Config:
     heldout: str = ""  # held-out prompts for the gold evaluation (default: the toy held-out split)
     oracle: str = "gold"  # gold | gsm8k | rm:PATH, ranks {y_ref, chosen, rejected}
     max_pairs: int = 0  # use at most this many pairs of the file (0 = all)
+    # online: pairs sampled from π_ref and labelled each iteration (no --prefs file)
+    online: bool = False  # each iteration labels two temperature-1 samples of π_ref a prompt
+    online_prompts: int = 128  # M, prompts an iteration (all ranks); 3·128·2 = PbPO's 768 calls
+    prompts: str = ""  # the prompt file --online draws from (default: the toy train split)
     # sampling and batching
     sample_ref: bool = False  # sample y_ref at temperature 1 instead of greedily
     max_new_tokens: int = 48
@@ -62,7 +71,7 @@ class Config:
 
     AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
                 "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
-                "max_prompt_len": (1, ""), "eval_max": (1, "")}
+                "max_prompt_len": (1, ""), "eval_max": (1, ""), "online_prompts": (1, "M")}
     CHOICES = {"on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
 
@@ -129,15 +138,23 @@ if __name__ == "__main__":
     cfg = run.parse_flags(Config, __doc__)
     rank, world, device = run.init_distributed(cfg.dist_timeout)
     master = rank == 0
+    if cfg.online and cfg.online_prompts % world:
+        raise ValueError(f"--online_prompts={cfg.online_prompts} must be a multiple of the world "
+                         f"size {world}")
     mode = run.start(cfg, rank, world)  # 'fresh', 'resume' or 'restart'
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
-    pairs = load_preferences(cfg.prefs, tok, cfg.max_prompt_len)
-    pairs = pairs[:cfg.max_pairs] if cfg.max_pairs else pairs
+    if cfg.online and not cfg.prompts:
+        raise ValueError("--online draws its prompts from --prompts: give a prompt file")
+    if cfg.online:  # no file of pairs: each iteration samples and labels its own
+        prompts, pairs = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len), []
+    else:
+        pairs = load_preferences(cfg.prefs, tok, cfg.max_prompt_len)
+        pairs = pairs[:cfg.max_pairs] if cfg.max_pairs else pairs
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)
-    if len(pairs) < cfg.iterations * world:
+    if not cfg.online and len(pairs) < cfg.iterations * world:
         raise ValueError(f"{cfg.prefs}: {len(pairs)} pairs cannot be split into {cfg.iterations} "
                          f"parts over {world} ranks")
     oracle = make_oracle(cfg.oracle, 0.0, device)
@@ -147,13 +164,18 @@ if __name__ == "__main__":
         run.shard_model(policy)
     part = len(pairs) // cfg.iterations  # |D_t|; each rank takes part // world: equal step counts
     local_batch = max(1, cfg.batch_size // world)
-    steps_per_iter = math.ceil(cfg.epochs * (part // world) / local_batch)
+    # online: the steps of M pairs, as if no prompt tied (ties are made up by cycling through the
+    # kept pairs), so the count is known before any sample, on every rank, for the schedule
+    rows_per_rank = (cfg.online_prompts if cfg.online else part) // world
+    steps_per_iter = math.ceil(cfg.epochs * rows_per_rank / local_batch)
     total = cfg.iterations * steps_per_iter
     warmup = max(1, int(cfg.warmup_ratio * total))
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
+    store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) \
+        if cfg.online and master else None  # the online pairs, in TRL's layout
     ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
@@ -166,13 +188,56 @@ if __name__ == "__main__":
         ids, attn, resp = (t.to(device) for t in batch)
         return (M.token_logprobs(policy, ids, attn, micro_batch=micro_batch) * resp).sum(-1)
 
+    def online_pairs(it):
+        """Iteration it's pairs, labelled online: M prompts drawn from the prompt file, two
+        temperature-1 samples of π_ref each, both scored by the oracle; a tie is dropped (its two
+        calls count all the same), else the better sample is y_w. The draw and every sampled row
+        are keyed by (seed, purpose, it), never the rank, as in train_pbpo.py: any world size
+        labels the same pairs, and every rank keeps all of them. -> (kept pairs, ties, oracle
+        calls of all ranks, mean score of all samples)."""
+        share = cfg.online_prompts // world
+        picked = torch.randint(len(prompts), (cfg.online_prompts,),
+                               generator=run.generator(cfg.seed, "online", it))
+        items = [prompts[i] for i in picked[rank * share:(rank + 1) * share]]
+        prompt_ids = [p["prompt_ids"] for p in items]
+        # row j of the whole draw (all ranks) is seeded seed_of(purpose) + j
+        two = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0, n=2, eos_ids=stop,
+                       seed=run.seed_of(cfg.seed, "pair", it) + 2 * rank * share,
+                       pad_id=tok.pad_token_id)
+        y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0 if cfg.sample_ref else 0.0,
+                         seed=run.seed_of(cfg.seed, "y_ref", it) + rank * share, eos_ids=stop,
+                         pad_id=tok.pad_token_id)
+        texts = [data.decode(tok, y) for y in two]
+        before = oracle.calls
+        scores = oracle.score([p for p in items for _ in range(2)], texts).view(-1, 2)  # (m, 2)
+        spent = int(sum(run.gather([oracle.calls - before])))
+        kept, ties = [], 0
+        labelled = run.gather(list(zip(items, two[0::2], two[1::2], texts[0::2], texts[1::2],
+                                       scores.tolist(), y_ref)))
+        for item, a, b, text_a, text_b, (score_a, score_b), ref in labelled:
+            if score_a == score_b:
+                ties += 1
+                continue
+            a_won = score_a > score_b
+            kept.append({"item": item, "ref": ref, "chosen": a if a_won else b,
+                         "rejected": b if a_won else a, "chosen_text": text_a if a_won else text_b,
+                         "rejected_text": text_b if a_won else text_a,
+                         "chosen_score": max(score_a, score_b),
+                         "rejected_score": min(score_a, score_b)})
+        mean_score = sum(sa + sb for *_, (sa, sb), _ in labelled) / (2 * len(labelled))
+        return kept, ties, spent, mean_score
+
     if mode == "restart":  # killed before its first checkpoint
         log.cut(0)
+        if store:
+            store.rewrite([])
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
         sched.load_state_dict(state["sched"])
         log.cut(state["log_size"])
         calls, sft_eval, start = state["oracle_calls"], state["sft_eval"], state["iteration"] + 1
+        if store:  # pairs labelled after the checkpoint are dropped: their iteration is redone
+            store.rewrite([r for r in store.records if r["iteration"] < start])
     if sft_eval is None and heldout:
         sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
         log_metrics("sft_eval", **sft_eval)
@@ -180,29 +245,57 @@ if __name__ == "__main__":
     # ---------------------------------------------------------------- iterations
     for it in range(start, cfg.iterations + 1):
         t0 = time.time()
-        d_t = data.shard(pairs[(it - 1) * part: it * part], rank, world)[:part // world]
-        prompt_ids = [p["prompt_ids"] for p in d_t]
-        seed = int(torch.randint(2**31, (1,), generator=run.generator(cfg.seed, "y_ref", it, rank)))
-        y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0 if cfg.sample_ref else 0.0,
-                         seed=seed, eos_ids=stop, pad_id=tok.pad_token_id)
-        # rank {y_ref, chosen, rejected}: the best becomes chosen, the worst rejected
-        texts = {"ref": [data.decode(tok, y) for y in y_ref], "chosen": [p["chosen"] for p in d_t],
-                 "rejected": [p["rejected"] for p in d_t]}
-        before = oracle.calls
-        columns = ("ref", "chosen", "rejected")
-        scores = torch.stack([oracle.score(d_t, texts[k]) for k in columns], 1)  # (n, 3)
-        calls += int(sum(run.gather([oracle.calls - before])))
-        top, bottom = best_and_worst(scores)  # (n,) column indices
-        candidates = [y_ref, [p["chosen_ids"] for p in d_t], [p["rejected_ids"] for p in d_t]]
-        best = [candidates[j][i] for i, j in enumerate(top.tolist())]
-        worst = [candidates[j][i] for i, j in enumerate(bottom.tolist())]
+        if cfg.online:
+            kept, ties, spent, mean_score = online_pairs(it)
+            calls += spent
+            if not kept:
+                raise ValueError(f"iteration {it}: all {ties} online pairs are ties (the oracle "
+                                 "scored both samples the same), nothing to train on; raise "
+                                 "--online_prompts or --max_new_tokens, or use a finer --oracle")
+            for p in kept if master else ():
+                store.append({"iteration": it, "prompt": p["item"]["prompt"],
+                              "chosen": p["chosen_text"], "rejected": p["rejected_text"],
+                              "chosen_score": p["chosen_score"],
+                              "rejected_score": p["rejected_score"],
+                              **({} if p["item"]["answer"] is None else
+                                 {"answer": p["item"]["answer"]})})
+            # the steps fixed in advance are filled by cycling through the kept pairs, a fresh
+            # permutation a pass; step s takes rows [s·b, (s+1)·b) of the cycle, b = local_batch
+            # · world, and this rank its block of them: N ranks split the step one rank takes
+            need, key = steps_per_iter * local_batch * world, run.generator(cfg.seed, "order", it)
+            cycle = torch.cat([torch.randperm(len(kept), generator=key)
+                               for _ in range(math.ceil(need / len(kept)))])[:need]
+            mine = cycle.view(steps_per_iter, world, local_batch)[:, rank].flatten().tolist()
+            prompt_ids = [kept[j]["item"]["prompt_ids"] for j in mine]
+            best, worst, y_ref = ([kept[j][k] for j in mine] for k in ("chosen", "rejected", "ref"))
+            order = torch.arange(len(mine))  # this rank's rows, already in step order
+        else:
+            d_t = data.shard(pairs[(it - 1) * part: it * part], rank, world)[:part // world]
+            prompt_ids = [p["prompt_ids"] for p in d_t]
+            seed = int(torch.randint(2**31, (1,),
+                                     generator=run.generator(cfg.seed, "y_ref", it, rank)))
+            y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens,
+                             1.0 if cfg.sample_ref else 0.0, seed=seed, eos_ids=stop,
+                             pad_id=tok.pad_token_id)
+            # rank {y_ref, chosen, rejected}: the best becomes chosen, the worst rejected
+            texts = {"ref": [data.decode(tok, y) for y in y_ref],
+                     "chosen": [p["chosen"] for p in d_t],
+                     "rejected": [p["rejected"] for p in d_t]}
+            before = oracle.calls
+            columns = ("ref", "chosen", "rejected")
+            scores = torch.stack([oracle.score(d_t, texts[k]) for k in columns], 1)  # (n, 3)
+            calls += int(sum(run.gather([oracle.calls - before])))
+            top, bottom = best_and_worst(scores)  # (n,) column indices
+            candidates = [y_ref, [p["chosen_ids"] for p in d_t], [p["rejected_ids"] for p in d_t]]
+            best = [candidates[j][i] for i, j in enumerate(top.tolist())]
+            worst = [candidates[j][i] for i, j in enumerate(bottom.tolist())]
+            key = run.generator(cfg.seed, "order", it, rank)
+            order = torch.cat([torch.randperm(len(d_t), generator=key) for _ in range(cfg.epochs)])
         responses = {"chosen": best, "rejected": worst, "ref": y_ref}
         gen_seconds = time.time() - t0
         with torch.no_grad():  # log π_ref of every response, once: π_ref = π_θ right now
             logp_ref = {k: sequence_logprobs(prompt_ids, v, cfg.micro_batch)
                         for k, v in responses.items()}
-        key = run.generator(cfg.seed, "order", it, rank)
-        order = torch.cat([torch.randperm(len(d_t), generator=key) for _ in range(cfg.epochs)])
         bar = tqdm(range(steps_per_iter), desc=f"iteration {it}", disable=not master)
         for step in bar:
             rows = order[step * local_batch:(step + 1) * local_batch].tolist()
@@ -234,10 +327,21 @@ if __name__ == "__main__":
                         drift_rejected=totals["rejected"], drift_ref=totals["ref"])
             bar.set_postfix(loss=f"{totals['loss']:.4f}", acc=f"{totals['acc']:.2f}")
         mean_len = lambda ys: sum(map(len, ys)) / len(ys)
-        log_metrics("iteration", iteration=it, gen_s=gen_seconds,
-                    train_s=time.time() - t0 - gen_seconds, len_chosen=mean_len(best),
-                    len_rejected=mean_len(worst), len_ref=mean_len(y_ref),
-                    ref_best=(top == 0).float().mean().item())
+        if cfg.online:  # over the kept pairs of all ranks, each once
+            mean = lambda values: sum(values) / len(kept)
+            log_metrics("iteration", iteration=it, gen_s=gen_seconds,
+                        train_s=time.time() - t0 - gen_seconds, pairs=len(kept), ties=ties,
+                        oracle_score=mean_score,
+                        score_chosen=mean(p["chosen_score"] for p in kept),
+                        score_rejected=mean(p["rejected_score"] for p in kept),
+                        len_chosen=mean(len(p["chosen"]) for p in kept),
+                        len_rejected=mean(len(p["rejected"]) for p in kept),
+                        len_ref=mean(len(p["ref"]) for p in kept))
+        else:
+            log_metrics("iteration", iteration=it, gen_s=gen_seconds,
+                        train_s=time.time() - t0 - gen_seconds, len_chosen=mean_len(best),
+                        len_rejected=mean_len(worst), len_ref=mean_len(y_ref),
+                        ref_best=(top == 0).float().mean().item())
         # π_ref ← π_θ: the next iteration starts from here
         run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, iteration=it,
                             sched=sched.state_dict(), oracle_calls=calls, sft_eval=sft_eval,

@@ -1,6 +1,7 @@
-"""toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused, loads in
-transformers, its tokenizer round-trips)."""
+"""toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused,
+loads in transformers, its tokenizer round-trips); the rare setting."""
 import hashlib
+import json
 import os
 import random
 
@@ -20,14 +21,18 @@ def tok(toy):
 def test_gold_reward_is_shaped():
     answer = "70"
     rewards = {text: T.gold_reward(text, answer) for text in [
-        "85 - 15 = 70.\n#### 70", "#### 71", "#### 60", "#### 7", "the answer is 71", "#### -70", "no idea", ""]}
+        "85 - 15 = 70.\n#### 70", "#### 71", "#### 60", "#### 7", "the answer is 71", "#### -70",
+        "no idea", ""]}
     assert rewards["85 - 15 = 70.\n#### 70"] == 1.0
     assert all(0.0 <= r < 1.0 for t, r in rewards.items() if t != "85 - 15 = 70.\n#### 70")
-    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > rewards["no idea"]
-    assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2  # the format earns credit; so does the number
+    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > \
+        rewards["no idea"]
+    # the format earns credit; so does the number
+    assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2
     assert rewards["no idea"] == rewards[""] == 0.0
     assert T.gold_reward("#### 1,000", "1000") == 1.0
-    assert T.gold_reward("#### 5", "yes") == 0.2  # a non-numeric answer: only the format can earn credit
+    # a non-numeric answer: only the format can earn credit
+    assert T.gold_reward("#### 5", "yes") == 0.2
 
 
 # ---------------------------------------------------------------------------- the toy task
@@ -53,7 +58,8 @@ def digests(root):
         for name in files:
             if name != "build.json":  # holds the build time
                 path = os.path.join(folder, name)
-                out[os.path.relpath(path, root)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                out[os.path.relpath(path, root)] = digest
     return out
 
 
@@ -61,9 +67,11 @@ def test_toy_build_is_deterministic_and_reused(toy, tmp_path):
     toy = toy[1]
     again = T.build(str(tmp_path / "toy"), seed=0, quick=True)
     first, second = digests(os.path.dirname(toy.model)), digests(str(tmp_path / "toy"))
-    assert first == second and {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
+    assert first == second
+    assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
     stamp = os.path.getmtime(again.prefs)
-    assert T.build(str(tmp_path / "toy"), seed=0, quick=True) == again and os.path.getmtime(again.prefs) == stamp
+    assert T.build(str(tmp_path / "toy"), seed=0, quick=True) == again
+    assert os.path.getmtime(again.prefs) == stamp
     os.remove(str(tmp_path / "toy" / "build.json"))  # a half-built directory (no marker) is rebuilt
     T.build(str(tmp_path / "toy"), seed=0, quick=True)
     assert os.path.getmtime(again.prefs) > stamp and digests(str(tmp_path / "toy")) == first
@@ -76,13 +84,15 @@ def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
     for text in ["Tom has 37 apples, buys 48 and gives away 15. How many apples does Tom have now?",
                  "37 + 48 = 85. 85 - 15 = 70.\n#### 70", "ünïcödé  and   spaces\t!"]:
         assert tok.decode(tok(text, add_special_tokens=False).input_ids) == text
-    assert all(len(tok.convert_ids_to_tokens(tok(str(d)).input_ids)) == 1 for d in range(10))  # one token a digit
-    heldout, train = data.load_prompts(toy.heldout, tok, 256), data.load_prompts(toy.train, tok, 256)
+    # one token a digit
+    assert all(len(tok.convert_ids_to_tokens(tok(str(d)).input_ids)) == 1 for d in range(10))
+    heldout = data.load_prompts(toy.heldout, tok, 256)
+    train = data.load_prompts(toy.train, tok, 256)
     assert not {p["prompt"] for p in heldout} & {p["prompt"] for p in train}
     assert all(p["answer"] is not None for p in heldout + train)
     pairs = load_preferences(toy.prefs, tok, 256)
-    assert pairs and all(T.gold_reward(p["chosen"], p["answer"]) > T.gold_reward(p["rejected"], p["answer"])
-                         for p in pairs)
+    assert pairs and all(T.gold_reward(p["chosen"], p["answer"]) >
+                         T.gold_reward(p["rejected"], p["answer"]) for p in pairs)
 
 
 def test_toy_checkpoint_loads_in_transformers(toy, tok):
@@ -91,7 +101,57 @@ def test_toy_checkpoint_loads_in_transformers(toy, tok):
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(toy.model).eval()
     ours = M.from_pretrained(toy.model)
-    ids = torch.tensor([data.encode_prompt(tok, "Tom has 37 apples and buys 48. How many apples does Tom have now?")])
+    question = "Tom has 37 apples and buys 48. How many apples does Tom have now?"
+    ids = torch.tensor([data.encode_prompt(tok, question)])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours.lm_head(ours(ids)), atol=1e-4, rtol=1e-4)
     assert hf.config.eos_token_id == tok.eos_token_id and hf.config.vocab_size == len(tok)
+
+
+def test_toy_rare_setting_guesses_far_more_often():
+    rng = random.Random(0)
+    problems = [T.toy_problem(rng)[1:] for _ in range(4000)]
+
+    def crowd(rare):
+        """(one-step guess rate, two-step guess rate, slip rate of the worked answers)."""
+        rng = random.Random(1)
+        demos = [(len(ops) > 1, start + sum(ops), T.noisy_demo(start, ops, rng, rare))
+                 for start, ops in problems]
+        rate = lambda xs: sum(xs) / len(xs)
+        guesses = [rate([d.startswith("I think") for two, _, d in demos if two == k])
+                   for k in (False, True)]
+        worked = [not data.is_correct(d, total) for _, total, d in demos
+                  if not d.startswith("I think")]
+        return guesses + [rate(worked)]
+
+    assert crowd(False) == pytest.approx([0.3, 0.7, 0.1], abs=0.03)
+    assert crowd(True) == pytest.approx([0.9, 0.97, 0.1], abs=0.04)
+
+
+def test_toy_default_demonstrations_are_unchanged():
+    """The default crowd's demonstrations, pinned as they were before the rare setting existed:
+    the default build's texts (and so its tokenizer and SFT data) are the same byte for byte."""
+    rng, demos = random.Random(0), []
+    for _ in range(500):
+        _, start, ops = T.toy_problem(rng)
+        demos.append(T.noisy_demo(start, ops, rng))
+    digest = hashlib.sha256("\n".join(demos).encode()).hexdigest()
+    assert digest == "f1de4e576b9da3a51d0f978d62b009491451977e9d5721ed562b9b8a8a3cc8ab"
+
+
+def test_toy_rare_build_is_its_own(toy, tmp_path):
+    """Same prompt files, another SFT policy, a key of its own: a directory built in one setting
+    is rebuilt, not reused, for the other, and the default build comes back byte for byte."""
+    default = digests(os.path.dirname(toy[1].model))
+    rare = T.build(str(tmp_path), seed=0, quick=True, rare=True)
+    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True, "rare"]
+    built = digests(str(tmp_path))
+    assert set(built) == set(default)
+    same = {f for f in built if built[f] == default[f]}
+    assert {"train.jsonl", "heldout.jsonl", "valid.jsonl"} <= same
+    assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"}.isdisjoint(same)
+    T.build(str(tmp_path), seed=0, quick=True)  # the default setting in the same directory
+    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True]
+    assert digests(str(tmp_path)) == default
+    assert T.build(str(tmp_path), seed=0, quick=True, rare=True) == rare
+    assert digests(str(tmp_path)) == built
