@@ -39,6 +39,7 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 ToyPaths = namedtuple("ToyPaths", "model train heldout prefs valid")
+FILES = ToyPaths("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")  # in out_dir
 
 
 # ---------------------------------------------------------------- the gold reward r*
@@ -162,8 +163,7 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     prompt files are the default build's. build.json is written last, with the build's key
     ([seed, quick], plus "rare" in that setting): a directory without it, without one of the
     files, or with another key is rebuilt."""
-    files = ("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")
-    paths = ToyPaths(*(os.path.join(out_dir, f) for f in files))
+    paths = ToyPaths(*(os.path.join(out_dir, f) for f in FILES))
     marker, key = os.path.join(out_dir, "build.json"), [seed, quick] + (["rare"] if rare else [])
     if os.path.exists(marker):
         if json.load(open(marker))["key"] == key and all(map(os.path.exists, paths)):
