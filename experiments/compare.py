@@ -100,8 +100,9 @@ def budget_flags(arm, paths, budget, seed, out, quick):
         m = 8 if quick else 64  # exploration prompts per episode: 2 calls each (1 if identical)
         return [f"--prompts={paths.train}", f"--explore_prompts={m}",
                 f"--episodes={max(1, budget // (2 * m))}"], 0.0
-    if "--online" in arm.flags:  # 2 calls per prompt, 3 iterations
-        return [f"--prompts={paths.train}", f"--online_prompts={max(1, budget // 6)}"], 0.0
+    if "--online" in arm.flags:  # 2 calls per prompt and iteration
+        iterations = 1 if quick else 3
+        return [f"--prompts={paths.train}", f"--online_prompts={max(1, budget // (2 * iterations))}"], 0.0
     prefs, offline = offline_pairs(paths, budget, seed, out)
     return [f"--prefs={prefs}"], offline
 
@@ -269,8 +270,8 @@ def report(results):
              "held-out split, all prompts.\n"]
     for setting, res in results["settings"].items():
         lines += [f"### {setting}\n", "| arm | tuned flags | tuning calls |", "|---|---|---|"]
-        lines += [f"| {a} | `{' '.join(f) or '-'}` | {res['tuning_calls'].get(a, '-')} |"
-                  for a, f in res["tuned"].items()]
+        lines += [f"| {a} | `{' '.join(f) or '-'}` | {res['tuning_calls'].get(a, 'reused')} |"
+                  for a, f in res["tuned"].items() if a != "sft"]
         lines += ["", "| arm | budget | calls | seeds | accuracy | gold reward | "
                       "expected gold (T=1) | KL to SFT |", "|---|---|---|---|---|---|---|---|"]
         for arm, by_budget in res["table"].items():

@@ -1,6 +1,6 @@
 """The experiment harnesses: the regret check on the synthetic linear task and the comparison (quick mode)."""
-import json
 import math
+import os
 
 import pytest
 import torch
@@ -27,23 +27,26 @@ def test_loglog_slope_recovers_a_power_law():
 
 
 # ---------------------------------------------------------------- the comparison
-@pytest.mark.slow
-def test_compare_quick_writes_every_arm_at_the_budget(tmp_path):
-    """experiments.compare --quick end to end: every arm trains in its subprocess, and the table, JSON and learning
-    curves hold every arm with finite numbers, each within the oracle budget (PbPO spends all of it)."""
-    C.compare(str(tmp_path), 0, 1, "", True)
-    arms = C.QUICK_ARMS.split(",")
-    res = json.load(open(tmp_path / "compare.json"))
-    budget = res["config"]["budget"]
-    for arm in arms:
-        for key in ("accuracy", "win_rate", "reward", "oracle_calls"):
-            mean, std = res[arm][f"{key}_mean_std"]
-            assert math.isfinite(mean) and math.isfinite(std), (arm, key)
-        assert 0 < max(res[arm]["oracle_calls"]) <= budget or arm == "sft"
-    assert res["pbpo"]["oracle_calls"] == [budget] and res["sft"]["win_rate"] == [0.5]
-    rows = {line.split(" | ")[0].strip("| "): line for line in (tmp_path / "compare.md").read_text().splitlines()
-            if line.startswith("| ") and not line.startswith("| arm")}
-    assert set(rows) == set(arms) and all(" ± " in row and "nan" not in row for row in rows.values())
-    curves = [line.split(",") for line in (tmp_path / "curves.csv").read_text().splitlines()[1:]]
-    assert {c[0] for c in curves} == set(arms) and all(math.isfinite(float(c[4])) for c in curves)
-    assert any(c[0] == "pbpo" and c[2] == "step" for c in curves)  # PbPO's learning curve, one point per step
+def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
+    """experiments.compare --quick end to end on the quick toy: every arm is tuned on the validation split, runs at
+    both budgets within them, is evaluated on the held-out split, and every claim between arms gets a paired
+    difference; a second call reuses every run."""
+    arms = "sft,dpo,dpo_online,selm,pbpo"
+    cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True)
+    res = C.compare(cfg)["settings"]["standard"]
+    budgets = (32, 64)
+    assert set(res["table"]) == set(arms.split(","))
+    for arm, by_budget in res["table"].items():
+        for budget in budgets:
+            row = by_budget[budget][0]
+            assert all(math.isfinite(row[k]) for k in ("accuracy", "reward", "expected_reward", "kl_sft"))
+            assert 0 < row["calls"] <= budget or arm == "sft"
+    assert res["table"]["pbpo"][32][0]["calls"] <= 32 < res["table"]["pbpo"][64][0]["calls"]  # one run, continued
+    assert set(res["tuned"]) >= {"dpo", "selm", "pbpo"} and all(res["tuning_calls"][a] > 0 for a in ("dpo", "pbpo"))
+    claims = {(c["claim"], c["budget"], c["metric"]) for c in res["claims"]}
+    assert ("PbPO ≥ SELM", 64, "reward") in claims and ("iterative DPO ≥ SFT", 32, "expected_reward") in claims
+    assert "| pbpo | 64 |" in (tmp_path / "compare.md").read_text()
+    runs = sorted(os.listdir(tmp_path / "standard" / "runs"))
+    stamps = {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs}
+    C.compare(cfg)  # everything finished is reused
+    assert {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs} == stamps
