@@ -200,20 +200,12 @@ def check_out_dir(cfg):
 
 
 def start(cfg, rank, world):
-    """Where no --model is given, the built-in default: the toy task (built once into out/toy by
-    rank 0). Then the out_dir check on every rank before any file is written; rank 0 locks out_dir
-    (flock on out_dir/lock, held until the process ends, kill -9 included: a second run is
-    refused, naming the holder), checks again under the lock, prints the knobs. -> the mode."""
+    """The toy task where no --model is given, then the out_dir check on every rank before any file
+    is written; rank 0 locks out_dir (flock on out_dir/lock till the process ends, kill -9 included:
+    a second run is refused, naming the holder), checks again, prints the knobs. -> the mode"""
     if not cfg.model:
         import toy
-        paths = toy.build() if rank == 0 else None
-        if world > 1:
-            dist.barrier()
-        paths = paths or toy.build()
-        cfg.model, cfg.heldout = paths.model, cfg.heldout or paths.heldout
-        for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
-            if hasattr(cfg, name):
-                setattr(cfg, name, getattr(cfg, name) or path)
+        toy.fill_defaults(cfg, rank, world)
     mode = check_out_dir(cfg)
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
