@@ -1,27 +1,12 @@
 """
-Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): features φ, the covariance
-Σ = λI + Σ_i Δφ_i Δφ_iᵀ with Σ⁻¹ kept up to date, the elliptical uncertainty ‖Δφ‖_{Σ⁻¹},
-and the enhancer's choice of the most informative of N candidates.
+Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): trajectory features Φ(τ), Σ = λI +
+Σ_i Δφ_i Δφ_iᵀ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the enhancer's choice among N candidates.
 
 Used by train_pbpo.py; nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py
 """
 import math
 
 import torch
-import torch.nn.functional as F
-
-
-def features(backbone, input_ids, attention_mask, response_mask, level="seq", normalize=True):
-    """φ from the backbone's final hidden states, fp32. seq: (B, D) at the last response token;
-    token: (B, T, D) per response token, zero elsewhere. The caller picks no_grad or not."""
-    hidden = backbone(input_ids, attention_mask).float()  # (B, T, D)
-    if normalize:  # unit-norm features keep Σ well scaled whatever the backbone's hidden scale
-        hidden = F.normalize(hidden, dim=-1)
-    if level == "token":
-        return hidden * response_mask[..., None]  # (B, T, D)
-    T = response_mask.shape[1]
-    last = T - 1 - response_mask.flip(-1).int().argmax(-1)  # (B,) index of the last response token
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
 
 
 def trajectory_features(phi):

@@ -333,7 +333,7 @@ if __name__ == "__main__":
 
             # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
             with torch.no_grad():
-                rewards = rm.token_rewards(phi)  # (n,) seq, (n, T) token
+                rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
                 logp = on_response(sampled_logp, resp)  # (n, T), log π_θ of what was sampled
                 logp_sft = M.token_logprobs(sft, ids, attn, T, micro_batch=cfg.micro_batch)
                 logp_anchor = logp_sft if cfg.anchor == "sft" else \
