@@ -46,8 +46,7 @@ class RewardModel(nn.Module):
 
 def bt_loss(r0, r1, labels):
     """L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))), s = +1 where τ¹ won (label 1) else −1."""
-    sign = 2.0 * labels.float() - 1.0
-    return -F.logsigmoid(sign * (r1 - r0)).mean()
+    return -F.logsigmoid((2.0 * labels.float() - 1.0) * (r1 - r0)).mean()  # s = 2 label − 1
 
 
 class Oracle:

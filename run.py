@@ -140,23 +140,10 @@ def gather(items):
     return [x for part in out for x in part]
 
 
-def broadcast(obj):
-    """Rank 0's object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def digest(obj):
-    return hashlib.sha256(obj if isinstance(obj, bytes) else repr(obj).encode()).hexdigest()[:16]
-
-
 def seed_of(*keys):
     """The seeding rule: one seed per purpose, keyed by (seed, purpose, episode, ...), the same on
     every rank. A resumed run needs no saved RNG state, and no two purposes share a stream."""
-    return int(digest(keys), 16) % 2**62
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:16], 16) % 2**62
 
 
 def generator(*keys):  # a torch.Generator seeded by the rule
@@ -236,8 +223,7 @@ class MetricsLog:
 
     def write(self, **metrics):
         if self.file:
-            self.file.write(json.dumps(metrics) + "\n")
-            self.file.flush()
+            print(json.dumps(metrics), file=self.file, flush=True)
 
     def size(self):
         return self.file.tell() if self.file else 0
@@ -288,14 +274,12 @@ def _checksum(doc, tensors):
 
 
 def save_checkpoint(path, modules, **extra):
-    """modules {name: (model, optimizer | None)} plus extra state (nested dicts with string keys,
-    lists, tensors, plain values) in safetensors: the tensors, and in the header a JSON document of
-    the rest with a SHA-256 of both, so loading runs no pickle. Written by rank 0 atomically (temp
-    file, fsync, rename) and logged in checkpoints.log beside it. Collective under FSDP."""
+    """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
+    tensors, plain values) as safetensors: the tensors, plus a header JSON of the rest and a SHA-256
+    of both (no pickle). Rank 0 writes it atomically, logged in checkpoints.log. Collective."""
     state, options = dict(extra), StateDictOptions(full_state_dict=True, cpu_offload=True)
     for name, (m, opt) in modules.items():
-        state[name], state[name + "_opt"] = (full_state_dict(m), None) if opt is None else \
-            get_state_dict(m, opt, options=options)
+        state[name], state[name + "_opt"] = get_state_dict(m, opt, options=options)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors, storages, tmp = {}, set(), f"{path}.tmp"
 
@@ -340,12 +324,10 @@ def read_checkpoint(path, tensors=True):
 
 
 def load_checkpoint(path, modules):
-    """Load what save_checkpoint wrote into modules {name: (model, optimizer | None)}; returns
-    the extra state."""
+    """Load save_checkpoint's file into modules {name: (model, optimizer)} -> the extra state."""
     state = read_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():
-        model_state, opt_state = state.pop(name), state.pop(name + "_opt")
-        set_state_dict(m, opt if opt is not None else (), model_state_dict=model_state,
-                       optim_state_dict=opt_state if opt is not None else {}, options=options)
+        set_state_dict(m, opt, model_state_dict=state.pop(name),
+                       optim_state_dict=state.pop(name + "_opt"), options=options)
     return state
