@@ -10,26 +10,22 @@ import torch
 
 
 def trajectory_features(phi):
-    """Φ(τ) with r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: the token-level reward Σ_h ⟨w, φ_h⟩ is ⟨w, Σ_h
-    φ_h⟩."""
+    """Φ(τ), r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: at the token level, Σ_h ⟨w, φ_h⟩ = ⟨w, Σ_h φ_h⟩."""
     return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
 
 
 class Covariance:
-    """Σ (d×d, fp32) and Σ⁻¹, updated by Sherman–Morrison: identical on every rank when every
-    rank feeds it the same Δφ in the same order."""
+    """Σ (d×d, fp32) and Σ⁻¹ by Sherman–Morrison, the same on ranks fed the same Δφ in order."""
 
     def __init__(self, dim, lam=1.0, device="cpu"):
         self.sigma = lam * torch.eye(dim, device=device)  # (d, d)
         self.sigma_inv = torch.eye(dim, device=device) / lam  # (d, d)
 
-    def uncertainty(self, dphi):
-        """‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)."""
+    def uncertainty(self, dphi):  # ‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)
         return torch.einsum("nd,de,ne->n", dphi, self.sigma_inv, dphi).clamp_min(0).sqrt()  # (n,)
 
     def update(self, dphi):
-        """Σ ← Σ + ΔφΔφᵀ for each row in order; returns Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹}) (elliptical
-        potential)."""
+        """Σ ← Σ + ΔφΔφᵀ for each row in order -> the potential Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹})."""
         potential = 0.0
         for v in dphi.float():  # (d,)
             s_inv_v = self.sigma_inv @ v  # (d,)

@@ -71,9 +71,8 @@ class Oracle:
 
     def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, **sampling):
         """The policy judged on held-out items (calls not counted), greedy unless sampling says
-        otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the
-        final '#### N' over the items with an answer, and the mean score. Under torchrun each rank
-        passes its share; the counts are summed."""
+        otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the final
+        '#### N' over the items with an answer, and the mean score, over the shares of all ranks."""
         responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens,
                              **{"temperature": 0.0, **sampling},
                              eos_ids=eos_ids or [tok.eos_token_id], pad_id=tok.pad_token_id)

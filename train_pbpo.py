@@ -105,10 +105,9 @@ def leave_one_out(values, group):
 
 def advantages(rewards, log_ratio, response_mask, kl_coef, group):
     """The leave-one-out advantage of the KL-regularised reward r̃ = r_w − κ log(π_θ / π_anchor),
-    the log-ratio of the sampled tokens taken as a constant. rewards: (n,) r_w(τ) (sequence level)
-    or (n, T) ⟨w, φ_h⟩ per response token (token level); log_ratio, response_mask (n, T).
-    Sequence level: one advantage for all of τ's tokens. Token level: returns R_h = Σ_{h'≥h} r̃_h'
-    and the baseline at the same h. -> (n, T), 0 off the response."""
+    the sampled tokens' log-ratio held constant -> (n, T), 0 off the response. log_ratio and
+    response_mask (n, T); rewards (n,) r_w(τ) at the sequence level, one advantage for all of τ's
+    tokens, or (n, T) ⟨w, φ_h⟩ at the token level: R_h = Σ_{h'≥h} r̃_h' against h's baseline."""
     if rewards.dim() == 1:
         shaped = rewards - kl_coef * log_ratio.sum(-1)  # (n,)
         return leave_one_out(shaped, group)[:, None] * response_mask
@@ -117,9 +116,8 @@ def advantages(rewards, log_ratio, response_mask, kl_coef, group):
 
 
 def leader_loss(logp, advantage, n_samples):
-    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h): its gradient, over samples of π_θ, estimates
-    −∇_θ E[r_w − κ log(π_θ/π_anchor)] = −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage
-    (b, T); n_samples counts the samples of all ranks and micro-batches."""
+    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h), whose gradient over samples of π_θ estimates
+    −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage (b, T); n_samples: all ranks' samples."""
     return -(advantage * logp).sum() / n_samples
 
 
@@ -169,9 +167,8 @@ if __name__ == "__main__":
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
     def draw(count, *purpose):
-        """`count` prompts for this purpose, the same draw on every rank: (this rank's block of
-        them, the block's offset). Keyed by the purpose, never the rank: any world size draws
-        the same prompts, and with the sampler's per-row seeds the same responses."""
+        """`count` prompts for this purpose -> (this rank's block, its offset). Keyed by purpose,
+        never rank: any world size draws the same prompts (with per-row seeds, responses)."""
         picked = torch.randint(len(prompts), (count,), generator=run.generator(cfg.seed, *purpose))
         share = count // world
         return [prompts[i] for i in picked[rank * share:(rank + 1) * share]], rank * share
@@ -189,14 +186,12 @@ if __name__ == "__main__":
         return [t.to(device) for t in data.collate(prompt_ids, responses, tok.pad_token_id)]
 
     @torch.no_grad()
-    def features(prompt_ids, responses):
-        """Φ(τ) (n, d) from the RM backbone, micro_batch trajectories at a time."""
+    def features(prompt_ids, responses):  # Φ(τ) (n, d) by the RM backbone, micro_batch at a time
         return torch.cat([trajectory_features(rm.phi(*batch(prompt_ids[i:i + cfg.micro_batch],
                                                             responses[i:i + cfg.micro_batch])))
                           for i in range(0, len(responses), cfg.micro_batch)])  # (n, d)
 
-    def mean_all(values):
-        """The mean of a 1-d tensor's values over all ranks."""
+    def mean_all(values):  # the mean of a 1-d tensor's values over all ranks
         total, count = run.all_sum([float(values.sum()), values.numel()], device)
         return total / max(count, 1)
 
@@ -327,12 +322,12 @@ if __name__ == "__main__":
             with torch.no_grad():
                 rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
                 logp = on_response(sampled_logp, resp)  # (n, T), log π_θ of what was sampled
-                r_pi = rm(phi)  # (n,), for the health signals
                 logp_sft = M.token_logprobs(sft, ids, attn, T, micro_batch=cfg.micro_batch)
                 logp_anchor = logp_sft if cfg.anchor == "sft" else \
                     M.token_logprobs(ref, ids, attn, T, micro_batch=cfg.micro_batch)
                 log_ratio = (logp - logp_anchor) * resp  # (n, T)
                 advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
+                r_pi = rm(phi)  # (n,), for the health signals
             for r in micro:
                 logp_theta = M.token_logprobs(policy, ids[r], attn[r], T)  # (b, T)
                 (leader_loss(logp_theta, advantage[r], len(phi_pi)) * world).backward()  # FSDP avg
