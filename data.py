@@ -1,8 +1,7 @@
 """
 Data: the tokenizer, the reader of the files researchers keep on disk (JSONL or .json arrays, every
-error naming the file and line), the prompt loader ({"prompt"} / {"messages"} prompts, GSM8K
-question/answer; train_selm.py holds the loader of TRL prompt/chosen/rejected pairs), batching in
-the layout every file shares, the crash-safe preference store, and GSM8K's answer format ('#### N').
+error naming the file and line), the prompt loader (train_selm.py holds the pair loader), batching
+in the layout every file shares, the crash-safe preference store, and GSM8K's '#### N' answers.
 
 Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py
 """
@@ -46,14 +45,12 @@ def encode_prompt(tokenizer, prompt):
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        # the template wrote BOS if it wants one
-        return tokenizer(text, add_special_tokens=False).input_ids
+        return tokenizer(text, add_special_tokens=False).input_ids  # the template wrote any BOS
     text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
     return tokenizer(text).input_ids
 
 
-def encode_response(tokenizer, text):
-    """Response ids, ending in EOS as a finished sample does."""
+def encode_response(tokenizer, text):  # response ids, ending in EOS as a finished sample does
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
@@ -154,8 +151,7 @@ def report_dropped(path, kept, total, max_prompt_len):
 
 
 def load_prompts(path, tokenizer, max_prompt_len):
-    """[{"prompt", "prompt_ids", "answer"}] from {"prompt"}, {"messages"} or GSM8K {"question",
-    "answer"} records."""
+    """Prompt items {prompt, prompt_ids, answer} from {"prompt"}, {"messages"} or GSM8K records."""
     rows, items = records(path), []
     for where, rec in rows:
         key = next((k for k in ("question", "prompt", "messages") if k in rec), None)
@@ -174,8 +170,7 @@ def load_prompts(path, tokenizer, max_prompt_len):
 
 
 # ---------------------------------------------------------------- batching
-def shard(items, rank, world_size):
-    """This rank's strided share: disjoint across ranks, covering every item."""
+def shard(items, rank, world_size):  # this rank's strided share: disjoint, covering every item
     return items[rank::world_size]
 
 
@@ -202,14 +197,12 @@ class PreferenceStore:
         self.path, self.records = path, []
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         raw = open(path, "rb").read() if os.path.exists(path) else b""
-        # tail: bytes after the last newline, an unfinished write
-        body, _, tail = raw.rpartition(b"\n")
+        body, _, tail = raw.rpartition(b"\n")  # tail: after the last newline, an unfinished write
         for i, line in enumerate(body.split(b"\n"), 1):
             if line.strip():
                 try:
                     self.records.append(json.loads(line))
-                # inside the file: corruption, not a crash artefact; never guess
-                except (ValueError, RecursionError) as e:
+                except (ValueError, RecursionError) as e:  # corruption, not a crash: never guess
                     raise ValueError(f"{path}:{i}: bad JSON in the preference store "
                                      f"({e})") from None
         if tail.strip():  # a write the kill cut short: its episode, never checkpointed, is redone
@@ -220,8 +213,7 @@ class PreferenceStore:
         self.file = open(path, "a", encoding="utf-8")
 
     def append(self, record):
-        # one write: a kill leaves a whole line or a torn tail
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json.dumps(record) + "\n")  # one write: a whole line or a torn tail
         self.file.flush()
         os.fsync(self.file.fileno())
         self.records.append(record)

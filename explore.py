@@ -1,50 +1,31 @@
 """
-Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): features φ, the covariance
-Σ = λI + Σ_i Δφ_i Δφ_iᵀ with Σ⁻¹ kept up to date, the elliptical uncertainty ‖Δφ‖_{Σ⁻¹},
-and the enhancer's choice of the most informative of N candidates.
+Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): trajectory features Φ(τ), Σ = λI +
+Σ_i Δφ_i Δφ_iᵀ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the enhancer's choice among N candidates.
 
 Used by train_pbpo.py; nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py
 """
 import math
 
 import torch
-import torch.nn.functional as F
-
-
-def features(backbone, input_ids, attention_mask, response_mask, level="seq", normalize=True):
-    """φ from the backbone's final hidden states, fp32. seq: (B, D) at the last response token;
-    token: (B, T, D) per response token, zero elsewhere. The caller picks no_grad or not."""
-    hidden = backbone(input_ids, attention_mask).float()  # (B, T, D)
-    if normalize:  # unit-norm features keep Σ well scaled whatever the backbone's hidden scale
-        hidden = F.normalize(hidden, dim=-1)
-    if level == "token":
-        return hidden * response_mask[..., None]  # (B, T, D)
-    T = response_mask.shape[1]
-    last = T - 1 - response_mask.flip(-1).int().argmax(-1)  # (B,) index of the last response token
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
 
 
 def trajectory_features(phi):
-    """Φ(τ) with r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: the token-level reward Σ_h ⟨w, φ_h⟩ is ⟨w, Σ_h
-    φ_h⟩."""
+    """Φ(τ), r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: at the token level, Σ_h ⟨w, φ_h⟩ = ⟨w, Σ_h φ_h⟩."""
     return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
 
 
 class Covariance:
-    """Σ (d×d, fp32) and Σ⁻¹, updated by Sherman–Morrison: identical on every rank when every
-    rank feeds it the same Δφ in the same order."""
+    """Σ (d×d, fp32) and Σ⁻¹ by Sherman–Morrison, the same on ranks fed the same Δφ in order."""
 
     def __init__(self, dim, lam=1.0, device="cpu"):
         self.sigma = lam * torch.eye(dim, device=device)  # (d, d)
         self.sigma_inv = torch.eye(dim, device=device) / lam  # (d, d)
 
-    def uncertainty(self, dphi):
-        """‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)."""
+    def uncertainty(self, dphi):  # ‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)
         return torch.einsum("nd,de,ne->n", dphi, self.sigma_inv, dphi).clamp_min(0).sqrt()  # (n,)
 
     def update(self, dphi):
-        """Σ ← Σ + ΔφΔφᵀ for each row in order; returns Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹}) (elliptical
-        potential)."""
+        """Σ ← Σ + ΔφΔφᵀ for each row in order -> the potential Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹})."""
         potential = 0.0
         for v in dphi.float():  # (d,)
             s_inv_v = self.sigma_inv @ v  # (d,)

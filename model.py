@@ -1,15 +1,13 @@
 """
 The engine every other file stands on: a Llama-family decoder in plain PyTorch (Llama 2/3 with
-llama3 rope scaling, Mistral, Qwen2, Qwen3) whose parameter names are Hugging Face's, so checkpoints
-map 1:1; HF checkpoint I/O (safetensors only); a static-KV-cache sampler with a compiled decode
-step; the fused, chunked log-prob kernel (ALGORITHMS.md, "Log-probs"). No `transformers` at run
-time.
+llama3 rope scaling, Mistral, Qwen2, Qwen3) with Hugging Face's parameter names, so checkpoints map
+1:1; HF checkpoint I/O (safetensors only, no `transformers` at run time); a static-KV-cache sampler
+with a compiled decode step; the fused, chunked log-prob kernel (ALGORITHMS.md, "Log-probs").
 
     python -m pytest -q tests/test_model.py tests/test_fsdp.py      # checked against `transformers`
 
 Batch layout (every file): prompt left-padded, response right-padded, `attention_mask` (B, T) bool,
-True on real tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0. FSDP2 sharding is
-set up in run.py; generate() works on sharded models too.
+True on real tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0.
 """
 import functools
 import json
@@ -65,8 +63,7 @@ class ModelConfig:
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported "
                              "(only silu)")
-        # transformers>=5 writes `rope_parameters`; older configs: rope_theta + rope_scaling
-        scaling = d.get("rope_scaling") or {}
+        scaling = d.get("rope_scaling") or {}  # older configs; transformers>=5: `rope_parameters`
         rope = {"rope_theta": d.get("rope_theta", 10000.0),
                 "rope_type": scaling.get("type", "default"),
                 **scaling, **(d.get("rope_parameters") or {})}
@@ -105,8 +102,7 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(cfg):
-    """RoPE inverse frequencies (head_dim/2,) fp32; the llama3 type stretches low frequencies and
-    blends the middle band."""
+    """RoPE inverse frequencies (head_dim/2,) fp32; llama3 stretches low ones, blends the middle."""
     r, hd = cfg.rope, cfg.head_dim
     inv = 1.0 / r["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
     if r["rope_type"] == "llama3":
@@ -220,9 +216,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
                 logprobs=False, temperature=1.0, with_entropy=False):
         """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
-        marks real keys: S = T, or, with cache_index (T,) (the cache slots these tokens fill), the
-        static cache length. logprobs=True returns token_logprobs' output instead: the lm_head then
-        runs inside this forward, where FSDP2 has the root's parameters unsharded."""
+        marks real keys, S = T or, with cache_index (T,) (these tokens' slots), the cache length.
+        logprobs=True: token_logprobs' output, the lm_head run here, with FSDP2's root unsharded."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -248,8 +243,7 @@ class Transformer(nn.Module):
 
 def build(cfg, device="cpu", dtype=torch.float32, init=True):
     """Construct on the meta device (no memory, no init), then materialise on `device`; init=True
-    draws HF-style weights (normal(0, initializer_range), norms 1, biases 0); else the caller loads
-    them."""
+    draws HF's init (normal(0, initializer_range), norms 1, biases 0), else the caller loads."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
@@ -295,8 +289,7 @@ def stop_ids(path, tokenizer):
 
 
 def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load an HF directory: config.json and model.safetensors, or the shards listed in
-    model.safetensors.index.json."""
+    """Load an HF directory: config.json + model.safetensors (or the shards of its .index.json)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
@@ -346,9 +339,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
 
 
 def save_pretrained(model, path, state_dict=None):
-    """Write config.json + model.safetensors, loadable by transformers.AutoModelForCausalLM. Rank 0
-    writes; a sharded model needs state_dict=run.full_state_dict(model). The tokenizer is the
-    caller's to save."""
+    """Write config.json + model.safetensors for transformers.AutoModelForCausalLM, on rank 0; a
+    sharded model needs state_dict=run.full_state_dict(model). The tokenizer is the caller's."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     if state_dict is None:
@@ -447,10 +439,9 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False,
 
 def token_logprobs(model, input_ids, attention_mask, temperature=1.0, with_entropy=False,
                    micro_batch=None):
-    """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature`
-    (0 at t = 0 and where the token or the one before is padding); with_entropy: (logp, entropy
-    (B, T) of the same π). micro_batch: rows per forward, the pieces concatenated (for passes
-    without grad; with grad, call it per micro-batch and backward each)."""
+    """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature`,
+    0 at t = 0 and where the token or the one before is padding; with_entropy: (logp, entropy of π).
+    micro_batch: rows per forward, concatenated (without grad; with grad, backward each piece)."""
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     if micro_batch:
@@ -473,9 +464,8 @@ class Generation:
 
 
 def _sample(logits, u, temperature, top_k, top_p):
-    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob under the
-    distribution sampled from (temperature, then top-k, then top-p). Temperature 0 is greedy, with
-    the log-prob of temperature 1."""
+    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob as sampled
+    (temperature, then top-k, then top-p). Temperature 0: greedy, with temperature 1's log-prob."""
     if temperature == 0:
         tok = logits.argmax(-1)  # (B,)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
@@ -495,9 +485,8 @@ def _sample(logits, u, temperature, top_k, top_p):
 
 
 def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature, top_k, top_p):
-    """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token. Static
-    shapes, state on the device, no host sync: the step CUDA graphs replay. Finished rows emit pad
-    with log-prob 0."""
+    """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token (finished
+    rows: pad, log-prob 0). Static shapes, state on the device, no host sync: CUDA-graph safe."""
     h = model(tok[:, None], key_valid, pos[:, None], cache_index=idx)  # (B, 1, D)
     new, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature, top_k, top_p)
     new, logp = new.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
@@ -507,12 +496,10 @@ def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperat
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
              pad_id=0, seed=None, compile=None, check_every=8):
-    """Sample up to max_new_tokens after each prompt (token id lists of any lengths, left-padded
-    into one batch): one prefill into a static KV cache, then one decode step per token. compile:
-    torch.compile the step in "reduce-overhead" mode (CUDA graphs); None = on CUDA only. Stops once
-    every row is done (checked every `check_every` steps). A sharded (FSDP2) model is unsharded once
-    for the whole call, then resharded. seed: row i draws its uniforms from its own stream, seeded
-    seed + i (or seed[i] for a list), so a row's sample does not depend on the batch around it."""
+    """Sample up to max_new_tokens after each prompt (id lists, left-padded into one batch): a
+    prefill into a static KV cache, then one decode step per token until every row is done (checked
+    every `check_every` steps); an FSDP2 model is unsharded once. compile: the step in CUDA graphs
+    ("reduce-overhead"; None = on CUDA). seed: row i uses seed + i (or seed[i]) in any batch."""
     if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or not 0 < top_p <= 1 \
             or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, "
@@ -572,9 +559,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
 
 def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None,
            logprobs=False, **kwargs):
-    """n responses per prompt, prompt-major, as token id lists (with logprobs=True also the log-prob
-    of each sampled token), from generate (kwargs are its) on batch_size rows at a time (None: all
-    at once). Row i (of prompts × n) is seeded seed + i whatever the batch size."""
+    """n responses per prompt, prompt-major, as token id lists (logprobs=True: with each sampled
+    token's log-prob), by generate(**kwargs) on batch_size rows at a time; row i seeded seed + i."""
     rows = [p for p in prompts for _ in range(n)]
     size, responses, token_logprobs = batch_size or len(rows), [], []
     for i in range(0, len(rows), size):

@@ -1,10 +1,8 @@
 """
-The reward model r_w(τ) = ⟨w, Φ(τ)⟩ (a linear head on a transformer backbone), the Bradley–Terry
-loss, and the oracles that label pairs (ALGORITHMS.md, "Shared pieces").
+The reward model r_w(τ) = ⟨w, Φ(τ)⟩ on a frozen backbone's features φ, the Bradley–Terry loss,
+and the oracles that label pairs: gold, gsm8k, rm:PATH (ALGORITHMS.md, "Shared pieces").
 
-Oracles: `gold` (the toy task's shaped gold reward), `gsm8k` (the exact-match verifier) and
-`rm:PATH` (a local Hugging Face sequence-classification reward model). Every response scored is one
-call. Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py
+Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py
 """
 import os
 
@@ -15,7 +13,7 @@ import torch.nn.functional as F
 import data
 import model as M
 import run
-from explore import features, trajectory_features
+from explore import trajectory_features
 
 
 class RewardModel(nn.Module):
@@ -28,16 +26,17 @@ class RewardModel(nn.Module):
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
     def phi(self, input_ids, attention_mask, response_mask):
-        """Per-token (token) or last-token (seq) features φ of the frozen backbone."""
-        return features(self.backbone, input_ids, attention_mask, response_mask, self.level,
-                        self.normalize)
+        """φ from the backbone's final hidden states, fp32. seq: (B, D) at the last response token;
+        token: (B, T, D) per response token, zero elsewhere. The caller picks no_grad or not."""
+        hidden = self.backbone(input_ids, attention_mask).float()  # (B, T, D)
+        if self.normalize:  # unit-norm features keep Σ well scaled whatever the backbone's scale
+            hidden = F.normalize(hidden, dim=-1)
+        if self.level == "token":
+            return hidden * response_mask[..., None]  # (B, T, D)
+        last = response_mask.shape[1] - 1 - response_mask.flip(-1).int().argmax(-1)  # (B,)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
 
-    def token_rewards(self, phi):
-        """⟨w, φ_h⟩ per response token (B, T) at the token level; r_w(τ) (B,) otherwise."""
-        return phi @ self.w
-
-    def forward(self, phi):
-        """r_w(τ) = ⟨w, Φ(τ)⟩ (B,), from phi (B, D) or (B, T, D) or precomputed Φ."""
+    def forward(self, phi):  # r_w(τ) = ⟨w, Φ(τ)⟩ (B,) from phi (B, D) or (B, T, D), or Φ
         return trajectory_features(phi) @ self.w
 
     @torch.no_grad()
@@ -47,8 +46,7 @@ class RewardModel(nn.Module):
 
 def bt_loss(r0, r1, labels):
     """L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))), s = +1 where τ¹ won (label 1) else −1."""
-    sign = 2.0 * labels.float() - 1.0
-    return -F.logsigmoid(sign * (r1 - r0)).mean()
+    return -F.logsigmoid((2.0 * labels.float() - 1.0) * (r1 - r0)).mean()  # s = 2 label − 1
 
 
 class Oracle:
@@ -73,9 +71,8 @@ class Oracle:
 
     def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, **sampling):
         """The policy judged on held-out items (calls not counted), greedy unless sampling says
-        otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the
-        final '#### N' over the items with an answer, and the mean score. Under torchrun each rank
-        passes its share; the counts are summed."""
+        otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the final
+        '#### N' over the items with an answer, and the mean score, over the shares of all ranks."""
         responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens,
                              **{"temperature": 0.0, **sampling},
                              eos_ids=eos_ids or [tok.eos_token_id], pad_id=tok.pad_token_id)

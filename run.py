@@ -36,9 +36,8 @@ def boolean(text):
 
 
 def parse_flags(cls, doc, argv=None):
-    """A dataclass of knobs -> one --flag each, its comment the help. NaN and negative numbers are
-    refused by name (no knob of ours means anything below zero), as are values outside the class's
-    AT_LEAST bounds and CHOICES."""
+    """A dataclass of knobs -> one --flag each, its comment the help. NaN, negative numbers (no knob
+    of ours means anything below zero) and breaches of AT_LEAST or CHOICES are refused by name."""
     comments = dict(re.findall(r"^\s+(\w+): .*?#\s*(.*)$", inspect.getsource(cls), re.M))
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,9 +61,8 @@ def parse_flags(cls, doc, argv=None):
 
 
 def friendly_errors(script):
-    """Bad input (a ValueError or OSError whose message names the file, line or flag) ends the run
-    with that one message and exit code 1, not a traceback; PBPO_TRACEBACK=1 shows the traceback.
-    SIGTERM stops a run as Ctrl-C does: one line says where it resumes from."""
+    """Bad input (a ValueError or OSError naming the file, line or flag) ends the run with that one
+    message and exit code 1 (PBPO_TRACEBACK=1: the traceback); SIGTERM stops it as Ctrl-C does."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
 
     def hook(kind, error, tb):
@@ -85,9 +83,8 @@ def friendly_errors(script):
 
 # ---------------------------------------------------------------- process group and sharding
 def init_distributed(timeout_s=1800):
-    """-> (rank, world_size, device). Under torchrun: a process group (nccl on GPU, gloo on CPU)
-    with a collective timeout, so a dead rank fails the others instead of hanging them. Plain
-    python: rank 0 of 1, with a one-rank group on GPU (FSDP2 is how bf16 compute is set up)."""
+    """-> (rank, world_size, device). torchrun: nccl (GPU) or gloo (CPU), timed out so a dead rank
+    fails the others; plain python: rank 0 of 1, on GPU a one-rank group (FSDP2's bf16 needs it)."""
     timeout = timedelta(seconds=timeout_s)
     if "RANK" not in os.environ:
         if not torch.cuda.is_available():
@@ -107,10 +104,9 @@ def init_distributed(timeout_s=1800):
 
 
 def shard_model(model, mixed_precision=None, activation_checkpointing=False):
-    """FSDP2 over all ranks: fully_shard each block, then the root (embeddings, final norm,
-    lm_head). Mixed precision (default on CUDA): bf16 compute, fp32 master weights and gradient
-    reduction; fp32 throughout otherwise. Inputs are not cast, so RoPE's cos/sin stay fp32."""
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu", 
+    """FSDP2 over all ranks: each block, then the root. Mixed precision (default on CUDA): bf16
+    compute, fp32 master weights and reductions; inputs are not cast: RoPE's cos/sin stay fp32."""
+    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
                             (dist.get_world_size(),))
     mixed_precision = mesh.device_type == "cuda" if mixed_precision is None else mixed_precision
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
@@ -140,23 +136,10 @@ def gather(items):
     return [x for part in out for x in part]
 
 
-def broadcast(obj):
-    """Rank 0's object on every rank."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def digest(obj):
-    return hashlib.sha256(obj if isinstance(obj, bytes) else repr(obj).encode()).hexdigest()[:16]
-
-
 def seed_of(*keys):
     """The seeding rule: one seed per purpose, keyed by (seed, purpose, episode, ...), the same on
     every rank. A resumed run needs no saved RNG state, and no two purposes share a stream."""
-    return int(digest(keys), 16) % 2**62
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:16], 16) % 2**62
 
 
 def generator(*keys):  # a torch.Generator seeded by the rule
@@ -165,10 +148,9 @@ def generator(*keys):  # a torch.Generator seeded by the rule
 
 # ---------------------------------------------------------------- out_dir and metrics
 def check_out_dir(cfg):
-    """-> 'resume' (a checkpoint to continue), 'restart' (--resume on a run stopped before its first
-    checkpoint: its files are reset) or 'fresh'. A fresh run never writes over a previous run. A
-    resume continues the same run, same script and flags (but the Config's RESUME_MAY_CHANGE), or
-    is refused; so is a run whose checkpoint is gone: it is never started over."""
+    """-> 'resume' (a checkpoint to continue), 'restart' (--resume before the first checkpoint: the
+    files are reset) or 'fresh' (never over a previous run). A resume continues the same run, same
+    script and flags (but RESUME_MAY_CHANGE), or is refused, as is a lost checkpoint's run."""
     out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, CHECKPOINT)
     names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
     traces = [f for f in names if os.path.exists(os.path.join(out, f))]
@@ -200,20 +182,12 @@ def check_out_dir(cfg):
 
 
 def start(cfg, rank, world):
-    """Where no --model is given, the built-in default: the toy task (built once into out/toy by
-    rank 0). Then the out_dir check on every rank before any file is written; rank 0 locks out_dir
-    (flock on out_dir/lock, held until the process ends, kill -9 included: a second run is
-    refused, naming the holder), checks again under the lock, prints the knobs. -> the mode."""
+    """The toy task where no --model is given, then the out_dir check on every rank before any file
+    is written; rank 0 locks out_dir (flock on out_dir/lock till the process ends, kill -9 included:
+    a second run is refused, naming the holder), checks again, prints the knobs. -> the mode"""
     if not cfg.model:
         import toy
-        paths = toy.build() if rank == 0 else None
-        if world > 1:
-            dist.barrier()
-        paths = paths or toy.build()
-        cfg.model, cfg.heldout = paths.model, cfg.heldout or paths.heldout
-        for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
-            if hasattr(cfg, name):
-                setattr(cfg, name, getattr(cfg, name) or path)
+        toy.fill_defaults(cfg, rank, world)
     mode = check_out_dir(cfg)
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -235,17 +209,15 @@ def start(cfg, rank, world):
 
 
 class MetricsLog:
-    """The JSONL a user plots: one object a line, flushed at once, written by rank 0 only. Resume
-    cuts it back to the size the checkpoint saw, so an interrupted episode's lines never appear
-    twice."""
+    """The JSONL a user plots: one object a line, flushed at once, by rank 0 only. Resume cuts it
+    back to the size the checkpoint saw: an interrupted episode's lines never appear twice."""
 
     def __init__(self, path, enabled):
         self.path, self.file = path, open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, **metrics):
         if self.file:
-            self.file.write(json.dumps(metrics) + "\n")
-            self.file.flush()
+            print(json.dumps(metrics), file=self.file, flush=True)
 
     def size(self):
         return self.file.tell() if self.file else 0
@@ -261,9 +233,8 @@ class MetricsLog:
 
 
 def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
-    """False (and logged as kind 'nonfinite' with fields) for a NaN/inf loss or gradient, whose
-    update the caller skips; with --on_nonfinite=stop the run ends, naming the last good
-    checkpoint."""
+    """False for a NaN/inf loss or gradient (logged as kind 'nonfinite' with fields), whose update
+    the caller skips; --on_nonfinite=stop ends the run, naming the last good checkpoint."""
     if math.isfinite(value):
         return True
     log.write(kind="nonfinite", **fields, what=what, value=str(value))
@@ -278,8 +249,7 @@ def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
 
 # ---------------------------------------------------------------- checkpoints
 def full_state_dict(model):
-    """The full state dict in CPU memory on rank 0 ({} on other ranks): what save_pretrained writes.
-    Collective under FSDP."""
+    """Rank 0's full state dict on CPU ({} elsewhere) for save_pretrained; collective under FSDP."""
     if not isinstance(model, FSDPModule):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -296,14 +266,12 @@ def _checksum(doc, tensors):
 
 
 def save_checkpoint(path, modules, **extra):
-    """modules {name: (model, optimizer | None)} plus extra state (nested dicts with string keys,
-    lists, tensors, plain values) in safetensors: the tensors, and in the header a JSON document of
-    the rest with a SHA-256 of both, so loading runs no pickle. Written by rank 0 atomically (temp
-    file, fsync, rename) and logged in checkpoints.log beside it. Collective under FSDP."""
+    """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
+    tensors, plain values) as safetensors: the tensors, plus a header JSON of the rest and a SHA-256
+    of both (no pickle). Rank 0 writes it atomically, logged in checkpoints.log. Collective."""
     state, options = dict(extra), StateDictOptions(full_state_dict=True, cpu_offload=True)
     for name, (m, opt) in modules.items():
-        state[name], state[name + "_opt"] = (full_state_dict(m), None) if opt is None else \
-            get_state_dict(m, opt, options=options)
+        state[name], state[name + "_opt"] = get_state_dict(m, opt, options=options)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors, storages, tmp = {}, set(), f"{path}.tmp"
 
@@ -348,12 +316,10 @@ def read_checkpoint(path, tensors=True):
 
 
 def load_checkpoint(path, modules):
-    """Load what save_checkpoint wrote into modules {name: (model, optimizer | None)}; returns
-    the extra state."""
+    """Load save_checkpoint's file into modules {name: (model, optimizer)} -> the extra state."""
     state = read_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():
-        model_state, opt_state = state.pop(name), state.pop(name + "_opt")
-        set_state_dict(m, opt if opt is not None else (), model_state_dict=model_state,
-                       optim_state_dict=opt_state if opt is not None else {}, options=options)
+        set_state_dict(m, opt, model_state_dict=state.pop(name),
+                       optim_state_dict=state.pop(name + "_opt"), options=options)
     return state

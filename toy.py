@@ -26,6 +26,7 @@ from collections import namedtuple
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 import data
 import model as M
@@ -229,6 +230,19 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     with open(marker, "w") as f:  # last: its presence means every file above is complete
         json.dump(stats, f)
     return paths
+
+
+def fill_defaults(cfg, rank, world):
+    """A run given no --model: the toy task's SFT policy, and its files for the data flags left
+    empty (--prompts, --prefs, --heldout); built once into out/toy by rank 0, the others waiting."""
+    paths = build() if rank == 0 else None
+    if world > 1:
+        dist.barrier()
+    paths = paths or build()
+    cfg.model, cfg.heldout = paths.model, cfg.heldout or paths.heldout
+    for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
+        if hasattr(cfg, name):
+            setattr(cfg, name, getattr(cfg, name) or path)
 
 
 @dataclass

@@ -105,10 +105,9 @@ def leave_one_out(values, group):
 
 def advantages(rewards, log_ratio, response_mask, kl_coef, group):
     """The leave-one-out advantage of the KL-regularised reward r̃ = r_w − κ log(π_θ / π_anchor),
-    the log-ratio of the sampled tokens taken as a constant. rewards: (n,) r_w(τ) (sequence level)
-    or (n, T) ⟨w, φ_h⟩ per response token (token level); log_ratio, response_mask (n, T).
-    Sequence level: one advantage for all of τ's tokens. Token level: returns R_h = Σ_{h'≥h} r̃_h'
-    and the baseline at the same h. -> (n, T), 0 off the response."""
+    the sampled tokens' log-ratio held constant -> (n, T), 0 off the response. log_ratio and
+    response_mask (n, T); rewards (n,) r_w(τ) at the sequence level, one advantage for all of τ's
+    tokens, or (n, T) ⟨w, φ_h⟩ at the token level: R_h = Σ_{h'≥h} r̃_h' against h's baseline."""
     if rewards.dim() == 1:
         shaped = rewards - kl_coef * log_ratio.sum(-1)  # (n,)
         return leave_one_out(shaped, group)[:, None] * response_mask
@@ -117,18 +116,15 @@ def advantages(rewards, log_ratio, response_mask, kl_coef, group):
 
 
 def leader_loss(logp, advantage, n_samples):
-    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h): its gradient, over samples of π_θ, estimates
-    −∇_θ E[r_w − κ log(π_θ/π_anchor)] = −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage
-    (b, T); n_samples counts the samples of all ranks and micro-batches."""
+    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h), whose gradient over samples of π_θ estimates
+    −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage (b, T); n_samples: all ranks' samples."""
     return -(advantage * logp).sum() / n_samples
 
 
 def on_response(values, response_mask):
-    """Per-row lists of per-token values (the sampler's log-probs) placed at the response
-    positions of a collated batch: (n, T), 0 elsewhere."""
-    out = torch.zeros(response_mask.shape, device=response_mask.device)
-    out[response_mask] = torch.tensor([v for row in values for v in row], device=out.device)
-    return out
+    """Per-row lists of per-token values placed at a collated batch's response positions: (n, T)."""
+    flat = torch.tensor([v for row in values for v in row], device=response_mask.device)
+    return torch.zeros(response_mask.shape, device=flat.device).masked_scatter(response_mask, flat)
 
 
 if __name__ == "__main__":
@@ -161,21 +157,18 @@ if __name__ == "__main__":
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         for m in (policy, ref, sft, rm.backbone):
             run.shard_model(m)
-    anchor = sft if cfg.anchor == "sft" else ref
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
-    modules = {"policy": (policy, opt)}  # what a checkpoint holds besides the extra state
     cov = Covariance(rm.w.numel(), cfg.lam, device)
-    pairs = {"phi0": [], "phi1": [], "label": [], "records": []}  # D, with the features cached
+    pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
     store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
     def draw(count, *purpose):
-        """`count` prompts for this purpose, the same draw on every rank: (this rank's block of
-        them, the block's offset). Keyed by the purpose, never the rank: any world size draws
-        the same prompts, and with the sampler's per-row seeds the same responses."""
+        """`count` prompts for this purpose -> (this rank's block, its offset). Keyed by purpose,
+        never rank: any world size draws the same prompts (with per-row seeds, responses)."""
         picked = torch.randint(len(prompts), (count,), generator=run.generator(cfg.seed, *purpose))
         share = count // world
         return [prompts[i] for i in picked[rank * share:(rank + 1) * share]], rank * share
@@ -184,24 +177,21 @@ if __name__ == "__main__":
         """n responses per prompt: (each row's prompt ids, response ids, sampled log-probs). Row j
         of the whole draw (all ranks) is seeded seed_of(purpose) + j."""
         prompt_ids = [p["prompt_ids"] for p in items]
-        seed = run.seed_of(cfg.seed, *purpose) + offset * n
         responses, logps = M.sample(model, prompt_ids, cfg.max_new_tokens, temperature, n=n,
-                                    seed=seed, logprobs=True, eos_ids=eos_ids,
-                                    pad_id=tok.pad_token_id)
+                                    seed=run.seed_of(cfg.seed, *purpose) + offset * n,
+                                    logprobs=True, eos_ids=eos_ids, pad_id=tok.pad_token_id)
         return [p for p in prompt_ids for _ in range(n)], responses, logps
 
     def batch(prompt_ids, responses):
         return [t.to(device) for t in data.collate(prompt_ids, responses, tok.pad_token_id)]
 
     @torch.no_grad()
-    def features(prompt_ids, responses):
-        """Φ(τ) (n, d) from the RM backbone, micro_batch trajectories at a time."""
+    def features(prompt_ids, responses):  # Φ(τ) (n, d) by the RM backbone, micro_batch at a time
         return torch.cat([trajectory_features(rm.phi(*batch(prompt_ids[i:i + cfg.micro_batch],
                                                             responses[i:i + cfg.micro_batch])))
                           for i in range(0, len(responses), cfg.micro_batch)])  # (n, d)
 
-    def mean_all(values):
-        """The mean of a 1-d tensor's values over all ranks."""
+    def mean_all(values):  # the mean of a 1-d tensor's values over all ranks
         total, count = run.all_sum([float(values.sum()), values.numel()], device)
         return total / max(count, 1)
 
@@ -214,7 +204,7 @@ if __name__ == "__main__":
         store.rewrite([])
         log.cut(0)
     if mode == "resume":
-        state = run.load_checkpoint(ckpt_path, modules)
+        state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
         if state["episode"] > cfg.episodes:
             raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
                              f"{state['episode']} already")
@@ -225,14 +215,13 @@ if __name__ == "__main__":
         pairs.update(state["pairs"])
         if master:  # pairs labelled after the checkpoint are dropped and labelled again
             store.rewrite([r for r in store.records if r["episode"] < start])
-        pairs["records"] = list(run.broadcast(store.records if master else None))  # a copy
-        if len(pairs["records"]) != len(pairs["label"]):
-            raise ValueError(f"{os.path.join(cfg.out_dir, 'preferences.jsonl')} holds "
-                             f"{len(pairs['records'])} pairs up to episode {start - 1} but "
-                             f"{ckpt_path} has {len(pairs['label'])}: not the same run")
+        stored = int(run.all_sum([len(store) if master else 0], device)[0])  # rank 0's, on all
+        if stored != len(pairs["label"]):
+            raise ValueError(f"{os.path.join(cfg.out_dir, 'preferences.jsonl')} holds {stored} "
+                             f"pairs up to episode {start - 1} but {ckpt_path} has "
+                             f"{len(pairs['label'])}: not the same run")
         if master:
-            print(f"resumed from {ckpt_path} after episode {start - 1} with "
-                  f"{len(pairs['label'])} pairs")
+            print(f"resumed from {ckpt_path} after episode {start - 1} with {stored} pairs")
 
     if sft_eval is None and heldout:
         sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
@@ -269,9 +258,8 @@ if __name__ == "__main__":
         mine = [new[i][0] for i in range(lo, hi)]
         text0 = [data.decode(tok, p[1]) for p in new]
         text1 = [data.decode(tok, p[2]) for p in new]
-        before = oracle.calls
         s0, s1 = oracle.score(mine, text0[lo:hi]), oracle.score(mine, text1[lo:hi])
-        calls += int(sum(run.gather([oracle.calls - before])))
+        calls += 2 * len(new)  # over all ranks: both responses of every new pair scored
         score0, score1 = torch.tensor(run.gather(list(zip(s0.tolist(), s1.tolist())))).view(-1, 2).T
         labels = oracle.label(score0, score1, run.generator(cfg.seed, "oracle", episode))
         with torch.no_grad():  # the current RM on the new pairs, before it is fit on them
@@ -284,7 +272,6 @@ if __name__ == "__main__":
                           uncertainty=u)
             if master:
                 store.append(record)
-            pairs["records"].append(record)
             pairs["phi0"].append(f0)
             pairs["phi1"].append(f1)
             pairs["label"].append(record["label"])
@@ -333,13 +320,14 @@ if __name__ == "__main__":
 
             # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
             with torch.no_grad():
-                rewards = rm.token_rewards(phi)  # (n,) seq, (n, T) token
+                rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
                 logp = on_response(sampled_logp, resp)  # (n, T), log π_θ of what was sampled
                 logp_sft = M.token_logprobs(sft, ids, attn, T, micro_batch=cfg.micro_batch)
                 logp_anchor = logp_sft if cfg.anchor == "sft" else \
                     M.token_logprobs(ref, ids, attn, T, micro_batch=cfg.micro_batch)
                 log_ratio = (logp - logp_anchor) * resp  # (n, T)
                 advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
+                r_pi = rm(phi)  # (n,), for the health signals
             for r in micro:
                 logp_theta = M.token_logprobs(policy, ids[r], attn[r], T)  # (b, T)
                 (leader_loss(logp_theta, advantage[r], len(phi_pi)) * world).backward()  # FSDP avg
@@ -351,8 +339,6 @@ if __name__ == "__main__":
             train_seconds += time.time() - t0
 
             # health signals, over all ranks: what over-optimisation of r_w looks like
-            with torch.no_grad():
-                r_pi = rm(phi)  # (n,)
             gold = torch.tensor(oracle.score_fn([p for p in items for _ in range(cfg.group)],
                                                 [data.decode(tok, y) for y in responses]))
             both = torch.tensor(run.gather(list(zip(r_pi.tolist(), gold.tolist())))).T  # (2, n)
@@ -368,10 +354,9 @@ if __name__ == "__main__":
             bar.set_postfix(gold=f"{both[1].mean().item():.3f}", kl_sft=f"{kl_sft:.2f}")
 
         log_metrics("episode", episode=episode, gen_s=gen_seconds, train_s=train_seconds)
-        run.save_checkpoint(ckpt_path, modules, config=asdict(cfg), episode=episode,
-                            w=rm.w.detach().cpu(), cov=cov.state_dict(), oracle_calls=calls,
-                            sft_eval=sft_eval, log_size=log.size(),
-                            pairs={k: v for k, v in pairs.items() if k != "records"})
+        run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg),
+                            episode=episode, w=rm.w.detach().cpu(), cov=cov.state_dict(),
+                            oracle_calls=calls, sft_eval=sft_eval, log_size=log.size(), pairs=pairs)
 
     # ---------------------------------------------------------------- final evaluation and export
     final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids) \
