@@ -1,13 +1,13 @@
 """
 The comparison on the built-in task, as a reviewer would accept it:
-  1. every arm tuned by one protocol on the validation prompts (a small stated grid, at most two
-     stages of at most 8 points, 3 tuning seeds, scored by the mean greedy gold reward; the chosen
-     flags are written out), never on the held-out prompts;
+  1. every arm tuned by one protocol on the validation prompts (a small stated grid in at most two
+     stages of at most 8 points, 2 tuning seeds, at the top budget, scored by the mean greedy gold
+     reward; the chosen flags are written out), never on the held-out prompts;
   2. every arm run at equal oracle budgets, every labelled response counted (the offline pairs
      too), over paired seeds (10 for the main arms, 5 for ablations and sweeps) that change every
      arm's data: the pair subset, the prompts, the samples;
-  3. every policy evaluated on all held-out prompts: greedy accuracy and gold reward, the expected
-     gold reward of 8 samples at temperature 1, and its KL to the SFT policy;
+  3. every policy evaluated on all held-out prompts: greedy accuracy and gold reward, and at the top
+     budget the expected gold reward of 8 samples at temperature 1 and the KL to the SFT policy;
   4. the paper's claims judged by paired differences with 95% intervals: a claim holds only when
      its interval excludes 0.
 Two settings: `standard` (toy.py's task) and `rare` (toy.py --rare: the demonstrators guess far
@@ -19,16 +19,16 @@ more often, so the correct behaviour is rare under the SFT policy).
 Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.png and
 OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run.
 """
+import collections
 import json
-import math
 import os
 import random
-import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -40,7 +40,8 @@ from experiments.tune import grid_points, mean_ci, run_arm
 from reward import make_oracle
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TUNING_SEEDS = (100, 101, 102)
+TUNING_SEEDS = (100, 101)
+LOCKS = collections.defaultdict(threading.Lock)  # one per run dir and evaluation file
 RANKING_CALLS = 3  # train_selm.py scores {y_ref, chosen, rejected} once per offline pair
 
 
@@ -50,7 +51,7 @@ class Arm:
     script: str = ""  # "" = the SFT policy itself
     flags: tuple = ()  # fixed flags (what makes the arm)
     stages: tuple = ()  # tuning grids, run one after the other, each on the best of the last
-    like: str = ""  # take this arm's tuned flags instead of tuning (ablations, sweeps)
+    like: str = ""  # start from this arm's tuned flags (then tune `stages`, if any, on top)
     seeds: int = 10
     settings: tuple = ("standard", "rare")
 
@@ -60,9 +61,9 @@ ARMS = [
     Arm("sft"),
     Arm("dpo", "train_selm.py", ("--alpha=0",), DPO_GRID),
     Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
-    Arm("selm", "train_selm.py", (), DPO_GRID + ("alpha=0.001,0.01,0.1,1",)),
+    Arm("selm", "train_selm.py", (), ("alpha=0.001,0.01,0.1,1",), like="dpo"),  # DPO + α
     Arm("pbpo", "train_pbpo.py", (), ("kl_coef=0.2,0.5,1 anchor=sft,ref", "adv_coef=0.1,1 t_out=4,8")),
-    Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo"),
+    Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", settings=("standard",)),
     Arm("pbpo_n1", "train_pbpo.py", ("--n_candidates=1",), like="pbpo", seeds=5),
     *[Arm(f"pbpo_rho{rho}", "train_pbpo.py", (f"--adv_coef={rho}",), like="pbpo", seeds=5,
           settings=("standard",)) for rho in ("0", "0.1", "1", "10", "25")],
@@ -111,14 +112,17 @@ def train(arm, flags, paths, seed, out, quick, split, budgets):
     """An arm's runs at every budget for one seed: {budget: (final policy dir, oracle calls, all
     counted)}. A PbPO run at a larger budget continues the one below (--resume with more episodes,
     which is bit-identical to one long run), so one run gives every point of its curve."""
+    own = {f.split("=")[0] for f in arm.flags}  # the arm's own flags win over tuned ones
+    flags = sorted({*arm.flags, *(f for f in flags if f.split("=")[0] not in own)})
     common = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", "--eval_max=1",
-              *(QUICK_FLAGS[arm.script] if quick else []), *arm.flags, *flags, f"--seed={seed}"]
-    tag = run.digest(common)[:8]
+              *(QUICK_FLAGS[arm.script] if quick else []), *flags, f"--seed={seed}"]
     done, previous = {}, None
-    for budget in budgets:
+    for budget in budgets:  # the same command shares one run dir, whichever arm asks for it
         extra, offline = budget_flags(arm, paths, budget, seed, os.path.join(out, "data"), quick)
-        run_dir = os.path.join(out, "runs", f"{arm.name}_{budget}_s{seed}_{tag}")
-        lines = run_arm(arm.script, common + extra, run_dir, resume_from=previous)
+        tag = run.seed_of(arm.script, *common, *extra) % 10**10
+        run_dir = os.path.join(out, "runs", f"{arm.script[6:-3]}_{budget}_s{seed}_{tag}")
+        with LOCKS[run_dir]:  # two arms may ask for the same run at once
+            lines = run_arm(arm.script, common + extra, run_dir, resume_from=previous)
         done[budget] = os.path.join(run_dir, "final"), lines[-1]["oracle_calls"] + offline
         previous = run_dir if arm.script == "train_pbpo.py" else None
     return done
@@ -143,6 +147,8 @@ def evaluate(policy_dir, paths, split, samples, max_new, out_file):
     policy, sft = M.from_pretrained(policy_dir).eval(), M.from_pretrained(paths.model).eval()
     eos = M.stop_ids(paths.model, tok)
     res = oracle.evaluate(policy, tok, items, max_new, eos, batch_size=500)
+    if not samples:
+        return dump({**res, "expected_reward": None, "kl_sft": None}, out_file)
     prompts = [p["prompt_ids"] for p in items]
     responses, logps = M.sample(policy, prompts, max_new, 1.0, n=samples, seed=12345, logprobs=True,
                                 batch_size=512, eos_ids=eos, pad_id=tok.pad_token_id)
@@ -151,7 +157,10 @@ def evaluate(policy_dir, paths, split, samples, max_new, out_file):
     ids, attn, resp = data.collate([p["prompt_ids"] for p in rows], responses, tok.pad_token_id)
     logp_sft = (M.token_logprobs(sft, ids, attn, micro_batch=512) * resp).sum(-1)  # (n,)
     kl = sum(map(sum, logps)) / len(rows) - logp_sft.mean().item()
-    res = {**res, "expected_reward": sum(gold) / len(gold), "kl_sft": kl}
+    return dump({**res, "expected_reward": sum(gold) / len(gold), "kl_sft": kl}, out_file)
+
+
+def dump(res, out_file):
     with open(out_file, "w") as f:
         json.dump(res, f)
     return res
@@ -160,7 +169,9 @@ def evaluate(policy_dir, paths, split, samples, max_new, out_file):
 def evaluate_in_subprocess(policy_dir, toy_dir, split, samples, max_new):
     """evaluate() in its own process (one thread), so evaluations run side by side."""
     out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
-    if not os.path.exists(out_file):
+    with LOCKS[out_file]:
+        if os.path.exists(out_file):
+            return json.load(open(out_file))
         cmd = [sys.executable, "-m", "experiments.compare", f"--evaluate={policy_dir}",
                f"--toy_dir={toy_dir}", f"--split={split}", f"--samples={samples}",
                f"--max_new_tokens={max_new}"]
@@ -198,8 +209,8 @@ def compare(cfg):
                 tuned, tuning_calls = {"sft": []}, {}
             else:
                 tuned, tuning_calls = dict(first["tuned"]), {}
-            for arm in [a for a in here if a.script and not a.like and a.name not in tuned]:
-                best, calls = [], 0
+            for arm in [a for a in here if a.script and a.name not in tuned and a.stages]:
+                best, calls = list(tuned.get(arm.like, [])), 0
                 for stage in arm.stages:
                     points = grid_points(stage)[:1] if cfg.quick else grid_points(stage)
                     seeds = TUNING_SEEDS[:1] if cfg.quick else TUNING_SEEDS
@@ -220,17 +231,17 @@ def compare(cfg):
                           f"({time.time() - t_start:.0f} s)", flush=True)
                 tuned[arm.name], tuning_calls[arm.name] = best, calls
             for arm in here:
-                if arm.like:
-                    tuned[arm.name] = [f for f in tuned[arm.like]
-                                       if f.split("=")[0] not in {g.split("=")[0] for g in arm.flags}]
+                if arm.like and not arm.stages:
+                    tuned[arm.name] = tuned[arm.like]
             # 2. the runs: every arm × budget × seed, then their evaluation on the held-out split
             jobs = [(arm, s) for arm in here if arm.script
                     for s in range(1 if cfg.quick else arm.seeds)]
 
             def job(arm_seed):  # an arm's runs at every budget for a seed, then their evaluation
-                arm, seed = arm_seed
+                arm, seed = arm_seed  # (below the top budget: greedy only, for the curves)
                 runs = train(arm, tuned[arm.name], paths, seed, out, cfg.quick, "heldout", budgets)
-                return {b: {**evaluate_job(d, "heldout"), "calls": c} for b, (d, c) in runs.items()}
+                return {b: {**evaluate_job(d, "heldout", cfg.samples if b == budgets[-1] else 0),
+                            "calls": c} for b, (d, c) in runs.items()}
 
             finished = list(pool.map(job, jobs))
             print(f"[{setting}] runs and evaluations done ({time.time() - t_start:.0f} s)",
@@ -243,8 +254,8 @@ def compare(cfg):
             claims = []
             for claim, a, b in CLAIMS:
                 if a in table and b in table:
-                    for budget in budgets:
-                        for metric in ("reward", "expected_reward"):
+                    for budget in budgets:  # the sampled metric only where it was measured
+                        for metric in ("reward", "expected_reward")[:1 + (budget == budgets[-1])]:
                             va = {s: r[metric] for s, r in table[a][budget].items()}
                             vb = {s: r[metric] for s, r in table[b][budget].items()}
                             mean, half, n = paired(va, vb)
@@ -277,7 +288,8 @@ def report(results):
         for arm, by_budget in res["table"].items():
             for budget, by_seed in by_budget.items():
                 rows = list(by_seed.values())
-                cell = lambda k: "{:.3f} ± {:.3f}".format(*mean_ci([r[k] for r in rows]))
+                cell = lambda k: "-" if rows[0][k] is None else \
+                    "{:.3f} ± {:.3f}".format(*mean_ci([r[k] for r in rows]))
                 lines.append(f"| {arm} | {budget} | {sum(r['calls'] for r in rows) / len(rows):.0f}"
                              f" | {len(rows)} | {cell('accuracy')} | {cell('reward')} | "
                              f"{cell('expected_reward')} | {cell('kl_sft')} |")
@@ -305,7 +317,8 @@ def plots(results, out):
         for ax, (setting, res) in zip(axes[0], settings.items()):
             for i, (arm, by_budget) in enumerate(res["table"].items()):
                 pts = sorted((sum(r[x_key] for r in s.values()) / len(s),
-                              sum(r[y_key] for r in s.values()) / len(s)) for s in by_budget.values())
+                              sum(r[y_key] for r in s.values()) / len(s))
+                             for s in by_budget.values() if next(iter(s.values()))[x_key] is not None)
                 if name == "curves" and arm != "sft":
                     sft = res["table"]["sft"]
                     pts = [(0, next(iter(next(iter(sft.values())).values()))[y_key])] + pts
