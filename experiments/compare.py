@@ -56,13 +56,14 @@ class Arm:
     settings: tuple = ("standard", "rare")
 
 
-DPO_GRID = ("epochs=1,4 lr=1e-4,3e-4 beta=0.01,0.1",)
+DPO_GRID = ("epochs=1,4 lr=1e-4,3e-4 beta=0.01,0.1", "epochs=4,8,16 lr=5e-5,1e-4")
 ARMS = [
     Arm("sft"),
     Arm("dpo", "train_selm.py", ("--alpha=0",), DPO_GRID),
     Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
     Arm("selm", "train_selm.py", (), ("alpha=0.001,0.01,0.1,1",), like="dpo"),  # DPO + α
-    Arm("pbpo", "train_pbpo.py", (), ("kl_coef=0.2,0.5,1 anchor=sft,ref", "adv_coef=0.1,1 t_out=4,8")),
+    Arm("pbpo", "train_pbpo.py", (),
+        ("kl_coef=0.2,0.5,1 anchor=sft,ref", "adv_coef=0.1,1 t_out=4,8")),
     Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", settings=("standard",)),
     Arm("pbpo_n1", "train_pbpo.py", ("--n_candidates=1",), like="pbpo", seeds=5),
     *[Arm(f"pbpo_rho{rho}", "train_pbpo.py", (f"--adv_coef={rho}",), like="pbpo", seeds=5,
@@ -73,7 +74,8 @@ CLAIMS = [  # (claim, arm a, arm b): holds when a − b > 0, its 95% interval ab
     ("PbPO ≥ SELM", "pbpo", "selm"), ("SELM ≥ iterative DPO", "selm", "dpo"),
     ("iterative DPO ≥ SFT", "dpo", "sft"), ("PbPO ≥ online iterative DPO", "pbpo", "dpo_online"),
     ("token-level PbPO ≥ PbPO", "pbpo_token", "pbpo"),
-    ("N = 1 hurts (PbPO ≥ N = 1)", "pbpo", "pbpo_n1"), ("ρ = 0 hurts (PbPO ≥ ρ = 0)", "pbpo", "pbpo_rho0"),
+    ("N = 1 hurts (PbPO ≥ N = 1)", "pbpo", "pbpo_n1"),
+    ("ρ = 0 hurts (PbPO ≥ ρ = 0)", "pbpo", "pbpo_rho0"),
     *[(f"ρ = {r} beats ρ = 0", f"pbpo_rho{r}", "pbpo_rho0") for r in ("0.1", "1", "10", "25")],
 ]
 
@@ -103,17 +105,22 @@ def budget_flags(arm, paths, budget, seed, out, quick):
                 f"--episodes={max(1, budget // (2 * m))}"], 0.0
     if "--online" in arm.flags:  # 2 calls per prompt and iteration
         iterations = 1 if quick else 3
-        return [f"--prompts={paths.train}", f"--online_prompts={max(1, budget // (2 * iterations))}"], 0.0
+        per_iteration = max(1, budget // (2 * iterations))
+        return [f"--prompts={paths.train}", f"--online_prompts={per_iteration}"], 0.0
     prefs, offline = offline_pairs(paths, budget, seed, out)
     return [f"--prefs={prefs}"], offline
+
+
+def merge(*flag_lists):
+    """The flags of all lists, sorted; of two values of one flag the later list's wins."""
+    return sorted({f.split("=")[0]: f for flags in flag_lists for f in flags}.values())
 
 
 def train(arm, flags, paths, seed, out, quick, split, budgets):
     """An arm's runs at every budget for one seed: {budget: (final policy dir, oracle calls, all
     counted)}. A PbPO run at a larger budget continues the one below (--resume with more episodes,
     which is bit-identical to one long run), so one run gives every point of its curve."""
-    own = {f.split("=")[0] for f in arm.flags}  # the arm's own flags win over tuned ones
-    flags = sorted({*arm.flags, *(f for f in flags if f.split("=")[0] not in own)})
+    flags = merge(flags, arm.flags)  # the arm's own flags win over tuned ones
     common = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", "--eval_max=1",
               *(QUICK_FLAGS[arm.script] if quick else []), *flags, f"--seed={seed}"]
     done, previous = {}, None
@@ -226,7 +233,8 @@ def compare(cfg):
                     by_point = {}
                     for (p, _), (_, score) in zip(jobs, scores):
                         by_point.setdefault(tuple(p), []).append(score)
-                    best += max(by_point, key=lambda p: sum(by_point[p]) / len(by_point[p]))
+                    mean = lambda p: sum(by_point[p]) / len(by_point[p])
+                    best = merge(best, max(by_point, key=mean))
                     print(f"[{setting}] {arm.name}: tuned {' '.join(best)} "
                           f"({time.time() - t_start:.0f} s)", flush=True)
                 tuned[arm.name], tuning_calls[arm.name] = best, calls
@@ -318,7 +326,8 @@ def plots(results, out):
             for i, (arm, by_budget) in enumerate(res["table"].items()):
                 pts = sorted((sum(r[x_key] for r in s.values()) / len(s),
                               sum(r[y_key] for r in s.values()) / len(s))
-                             for s in by_budget.values() if next(iter(s.values()))[x_key] is not None)
+                             for s in by_budget.values()
+                             if next(iter(s.values()))[x_key] is not None)
                 if name == "curves" and arm != "sft":
                     sft = res["table"]["sft"]
                     pts = [(0, next(iter(next(iter(sft.values())).values()))[y_key])] + pts
