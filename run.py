@@ -216,7 +216,9 @@ class MetricsLog:
         self.path, self.file = path, open(path, "a", encoding="utf-8") if enabled else None
 
     def write(self, **metrics):
-        if self.file:
+        if self.file:  # a NaN (e.g. a correlation of constants) is written as null: strict JSON
+            metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                       for k, v in metrics.items()}
             print(json.dumps(metrics), file=self.file, flush=True)
 
     def size(self):

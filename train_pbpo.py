@@ -5,12 +5,13 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
   for episode k = 1..K:
     π_ref = π, frozen for the episode
     (I) reward-agnostic exploration, for each of M prompts x:
-        y⁰ ~ π_ref(·|x);  y¹..y^N ~ π_enh(·|x), π_ref at temperature T_enh
+        y⁰ ~ π_ref(·|x);  y¹..y^N ~ π_enh(·|x), the enhancer: π_ref at temperature T_enh
         j* = argmax_j ‖φ(x, y⁰) − φ(x, y^j)‖_{Σ⁻¹};  o = oracle(x, y⁰, y^{j*})
         D ← D ∪ {(x, y⁰, y^{j*}, o)};  Σ ← Σ + Δφ Δφᵀ
     (II) reward-aware exploitation, T_out times: G samples per prompt from π, R from π_ref
         follower, T_in steps:  w ← Proj_B(w − η_r ∇_w [L_BT(w; D) + ρ (E_π r_w − E_π_ref r_w)])
-        leader, one step:      θ ← θ + η_π ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))]
+                               (each step on a minibatch of D)
+        leader, one AdamW step up ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))] (clipped at 1)
     the leader's gradient: REINFORCE with the KL folded into the reward and a leave-one-out
     baseline among a prompt's G samples; π_anchor is π⁰ (the SFT policy) or π_ref.
 
@@ -59,8 +60,8 @@ class Config:
     # model, data and oracle
     model: str = ""  # π⁰, an HF checkpoint dir (default: the toy SFT model, built on first use)
     rm_backbone: str = ""  # the RM backbone's checkpoint dir (default: the SFT policy)
-    prompts: str = ""  # training prompts (default: the toy train split)
-    heldout: str = ""  # held-out prompts for the gold evaluation (default: the toy held-out split)
+    prompts: str = ""  # training prompts (no --model: the toy train split)
+    heldout: str = ""  # held-out prompts for the gold evaluation (no --model: the toy's; else none)
     oracle: str = "gold"  # gold | gsm8k | rm:PATH
     oracle_temp: float = 0.0  # Bradley-Terry label temperature; 0 = deterministic labels
     # sampling and batching
@@ -82,7 +83,8 @@ class Config:
                 "group": (2, "the leave-one-out baseline needs G >= 2"), "leader_prompts": (1, "P"),
                 "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""),
                 "micro_batch": (1, ""), "rm_batch": (1, ""), "eval_max": (1, ""),
-                "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B")}
+                "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B"),
+                "temperature": (1e-6, "T: the leader scores its samples' log-probs at T")}
     CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
                "on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
@@ -135,9 +137,6 @@ if __name__ == "__main__":
     if cfg.explore_prompts % world or cfg.leader_prompts % world:
         raise ValueError(f"--explore_prompts={cfg.explore_prompts} and --leader_prompts="
                          f"{cfg.leader_prompts} must be multiples of the world size {world}")
-    if cfg.temperature == 0 and cfg.enh_temp == 0:
-        raise ValueError("--temperature=0 with --enh_temp=0: every candidate would repeat y⁰, "
-                         "and a pair of identical responses teaches nothing; raise --enh_temp")
     mode = run.start(cfg, rank, world)  # 'fresh', 'resume' or 'restart'
 
     # ---------------------------------------------------------------- setup
@@ -263,8 +262,8 @@ if __name__ == "__main__":
         score0, score1 = torch.tensor(run.gather(list(zip(s0.tolist(), s1.tolist())))).view(-1, 2).T
         labels = oracle.label(score0, score1, run.generator(cfg.seed, "oracle", episode))
         with torch.no_grad():  # the current RM on the new pairs, before it is fit on them
-            right = [bool(rm(p[4][None].to(device)) > rm(p[3][None].to(device))) == bool(o)
-                     for p, o in zip(new, labels)]
+            right = [bool(rm(f1[None].to(device)) > rm(f0[None].to(device))) == bool(o)
+                     for (*_, f0, f1, _), o in zip(new, labels)]
         for i, (item, a, b, f0, f1, u) in enumerate(new):  # every rank keeps all of D
             record = dict(episode=episode, prompt=item["prompt"], prompt_ids=item["prompt_ids"],
                           response0=text0[i], response1=text1[i], response0_ids=a, response1_ids=b,
@@ -277,7 +276,7 @@ if __name__ == "__main__":
             pairs["label"].append(record["label"])
         log_metrics("explore", episode=episode, pairs=len(pairs["label"]), new_pairs=len(new),
                     identical=len(everyone) - len(new), potential=potential,
-                    uncertainty=sum(p[5] for p in new) / max(len(new), 1),
+                    uncertainty=sum(u for *_, u in new) / max(len(new), 1),
                     rm_acc_fresh=sum(right) / len(right) if new else None,
                     oracle_score=float(torch.cat([score0, score1]).mean()) if new else None)
 
@@ -296,7 +295,7 @@ if __name__ == "__main__":
             gen_seconds += time.time() - t0
             t0 = time.time()
             ids, attn, resp = batch(rows, responses)  # (n, T)
-            micro, T = torch.arange(len(ids)).split(cfg.micro_batch), cfg.temperature
+            micro, temp = torch.arange(len(ids)).split(cfg.micro_batch), cfg.temperature
             with torch.no_grad():
                 phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro])  # (n, [T,] d)
 
@@ -321,16 +320,16 @@ if __name__ == "__main__":
             # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
             with torch.no_grad():
                 rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
-                logp = on_response(sampled_logp, resp)  # (n, T), log π_θ of what was sampled
-                logp_sft = M.token_logprobs(sft, ids, attn, T, micro_batch=cfg.micro_batch)
+                logp = on_response(sampled_logp, resp)  # (n, T), the sampler's log π_θ, constant
+                logp_sft = M.token_logprobs(sft, ids, attn, temp, micro_batch=cfg.micro_batch)
                 logp_anchor = logp_sft if cfg.anchor == "sft" else \
-                    M.token_logprobs(ref, ids, attn, T, micro_batch=cfg.micro_batch)
+                    M.token_logprobs(ref, ids, attn, temp, micro_batch=cfg.micro_batch)
                 log_ratio = (logp - logp_anchor) * resp  # (n, T)
                 advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
-                r_pi = rm(phi)  # (n,), for the health signals
-            for r in micro:
-                logp_theta = M.token_logprobs(policy, ids[r], attn[r], T)  # (b, T)
-                (leader_loss(logp_theta, advantage[r], len(phi_pi)) * world).backward()  # FSDP avg
+                r_pi = rm(phi)  # (n,) r_w(τ) per response (at the token level: summed over h)
+            for r in micro:  # the loss divides by all ranks' count, FSDP averages ranks: · world
+                logp_theta = M.token_logprobs(policy, ids[r], attn[r], temp)  # (b, T), with grad
+                (leader_loss(logp_theta, advantage[r], len(phi_pi)) * world).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
             if run.finite(float(grad_norm), "policy gradient", where, log, cfg.on_nonfinite,
                           ckpt_path, episode=episode, step=step):

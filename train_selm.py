@@ -47,14 +47,14 @@ class Config:
     epochs: int = 1  # passes over each part D_t
     # model, data and oracle
     model: str = ""  # π⁰, an HF checkpoint dir (default: the toy SFT model, built on first use)
-    prefs: str = ""  # preference pairs, TRL prompt/chosen/rejected (default: the toy pair file)
-    heldout: str = ""  # held-out prompts for the gold evaluation (default: the toy held-out split)
+    prefs: str = ""  # preference pairs, TRL prompt/chosen/rejected (no --model: the toy's)
+    heldout: str = ""  # held-out prompts for the gold evaluation (no --model: the toy's; else none)
     oracle: str = "gold"  # gold | gsm8k | rm:PATH, ranks {y_ref, chosen, rejected}
     max_pairs: int = 0  # use at most this many pairs of the file (0 = all)
     # online: pairs sampled from π_ref and labelled each iteration (no --prefs file)
     online: bool = False  # each iteration labels two temperature-1 samples of π_ref a prompt
     online_prompts: int = 128  # M, prompts an iteration (all ranks); 3·128·2 = PbPO's 768 calls
-    prompts: str = ""  # the prompt file --online draws from (default: the toy train split)
+    prompts: str = ""  # the prompt file --online draws from (no --model: the toy train split)
     # sampling and batching
     sample_ref: bool = False  # sample y_ref at temperature 1 instead of greedily
     max_new_tokens: int = 48
@@ -127,6 +127,8 @@ def selm_loss(logp, logp_ref, beta, alpha):
 def best_and_worst(scores):
     """scores (n, 3) of {y_ref, chosen, rejected} -> column indices (n,) of the best and the worst.
     Ties go to the file's pair (chosen first, rejected last): a three-way tie keeps the pair."""
+    # a stable sort keeps tied columns in the order they come in: so put them in the order ties
+    # should resolve (chosen, ref, rejected), sort, and map the positions back to the columns
     priority = torch.tensor([1, 0, 2])  # chosen, ref, rejected
     ranked = scores[:, priority].sort(dim=1, descending=True, stable=True).indices  # (n, 3)
     order = priority[ranked]  # column indices, best first
@@ -138,6 +140,9 @@ if __name__ == "__main__":
     cfg = run.parse_flags(Config, __doc__)
     rank, world, device = run.init_distributed(cfg.dist_timeout)
     master = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the world size "
+                         f"{world}: each rank takes an equal share of a step's pairs")
     if cfg.online and cfg.online_prompts % world:
         raise ValueError(f"--online_prompts={cfg.online_prompts} must be a multiple of the world "
                          f"size {world}")
@@ -163,7 +168,7 @@ if __name__ == "__main__":
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         run.shard_model(policy)
     part = len(pairs) // cfg.iterations  # |D_t|; each rank takes part // world: equal step counts
-    local_batch = max(1, cfg.batch_size // world)
+    local_batch = cfg.batch_size // world
     # online: the steps of M pairs, as if no prompt tied (ties are made up by cycling through the
     # kept pairs), so the count is known before any sample, on every rank, for the schedule
     rows_per_rank = (cfg.online_prompts if cfg.online else part) // world
@@ -229,14 +234,14 @@ if __name__ == "__main__":
 
     if mode == "restart":  # killed before its first checkpoint
         log.cut(0)
-        if store:
+        if store is not None:  # online runs, on rank 0
             store.rewrite([])
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
         sched.load_state_dict(state["sched"])
         log.cut(state["log_size"])
         calls, sft_eval, start = state["oracle_calls"], state["sft_eval"], state["iteration"] + 1
-        if store:  # pairs labelled after the checkpoint are dropped: their iteration is redone
+        if store is not None:  # online: pairs labelled after the checkpoint are redone
             store.rewrite([r for r in store.records if r["iteration"] < start])
     if sft_eval is None and heldout:
         sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)

@@ -199,6 +199,9 @@ def compare(cfg):
     budgets = (32, 64) if cfg.quick else tuple(map(int, cfg.budgets.split(",")))
     arms = [a for a in ARMS if not cfg.arms or a.name in cfg.arms.split(",")]
     settings = cfg.settings.split(",")
+    if settings[0] not in cfg.tune_on.split(","):
+        raise ValueError(f"--settings={cfg.settings}: the first setting must be tuned (one of "
+                         f"--tune_on={cfg.tune_on}); the others take its tuned flags")
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
     with ThreadPoolExecutor(cfg.jobs) as pool:

@@ -27,6 +27,12 @@ def test_loglog_slope_recovers_a_power_law():
 
 
 # ---------------------------------------------------------------- the comparison
+def test_compare_refuses_an_untuned_first_setting(tmp_path):
+    with pytest.raises(ValueError, match="the first setting must be tuned"):
+        C.compare(C.Config(out=str(tmp_path), settings="rare,standard", quick=True))
+    assert not os.listdir(tmp_path)  # before anything was built
+
+
 def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     """experiments.compare --quick end to end on the quick toy: every arm is tuned on the validation split, runs at
     both budgets within them, is evaluated on the held-out split, and every claim between arms gets a paired

@@ -219,6 +219,8 @@ def bad_inputs(toy, tmp):
         ("negative KL weight", "train_pbpo.py", [model, prompts, "--kl_coef=-1"], "--kl_coef=-1.0: expected a finite number >= 0"),
         ("infinite bound", "train_pbpo.py", [model, prompts, "--bound=inf"], "--bound=inf: expected a finite number >= 0"),
         ("group of one", "train_pbpo.py", [model, prompts, "--group=1"], "--group=1: expected at least 2"),
+        ("greedy leader", "train_pbpo.py", [model, prompts, "--temperature=0"],
+         "--temperature=0.0: expected at least 1e-06 (T: the leader scores its samples' log-probs at T)"),
         ("not an integer", "train_pbpo.py", [model, prompts, "--episodes=two"], "--episodes: invalid int value"),
         ("unknown level", "train_pbpo.py", [model, prompts, "--level=word"], "--level='word': expected one of seq, token"),
         ("unknown oracle", "train_pbpo.py", [model, prompts, "--oracle=magic"], "--oracle='magic': expected gold, gsm8k or rm:PATH"),
@@ -420,6 +422,22 @@ def test_bool_flags_take_the_usual_spellings():
                         ("False", False), ("0", False)]:
         assert R.parse_flags(Flags, "", [f"--on={text}"]).on is value, text
     assert R.parse_flags(Flags, "", ["--on"]).on is True and R.parse_flags(Flags, "", []).on is False
+
+
+def test_metrics_log_is_strict_json(tmp_path):
+    """A NaN metric (a correlation of constants, a spread of one value) is written as null, which every
+    JSON reader takes; `json.dumps` alone would write NaN."""
+    log = R.MetricsLog(str(tmp_path / "metrics.jsonl"), True)
+    log.write(kind="step", rm_gold_corr=float("nan"), kl=float("inf"), gold=0.5, n=3)
+    line = open(tmp_path / "metrics.jsonl").read()
+    assert json.loads(line, parse_constant=lambda c: 1 / 0) == {"kind": "step", "rm_gold_corr": None, "kl": None,
+                                                               "gold": 0.5, "n": 3}
+
+
+def test_selm_batch_not_a_multiple_of_the_ranks_is_refused(toy, tmp_path):
+    flags, _ = toy
+    proc = run("train_selm.py", *flags, "--batch_size=3", f"--out_dir={tmp_path}", ranks=2, ok=False)
+    assert proc.returncode != 0 and "--batch_size=3 must be a multiple of the world size 2" in proc.stderr
 
 
 def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
