@@ -61,7 +61,7 @@ ARMS = [
     Arm("sft"),
     Arm("dpo", "train_selm.py", ("--alpha=0",), DPO_GRID),
     Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
-    Arm("selm", "train_selm.py", (), ("alpha=0.001,0.01,0.1,1",), like="dpo"),  # DPO + α
+    Arm("selm", "train_selm.py", (), ("alpha=0.001,0.01,0.1,1,3,10",), like="dpo"),  # DPO + α
     Arm("pbpo", "train_pbpo.py", (),
         ("kl_coef=0.2,0.5,1 anchor=sft,ref", "adv_coef=0.1,1 t_out=4,8")),
     Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", settings=("standard",)),

@@ -5,8 +5,8 @@ validation prompts (valid.jsonl), never on the held-out prompts. Runs are subpro
 run with the same command is reused.
 
   python -m experiments.tune --script=train_pbpo.py --grid="kl_coef=0.02,0.05,0.2 anchor=sft,ref"
-  python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4"
-  --flags="--alpha=0"
+  python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4" \
+      --flags="--alpha=0"
 
 Writes OUT/tune.json (every run) and prints the table, best first.
 """
