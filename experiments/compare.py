@@ -97,12 +97,16 @@ def offline_pairs(paths, budget, seed, out):
     return path, keep * (cost - RANKING_CALLS)  # the calls spent before the run
 
 
-def budget_flags(arm, paths, budget, seed, out, quick):
-    """The flags that make a run spend `budget` oracle calls, and the calls spent offline."""
+EXPLORE_PROMPTS = {False: 64, True: 8}  # PbPO's M, by --quick: 2 calls a prompt (0 if identical)
+
+
+def budget_flags(arm, paths, budget, seed, out, quick, more=0):
+    """The flags that make a run spend `budget` oracle calls, and the calls spent offline. more:
+    PbPO's episodes beyond budget // (2M), for a run whose identical pairs left calls unspent."""
     if arm.script == "train_pbpo.py":
-        m = 8 if quick else 64  # exploration prompts per episode: 2 calls each (1 if identical)
+        m = EXPLORE_PROMPTS[quick]
         return [f"--prompts={paths.train}", f"--explore_prompts={m}",
-                f"--episodes={max(1, budget // (2 * m))}"], 0.0
+                f"--episodes={max(1, budget // (2 * m)) + more}"], 0.0
     if "--online" in arm.flags:  # 2 calls per prompt and iteration
         iterations = 1 if quick else 3
         per_iteration = max(1, budget // (2 * iterations))
@@ -119,19 +123,24 @@ def merge(*flag_lists):
 def train(arm, flags, paths, seed, out, quick, split, budgets):
     """An arm's runs at every budget for one seed: {budget: (final policy dir, oracle calls, all
     counted)}. A PbPO run at a larger budget continues the one below (--resume with more episodes,
-    which is bit-identical to one long run), so one run gives every point of its curve."""
+    which is bit-identical to one long run), so one run gives every point of its curve. A pair of
+    identical responses costs PbPO no call, so it runs more episodes while one more fits."""
     flags = merge(flags, arm.flags)  # the arm's own flags win over tuned ones
     common = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", "--eval_max=1",
               *(QUICK_FLAGS[arm.script] if quick else []), *flags, f"--seed={seed}"]
     done, previous = {}, None
     for budget in budgets:  # the same command shares one run dir, whichever arm asks for it
-        extra, offline = budget_flags(arm, paths, budget, seed, os.path.join(out, "data"), quick)
-        tag = run.seed_of(arm.script, *common, *extra) % 10**10
-        run_dir = os.path.join(out, "runs", f"{arm.script[6:-3]}_{budget}_s{seed}_{tag}")
-        with LOCKS[run_dir]:  # two arms may ask for the same run at once
-            lines = run_arm(arm.script, common + extra, run_dir, resume_from=previous)
-        done[budget] = os.path.join(run_dir, "final"), lines[-1]["oracle_calls"] + offline
-        previous = run_dir if arm.script == "train_pbpo.py" else None
+        for more in range(budget):  # PbPO: episodes beyond budget // (2m) while one more fits
+            extra, offline = budget_flags(arm, paths, budget, seed, os.path.join(out, "data"),
+                                          quick, more)
+            tag = run.seed_of(arm.script, *common, *extra) % 10**10
+            run_dir = os.path.join(out, "runs", f"{arm.script[6:-3]}_{budget}_s{seed}_{tag}")
+            with LOCKS[run_dir]:  # two arms may ask for the same run at once
+                calls = run_arm(arm.script, common + extra, run_dir, previous)[-1]["oracle_calls"]
+            previous = run_dir if arm.script == "train_pbpo.py" else None
+            if not previous or calls + 2 * EXPLORE_PROMPTS[quick] > budget:
+                break
+        done[budget] = os.path.join(run_dir, "final"), calls + offline
     return done
 
 
@@ -272,6 +281,7 @@ def compare(cfg):
                             mean, half, n = paired(va, vb)
                             claims.append(dict(claim=claim, budget=budget, metric=metric, diff=mean,
                                                ci=half, seeds=n, holds=n > 1 and mean - half > 0))
+            tuned = {a.name: merge(tuned[a.name], a.flags) for a in here}  # as the runs had them
             results["settings"][setting] = {"tuned": tuned, "tuning_calls": tuning_calls,
                                             "table": table, "claims": claims}
             first = results["settings"][settings[0]]
@@ -292,7 +302,8 @@ def report(results):
              "held-out split, all prompts.\n"]
     for setting, res in results["settings"].items():
         lines += [f"### {setting}\n", "| arm | tuned flags | tuning calls |", "|---|---|---|"]
-        lines += [f"| {a} | `{' '.join(f) or '-'}` | {res['tuning_calls'].get(a, 'reused')} |"
+        spent = lambda a: round(res["tuning_calls"].get(a, 0)) or "reused"
+        lines += [f"| {a} | `{' '.join(f) or '-'}` | {spent(a)} |"
                   for a, f in res["tuned"].items() if a != "sft"]
         lines += ["", "| arm | budget | calls | seeds | accuracy | gold reward | "
                       "expected gold (T=1) | KL to SFT |", "|---|---|---|---|---|---|---|---|"]
