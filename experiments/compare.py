@@ -332,12 +332,13 @@ def plots(results, out):
     except ImportError:
         return print("matplotlib is not installed: no plots")
     settings = results["settings"]
+    colour = {a.name: plt.cm.tab20(i) for i, a in enumerate(ARMS)}  # one colour an arm
     for name, x_key, y_key, x_label in (("curves", "calls", "reward", "oracle calls"),
                                         ("frontier", "kl_sft", "expected_reward",
                                          "KL(π ‖ π_SFT), nats")):
         fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
         for ax, (setting, res) in zip(axes[0], settings.items()):
-            for i, (arm, by_budget) in enumerate(res["table"].items()):
+            for arm, by_budget in res["table"].items():
                 pts = sorted((sum(r[x_key] for r in s.values()) / len(s),
                               sum(r[y_key] for r in s.values()) / len(s))
                              for s in by_budget.values()
@@ -345,13 +346,13 @@ def plots(results, out):
                 if name == "curves" and arm != "sft":
                     sft = res["table"]["sft"]
                     pts = [(0, next(iter(next(iter(sft.values())).values()))[y_key])] + pts
-                ax.plot(*zip(*pts), "o-" if name == "curves" else "o", color=f"C{i % 10}",
+                ax.plot(*zip(*pts), "o-" if name == "curves" else "o", color=colour[arm],
                         label=arm, markersize=4)
             ax.set_title(setting)
             ax.set_xlabel(x_label)
             ax.set_ylabel("held-out gold reward (greedy)" if name == "curves" else
                           "expected gold reward, 8 samples at T = 1")
-        axes[0][-1].legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
 
