@@ -468,7 +468,8 @@ def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_thei
     flags, _ = toy
     for sig, out, wait_for in ((signal.SIGINT, tmp_path / "a", "metrics.jsonl"), (signal.SIGTERM, tmp_path / "b", R.CHECKPOINT)):
         proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={out}"), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,  # SIGINT as in a terminal,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even under nohup ... &
         while not os.path.exists(out / wait_for) and proc.poll() is None:
             time.sleep(0.02)
         proc.send_signal(sig)
