@@ -281,8 +281,8 @@ def compare(cfg):
                             mean, half, n = paired(va, vb)
                             claims.append(dict(claim=claim, budget=budget, metric=metric, diff=mean,
                                                ci=half, seeds=n, holds=n > 1 and mean - half > 0))
-            tuned = {a.name: merge(tuned[a.name], a.flags) for a in here}  # as the runs had them
-            results["settings"][setting] = {"tuned": tuned, "tuning_calls": tuning_calls,
+            as_run = {a.name: merge(tuned[a.name], a.flags) for a in here}  # the runs' flags
+            results["settings"][setting] = {"tuned": as_run, "tuning_calls": tuning_calls,
                                             "table": table, "claims": claims}
             first = results["settings"][settings[0]]
     results["seconds"] = time.time() - t_start
