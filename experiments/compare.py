@@ -20,14 +20,14 @@ Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.
 OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run.
 """
 import collections
+import functools
 import json
+import multiprocessing
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import torch
@@ -151,18 +151,24 @@ QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_sa
 
 
 # ---------------------------------------------------------------- evaluation
+@functools.lru_cache(maxsize=None)
+def reference(model_dir):
+    """The SFT policy of a toy, its tokenizer and stop ids: loaded once per evaluation process."""
+    tok = data.load_tokenizer(model_dir)
+    return tok, M.from_pretrained(model_dir).eval(), M.stop_ids(model_dir, tok)
+
+
 @torch.no_grad()
-def evaluate(policy_dir, paths, split, samples, max_new, out_file):
+def evaluate(policy_dir, toy_dir, split, samples, max_new):
     """Greedy accuracy and gold reward, the expected gold reward of `samples` samples at
     temperature 1, and KL(π ‖ π_SFT) on those samples (the mean of Σ_h log π/π_SFT), on every
-    prompt of the split. Cached in out_file."""
-    if os.path.exists(out_file):
-        return json.load(open(out_file))
-    tok, oracle = data.load_tokenizer(paths.model), make_oracle("gold")
-    items = data.load_prompts(getattr(paths, split), tok, 256)
-    policy, sft = M.from_pretrained(policy_dir).eval(), M.from_pretrained(paths.model).eval()
-    eos = M.stop_ids(paths.model, tok)
+    prompt of the split. Written to policy_dir/eval_{split}_{samples}.json."""
+    paths = toy.ToyPaths(*(os.path.join(toy_dir, f) for f in toy.FILES))
+    tok, sft, eos = reference(paths.model)
+    oracle, items = make_oracle("gold"), data.load_prompts(getattr(paths, split), tok, 256)
+    policy = M.from_pretrained(policy_dir).eval()
     res = oracle.evaluate(policy, tok, items, max_new, eos, batch_size=500)
+    out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
     if not samples:
         return dump({**res, "expected_reward": None, "kl_sft": None}, out_file)
     prompts = [p["prompt_ids"] for p in items]
@@ -182,17 +188,13 @@ def dump(res, out_file):
     return res
 
 
-def evaluate_in_subprocess(policy_dir, toy_dir, split, samples, max_new):
-    """evaluate() in its own process (one thread), so evaluations run side by side."""
+def evaluate_cached(evaluators, policy_dir, toy_dir, split, samples, max_new):
+    """evaluate() in one of the evaluation processes (one thread each, started once, so an
+    evaluation pays for no interpreter start, import or SFT load), or its file if it has one."""
     out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
     with LOCKS[out_file]:
-        if os.path.exists(out_file):
-            return json.load(open(out_file))
-        cmd = [sys.executable, "-m", "experiments.compare", f"--evaluate={policy_dir}",
-               f"--toy_dir={toy_dir}", f"--split={split}", f"--samples={samples}",
-               f"--max_new_tokens={max_new}"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        subprocess.run(cmd, check=True, cwd=ROOT, env=env, capture_output=True, text=True)
+        if not os.path.exists(out_file):
+            evaluators.submit(evaluate, policy_dir, toy_dir, split, samples, max_new).result()
     return json.load(open(out_file))
 
 
@@ -213,15 +215,17 @@ def compare(cfg):
                          f"--tune_on={cfg.tune_on}); the others take its tuned flags")
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
-    with ThreadPoolExecutor(cfg.jobs) as pool:
+    spawn = multiprocessing.get_context("spawn")  # not fork: this process runs threads
+    with ThreadPoolExecutor(cfg.jobs) as pool, ProcessPoolExecutor(
+            cfg.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as evaluators:
         for setting in settings:
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
             paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
             out = os.path.join(cfg.out, setting)
             here = [a for a in arms if setting in a.settings]
-            evaluate_job = lambda d, split, n=cfg.samples: evaluate_in_subprocess(
-                d, toy_dir, split, n, max_new)
+            evaluate_job = lambda d, split, n=cfg.samples: evaluate_cached(
+                evaluators, d, toy_dir, split, n, max_new)
             # 1. tuning: each stage's grid × tuning seeds at the top budget, on valid.jsonl; a
             # setting not in --tune_on takes the tuned flags of the first setting
             if setting in cfg.tune_on.split(","):
@@ -238,7 +242,7 @@ def compare(cfg):
                     def tune_job(job):  # a run at the top budget, scored on valid.jsonl
                         policy, used = train(arm, best + job[0], paths, job[1], out, cfg.quick,
                                              "valid", budgets[-1:])[budgets[-1]]
-                        return used, evaluate_job(policy, "valid", 1)["reward"]
+                        return used, evaluate_job(policy, "valid", 0)["reward"]  # greedy
 
                     scores = list(pool.map(tune_job, jobs))
                     calls += sum(used for used, _ in scores)
@@ -368,18 +372,8 @@ class Config:
     samples: int = 8  # samples per prompt for the expected gold reward at temperature 1
     jobs: int = 2  # runs at a time, one thread each
     quick: bool = False  # the quick toy, one seed, the first grid point: a smoke test
-    evaluate: str = ""  # internal: evaluate this policy dir (a subprocess of the comparison)
-    toy_dir: str = ""  # internal, with --evaluate
-    split: str = "heldout"  # internal, with --evaluate
-    max_new_tokens: int = 48  # internal, with --evaluate
 
 
 if __name__ == "__main__":
     run.friendly_errors("experiments/compare.py")
-    cfg = run.parse_flags(Config, __doc__)
-    if cfg.evaluate:
-        paths = toy.ToyPaths(*(os.path.join(cfg.toy_dir, f) for f in toy.FILES))
-        evaluate(cfg.evaluate, paths, cfg.split, cfg.samples, cfg.max_new_tokens,
-                 os.path.join(cfg.evaluate, f"eval_{cfg.split}_{cfg.samples}.json"))
-    else:
-        compare(cfg)
+    compare(run.parse_flags(Config, __doc__))
