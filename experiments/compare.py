@@ -152,25 +152,24 @@ QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_sa
 
 # ---------------------------------------------------------------- evaluation
 @functools.lru_cache(maxsize=None)
-def reference(model_dir):
-    """The SFT policy of a toy, its tokenizer and stop ids: loaded once per evaluation process."""
+def sft_policy(model_dir):
+    """The SFT policy π_SFT of a toy, its tokenizer and stop ids: loaded once per evaluation
+    process."""
     tok = data.load_tokenizer(model_dir)
     return tok, M.from_pretrained(model_dir).eval(), M.stop_ids(model_dir, tok)
 
 
 @torch.no_grad()
-def evaluate(policy_dir, toy_dir, split, samples, max_new):
+def evaluate(policy_dir, paths, split, samples, max_new):
     """Greedy accuracy and gold reward, the expected gold reward of `samples` samples at
     temperature 1, and KL(π ‖ π_SFT) on those samples (the mean of Σ_h log π/π_SFT), on every
-    prompt of the split. Written to policy_dir/eval_{split}_{samples}.json."""
-    paths = toy.ToyPaths(*(os.path.join(toy_dir, f) for f in toy.FILES))
-    tok, sft, eos = reference(paths.model)
+    prompt of the split."""
+    tok, sft, eos = sft_policy(paths.model)
     oracle, items = make_oracle("gold"), data.load_prompts(getattr(paths, split), tok, 256)
     policy = M.from_pretrained(policy_dir).eval()
     res = oracle.evaluate(policy, tok, items, max_new, eos, batch_size=500)
-    out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
     if not samples:
-        return dump({**res, "expected_reward": None, "kl_sft": None}, out_file)
+        return {**res, "expected_reward": None, "kl_sft": None}
     prompts = [p["prompt_ids"] for p in items]
     responses, logps = M.sample(policy, prompts, max_new, 1.0, n=samples, seed=12345, logprobs=True,
                                 batch_size=512, eos_ids=eos, pad_id=tok.pad_token_id)
@@ -179,23 +178,22 @@ def evaluate(policy_dir, toy_dir, split, samples, max_new):
     ids, attn, resp = data.collate([p["prompt_ids"] for p in rows], responses, tok.pad_token_id)
     logp_sft = (M.token_logprobs(sft, ids, attn, micro_batch=512) * resp).sum(-1)  # (n,)
     kl = sum(map(sum, logps)) / len(rows) - logp_sft.mean().item()
-    return dump({**res, "expected_reward": sum(gold) / len(gold), "kl_sft": kl}, out_file)
+    return {**res, "expected_reward": sum(gold) / len(gold), "kl_sft": kl}
 
 
-def dump(res, out_file):
-    with open(out_file, "w") as f:
-        json.dump(res, f)
-    return res
-
-
-def evaluate_cached(evaluators, policy_dir, toy_dir, split, samples, max_new):
-    """evaluate() in one of the evaluation processes (one thread each, started once, so an
-    evaluation pays for no interpreter start, import or SFT load), or its file if it has one."""
+def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
+    """evaluate()'s results, read from policy_dir/eval_{split}_{samples}.json if it exists, else
+    computed in one of the `evaluators` processes (started once per comparison, one thread each,
+    so an evaluation pays for no interpreter start, import or SFT load) and written there."""
     out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
     with LOCKS[out_file]:
         if not os.path.exists(out_file):
-            evaluators.submit(evaluate, policy_dir, toy_dir, split, samples, max_new).result()
-    return json.load(open(out_file))
+            res = evaluators.submit(evaluate, policy_dir, paths, split, samples, max_new).result()
+            with open(out_file + ".tmp", "w") as f:
+                json.dump(res, f)
+            os.replace(out_file + ".tmp", out_file)  # a run killed mid-write leaves no half file
+    with open(out_file) as f:
+        return json.load(f)
 
 
 # ---------------------------------------------------------------- tuning, runs, claims
@@ -215,17 +213,18 @@ def compare(cfg):
                          f"--tune_on={cfg.tune_on}); the others take its tuned flags")
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
-    spawn = multiprocessing.get_context("spawn")  # not fork: this process runs threads
-    with ThreadPoolExecutor(cfg.jobs) as pool, ProcessPoolExecutor(
-            cfg.jobs, spawn, initializer=torch.set_num_threads, initargs=(1,)) as evaluators:
+    spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
+    # threads can deadlock the child. The runners stop before the evaluators they wait on.
+    with ProcessPoolExecutor(cfg.jobs, mp_context=spawn, initializer=torch.set_num_threads,
+                             initargs=(1,)) as evaluators, ThreadPoolExecutor(cfg.jobs) as runners:
         for setting in settings:
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
             paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
             out = os.path.join(cfg.out, setting)
             here = [a for a in arms if setting in a.settings]
-            evaluate_job = lambda d, split, n=cfg.samples: evaluate_cached(
-                evaluators, d, toy_dir, split, n, max_new)
+            evaluate_job = lambda d, split, samples=cfg.samples: evaluation(
+                evaluators, d, paths, split, samples, max_new)
             # 1. tuning: each stage's grid × tuning seeds at the top budget, on valid.jsonl; a
             # setting not in --tune_on takes the tuned flags of the first setting
             if setting in cfg.tune_on.split(","):
@@ -239,12 +238,12 @@ def compare(cfg):
                     seeds = TUNING_SEEDS[:1] if cfg.quick else TUNING_SEEDS
                     jobs = [(p, s) for p in points for s in seeds]
 
-                    def tune_job(job):  # a run at the top budget, scored on valid.jsonl
+                    def tune_job(job):  # a run at the top budget, scored greedily on valid.jsonl
                         policy, used = train(arm, best + job[0], paths, job[1], out, cfg.quick,
                                              "valid", budgets[-1:])[budgets[-1]]
-                        return used, evaluate_job(policy, "valid", 0)["reward"]  # greedy
+                        return used, evaluate_job(policy, "valid", samples=0)["reward"]
 
-                    scores = list(pool.map(tune_job, jobs))
+                    scores = list(runners.map(tune_job, jobs))
                     calls += sum(used for used, _ in scores)
                     by_point = {}
                     for (p, _), (_, score) in zip(jobs, scores):
@@ -267,7 +266,7 @@ def compare(cfg):
                 return {b: {**evaluate_job(d, "heldout", cfg.samples if b == budgets[-1] else 0),
                             "calls": c} for b, (d, c) in runs.items()}
 
-            finished = list(pool.map(job, jobs))
+            finished = list(runners.map(job, jobs))
             print(f"[{setting}] runs and evaluations done ({time.time() - t_start:.0f} s)",
                   flush=True)
             sft_eval = {**evaluate_job(paths.model, "heldout"), "calls": 0}
@@ -370,7 +369,7 @@ class Config:
     budgets: str = "384,768"  # oracle-call budgets
     arms: str = ""  # a comma-separated subset of the arms (default: all)
     samples: int = 8  # samples per prompt for the expected gold reward at temperature 1
-    jobs: int = 2  # runs at a time, one thread each
+    jobs: int = 2  # runs at a time, and as many evaluation processes; one thread each
     quick: bool = False  # the quick toy, one seed, the first grid point: a smoke test
 
 
