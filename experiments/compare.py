@@ -39,7 +39,6 @@ import toy
 from experiments.tune import grid_points, mean_ci, run_arm
 from reward import make_oracle
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUNING_SEEDS = (100, 101)
 LOCKS = collections.defaultdict(threading.Lock)  # one per run dir and evaluation file
 RANKING_CALLS = 3  # train_selm.py scores {y_ref, chosen, rejected} once per offline pair

@@ -51,6 +51,9 @@ def run_arm(script, flags, out_dir, resume_from=None):
     return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
 
 
+T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # by n
+
+
 def mean_ci(values):
     """(mean, half-width of the 95% t-interval) of a list; past 10 values the t quantile is
     1.96 + 2.6 / (n - 1), within 1% of the exact one."""
@@ -59,7 +62,7 @@ def mean_ci(values):
     if n < 2:
         return mean, float("nan")
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(n, 1.96 + 2.6 / (n - 1))
+    t = T_975.get(n, 1.96 + 2.6 / (n - 1))
     return mean, t * sd / math.sqrt(n)
 
 

@@ -7,6 +7,7 @@ import torch
 
 import experiments.compare as C
 import experiments.regret as R
+import experiments.tune as T
 
 
 # ---------------------------------------------------------------- the theory check
@@ -27,6 +28,17 @@ def test_loglog_slope_recovers_a_power_law():
 
 
 # ---------------------------------------------------------------- the comparison
+@pytest.mark.parametrize("n, t", [(3, 4.303), (10, 2.262), (11, 2.228), (16, 2.131), (31, 2.042),
+                                  (121, 1.980)])  # Student's t, 97.5% quantile, n - 1 d.o.f.
+def test_mean_ci_is_the_95_percent_t_interval(n, t):
+    values = [float(i % 2) for i in range(n)]
+    mean = sum(values) / n
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    got_mean, half = T.mean_ci(values)
+    assert got_mean == pytest.approx(mean)
+    assert half == pytest.approx(t * sd / math.sqrt(n), rel=0.01)
+
+
 def test_compare_refuses_an_untuned_first_setting(tmp_path):
     with pytest.raises(ValueError, match="the first setting must be tuned"):
         C.compare(C.Config(out=str(tmp_path), settings="rare,standard", quick=True))
