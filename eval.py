@@ -10,14 +10,16 @@ the histogram of oracle rewards.
   python eval.py winrate --model=out/pbpo/final --ref=out/toy/sft --prompts=out/toy/heldout.jsonl
   python eval.py rewards --model=out/pbpo/final --prompts=out/toy/heldout.jsonl --bins=10
 
-Every command prints its numbers and writes them as JSON with --out=FILE. One process, on CPU or one
-GPU (--device). Tests: python -m pytest -q tests/test_eval.py
+Every command prints its numbers and writes them as JSON with --out=FILE (atomically; an --out that
+is an input, or lies in a model's directory, is refused). Every input is checked before a model is
+loaded. One process, on CPU or one GPU (--device). Tests: python -m pytest -q tests/test_eval.py
 """
 import json
 import math
 import os
 import re
 import sys
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -57,31 +59,46 @@ def generation(oracle, policy, tok, items, max_new_tokens, k=1, batch_size=64, t
 
 
 # ---------------------------------------------------------------- multiple choice
-def load_choices(path, tok):
+def load_choices(path, tok, max_prompt_len=512):
     """ARC / MMLU style records {"question", "choices": [str, ...], "answer": 0-based index or
     letter}, or ARC's {"choices": {"text", "label"}, "answerKey"}. The context is
-    'Question: q\\nAnswer:', each option ' c'."""
-    items = []
-    for where, rec in data.records(path):  # data.py's reader: 'file:line' in every error
+    'Question: q\\nAnswer:', each option ' c'. Contexts longer than max_prompt_len are dropped, as
+    the trainers drop such prompts."""
+    rows, items = data.records(path), []  # data.py's reader: 'file:line' in every error
+    for where, rec in rows:
         question = data.field(where, rec, "question", messages_ok=False)
-        choices, labels = rec.get("choices"), None
+        if "choices" not in rec:
+            raise ValueError(f"{where}: missing field 'choices'")
+        choices, labels = rec["choices"], None
         if isinstance(choices, dict):  # ARC on the Hub: {"text": [...], "label": ["A", ...]}
             choices, labels = choices.get("text"), choices.get("label")
         strings = isinstance(choices, list) and all(isinstance(c, str) for c in choices)
         if not strings or len(choices) < 2:
             raise ValueError(f"{where}: field 'choices' must be a list of at least 2 strings")
-        key = answer = rec.get("answer", rec.get("answerKey"))
+        label_strings = isinstance(labels, list) and all(isinstance(l, str) for l in labels)
+        if labels is not None and not (label_strings and len(set(labels)) == len(choices)):
+            raise ValueError(f"{where}: field 'choices' must have a 'label' list of distinct "
+                             f"strings, one for each of its {len(choices)} 'text' strings")
+        name = "answer" if "answer" in rec else "answerKey"
+        if name not in rec:
+            raise ValueError(f"{where}: missing field 'answer' (or ARC's 'answerKey')")
+        key = answer = rec[name]
         if labels is not None and key in labels:
             answer = labels.index(key)
         elif isinstance(key, str) and len(key) == 1 and key.isalpha():
             answer = ord(key.upper()) - ord("A")
         if type(answer) is not int or not 0 <= answer < len(choices):
-            raise ValueError(f"{where}: field 'answer' {key!r} is not the 0-based index or letter "
-                             f"of one of the {len(choices)} choices")
-        items.append({"context_ids": tok(f"Question: {question}\nAnswer:").input_ids,
-                      "option_ids": [tok(" " + c, add_special_tokens=False).input_ids
-                                     for c in choices],
-                      "choices": choices, "answer": answer})
+            raise ValueError(f"{where}: field '{name}' {key!r} is not the 0-based index or "
+                             f"letter of one of the {len(choices)} choices")
+        option_ids = [tok(" " + c, add_special_tokens=False).input_ids for c in choices]
+        empty = next((c for c, ids in zip(choices, option_ids) if not ids), None)
+        if empty is not None:  # its log-likelihood would be 0, above every real option's
+            raise ValueError(f"{where}: the choice {empty!r} is empty (no tokens)")
+        context_ids = tok(f"Question: {question}\nAnswer:").input_ids
+        if data.fits(where, context_ids, max_prompt_len):
+            items.append({"context_ids": context_ids, "option_ids": option_ids,
+                          "choices": choices, "answer": answer})
+    data.report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
 
@@ -172,22 +189,72 @@ class Config:
              "rewards": ("prompts",)}
 
 
+def check_out(cfg):
+    """Refuse an --out that would overwrite an input (the prompt or data file, a file in the
+    model's, the reference's or the reward model's directory) or cannot be written, before
+    anything is read: a refused run changes nothing, and no result is computed only to be lost."""
+    out = os.path.realpath(cfg.out)
+    rm = cfg.oracle[3:] if cfg.oracle.startswith("rm:") else ""
+    for flag, path in (("--prompts", cfg.prompts), ("--data", cfg.data)):
+        if path and out == os.path.realpath(path):
+            raise ValueError(f"--out={cfg.out} is the {flag} file, an input: choose another --out")
+    for flag, path in (("--model", cfg.model), ("--ref", cfg.ref), ("--oracle", rm)):
+        folder = os.path.realpath(path)
+        if path and os.path.commonpath([out, folder]) == folder:
+            raise ValueError(f"--out={cfg.out} lies inside the {flag} directory {path}, an input: "
+                             "choose another --out")
+    if os.path.isdir(out):
+        raise ValueError(f"--out={cfg.out} is a directory: expected a file name for the JSON")
+    parent = os.path.dirname(out)
+    while not os.path.exists(parent):  # what is missing is made when the results are written
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out={cfg.out}: {parent} is not a writable directory")
+
+
+def check_answers(path, oracle):
+    """--oracle=gold and gsm8k score each response by its prompt's answer: a record without one is
+    refused here, by file:line, before anything is sampled."""
+    for where, rec in data.records(path):
+        if "answer" not in rec:
+            raise ValueError(f"{where}: missing field 'answer': --oracle={oracle} needs an "
+                             "'answer' field for every prompt (use --oracle=rm:PATH for data "
+                             "without verifiable answers)")
+
+
 def report(results, out):
     for key, value in results.items():
         if not isinstance(value, (list, dict)):
             print(f"{key:>16}  {value:.4f}" if isinstance(value, float) else f"{key:>16}  {value}")
     if out:
-        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(results, f, indent=1)
+        path = os.path.realpath(out)  # a link to a file: the file it names is replaced
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        # a temp file of its own beside it, renamed over it: a crash leaves the old file or the
+        # new one, never half of one, and no other file is touched
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path),
+                                   suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(results, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp's file is private; results are not
+            os.replace(tmp, path)
+        finally:  # also when stopped by Ctrl-C
+            if os.path.exists(tmp):
+                os.remove(tmp)
         print(f"wrote {out}")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    usage = (f"usage: python eval.py {{{','.join(Config.NEEDS)}}} --model=PATH [--flags]; --help "
+             "after the command lists the flags")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(f"{usage}\n{__doc__}")
+        return
     if not argv or argv[0] not in Config.NEEDS:
-        raise SystemExit(f"usage: python eval.py {{{','.join(Config.NEEDS)}}} --model=PATH "
-                         "[--flags]; --help after the command lists the flags")
+        raise SystemExit(usage)
     cmd, cfg = argv[0], run.parse_flags(Config, __doc__, argv[1:])
     for name in ("model", *Config.NEEDS[cmd]):
         if not getattr(cfg, name):
@@ -196,16 +263,23 @@ def main(argv=None):
     cuda = torch.cuda.is_available()
     if not re.fullmatch(r"cpu|cuda(:\d+)?", device) or device != "cpu" and not cuda:
         raise ValueError(f"--device={device}: expected cpu, or cuda[:N] on a machine with CUDA")
-    tok, policy = data.load_tokenizer(cfg.model), M.from_pretrained(cfg.model, device).eval()
+    # ---- every input checked before a model is loaded or a response scored
+    if cfg.out:
+        check_out(cfg)
+    tok = data.load_tokenizer(cfg.model)
     stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     if cmd == "winrate":  # the reference policy is given the policy's token ids
         data.load_tokenizer(cfg.ref, like=tok)
         stop = sorted({*stop, *M.stop_ids(cfg.ref, tok)})
     if cmd == "choice":
-        items = load_choices(cfg.data, tok)[:cfg.limit or None]
+        items = load_choices(cfg.data, tok, cfg.max_prompt_len)[:cfg.limit or None]
+        policy = M.from_pretrained(cfg.model, device).eval()
         return report(choice(policy, items, tok.pad_token_id, cfg.batch_size), cfg.out)
     items = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)[:cfg.limit or None]
-    oracle = make_oracle(cfg.oracle, device=device)
+    oracle = make_oracle(cfg.oracle, device=device)  # an unknown --oracle is refused here
+    if cfg.oracle in ("gold", "gsm8k"):
+        check_answers(cfg.prompts, cfg.oracle)
+    policy = M.from_pretrained(cfg.model, device).eval()
     score_fn = oracle.score_fn
     common = dict(batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed,
                   eos_ids=stop)

@@ -1,11 +1,16 @@
 """eval.py's evaluators (and reward.Oracle.evaluate) against direct computations: answers, multiple choice,
-pass@k, the Wilson interval, win rate and the reward histogram."""
+pass@k, the Wilson interval, win rate and the reward histogram; its command line: every input checked
+before a model is loaded, an --out that never overwrites an input and is written atomically."""
 import json
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import command
 
 import data
 import eval as E
@@ -100,7 +105,18 @@ def test_choice_logliks_match_direct_log_softmax(tiny, tmp_path):
     ('{"question": "q", "choices": ["a", "b"], "answer": 2}', "2 is not the 0-based index or letter"),
     ('{"question": "q", "choices": ["a", "b"], "answer": true}', "True is not the 0-based index or letter"),
     ('{"question": "q", "choices": ["a"], "answer": 0}', "at least 2 strings"),
-    ('{"question": "q", "answer": 0}', "field 'choices' must be a list"),
+    ('{"question": "q", "answer": 0}', "missing field 'choices'"),
+    ('{"question": "q", "choices": {"label": ["A", "B"]}, "answer": 0}', "field 'choices' must be a list"),
+    ('{"question": "q", "choices": ["a", "b"]}', "missing field 'answer'"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": 5}, "answerKey": "A"}',
+     "field 'choices' must have a 'label' list of distinct strings, one for each of its 2"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "A"]}, "answerKey": "A"}',
+     "'label' list of distinct strings"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": ["A"]}, "answerKey": "A"}',
+     "'label' list of distinct strings"),
+    ('{"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "C"}',
+     "field 'answerKey' 'C' is not the 0-based index"),
+    ('{"question": "q", "choices": ["", "b"], "answer": 1}', "the choice '' is empty"),  # its loglik: 0
     ('{"choices": ["a", "b"], "answer": 0}', "missing field 'question'"),
     ('{"question": "q", "choices": ["a", "b"], "answer": 0', "bad JSON"),
 ])
@@ -110,6 +126,19 @@ def test_bad_choice_file_names_file_and_line(tiny, tmp_path, line, message):
     path.write_text(f"{good}\n\n{line}\n{good}\n")  # the bad record sits on line 3, after a blank line
     with pytest.raises(ValueError, match=rf"mc\.jsonl:3: .*{message}"):
         E.load_choices(str(path), tiny[0])
+
+
+def test_choice_contexts_longer_than_max_prompt_len_are_dropped_as_the_trainers_drop_prompts(tiny, tmp_path,
+                                                                                              capsys):
+    tok = tiny[0]
+    path = tmp_path / "mc.jsonl"
+    rows = [{"question": "sky", "choices": ["blue", "red"], "answer": 0},  # a context of 3 tokens
+            {"question": "what colour is the sky at night", "choices": ["black", "blue"], "answer": 0}]  # 9
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["choices"] for p in E.load_choices(str(path), tok, max_prompt_len=5)] == [["blue", "red"]]
+    assert "dropped 1 of 2 records whose prompt is longer than 5 tokens" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="every prompt is longer than max_prompt_len=2"):
+        E.load_choices(str(path), tok, max_prompt_len=2)
 
 
 # ---------------------------------------------------------------------------- generation, win rate, rewards
@@ -160,3 +189,90 @@ def test_winrate_against_itself_is_all_ties_and_rewards_histogram(tiny):
     assert sum(hist["counts"]) == 4 and len(hist["edges"]) == 4 and hist["n"] == 4
     assert hist["mean"] == pytest.approx(lengths.mean().item())
     assert hist["std"] == pytest.approx(lengths.std(correction=0).item())
+
+
+# ---------------------------------------------------------------------------- the command line
+@pytest.fixture(scope="module")
+def inputs(toy, tmp_path_factory):
+    """What eval.py reads, where a test can watch it: a copy of the quick toy's policy (twice: policy and
+    reference), its held-out prompts, a link to them, a multiple-choice file and two bad files."""
+    root, t = tmp_path_factory.mktemp("inputs"), toy[1]
+    for name in ("model", "ref"):
+        shutil.copytree(t.model, root / name)
+    shutil.copy(t.heldout, root / "heldout.jsonl")
+    os.symlink(root / "heldout.jsonl", root / "link.json")
+    (root / "mc.jsonl").write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": 0}) + "\n")
+    (root / "badmc.jsonl").write_text('{"question": "q", "choices": {"text": ["a", "b"], "label": 5}, '
+                                      '"answerKey": "A"}\n')
+    (root / "noanswer.jsonl").write_text('{"question": "Tom has 2 pens.", "answer": "2"}\n{"prompt": "hi"}\n')
+    return root
+
+
+def files(root):
+    """{path: bytes} of every file under root."""
+    return {os.path.join(folder, f): open(os.path.join(folder, f), "rb").read()
+            for folder, _, names in os.walk(root) for f in names}
+
+
+REFUSED = [  # (the command and its flags, what its one message says); D: the inputs' folder
+    (["generation", "--prompts=D/heldout.jsonl", "--out=D/heldout.jsonl"], "--out=D/heldout.jsonl is the --prompts file"),
+    (["generation", "--prompts=D/heldout.jsonl", "--out=D/link.json"], "--out=D/link.json is the --prompts file"),
+    (["choice", "--data=D/mc.jsonl", "--out=D/mc.jsonl"], "is the --data file"),
+    (["generation", "--prompts=D/heldout.jsonl", "--out=D/model/config.json"], "lies inside the --model directory D/model"),
+    (["rewards", "--prompts=D/heldout.jsonl", "--out=D/model/results/new.json"], "lies inside the --model directory"),
+    (["winrate", "--prompts=D/heldout.jsonl", "--ref=D/ref", "--out=D/ref/model.safetensors"],
+     "lies inside the --ref directory D/ref"),
+    (["generation", "--prompts=D/heldout.jsonl", "--out=D/"], "--out=D/ is a directory"),
+    (["generation", "--prompts=D/heldout.jsonl", "--out=D/mc.jsonl/results.json"], "D/mc.jsonl is not a writable directory"),
+    (["generation", "--prompts=D/noanswer.jsonl"], "D/noanswer.jsonl:2: missing field 'answer': --oracle=gold needs"),
+    (["generation", "--prompts=D/noanswer.jsonl", "--oracle=gsm8k", "--out=D/new.json"], "noanswer.jsonl:2: missing field"),
+    (["choice", "--data=D/badmc.jsonl"], "D/badmc.jsonl:1: field 'choices' must have a 'label' list"),
+    (["generation", "--prompts=D/heldout.jsonl", "--oracle=magic"], "--oracle='magic': expected gold, gsm8k or rm:PATH"),
+]
+
+
+@pytest.mark.parametrize("argv, message", REFUSED, ids=[m for _, m in REFUSED])
+def test_eval_refuses_bad_input_before_loading_a_model_and_changes_nothing(inputs, monkeypatch, argv, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(M, "from_pretrained", no_model)
+    before = files(inputs)
+    with pytest.raises(ValueError) as refused:
+        E.main([a.replace("D/", f"{inputs}/") for a in [*argv, "--model=D/model"]])
+    assert message.replace("D/", f"{inputs}/") in str(refused.value)
+    assert files(inputs) == before
+
+
+def test_eval_refusal_is_one_line_and_the_input_survives(inputs):
+    prompts = inputs / "heldout.jsonl"
+    before = prompts.read_bytes()
+    proc = subprocess.run(command("eval.py", "generation", f"--model={inputs / 'model'}", f"--prompts={prompts}",
+                                  f"--out={prompts}"), capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 1 and proc.stdout == "" and prompts.read_bytes() == before
+    assert proc.stderr == f"eval.py: error: --out={prompts} is the --prompts file, an input: choose another --out\n"
+
+
+def test_eval_writes_out_atomically(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "results" / "generation.json"
+    E.main(["generation", f"--model={inputs / 'model'}", f"--prompts={inputs / 'heldout.jsonl'}", "--limit=2",
+            "--max_new_tokens=4", f"--out={out}"])
+    written = json.loads(out.read_text())
+    assert written.keys() == {"accuracy", "reward", "n"} and written["n"] == 2
+    assert os.listdir(out.parent) == ["generation.json"]
+    dump = json.dump
+
+    def disk_full(obj, f, **kwargs):  # the results half written, then the disk is full
+        f.write('{"accuracy": 0.')
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        E.report({"accuracy": 0.5, "n": 2}, str(out))
+    assert json.loads(out.read_text()) == written  # the previous results, whole
+    assert os.listdir(out.parent) == ["generation.json"]  # and nothing left beside them
+    monkeypatch.setattr(json, "dump", dump)
+    E.report({"accuracy": 0.5, "n": 2}, str(out))
+    assert json.loads(out.read_text()) == {"accuracy": 0.5, "n": 2}
