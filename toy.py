@@ -250,7 +250,7 @@ class Config:
     out_dir: str = "out/toy"  # where the task is built
     seed: int = 0  # problems, demonstrations and SFT initialisation
     quick: bool = False  # the reduced build the tests use
-    rare: bool = False  # the rare setting: demonstrators guess on 97% / 90% of 2- / 1-step problems
+    rare: bool = False  # the rare setting: the crowd guesses on 2- / 1-step problems at 0.97 / 0.9
 
 
 if __name__ == "__main__":
