@@ -163,13 +163,13 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     rare: the rare setting (module docstring), the demonstrators of noisy_demo(rare=True); the
     prompt files are the default build's. build.json is written last, with the build's key
     ([seed, quick], plus "rare" in that setting): a directory without it, without one of the
-    files, or with another key is rebuilt."""
+    files, with another key or with a build.json that cannot be read is rebuilt."""
     paths = ToyPaths(*(os.path.join(out_dir, f) for f in FILES))
     marker, key = os.path.join(out_dir, "build.json"), [seed, quick] + (["rare"] if rare else [])
     if os.path.exists(marker):
-        if json.load(open(marker))["key"] == key and all(map(os.path.exists, paths)):
+        if built_key(marker) == key and all(map(os.path.exists, paths)):
             return paths
-        os.remove(marker)  # another build's: this one overwrites its files
+        os.remove(marker)  # another build's, or unreadable: this one overwrites its files
     t0, rng = time.time(), random.Random(seed)
     n_heldout, n_train, n_demos = (32, 32, 256) if quick else (500, 1000, 20000)
     problems = {}  # question -> (start, ops); unique questions, so the splits are disjoint
@@ -227,9 +227,34 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     stats = {"key": key, "heldout_greedy_accuracy": accuracy, "pairs": len(prefs),
              "seconds": round(time.time() - t0, 1)}
     print(f"toy task built in {out_dir}: {json.dumps(stats)}")
-    with open(marker, "w") as f:  # last: its presence means every file above is complete
-        json.dump(stats, f)
+    os.sync()  # every file above on disk before the marker says they are complete
+    tmp = f"{marker}.tmp"
+    try:  # last, atomically: a crash leaves no marker or a whole one, never an empty file
+        with open(tmp, "w") as f:
+            json.dump(stats, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, marker)
+    finally:  # also when stopped by Ctrl-C
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return paths
+
+
+def built_key(marker):
+    """The build key recorded in build.json, None for a marker that cannot be read or has another
+    shape. It is a cache marker (written last, nothing else depends on it), so a bad one means
+    'no finished build': the caller rebuilds, and this says so."""
+    try:
+        stats = data.parse_json(data.read_text(marker), marker)
+    except (OSError, ValueError) as e:
+        print(f"{e}; not a finished build's marker: rebuilding the toy task")
+        return None
+    if not isinstance(stats, dict) or not isinstance(stats.get("key"), list):
+        print(f"{marker}: expected a JSON object with a 'key' list; not a finished build's "
+              "marker: rebuilding the toy task")
+        return None
+    return stats["key"]
 
 
 def fill_defaults(cfg, rank, world):

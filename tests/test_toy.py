@@ -1,10 +1,12 @@
 """toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused,
-loads in transformers, its tokenizer round-trips); the rare setting; every entry point's --help."""
+rebuilt over a bad build.json, loads in transformers, its tokenizer round-trips); the rare setting;
+every entry point's --help."""
 import hashlib
 import json
 import os
 import random
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -159,6 +161,47 @@ def test_toy_rare_build_is_its_own(toy, tmp_path):
     assert digests(str(tmp_path)) == default
     assert T.build(str(tmp_path), seed=0, quick=True, rare=True) == rare
     assert digests(str(tmp_path)) == built
+
+
+@pytest.mark.parametrize("text", ["", '{"key": [0, tr', "[0, true]", '{"seconds": 1.0}',
+                                  '{"key": "0 True"}', "null"])
+def test_toy_marker_unreadable_or_of_another_shape_means_no_finished_build(tmp_path, capsys, text):
+    marker = tmp_path / "build.json"
+    marker.write_text(text)
+    assert T.built_key(str(marker)) is None
+    said = capsys.readouterr().out
+    assert said.startswith(str(marker)) and said.endswith("rebuilding the toy task\n")
+    marker.write_text('{"key": [0, true], "pairs": 3}')
+    assert T.built_key(str(marker)) == [0, True]
+
+
+def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, monkeypatch, capsys):
+    """A build stopped while writing build.json (a full disk, say) leaves no marker, not half of one;
+    an empty build.json, as one was left before, is rebuilt with a message, not a JSON error."""
+    built, out = os.path.dirname(toy[1].model), tmp_path / "toy"
+    shutil.copytree(built, out)
+    os.remove(out / "build.json")  # an unfinished build: the next build() redoes it
+    dump = json.dump
+
+    def disk_full_at_the_marker(obj, f, **kwargs):
+        if not os.path.basename(f.name).startswith("build.json"):
+            return dump(obj, f, **kwargs)
+        f.write('{"key": [0, ')
+        f.flush()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", disk_full_at_the_marker)
+    with pytest.raises(OSError, match="No space left"):
+        T.build(str(out), seed=0, quick=True)
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == sorted(set(os.listdir(built)) - {"build.json"})
+    (out / "build.json").write_text("")  # what the old non-atomic write left behind
+    capsys.readouterr()
+    assert T.build(str(out), seed=0, quick=True) == T.ToyPaths(*(str(out / f) for f in T.FILES))
+    said = capsys.readouterr().out
+    assert f"{out / 'build.json'}:1: bad JSON" in said and "rebuilding the toy task" in said
+    assert json.load(open(out / "build.json"))["key"] == [0, True]
+    assert digests(str(out)) == digests(built)
 
 
 ENTRY_POINTS = ["toy.py", "train_pbpo.py", "train_selm.py", "eval.py", "eval.py choice",
