@@ -17,7 +17,8 @@ more often, so the correct behaviour is rare under the SFT policy).
   python -m experiments.compare --quick --out=/tmp/compare    # the same path in miniature (CI)
 
 Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.png and
-OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run.
+OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run. Every flag is checked
+before any work.
 """
 import collections
 import functools
@@ -36,9 +37,10 @@ import data
 import model as M
 import run
 import toy
-from experiments.tune import grid_points, mean_ci, run_arm
+from experiments.tune import grid_points, integers, mean_ci, run_arm
 from reward import make_oracle
 
+SETTINGS = ("standard", "rare")
 TUNING_SEEDS = (100, 101)
 LOCKS = collections.defaultdict(threading.Lock)  # one per run dir and evaluation file
 RANKING_CALLS = 3  # train_selm.py scores {y_ref, chosen, rejected} once per offline pair
@@ -202,14 +204,35 @@ def paired(a, b):
     return (*mean_ci(diffs), len(diffs)) if diffs else (float("nan"), float("nan"), 0)
 
 
-def compare(cfg):
-    t_start = time.time()
-    budgets = (32, 64) if cfg.quick else tuple(map(int, cfg.budgets.split(",")))
-    arms = [a for a in ARMS if not cfg.arms or a.name in cfg.arms.split(",")]
-    settings = cfg.settings.split(",")
-    if settings[0] not in cfg.tune_on.split(","):
+def names(flag, text, known):
+    """'a,b' -> ['a', 'b'], each one of `known`, none twice; otherwise a ValueError naming the
+    flag."""
+    chosen = text.split(",")
+    if not set(chosen) <= set(known) or len(set(chosen)) < len(chosen):
+        raise ValueError(f"{flag}={text}: expected comma-separated names, each once, of "
+                         f"{', '.join(known)}")
+    return chosen
+
+
+def checked(cfg):
+    """The flags that list things, each checked before any work: -> (budgets, arms, settings)."""
+    budgets = integers("--budgets", cfg.budgets, low=1, increasing=True)
+    chosen = names("--arms", cfg.arms or ",".join(a.name for a in ARMS), [a.name for a in ARMS])
+    arms = [a for a in ARMS if a.name in chosen]
+    for arm in arms:
+        if arm.like and arm.like not in chosen:
+            raise ValueError(f"--arms={cfg.arms}: {arm.name} starts from the tuned flags of "
+                             f"{arm.like}: add {arm.like}")
+    settings = names("--settings", cfg.settings, SETTINGS)
+    if settings[0] not in names("--tune_on", cfg.tune_on, SETTINGS):
         raise ValueError(f"--settings={cfg.settings}: the first setting must be tuned (one of "
                          f"--tune_on={cfg.tune_on}); the others take its tuned flags")
+    return (32, 64) if cfg.quick else tuple(budgets), arms, settings
+
+
+def compare(cfg):
+    t_start = time.time()
+    budgets, arms, settings = checked(cfg)
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
     spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
@@ -370,6 +393,8 @@ class Config:
     samples: int = 8  # samples per prompt for the expected gold reward at temperature 1
     jobs: int = 2  # runs at a time, and as many evaluation processes; one thread each
     quick: bool = False  # the quick toy, one seed, the first grid point: a smoke test
+
+    AT_LEAST = {"jobs": (1, "")}
 
 
 if __name__ == "__main__":

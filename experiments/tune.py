@@ -8,7 +8,8 @@ run with the same command is reused.
   python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4" \
       --flags="--alpha=0"
 
-Writes OUT/tune.json (every run) and prints the table, best first.
+Writes OUT/tune.json (every run) and prints the table, best first. Every flag is checked before
+any work.
 """
 import itertools
 import json
@@ -22,8 +23,12 @@ from dataclasses import asdict, dataclass
 
 import run
 import toy
+import train_pbpo
+import train_selm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train_pbpo.py": train_pbpo.Config, "train_selm.py": train_selm.Config}
+DRIVER_SETS = ("out_dir", "seed", "resume")  # flags the driver gives every run itself
 
 
 def run_arm(script, flags, out_dir, resume_from=None):
@@ -66,6 +71,70 @@ def mean_ci(values):
     return mean, t * sd / math.sqrt(n)
 
 
+# ---------------------------------------------------------------- flags, checked before any work
+def integers(flag, text, low=0, increasing=False):
+    """'1,2,3' -> [1, 2, 3]: comma-separated integers >= low, none twice (increasing, if asked);
+    otherwise a ValueError naming the flag."""
+    expected = f"comma-separated integers >= {low}, " + ("increasing" if increasing else "distinct")
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}={text}: expected {expected}") from None
+    repeated = len(set(values)) < len(values)
+    if min(values) < low or repeated or (increasing and values != sorted(values)):
+        raise ValueError(f"{flag}={text}: expected {expected}")
+    return values
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_flag(script, name, text, where):
+    """--name=text as the script's parse_flags would take it: a field of its Config, of the field's
+    type, a finite number within AT_LEAST, one of CHOICES; and not one the driver sets itself.
+    Otherwise a ValueError naming the driver's flag `where` that carries it."""
+    cls = SCRIPTS[script]
+    field = cls.__dataclass_fields__.get(name)
+    if field is None:
+        raise ValueError(f"{where}: {script} has no flag --{name} (python {script} --help)")
+    if name in DRIVER_SETS:
+        raise ValueError(f"{where}: --{name} is set by the driver for every run")
+    try:
+        value = run.boolean(text) if field.type is bool else field.type(text)
+    except ValueError:
+        raise ValueError(f"{where}: --{name}={text}: expected {TYPE_NAMES[field.type]}") from None
+    low, why = getattr(cls, "AT_LEAST", {}).get(name, (0, ""))
+    if field.type in (int, float) and not low <= value < math.inf:
+        raise ValueError(f"{where}: --{name}={text}: expected a finite number >= {low}"
+                         + (f" ({why})" if why else ""))
+    allowed = getattr(cls, "CHOICES", {}).get(name)
+    if allowed and value not in allowed:
+        raise ValueError(f"{where}: --{name}={text}: expected one of {', '.join(allowed)}")
+
+
+def check_tuning(script, flags, grid):
+    """tune()'s flags: a known script, --flags as --name=value (or --name, a bool) items of it,
+    --grid as name=v1,v2,... items, each name once, each value once and one the script takes."""
+    if script not in SCRIPTS:
+        raise ValueError(f"--script={script}: expected one of {', '.join(SCRIPTS)}")
+    for flag in flags:
+        name, eq, value = flag.partition("=")
+        if not name.startswith("--"):
+            raise ValueError(f"--flags: {flag!r}: expected space-separated --name=value items")
+        check_flag(script, name[2:], value if eq else "true", "--flags")
+    names = []
+    for item in grid.split():
+        name, _, values = item.partition("=")
+        if not name or not values:
+            raise ValueError(f"--grid: {item!r}: expected space-separated name=value1,value2,... "
+                             "items")
+        if name in names or len(set(values.split(","))) < len(values.split(",")):
+            raise ValueError(f"--grid: {item!r}: each flag once, each of its values once")
+        names.append(name)
+        for value in values.split(","):
+            check_flag(script, name, value, "--grid")
+
+
 def grid_points(grid):
     """'a=1,2 b=x' -> [['--a=1', '--b=x'], ['--a=2', '--b=x']]"""
     axes = [[f"--{k}={v}" for v in values.split(",")] for k, values in
@@ -75,6 +144,7 @@ def grid_points(grid):
 
 def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     """Every grid point × seed, evaluated on `split`; -> rows sorted by mean gold reward."""
+    check_tuning(script, flags, grid)
     paths = toy.build()
     base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
     if script == "train_pbpo.py":
@@ -120,11 +190,12 @@ class Config:
     # valid: tuning; heldout: only to report the chosen settings, never to choose
     split: str = "valid"
 
+    AT_LEAST = {"jobs": (1, "")}
     CHOICES = {"split": ("valid", "heldout")}
 
 
 if __name__ == "__main__":
     run.friendly_errors("experiments/tune.py")
     cfg = run.parse_flags(Config, __doc__)
-    tune(cfg.script, cfg.flags.split(), cfg.grid, [int(s) for s in cfg.seeds.split(",")], cfg.out,
+    tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
          cfg.jobs, cfg.split)

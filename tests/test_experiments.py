@@ -1,6 +1,8 @@
 """The experiment harnesses: the regret check on the synthetic linear task and the comparison (quick mode)."""
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ import torch
 import experiments.compare as C
 import experiments.regret as R
 import experiments.tune as T
+from conftest import ROOT
 
 
 # ---------------------------------------------------------------- the theory check
@@ -70,3 +73,34 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     stamps = {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs}
     C.compare(cfg)  # everything finished is reused
     assert {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs} == stamps
+
+
+# ---------------------------------------------------------------- drivers: bad flags, stops, kills
+BAD_FLAGS = [  # (driver, flag, what it says after "error: ")
+    ("tune", "--grid=kl_coef",
+     "--grid: 'kl_coef': expected space-separated name=value1,value2,... items"),
+    ("tune", "--grid=kl_coeff=0.1,0.2",
+     "--grid: train_pbpo.py has no flag --kl_coeff (python train_pbpo.py --help)"),
+    ("tune", "--grid=kl_coef=0.1,abc", "--grid: --kl_coef=abc: expected a number"),
+    ("tune", "--seeds=1,x", "--seeds=1,x: expected comma-separated integers >= 0, distinct"),
+    ("compare", "--budgets=abc",
+     "--budgets=abc: expected comma-separated integers >= 1, increasing"),
+    ("compare", "--arms=sft,bogus", "--arms=sft,bogus: expected comma-separated names, each "
+     "once, of sft, dpo, dpo_online, selm, pbpo, pbpo_token, pbpo_n1, pbpo_rho0, pbpo_rho0.1, "
+     "pbpo_rho1, pbpo_rho10, pbpo_rho25"),
+    ("compare", "--settings=standard,bogus",
+     "--settings=standard,bogus: expected comma-separated names, each once, of standard, rare"),
+]
+
+
+@pytest.mark.parametrize("driver, flag, message", BAD_FLAGS,
+                         ids=[f"{driver} {flag}" for driver, flag, _ in BAD_FLAGS])
+def test_a_driver_refuses_a_bad_flag_before_any_work(tmp_path, driver, flag, message):
+    """One line naming the flag and what was expected, before the toy is built or anything is
+    written (the toy's default place is relative to the working directory: tmp_path here)."""
+    command = [sys.executable, "-m", f"experiments.{driver}", flag, f"--out={tmp_path / 'out'}"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"experiments/{driver}.py: error: {message}"]
+    assert not os.listdir(tmp_path)
