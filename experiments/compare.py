@@ -18,7 +18,8 @@ more often, so the correct behaviour is rare under the SFT policy).
 
 Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.png and
 OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run. Every flag is checked
-before any work.
+before any work. Ctrl-C or SIGTERM stops the runs and evaluations in flight, and a killed driver
+takes them with it; a restart reuses every finished run and evaluation and starts the others over.
 """
 import collections
 import functools
@@ -26,6 +27,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -37,7 +39,8 @@ import data
 import model as M
 import run
 import toy
-from experiments.tune import grid_points, integers, mean_ci, run_arm
+from experiments.tune import (STOPPING, grid_points, integers, mean_ci, run_arm,
+                              stop_children_on_interrupt)
 from reward import make_oracle
 
 SETTINGS = ("standard", "rare")
@@ -152,6 +155,20 @@ QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_sa
 
 
 # ---------------------------------------------------------------- evaluation
+def evaluator_starts():
+    """An evaluation process: one thread; Ctrl-C is left to the driver, which terminates these;
+    it ends when the driver does, even by kill -9 (a pool's worker would wait for work forever)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=exit_with, args=(multiprocessing.parent_process(),),
+                     daemon=True).start()
+
+
+def exit_with(driver):
+    driver.join()  # returns when the driver's end of the spawn pipe closes: when it dies
+    os._exit(1)
+
+
 @functools.lru_cache(maxsize=None)
 def sft_policy(model_dir):
     """The SFT policy π_SFT of a toy, its tokenizer and stop ids: loaded once per evaluation
@@ -189,6 +206,8 @@ def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
     out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
     with LOCKS[out_file]:
         if not os.path.exists(out_file):
+            if STOPPING.is_set():
+                raise RuntimeError(f"not evaluated, the driver is stopping: {policy_dir}")
             res = evaluators.submit(evaluate, policy_dir, paths, split, samples, max_new).result()
             with open(out_file + ".tmp", "w") as f:
                 json.dump(res, f)
@@ -237,8 +256,10 @@ def compare(cfg):
     max_new = 16 if cfg.quick else 48
     spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
     # threads can deadlock the child. The runners stop before the evaluators they wait on.
-    with ProcessPoolExecutor(cfg.jobs, mp_context=spawn, initializer=torch.set_num_threads,
-                             initargs=(1,)) as evaluators, ThreadPoolExecutor(cfg.jobs) as runners:
+    with (ProcessPoolExecutor(cfg.jobs, mp_context=spawn,
+                              initializer=evaluator_starts) as evaluators,
+          ThreadPoolExecutor(cfg.jobs) as runners,
+          stop_children_on_interrupt()):  # exits first: stops what the pools would wait for
         for setting in settings:
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")

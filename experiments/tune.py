@@ -9,15 +9,23 @@ run with the same command is reused.
       --flags="--alpha=0"
 
 Writes OUT/tune.json (every run) and prints the table, best first. Every flag is checked before
-any work.
+any work. Ctrl-C or SIGTERM stops the runs in flight, and a killed driver takes them with it; a
+restart reuses every finished run and starts the others over.
 """
+import contextlib
+import ctypes
+import fcntl
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -31,6 +39,103 @@ SCRIPTS = {"train_pbpo.py": train_pbpo.Config, "train_selm.py": train_selm.Confi
 DRIVER_SETS = ("out_dir", "seed", "resume")  # flags the driver gives every run itself
 
 
+# ---------------------------------------------------------------- runs as children of the driver
+CHILDREN = set()  # the training runs in flight (Popen), stopped with the driver
+CHILDREN_LOCK = threading.Lock()  # no run starts while stop_children() takes its list
+STOPPING = threading.Event()  # set by stop_children(): nothing new starts
+
+
+def dies_with_driver():
+    """A preexec_fn that has the kernel SIGKILL the child when the driver dies, kill -9 included
+    (Linux's PR_SET_PDEATHSIG; None elsewhere). The signal fires when the *thread* that forked
+    the child exits: run_arm forks from a pool thread that blocks in wait() till the child ends,
+    so the thread outlives the child. prctl is looked up here, in the driver: the forked child of
+    a threaded process only calls it, no import or dlopen that could wait on another thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    driver = os.getpid()
+
+    def set_parent_death_signal():
+        prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != driver:  # the driver died before prctl: no signal would come
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+def start_child(cmd, log):
+    """Popen cmd, registered in CHILDREN, unless the driver is stopping."""
+    with CHILDREN_LOCK:
+        if STOPPING.is_set():
+            raise RuntimeError(f"not started, the driver is stopping: {' '.join(cmd)}")
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 preexec_fn=dies_with_driver())
+        CHILDREN.add(child)
+    return child
+
+
+def stop_children(grace_s=60):
+    """SIGTERM to every training run in flight (each stops at once, saying in its log.txt where
+    it resumes) and to every multiprocessing worker (compare's evaluators); SIGKILL to any still
+    there after grace_s. Nothing starts after this."""
+    with CHILDREN_LOCK:
+        STOPPING.set()
+        runs = list(CHILDREN)
+    workers = multiprocessing.active_children()
+    for child in runs:
+        child.terminate()
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in runs:
+        try:
+            child.wait(max(0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    for worker in workers:
+        worker.join(max(0, deadline - time.monotonic()))
+        worker.kill()
+
+
+@contextlib.contextmanager
+def stop_children_on_interrupt():
+    """Ctrl-C, or SIGTERM through run.friendly_errors, raises KeyboardInterrupt in the main thread
+    while the pool threads wait on their runs: stop the runs, so the pools' exits (which wait for
+    their threads) end at once. Enter it after the pools, so that it exits before them."""
+    STOPPING.clear()  # a driver called again after a stop starts runs again
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_children()
+        raise
+
+
+def delete_unless_running(out_dir):
+    """rmtree(out_dir), refused while a run holds its lock (run.start's flock on out_dir/lock):
+    deleting the files under a live run would leave two runs writing one directory."""
+    path = os.path.join(out_dir, "lock")
+    if os.path.exists(path):
+        with open(path, "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock.read().decode(errors="replace") or "another run"
+                raise FileExistsError(f"{out_dir} is in use by {holder}: not deleting it to "
+                                      "start over; stop that run or wait for it to end") from None
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def recorded_command(path):
+    """The command a finished run wrote to its command.json, or None (none finished there)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):  # ValueError: a half file of an older driver
+        return None
+
+
 def run_arm(script, flags, out_dir, resume_from=None):
     """Train one run in a subprocess (one thread), its output in out_dir/log.txt; returns its
     metrics.jsonl lines. A finished run of the same command (out_dir/command.json) is reused,
@@ -39,21 +144,30 @@ def run_arm(script, flags, out_dir, resume_from=None):
     cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}",
            *["--resume"] * bool(resume_from)]
     done = os.path.join(out_dir, "command.json")
-    if not os.path.exists(done) or json.load(open(done)) != cmd[1:]:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    if recorded_command(done) != cmd[1:]:
+        if STOPPING.is_set():  # before deleting anything
+            raise RuntimeError(f"not started, the driver is stopping: {' '.join(cmd)}")
+        delete_unless_running(out_dir)
         if resume_from:
             shutil.copytree(resume_from, out_dir, ignore=shutil.ignore_patterns(
                 "command.json", "final", "lock", "log.txt"))
         else:
             os.makedirs(out_dir)
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+            child = start_child(cmd, log)
+            try:
+                rc = child.wait()
+            finally:
+                with CHILDREN_LOCK:
+                    CHILDREN.discard(child)
         if rc:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in {out_dir}/log.txt")
-        with open(done, "w") as f:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in "
+                               f"{out_dir}/log.txt")
+        with open(done + ".tmp", "w") as f:
             json.dump(cmd[1:], f)
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+        os.replace(done + ".tmp", done)  # a driver killed mid-write leaves no half file
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # by n
@@ -154,7 +268,7 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     todo = [(point, seed) for point in grid_points(grid) for seed in seeds]
     name = lambda point, seed: os.path.join(out, "_".join(f.strip("-") for f in point) or "default",
                                             f"seed{seed}")
-    with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(jobs) as pool, stop_children_on_interrupt():
         finals = list(pool.map(lambda ps: run_arm(script, base + ps[0] + [f"--seed={ps[1]}"],
                                                   name(*ps)), todo))
     rows = {}
