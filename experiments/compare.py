@@ -17,7 +17,9 @@ more often, so the correct behaviour is rare under the SFT policy).
   python -m experiments.compare --quick --out=/tmp/compare    # the same path in miniature (CI)
 
 Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.png and
-OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run.
+OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run. Every flag is checked
+before any work. Ctrl-C or SIGTERM stops the runs and evaluations in flight, and a killed driver
+takes them with it; a restart reuses every finished run and evaluation and starts the others over.
 """
 import collections
 import functools
@@ -25,6 +27,7 @@ import json
 import multiprocessing
 import os
 import random
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -36,9 +39,11 @@ import data
 import model as M
 import run
 import toy
-from experiments.tune import grid_points, mean_ci, run_arm
+from experiments.tune import (STOPPING, grid_points, integers, mean_ci, run_arm,
+                              stop_children_on_interrupt)
 from reward import make_oracle
 
+SETTINGS = ("standard", "rare")
 TUNING_SEEDS = (100, 101)
 LOCKS = collections.defaultdict(threading.Lock)  # one per run dir and evaluation file
 RANKING_CALLS = 3  # train_selm.py scores {y_ref, chosen, rejected} once per offline pair
@@ -150,6 +155,20 @@ QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_sa
 
 
 # ---------------------------------------------------------------- evaluation
+def evaluator_starts():
+    """An evaluation process: one thread; Ctrl-C is left to the driver, which terminates these;
+    it ends when the driver does, even by kill -9 (a pool's worker would wait for work forever)."""
+    torch.set_num_threads(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=exit_with, args=(multiprocessing.parent_process(),),
+                     daemon=True).start()
+
+
+def exit_with(driver):
+    driver.join()  # returns when the driver's end of the spawn pipe closes: when it dies
+    os._exit(1)
+
+
 @functools.lru_cache(maxsize=None)
 def sft_policy(model_dir):
     """The SFT policy π_SFT of a toy, its tokenizer and stop ids: loaded once per evaluation
@@ -187,6 +206,8 @@ def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
     out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
     with LOCKS[out_file]:
         if not os.path.exists(out_file):
+            if STOPPING.is_set():
+                raise RuntimeError(f"not evaluated, the driver is stopping: {policy_dir}")
             res = evaluators.submit(evaluate, policy_dir, paths, split, samples, max_new).result()
             with open(out_file + ".tmp", "w") as f:
                 json.dump(res, f)
@@ -202,20 +223,43 @@ def paired(a, b):
     return (*mean_ci(diffs), len(diffs)) if diffs else (float("nan"), float("nan"), 0)
 
 
-def compare(cfg):
-    t_start = time.time()
-    budgets = (32, 64) if cfg.quick else tuple(map(int, cfg.budgets.split(",")))
-    arms = [a for a in ARMS if not cfg.arms or a.name in cfg.arms.split(",")]
-    settings = cfg.settings.split(",")
-    if settings[0] not in cfg.tune_on.split(","):
+def names(flag, text, known):
+    """'a,b' -> ['a', 'b'], each one of `known`, none twice; otherwise a ValueError naming the
+    flag."""
+    chosen = text.split(",")
+    if not set(chosen) <= set(known) or len(set(chosen)) < len(chosen):
+        raise ValueError(f"{flag}={text}: expected comma-separated names, each once, of "
+                         f"{', '.join(known)}")
+    return chosen
+
+
+def checked(cfg):
+    """The flags that list things, each checked before any work: -> (budgets, arms, settings)."""
+    budgets = integers("--budgets", cfg.budgets, low=1, increasing=True)
+    chosen = names("--arms", cfg.arms or ",".join(a.name for a in ARMS), [a.name for a in ARMS])
+    arms = [a for a in ARMS if a.name in chosen]
+    for arm in arms:
+        if arm.like and arm.like not in chosen:
+            raise ValueError(f"--arms={cfg.arms}: {arm.name} starts from the tuned flags of "
+                             f"{arm.like}: add {arm.like}")
+    settings = names("--settings", cfg.settings, SETTINGS)
+    if settings[0] not in names("--tune_on", cfg.tune_on, SETTINGS):
         raise ValueError(f"--settings={cfg.settings}: the first setting must be tuned (one of "
                          f"--tune_on={cfg.tune_on}); the others take its tuned flags")
+    return (32, 64) if cfg.quick else tuple(budgets), arms, settings
+
+
+def compare(cfg):
+    t_start = time.time()
+    budgets, arms, settings = checked(cfg)
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
     spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
     # threads can deadlock the child. The runners stop before the evaluators they wait on.
-    with ProcessPoolExecutor(cfg.jobs, mp_context=spawn, initializer=torch.set_num_threads,
-                             initargs=(1,)) as evaluators, ThreadPoolExecutor(cfg.jobs) as runners:
+    with (ProcessPoolExecutor(cfg.jobs, mp_context=spawn,
+                              initializer=evaluator_starts) as evaluators,
+          ThreadPoolExecutor(cfg.jobs) as runners,
+          stop_children_on_interrupt()):  # exits first: stops what the pools would wait for
         for setting in settings:
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
@@ -370,6 +414,8 @@ class Config:
     samples: int = 8  # samples per prompt for the expected gold reward at temperature 1
     jobs: int = 2  # runs at a time, and as many evaluation processes; one thread each
     quick: bool = False  # the quick toy, one seed, the first grid point: a smoke test
+
+    AT_LEAST = {"jobs": (1, "")}
 
 
 if __name__ == "__main__":

@@ -8,22 +8,132 @@ run with the same command is reused.
   python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4" \
       --flags="--alpha=0"
 
-Writes OUT/tune.json (every run) and prints the table, best first.
+Writes OUT/tune.json (every run) and prints the table, best first. Every flag is checked before
+any work. Ctrl-C or SIGTERM stops the runs in flight, and a killed driver takes them with it; a
+restart reuses every finished run and starts the others over.
 """
+import contextlib
+import ctypes
+import fcntl
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import run
 import toy
+import train_pbpo
+import train_selm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = {"train_pbpo.py": train_pbpo.Config, "train_selm.py": train_selm.Config}
+DRIVER_SETS = ("out_dir", "seed", "resume")  # flags the driver gives every run itself
+
+
+# ---------------------------------------------------------------- runs as children of the driver
+CHILDREN = set()  # the training runs in flight (Popen), stopped with the driver
+CHILDREN_LOCK = threading.Lock()  # no run starts while stop_children() takes its list
+STOPPING = threading.Event()  # set by stop_children(): nothing new starts
+
+
+def dies_with_driver():
+    """A preexec_fn that has the kernel SIGKILL the child when the driver dies, kill -9 included
+    (Linux's PR_SET_PDEATHSIG; None elsewhere). The signal fires when the *thread* that forked
+    the child exits: run_arm forks from a pool thread that blocks in wait() till the child ends,
+    so the thread outlives the child. prctl is looked up here, in the driver: the forked child of
+    a threaded process only calls it, no import or dlopen that could wait on another thread."""
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    driver = os.getpid()
+
+    def set_parent_death_signal():
+        prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != driver:  # the driver died before prctl: no signal would come
+            os._exit(1)
+
+    return set_parent_death_signal
+
+
+def start_child(cmd, log):
+    """Popen cmd, registered in CHILDREN, unless the driver is stopping."""
+    with CHILDREN_LOCK:
+        if STOPPING.is_set():
+            raise RuntimeError(f"not started, the driver is stopping: {' '.join(cmd)}")
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                 preexec_fn=dies_with_driver())
+        CHILDREN.add(child)
+    return child
+
+
+def stop_children(grace_s=60):
+    """SIGTERM to every training run in flight (each stops at once, saying in its log.txt where
+    it resumes) and to every multiprocessing worker (compare's evaluators); SIGKILL to any still
+    there after grace_s. Nothing starts after this."""
+    with CHILDREN_LOCK:
+        STOPPING.set()
+        runs = list(CHILDREN)
+    workers = multiprocessing.active_children()
+    for child in runs:
+        child.terminate()
+    for worker in workers:
+        worker.terminate()
+    deadline = time.monotonic() + grace_s
+    for child in runs:
+        try:
+            child.wait(max(0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+    for worker in workers:
+        worker.join(max(0, deadline - time.monotonic()))
+        worker.kill()
+
+
+@contextlib.contextmanager
+def stop_children_on_interrupt():
+    """Ctrl-C, or SIGTERM through run.friendly_errors, raises KeyboardInterrupt in the main thread
+    while the pool threads wait on their runs: stop the runs, so the pools' exits (which wait for
+    their threads) end at once. Enter it after the pools, so that it exits before them."""
+    STOPPING.clear()  # a driver called again after a stop starts runs again
+    try:
+        yield
+    except KeyboardInterrupt:
+        stop_children()
+        raise
+
+
+def delete_unless_running(out_dir):
+    """rmtree(out_dir), refused while a run holds its lock (run.start's flock on out_dir/lock):
+    deleting the files under a live run would leave two runs writing one directory."""
+    path = os.path.join(out_dir, "lock")
+    if os.path.exists(path):
+        with open(path, "rb") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = lock.read().decode(errors="replace") or "another run"
+                raise FileExistsError(f"{out_dir} is in use by {holder}: not deleting it to "
+                                      "start over; stop that run or wait for it to end") from None
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+def recorded_command(path):
+    """The command a finished run wrote to its command.json, or None (none finished there)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (FileNotFoundError, ValueError):  # ValueError: a half file of an older driver
+        return None
 
 
 def run_arm(script, flags, out_dir, resume_from=None):
@@ -34,21 +144,30 @@ def run_arm(script, flags, out_dir, resume_from=None):
     cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}",
            *["--resume"] * bool(resume_from)]
     done = os.path.join(out_dir, "command.json")
-    if not os.path.exists(done) or json.load(open(done)) != cmd[1:]:
-        shutil.rmtree(out_dir, ignore_errors=True)
+    if recorded_command(done) != cmd[1:]:
+        if STOPPING.is_set():  # before deleting anything
+            raise RuntimeError(f"not started, the driver is stopping: {' '.join(cmd)}")
+        delete_unless_running(out_dir)
         if resume_from:
             shutil.copytree(resume_from, out_dir, ignore=shutil.ignore_patterns(
                 "command.json", "final", "lock", "log.txt"))
         else:
             os.makedirs(out_dir)
         with open(os.path.join(out_dir, "log.txt"), "w") as log:
-            env = {**os.environ, "OMP_NUM_THREADS": "1"}
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+            child = start_child(cmd, log)
+            try:
+                rc = child.wait()
+            finally:
+                with CHILDREN_LOCK:
+                    CHILDREN.discard(child)
         if rc:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in {out_dir}/log.txt")
-        with open(done, "w") as f:
+            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in "
+                               f"{out_dir}/log.txt")
+        with open(done + ".tmp", "w") as f:
             json.dump(cmd[1:], f)
-    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+        os.replace(done + ".tmp", done)  # a driver killed mid-write leaves no half file
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # by n
@@ -66,6 +185,70 @@ def mean_ci(values):
     return mean, t * sd / math.sqrt(n)
 
 
+# ---------------------------------------------------------------- flags, checked before any work
+def integers(flag, text, low=0, increasing=False):
+    """'1,2,3' -> [1, 2, 3]: comma-separated integers >= low, none twice (increasing, if asked);
+    otherwise a ValueError naming the flag."""
+    expected = f"comma-separated integers >= {low}, " + ("increasing" if increasing else "distinct")
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}={text}: expected {expected}") from None
+    repeated = len(set(values)) < len(values)
+    if min(values) < low or repeated or (increasing and values != sorted(values)):
+        raise ValueError(f"{flag}={text}: expected {expected}")
+    return values
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
+
+
+def check_flag(script, name, text, where):
+    """--name=text as the script's parse_flags would take it: a field of its Config, of the field's
+    type, a finite number within AT_LEAST, one of CHOICES; and not one the driver sets itself.
+    Otherwise a ValueError naming the driver's flag `where` that carries it."""
+    cls = SCRIPTS[script]
+    field = cls.__dataclass_fields__.get(name)
+    if field is None:
+        raise ValueError(f"{where}: {script} has no flag --{name} (python {script} --help)")
+    if name in DRIVER_SETS:
+        raise ValueError(f"{where}: --{name} is set by the driver for every run")
+    try:
+        value = run.boolean(text) if field.type is bool else field.type(text)
+    except ValueError:
+        raise ValueError(f"{where}: --{name}={text}: expected {TYPE_NAMES[field.type]}") from None
+    low, why = getattr(cls, "AT_LEAST", {}).get(name, (0, ""))
+    if field.type in (int, float) and not low <= value < math.inf:
+        raise ValueError(f"{where}: --{name}={text}: expected a finite number >= {low}"
+                         + (f" ({why})" if why else ""))
+    allowed = getattr(cls, "CHOICES", {}).get(name)
+    if allowed and value not in allowed:
+        raise ValueError(f"{where}: --{name}={text}: expected one of {', '.join(allowed)}")
+
+
+def check_tuning(script, flags, grid):
+    """tune()'s flags: a known script, --flags as --name=value (or --name, a bool) items of it,
+    --grid as name=v1,v2,... items, each name once, each value once and one the script takes."""
+    if script not in SCRIPTS:
+        raise ValueError(f"--script={script}: expected one of {', '.join(SCRIPTS)}")
+    for flag in flags:
+        name, eq, value = flag.partition("=")
+        if not name.startswith("--"):
+            raise ValueError(f"--flags: {flag!r}: expected space-separated --name=value items")
+        check_flag(script, name[2:], value if eq else "true", "--flags")
+    names = []
+    for item in grid.split():
+        name, _, values = item.partition("=")
+        if not name or not values:
+            raise ValueError(f"--grid: {item!r}: expected space-separated name=value1,value2,... "
+                             "items")
+        if name in names or len(set(values.split(","))) < len(values.split(",")):
+            raise ValueError(f"--grid: {item!r}: each flag once, each of its values once")
+        names.append(name)
+        for value in values.split(","):
+            check_flag(script, name, value, "--grid")
+
+
 def grid_points(grid):
     """'a=1,2 b=x' -> [['--a=1', '--b=x'], ['--a=2', '--b=x']]"""
     axes = [[f"--{k}={v}" for v in values.split(",")] for k, values in
@@ -75,6 +258,7 @@ def grid_points(grid):
 
 def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     """Every grid point × seed, evaluated on `split`; -> rows sorted by mean gold reward."""
+    check_tuning(script, flags, grid)
     paths = toy.build()
     base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
     if script == "train_pbpo.py":
@@ -84,7 +268,7 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     todo = [(point, seed) for point in grid_points(grid) for seed in seeds]
     name = lambda point, seed: os.path.join(out, "_".join(f.strip("-") for f in point) or "default",
                                             f"seed{seed}")
-    with ThreadPoolExecutor(jobs) as pool:
+    with ThreadPoolExecutor(jobs) as pool, stop_children_on_interrupt():
         finals = list(pool.map(lambda ps: run_arm(script, base + ps[0] + [f"--seed={ps[1]}"],
                                                   name(*ps)), todo))
     rows = {}
@@ -120,11 +304,12 @@ class Config:
     # valid: tuning; heldout: only to report the chosen settings, never to choose
     split: str = "valid"
 
+    AT_LEAST = {"jobs": (1, "")}
     CHOICES = {"split": ("valid", "heldout")}
 
 
 if __name__ == "__main__":
     run.friendly_errors("experiments/tune.py")
     cfg = run.parse_flags(Config, __doc__)
-    tune(cfg.script, cfg.flags.split(), cfg.grid, [int(s) for s in cfg.seeds.split(",")], cfg.out,
+    tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
          cfg.jobs, cfg.split)

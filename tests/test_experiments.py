@@ -1,6 +1,16 @@
 """The experiment harnesses: the regret check on the synthetic linear task and the comparison (quick mode)."""
+import contextlib
+import fcntl
+import glob
+import json
 import math
 import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -8,6 +18,7 @@ import torch
 import experiments.compare as C
 import experiments.regret as R
 import experiments.tune as T
+from conftest import ROOT
 
 
 # ---------------------------------------------------------------- the theory check
@@ -70,3 +81,241 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     stamps = {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs}
     C.compare(cfg)  # everything finished is reused
     assert {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs} == stamps
+
+
+# ---------------------------------------------------------------- drivers: bad flags, stops, kills
+BAD_FLAGS = [  # (driver, flag, what it says after "error: ")
+    ("tune", "--grid=kl_coef",
+     "--grid: 'kl_coef': expected space-separated name=value1,value2,... items"),
+    ("tune", "--grid=kl_coeff=0.1,0.2",
+     "--grid: train_pbpo.py has no flag --kl_coeff (python train_pbpo.py --help)"),
+    ("tune", "--grid=kl_coef=0.1,abc", "--grid: --kl_coef=abc: expected a number"),
+    ("tune", "--seeds=1,x", "--seeds=1,x: expected comma-separated integers >= 0, distinct"),
+    ("compare", "--budgets=abc",
+     "--budgets=abc: expected comma-separated integers >= 1, increasing"),
+    ("compare", "--arms=sft,bogus", "--arms=sft,bogus: expected comma-separated names, each "
+     "once, of sft, dpo, dpo_online, selm, pbpo, pbpo_token, pbpo_n1, pbpo_rho0, pbpo_rho0.1, "
+     "pbpo_rho1, pbpo_rho10, pbpo_rho25"),
+    ("compare", "--settings=standard,bogus",
+     "--settings=standard,bogus: expected comma-separated names, each once, of standard, rare"),
+]
+
+
+@pytest.mark.parametrize("driver, flag, message", BAD_FLAGS,
+                         ids=[f"{driver} {flag}" for driver, flag, _ in BAD_FLAGS])
+def test_a_driver_refuses_a_bad_flag_before_any_work(tmp_path, driver, flag, message):
+    """One line naming the flag and what was expected, before the toy is built or anything is
+    written (the toy's default place is relative to the working directory: tmp_path here)."""
+    command = [sys.executable, "-m", f"experiments.{driver}", flag, f"--out={tmp_path / 'out'}"]
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [f"experiments/{driver}.py: error: {message}"]
+    assert not os.listdir(tmp_path)
+
+
+FAKE_RUN = '''"""A stand-in for a training script: it locks its --out_dir as run.start does,
+writes its metrics and `started` (its pid), then ends (--hold=0) or waits for SIGTERM, on which
+it writes `stopped` and exits 1, as a run does."""
+import fcntl
+import os
+import signal
+import sys
+
+flags = dict(f[2:].split("=", 1) for f in sys.argv[1:] if "=" in f)
+out = flags["out_dir"]
+
+
+def stop(*_):
+    open(os.path.join(out, "stopped"), "w").close()
+    sys.exit(1)
+
+
+signal.signal(signal.SIGTERM, stop)
+signal.alarm(900)  # whatever the code under test does, this process never outlives the test
+lock = os.open(os.path.join(out, "lock"), os.O_RDWR | os.O_CREAT)
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: stand-in".encode())
+with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+    f.write('{"kind": "final_eval", "oracle_calls": 1}\\n')
+with open(os.path.join(out, "started.tmp"), "w") as f:
+    f.write(str(os.getpid()))
+os.replace(os.path.join(out, "started.tmp"), os.path.join(out, "started"))
+while flags.get("hold") == "1":
+    signal.pause()
+'''
+
+DRIVER = '''"""tune() or compare() as python -m experiments.DRIVER runs them, on the stand-in
+script (its runs wait for SIGTERM) and a stand-in toy: the drivers' own code, in seconds."""
+import dataclasses
+import sys
+import types
+
+import experiments.compare as C
+import experiments.tune as T
+import run
+import toy
+
+driver, fake, out = sys.argv[1:]
+run.friendly_errors(f"experiments/{driver}.py")
+toy.build = lambda *args, **kwargs: types.SimpleNamespace(model="m", train="t", valid="v",
+                                                          heldout="h", prefs="p")
+if driver == "tune":  # 3 runs, 2 at a time
+    T.SCRIPTS[fake] = dataclasses.make_dataclass("Config", [("lr", float), ("hold", int)])
+    T.tune(fake, ["--hold=1"], "lr=1,2,3", [0], out, jobs=2)
+else:  # 6 tuning runs (3 points, 2 seeds), 2 at a time
+    C.ARMS[:] = [C.Arm("sft"), C.Arm("fake", fake, ("--online", "--hold=1"), ("lr=1,2,3",))]
+    C.compare(C.Config(out=out, settings="standard", jobs=2))
+'''
+
+
+def fake_run(tmp_path):
+    path = tmp_path / "fake_run"
+    path.write_text(FAKE_RUN)
+    return str(path)
+
+
+def started(out, n):
+    """The pids of the first n runs under out to write `started` (bounded wait)."""
+    deadline = time.time() + 240
+    while len(glob.glob(f"{out}/**/started", recursive=True)) < n and time.time() < deadline:
+        time.sleep(0.05)
+    files = glob.glob(f"{out}/**/started", recursive=True)
+    assert len(files) == n, files
+    return {f: int(pathlib.Path(f).read_text()) for f in files}
+
+
+def running_driver(tmp_path, driver):
+    """The driver in flight, its first two runs started: (driver process, {started file: pid})."""
+    script = tmp_path / "driver"
+    script.write_text(DRIVER)
+    proc = subprocess.Popen([sys.executable, str(script), driver, fake_run(tmp_path),
+                             str(tmp_path / "out")], cwd=ROOT, env={**os.environ,
+                             "PYTHONPATH": ROOT}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        return proc, started(tmp_path / "out", 2)
+    except AssertionError:
+        proc.kill()
+        proc.communicate()
+        raise
+
+
+def gone(pid):
+    """The process exited (a zombie no reaper collected counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def wait_gone(pids, deadline_s=120):
+    deadline = time.time() + deadline_s
+    while not all(map(gone, pids)) and time.time() < deadline:
+        time.sleep(0.05)
+    return [p for p in pids if not gone(p)]
+
+
+def kill_all(pids):
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc, PDEATHSIG")
+
+
+@linux
+@pytest.mark.parametrize("driver", ["tune", "compare"])
+def test_sigterm_stops_a_driver_and_its_runs_at_once(tmp_path, driver):
+    """SIGTERM to a driver while its runs (which never end by themselves) are in flight: each run
+    gets SIGTERM, no other run starts, and the driver exits non-zero with one line."""
+    proc, runs = running_driver(tmp_path, driver)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        assert err.splitlines() == [f"experiments/{driver}.py: stopped"]
+        assert started(tmp_path / "out", 2) == runs  # nothing else started
+        assert all(os.path.exists(os.path.join(os.path.dirname(f), "stopped")) for f in runs)
+    finally:
+        proc.kill()
+        kill_all(runs.values())
+
+
+@linux
+@pytest.mark.parametrize("driver", ["tune", "compare"])
+def test_a_killed_driver_takes_its_runs_with_it(tmp_path, driver):
+    """kill -9 of the driver: its runs end too and free their run directories' locks, so a
+    restart finds no orphaned run still writing into them."""
+    proc, runs = running_driver(tmp_path, driver)
+    try:
+        proc.kill()
+        proc.communicate()
+        assert not wait_gone(runs.values()), "runs outlived their driver"
+        for f in runs:
+            with open(os.path.join(os.path.dirname(f), "lock")) as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free
+    finally:
+        kill_all(runs.values())
+
+
+EVALUATORS = '''import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import experiments.compare as C
+
+if __name__ == "__main__":
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn, initializer=C.evaluator_starts) as evaluators:
+        pid = evaluators.submit(os.getpid).result()
+        with open(sys.argv[1] + ".tmp", "w") as f:
+            f.write(str(pid))
+        os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+        time.sleep(900)
+'''
+
+
+@linux
+def test_an_evaluator_ends_with_a_killed_driver(tmp_path):
+    """compare's evaluation processes (a spawn pool's workers, which would wait for work forever)
+    end when the driver is killed."""
+    script, pid_file = tmp_path / "evaluators", tmp_path / "pid"
+    script.write_text(EVALUATORS)
+    proc = subprocess.Popen([sys.executable, str(script), str(pid_file)], cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": ROOT})
+    deadline = time.time() + 240
+    while not pid_file.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    worker = int(pid_file.read_text())
+    try:
+        assert not wait_gone([worker]), "the evaluator outlived its driver"
+    finally:
+        kill_all([worker])
+
+
+def test_a_run_directory_in_use_is_never_deleted(tmp_path):
+    """run_arm starts an unfinished run over by deleting its directory, unless a run holds it (its
+    lock): then it refuses, naming the holder, and the files stay. Once the holder ends, it runs."""
+    fake, out = fake_run(tmp_path), tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, fake, f"--out_dir={out}", "--hold=1"])
+    try:
+        started(out, 1)
+        holder_line = f"pid {holder.pid} on {os.uname().nodename}: stand-in"
+        in_use = f"{out} is in use by {holder_line}: not deleting it to start over"
+        with pytest.raises(FileExistsError, match="^" + re.escape(in_use)):
+            T.run_arm(fake, ["--hold=0"], str(out))
+        assert holder.poll() is None and (out / "started").exists()
+    finally:
+        holder.terminate()
+        holder.wait()
+    assert T.run_arm(fake, ["--hold=0"], str(out)) == [{"kind": "final_eval", "oracle_calls": 1}]
+    assert json.loads((out / "command.json").read_text())[-1] == f"--out_dir={out}"
+    assert not (out / "stopped").exists() and not (out / "command.json.tmp").exists()
