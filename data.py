@@ -5,9 +5,12 @@ in the layout every file shares, the crash-safe preference store, and GSM8K's '#
 
 Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py
 """
+import errno
+import hashlib
 import json
 import os
 import re
+import signal
 import warnings
 
 import torch
@@ -17,14 +20,9 @@ def load_tokenizer(path, like=None):
     """A local HF tokenizer with an EOS; pad falls back to EOS. like: a tokenizer this one must
     equal (a model given another tokenizer's ids reads other tokens)."""
     from transformers import AutoTokenizer
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
-                                "tokenizer directory)")
-    for file in (os.path.join(path, name) for name in os.listdir(path)):  # a FIFO never ends
-        if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
-            raise ValueError(f"{file}: not a regular file")
-    try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    refuse_remote_code(path)
+    try:  # no remote code: a model directory is untrusted input
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # a broken file raises anything (KeyError, TypeError, ...): named here
         raise ValueError(f"{path}: no loadable tokenizer (expected tokenizer.json / "
                          f"tokenizer_config.json): {' '.join(str(e).split())}") from e
@@ -39,12 +37,52 @@ def load_tokenizer(path, like=None):
     return tok
 
 
-def encode_prompt(tokenizer, prompt):
+def refuse_remote_code(path):
+    """A model or tokenizer directory is data, never code: its files must be regular files (a FIFO
+    never ends), and no config may name Python code to run (`auto_map`)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
+                                "tokenizer directory)")
+    for file in (os.path.join(path, name) for name in os.listdir(path)):
+        if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
+            raise ValueError(f"{file}: not a regular file")
+    for name in ("config.json", "tokenizer_config.json"):
+        file = os.path.join(path, name)
+        if os.path.isfile(file) and '"auto_map"' in read_text(file):
+            raise ValueError(f"{file}: 'auto_map' names Python code of the model directory to "
+                             "run; this project never runs code from a model directory (remove "
+                             "auto_map, or use a supported architecture)")
+
+
+TEMPLATE_SECONDS = 10  # a chat template renders a prompt in milliseconds; an endless one is refused
+
+
+def render_chat(tokenizer, messages, where, **options):
+    """The chat template (code from the model directory) on messages, as text, bounded in time."""
+    def too_long(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, too_long)  # the main thread's, as every caller's
+    signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except TimeoutError:
+        raise ValueError(f"{tokenizer.name_or_path}: its chat template ran for more than "
+                         f"{TEMPLATE_SECONDS} s on {where}") from None
+    except Exception as e:  # jinja2 raises many kinds (syntax, undefined, raise_exception)
+        raise ValueError(f"{tokenizer.name_or_path}: its chat template failed on {where} "
+                         f"({type(e).__name__}: {e})") from None
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def encode_prompt(tokenizer, prompt, where="a prompt"):
     """Prompt ids: the chat template with the generation prompt when the tokenizer has one, else the
     plain text (message contents joined by blank lines)."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = render_chat(tokenizer, messages, where, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False).input_ids  # the template wrote any BOS
     text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
     return tokenizer(text).input_ids
@@ -162,9 +200,10 @@ def load_prompts(path, tokenizer, max_prompt_len):
         if key == "question" and "answer" not in rec:
             raise ValueError(f"{where}: missing field 'answer' (a GSM8K record needs "
                              "'question' and 'answer')")
-        ids = encode_prompt(tokenizer, prompt)
+        ids = encode_prompt(tokenizer, prompt, where)
         if fits(where, ids, max_prompt_len):
-            items.append({"prompt": prompt, "prompt_ids": ids, "answer": answer_of(where, rec)})
+            items.append({"prompt": prompt, "prompt_ids": ids, "answer": answer_of(where, rec),
+                          "where": where})
     report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
@@ -189,55 +228,114 @@ def collate(prompt_ids, response_ids, pad_id):
 
 
 # ---------------------------------------------------------------- the preference store
-class PreferenceStore:
-    """Append-only JSONL of labelled pairs. Every append is flushed and fsynced, so a crash loses
-    nothing already labelled; a torn last line (killed mid-write) is dropped, with a warning."""
+def open_own(path, mode):
+    """open() for a run directory's own files ('rb', 'a' or 'w'): a symbolic link planted at path
+    is refused, never followed out of the directory."""
+    flags = {"rb": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+             "w": os.O_WRONLY | os.O_TRUNC | os.O_CREAT}[mode]
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path}: a symbolic link in the run directory; a run never reads or "
+                             "writes through one (remove it)") from None
+        raise
+    if "b" in mode:
+        return os.fdopen(fd, mode)
+    return os.fdopen(fd, mode, encoding="utf-8")
 
-    def __init__(self, path):
-        self.path, self.records = path, []
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        raw = open(path, "rb").read() if os.path.exists(path) else b""
+
+def digest(records):
+    """SHA-256 of a list of JSON records: a checkpoint keeps its store's, so an edit is noticed."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update((json.dumps(r, sort_keys=True) + "\n").encode())
+    return h.hexdigest()
+
+
+class PreferenceStore:
+    """Append-only JSONL of labelled pairs, each stamped with an integer `key` (the episode or the
+    iteration that labelled it). Every append is flushed and fsynced, so a crash loses nothing
+    already labelled; a torn last line (killed mid-write) is ignored, with a warning, and cut before
+    the next write. Reading changes nothing on disk. Pairs are never deleted: resume moves the ones
+    its checkpoint never saw to the .dropped.jsonl file beside it."""
+
+    def __init__(self, path, key="episode"):
+        self.path, self.key, self.records, self.file = path, key, [], None
+        self.dropped_path = os.path.splitext(path)[0] + ".dropped.jsonl"
+        raw = b""
+        if os.path.lexists(path):
+            with open_own(path, "rb") as f:
+                raw = f.read()
         body, _, tail = raw.rpartition(b"\n")  # tail: after the last newline, an unfinished write
         for i, line in enumerate(body.split(b"\n"), 1):
             if line.strip():
-                try:
-                    self.records.append(json.loads(line))
-                except (ValueError, RecursionError) as e:  # corruption, not a crash: never guess
-                    raise ValueError(f"{path}:{i}: bad JSON in the preference store "
-                                     f"({e})") from None
-        if tail.strip():  # a write the kill cut short: its episode, never checkpointed, is redone
+                self.records.append(self.parse(line, f"{path}:{i}"))
+        self.torn = len(tail) if tail.strip() else 0
+        if self.torn:  # a write the kill cut short: its episode, never checkpointed, is redone
             line = raw.count(b"\n") + 1
-            warnings.warn(f"{path}:{line}: ignoring a torn last line ({len(tail)} bytes of an "
-                          "interrupted write)")
-            os.truncate(path, len(raw) - len(tail))  # so the next record starts on a clean line
-        self.file = open(path, "a", encoding="utf-8")
+            warnings.warn(f"{path}:{line}: ignoring a torn last line "
+                          f"({self.torn} bytes of an interrupted write)")
+
+    def parse(self, line, where):
+        """One stored record; corruption (not a crash) is refused, never guessed around."""
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"{where}: bad JSON in the preference store ({e})") from None
+        if not isinstance(record, dict) or type(record.get(self.key)) is not int:
+            raise ValueError(f"{where}: expected a preference record (a JSON object with an "
+                             f"integer '{self.key}'), got {line[:60].decode(errors='replace')!r}")
+        return record
 
     def append(self, record):
-        self.file.write(json.dumps(record) + "\n")  # one write: a whole line or a torn tail
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        if self.file is None:
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+            self.file = open_own(self.path, "a")
+            if self.torn:  # so the next record starts on a clean line
+                self.file.truncate(os.fstat(self.file.fileno()).st_size - self.torn)
+                self.torn = 0
+        try:
+            self.file.write(json.dumps(record) + "\n")  # one write: a whole line or a torn tail
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            raise OSError(f"{self.path}: writing a labelled pair failed ({e.strerror}); the "
+                          f"{len(self.records)} pairs before it are kept") from None
         self.records.append(record)
 
-    def rewrite(self, records):
-        """Replace the whole store atomically (temp file, fsync, rename): resume drops the pairs a
-        checkpoint never saw, so they are labelled again instead of counted twice."""
-        tmp = self.path + ".tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r) + "\n" for r in records)
+    def keep_before(self, start):
+        """Resume: the pairs labelled before `start` stay; later ones, which the checkpoint never
+        saw, move to the .dropped.jsonl file (kept, never counted) and are labelled again. The
+        store is replaced atomically (temp file, fsync, rename)."""
+        kept = [r for r in self.records if r[self.key] < start]
+        later = [r for r in self.records if r[self.key] >= start]
+        if later:
+            with open_own(self.dropped_path, "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in later)
                 f.flush()
                 os.fsync(f.fileno())
-            self.file.close()
+        tmp = self.path + ".tmp"
+        try:
+            if os.path.lexists(tmp):  # left by a kill: never written through
+                os.remove(tmp)
+            with open_own(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, self.path)
         finally:  # also when stopped by SIGTERM or Ctrl-C
-            os.path.exists(tmp) and os.remove(tmp)
-        self.records, self.file = list(records), open(self.path, "a", encoding="utf-8")
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        self.records, self.torn = kept, 0
+        return later
 
     def __len__(self):
         return len(self.records)
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 # ---------------------------------------------------------------- answers: GSM8K's '#### N'

@@ -325,6 +325,11 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
                         raise ValueError(f"{file}: unexpected tensor {key!r} for a "
                                          f"{cfg.model_type} model as described by {cfg_path}")
                     t = f.get_tensor(key)
+                    if not t.is_floating_point():
+                        raise ValueError(f"{file}: tensor {key!r} is {t.dtype}, expected "
+                                         "floating-point weights")
+                    if not torch.isfinite(t).all():
+                        raise ValueError(f"{file}: tensor {key!r} holds NaN or inf values")
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"{cfg_path} implies {tuple(expected[key].shape)}")
@@ -355,9 +360,12 @@ def save_pretrained(model, path, state_dict=None):
     dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     raw = {**cfg.raw, "dtype": dtype}
     raw.pop("torch_dtype", None)  # the pre-5.x name of "dtype"
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    try:
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(raw, f, indent=2)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    except (OSError, SafetensorError) as e:
+        raise OSError(f"{path}: writing the model failed ({e})") from None
 
 
 # ---------------------------------------------------------------- fused log-probs
@@ -504,10 +512,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, "
                          "temperature >= 0")
-    context = model.config.raw.get("max_position_embeddings") or math.inf
-    if max_new_tokens > context:  # the static cache would outgrow what the model attends to
-        raise ValueError(f"--max_new_tokens={max_new_tokens} is more than the model's context, "
-                         f"max_position_embeddings={context}")
+    check_context(model, max_new_tokens)
     device = model.inv_freq.device
     B, Lp = len(prompts), max(map(len, prompts))
     ids = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=device)
@@ -553,8 +558,35 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params
     tokens, logprobs, mask = (torch.stack(x, 1) for x in zip(*out))  # (B, n)
+    if logprobs.isnan().any():  # NaN logits: the weights are no longer numbers
+        raise FloatingPointError("generate: the model's log-probs are NaN (its weights diverged?)")
     n = int(mask.sum(1).max())
     return Generation(tokens[:, :n], logprobs[:, :n], mask[:, :n])
+
+
+def check_context(model, max_new_tokens):
+    context = model.config.raw.get("max_position_embeddings") or math.inf
+    if max_new_tokens > context:  # the static cache would outgrow what the model attends to
+        raise ValueError(f"--max_new_tokens={max_new_tokens} is more than the model's context, "
+                         f"max_position_embeddings={context}")
+
+
+def check_fits(model, rows, prompt_len, max_new_tokens, what):
+    """Refuse, before any work, a generate() of `rows` rows that cannot fit the device: its KV
+    cache and the fp32 logits _sample holds (3 copies) are a lower bound."""
+    check_context(model, max_new_tokens)
+    cfg, device = model.config, model.inv_freq.device
+    length = prompt_len + max_new_tokens
+    element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU
+    kv_cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
+    need = rows * (length * kv_cache + 3 * 4 * cfg.vocab_size)
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+    else:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > total:
+        raise ValueError(f"{what}: {rows} rows a rank need at least {need / 2**30:.1f} GiB, more "
+                         f"than the {total / 2**30:.1f} GiB of {device.type} memory")
 
 
 def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None,

@@ -52,8 +52,19 @@ def bt_loss(r0, r1, labels):
 class Oracle:
     """Scores responses with r* and labels pairs o ~ Bernoulli(σ((r*(τ¹) − r*(τ⁰)) / temp))."""
 
-    def __init__(self, score_fn, temp=0.0):
+    def __init__(self, score_fn, temp=0.0, spec=""):
         self.score_fn, self.temp, self.calls = score_fn, temp, 0
+        self.spec = spec  # --oracle; gold and gsm8k score against each prompt's answer
+
+    def check(self, items):
+        """Refuse, before the first call, a record this oracle cannot score, naming it."""
+        if self.spec not in ("gold", "gsm8k"):
+            return
+        for item in items:
+            if item.get("answer") is None:
+                raise ValueError(f"{item.get('where', 'a prompt')}: --oracle={self.spec} needs an "
+                                 "'answer' field for every prompt (use --oracle=rm:PATH for data "
+                                 "without verifiable answers)")
 
     def score(self, prompts, responses):
         """r* of each (prompt record, response text); counts one call per response."""
@@ -92,8 +103,10 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--oracle=rm:{path}: expected a local HF reward model directory "
                                 "with config.json")
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    rm = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True)
+    data.refuse_remote_code(path)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    rm = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True,
+                                                            trust_remote_code=False)
     rm = rm.to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -102,8 +115,8 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
     def as_text(prompt, response):
         msgs = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if tok.chat_template:
-            return tok.apply_chat_template(msgs + [{"role": "assistant", "content": response}],
-                                           tokenize=False)
+            turn = {"role": "assistant", "content": response}
+            return data.render_chat(tok, msgs + [turn], "a response to score")
         return "".join(m["content"] for m in msgs) + response
 
     @torch.no_grad()
@@ -139,4 +152,4 @@ def make_oracle(spec, temp=0.0, device="cpu"):
         fn = hf_reward_scorer(spec[3:], device)
     else:
         raise ValueError(f"--oracle={spec!r}: expected gold, gsm8k or rm:PATH")
-    return Oracle(fn, temp)
+    return Oracle(fn, temp, spec)

@@ -18,12 +18,15 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+import data
 
 CHECKPOINT, HISTORY = "checkpoint.safetensors", "checkpoints.log"  # in out_dir
 RUN = {}  # this process's run: its out_dir once start() checked it, and the lock held on it
@@ -43,7 +46,8 @@ def parse_flags(cls, doc, argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, field in cls.__dataclass_fields__.items():
         kind = field.type if field.type is not bool else boolean
-        parser.add_argument(f"--{name}", type=kind, default=field.default, help=comments.get(name),
+        text = comments.get(name, "").replace("%", "%%")  # argparse %-formats help texts
+        parser.add_argument(f"--{name}", type=kind, default=field.default, help=text,
                             **({"nargs": "?", "const": True} if field.type is bool else {}))
     cfg = cls(**vars(parser.parse_args(argv)))
     for name, value in vars(cfg).items():
@@ -60,10 +64,23 @@ def parse_flags(cls, doc, argv=None):
     return cfg
 
 
+def stop(signum, frame):
+    """SIGTERM, SIGHUP (a closed terminal) and Ctrl-C stop a run as Ctrl-C does. Further ones are
+    ignored: the run is already stopping, and its clean-up (no .tmp left) must not be cut short."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
 def friendly_errors(script):
     """Bad input (a ValueError or OSError naming the file, line or flag) ends the run with that one
-    message and exit code 1 (PBPO_TRACEBACK=1: the traceback); SIGTERM stops it as Ctrl-C does."""
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # raises KeyboardInterrupt
+    message and exit code 1 (PBPO_TRACEBACK=1: the traceback); a signal stops it with one line
+    saying where it resumes. A signal ignored at start (nohup) stays ignored."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, stop)
+    if signal.getsignal(signal.SIGINT) == signal.default_int_handler:
+        signal.signal(signal.SIGINT, stop)
 
     def hook(kind, error, tb):
         stopped = issubclass(kind, KeyboardInterrupt)
@@ -76,7 +93,10 @@ def friendly_errors(script):
                                    f"{ckpt}" if os.path.isfile(ckpt) else
                                    "; no checkpoint yet, --resume starts over")
         if not stopped or os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
-            print(f"{script}: {message}", file=sys.stderr)
+            try:
+                print(f"{script}: {message}", file=sys.stderr)
+            except OSError:  # the terminal is gone (SIGHUP): nobody to tell
+                pass
 
     sys.excepthook = hook
 
@@ -147,13 +167,46 @@ def generator(*keys):  # a torch.Generator seeded by the rule
 
 
 # ---------------------------------------------------------------- out_dir and metrics
-def check_out_dir(cfg):
-    """-> 'resume' (a checkpoint to continue), 'restart' (--resume before the first checkpoint: the
-    files are reset) or 'fresh' (never over a previous run). A resume continues the same run, same
-    script and flags (but RESUME_MAY_CHANGE), or is refused, as is a lost checkpoint's run."""
+def input_digests(cfg):
+    """{flag: {file: SHA-256}} of the files (or model directories' files) cfg.INPUTS name."""
+    digests = {}
+    for flag in cfg.INPUTS:
+        path = getattr(cfg, flag).removeprefix("rm:")
+        files = [path] if os.path.isfile(path) else []
+        if os.path.isdir(path):
+            files = sorted(os.path.join(path, f) for f in os.listdir(path))
+        digests[flag] = {}
+        for file in filter(os.path.isfile, files):  # a FIFO or a device is refused when read
+            with open(file, "rb") as f:
+                digests[flag][os.path.basename(file)] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def own_files(out):
+    """The run directory's entries; a planted symbolic link (there or in final/) is refused."""
+    if not out:
+        raise ValueError("--out_dir='': expected the path of the run directory")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise NotADirectoryError(f"--out_dir={out}: not a directory")
+    for folder in (out, os.path.join(out, "final")):
+        names = os.listdir(folder) if os.path.isdir(folder) else []
+        for path in (os.path.join(folder, name) for name in names):
+            if os.path.islink(path):
+                raise ValueError(f"{path}: a symbolic link in the run directory (to "
+                                 f"{os.readlink(path)}); a run never reads or writes through one: "
+                                 "remove it, or choose another --out_dir")
+    return set(os.listdir(out)) if os.path.isdir(out) else set()
+
+
+def check_out_dir(cfg, inputs=None):
+    """-> 'resume' (a checkpoint to continue), 'restart' (--resume before the first checkpoint) or
+    'fresh' (never over a previous run). A resume continues the same run: the same script, flags
+    (but RESUME_MAY_CHANGE) and, where `inputs` (input_digests) are given, input contents; anything
+    else is refused, as is a lost checkpoint's run. Reads only: a refusal changes nothing."""
     out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, CHECKPOINT)
-    names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "metrics.jsonl")
-    traces = [f for f in names if os.path.exists(os.path.join(out, f))]
+    names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "preferences.dropped.jsonl",
+             "metrics.jsonl")
+    traces = [f for f in names if f in own_files(out)]
     if not cfg.resume and traces:
         raise FileExistsError(f"{out} holds a previous run ({', '.join(traces)}): pass --resume "
                               "to continue it, or choose a new --out_dir")
@@ -178,20 +231,39 @@ def check_out_dir(cfg):
     if changed:
         raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
                          f"only {', '.join(may[2:])} may change")
+    if inputs is None:
+        return "resume"
+    saved = doc.get("inputs") or inputs  # an older version's checkpoint has none
+    changed = [f"--{k}={getattr(cfg, k)}" for k in inputs if saved.get(k, inputs[k]) != inputs[k]]
+    if changed:
+        raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
+                         "read; a resume continues the same run on the same inputs (restore them, "
+                         "or choose a new --out_dir)")
+    threads, version = doc.get("threads"), doc.get("torch")
+    if (threads, version) != (torch.get_num_threads(), torch.__version__):
+        print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
+              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ from "
+              "an unbroken one in the last bits (bit-identical needs the same thread count, torch "
+              "and machine)", file=sys.stderr)
     return "resume"
 
 
 def start(cfg, rank, world):
     """The toy task where no --model is given, then the out_dir check on every rank before any file
     is written; rank 0 locks out_dir (flock on out_dir/lock till the process ends, kill -9 included:
-    a second run is refused, naming the holder), checks again, prints the knobs. -> the mode"""
+    a second run is refused, naming the holder), checks again with the inputs' digests, prints the
+    knobs. -> the mode"""
     if not cfg.model:
         import toy
         toy.fill_defaults(cfg, rank, world)
     mode = check_out_dir(cfg)
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        lock = RUN["lock"] = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT)
+        try:
+            lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+        except OSError as e:
+            raise OSError(f"{cfg.out_dir}/lock: cannot open the run's lock ({e.strerror})") from None
+        RUN["lock"] = lock
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -200,7 +272,8 @@ def start(cfg, rank, world):
                                   "choose another --out_dir") from None
         os.ftruncate(lock, 0)
         os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: {' '.join(sys.argv)}".encode())
-        mode = check_out_dir(cfg)
+        RUN["inputs"] = input_digests(cfg)
+        mode = check_out_dir(cfg, RUN["inputs"])
         print(json.dumps(asdict(cfg), indent=1))
     if world > 1:
         dist.barrier()
@@ -208,18 +281,60 @@ def start(cfg, rank, world):
     return mode
 
 
+def agree(problem):
+    """Rank 0's verdict (an error message, or '') on every rank: all refuse together, not one."""
+    box = [problem]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise ValueError(box[0])
+
+
+def resume_store(store, state, start, unit):
+    """Rank 0 (store None elsewhere): '' if the store's pairs of the `unit`s (episode, iteration)
+    before `start` are the ones the checkpoint saw, in number and content, else the problem."""
+    if store is None:
+        return ""
+    path, ckpt = store.path, os.path.join(RUN["out_dir"], CHECKPOINT)
+    kept = [r for r in store.records if r[unit] < start]
+    count, sha256 = state.get("store_pairs"), state.get("store_sha256")  # None: an older version
+    if count is not None and len(kept) != count:
+        return (f"{path} holds {len(kept)} pairs up to {unit} {start - 1} but {ckpt} saw "
+                f"{count}: not the same run")
+    if sha256 is not None and data.digest(kept) != sha256:
+        return (f"{path}: its pairs up to {unit} {start - 1} are not the ones {ckpt} saw (edited "
+                "labels?): refusing to resume from them")
+    return ""
+
+
+def restart_store(store, unit):
+    """--resume with no checkpoint: '', unless pairs of a later `unit` than the first show that
+    the run had one (lost: starting over would label them again)."""
+    if store is None or not store.records:
+        return ""
+    last = max(r[unit] for r in store.records)
+    if last > 1:
+        return (f"--resume: {store.path} holds pairs of {unit} {last}, so the run had a "
+                f"checkpoint, now gone: refusing to start it over (restore "
+                f"{os.path.join(RUN['out_dir'], CHECKPOINT)}, or choose a new --out_dir)")
+    return ""
+
+
 class MetricsLog:
     """The JSONL a user plots: one object a line, flushed at once, by rank 0 only. Resume cuts it
     back to the size the checkpoint saw: an interrupted episode's lines never appear twice."""
 
     def __init__(self, path, enabled):
-        self.path, self.file = path, open(path, "a", encoding="utf-8") if enabled else None
+        self.path, self.file = path, data.open_own(path, "a") if enabled else None
 
     def write(self, **metrics):
         if self.file:  # a NaN (e.g. a correlation of constants) is written as null: strict JSON
             metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                        for k, v in metrics.items()}
-            print(json.dumps(metrics), file=self.file, flush=True)
+            try:
+                print(json.dumps(metrics), file=self.file, flush=True)
+            except OSError as e:
+                raise OSError(f"{self.path}: writing a metrics line failed ({e.strerror})") from None
 
     def size(self):
         return self.file.tell() if self.file else 0
@@ -239,14 +354,48 @@ def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
     the caller skips; --on_nonfinite=stop ends the run, naming the last good checkpoint."""
     if math.isfinite(value):
         return True
-    log.write(kind="nonfinite", **fields, what=what, value=str(value))
-    if on_nonfinite == "stop":
-        last = f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path) else \
-            "no checkpoint yet"
-        raise FloatingPointError(f"{what} is {value} at {where}; stopped (--on_nonfinite=stop), "
-                                 f"{last}")
+    nonfinite(f"{what} is {value}", where, log, on_nonfinite, ckpt_path, what=what,
+              value=str(value), **fields)
     print(f"warning: {what} is {value} at {where}: update skipped")
     return False
+
+
+def nonfinite(problem, where, log, on_nonfinite, ckpt_path, **fields):
+    """Log a numerical failure (kind 'nonfinite'); --on_nonfinite=stop ends the run here."""
+    log.write(kind="nonfinite", **fields)
+    if on_nonfinite == "stop":
+        last = "no checkpoint yet"
+        if os.path.exists(ckpt_path):
+            last = f"the last good checkpoint is {ckpt_path}"
+        raise FloatingPointError(f"{problem} at {where}; stopped (--on_nonfinite=stop), {last}")
+
+
+DIVERGED = 10.0  # ‖θ‖ this many times its start: fine-tuning moves weights by far less
+
+
+def param_norm(model):
+    """‖θ‖ over every parameter, all ranks' shards (FSDP2 parameters are DTensors)."""
+    total = torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()])
+    return float(total.full_tensor() if isinstance(total, DTensor) else total)
+
+
+def check_weights(norm, norm0, where, log, on_nonfinite, ckpt_path, **fields):
+    """Weights past DIVERGED × ‖θ⁰‖, or not finite, are logged once as 'nonfinite' (stop: the run
+    ends). An update cannot be undone: with skip the run goes on, then ends in error (finish)."""
+    if "diverged" in RUN or (math.isfinite(norm) and norm <= DIVERGED * norm0):
+        return
+    problem = f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {norm0:.4g})"
+    nonfinite(problem, where, log, on_nonfinite, ckpt_path, what="policy weights",
+              value=str(norm), **fields)
+    print(f"warning: {problem} at {where}; the run goes on (--on_nonfinite=skip)")
+    RUN["diverged"] = f"{problem} at {where}"
+
+
+def finish(log_path):
+    """The end of a run: one that diverged exits with an error, never quietly with status 0."""
+    if "diverged" in RUN:
+        raise FloatingPointError(f"{RUN['diverged']}; it was trained and exported all the same "
+                                 f"(--on_nonfinite=skip), see {log_path}")
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -284,9 +433,14 @@ def save_checkpoint(path, modules, **extra):
             tensors[f"t{len(tensors)}"] = t
             return {"__tensor__": f"t{len(tensors) - 1}"}
 
-        doc = json.dumps({**state, "script": os.path.basename(sys.argv[0])}, default=put)
+        # what a resume checks: the script, the inputs' contents, and what bit-identical needs
+        provenance = {"script": os.path.basename(sys.argv[0]), "inputs": RUN.get("inputs"),
+                      "threads": torch.get_num_threads(), "torch": torch.__version__}
+        doc = json.dumps({**state, **provenance}, default=put)
         checksum = _checksum(doc, tensors)
         try:
+            if os.path.lexists(tmp):  # left by a kill, or planted: never written through
+                os.remove(tmp)
             save_file(tensors, tmp, metadata={"state": doc, "sha256": checksum})
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
@@ -295,8 +449,9 @@ def save_checkpoint(path, modules, **extra):
             raise OSError(f"writing checkpoint {path} failed ({e}); the previous checkpoint "
                           "is intact") from e
         finally:  # also when stopped by SIGTERM or Ctrl-C
-            os.path.exists(tmp) and os.remove(tmp)
-        with open(os.path.join(os.path.dirname(path), HISTORY), "a") as f:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+        with data.open_own(os.path.join(os.path.dirname(path), HISTORY), "a") as f:
             f.write(f"{path} sha256 {checksum}\n")
     if dist.is_initialized():
         dist.barrier()

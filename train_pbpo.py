@@ -84,10 +84,12 @@ class Config:
                 "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""),
                 "micro_batch": (1, ""), "rm_batch": (1, ""), "eval_max": (1, ""),
                 "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B"),
-                "temperature": (1e-6, "T: the leader scores its samples' log-probs at T")}
+                "temperature": (1e-6, "T: the leader scores its samples' log-probs at T"),
+                "enh_temp": (1e-6, "T_enh: logits / T_enh must stay finite")}
     CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
                "on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
+    INPUTS = ("model", "rm_backbone", "prompts", "heldout", "oracle")  # a resume reads the same
 
 
 # ---------------------------------------------------------------- the objectives
@@ -148,6 +150,7 @@ if __name__ == "__main__":
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     oracle = make_oracle(cfg.oracle, cfg.oracle_temp, device)
+    oracle.check(prompts + heldout)  # every record before the first oracle call
     policy = M.from_pretrained(cfg.model, device)
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
     sft = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π⁰, for the KL to it
@@ -160,7 +163,9 @@ if __name__ == "__main__":
     rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
-    store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) if master else None
+    store = None
+    if master:  # D as labelled, on disk
+        store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
@@ -197,30 +202,36 @@ if __name__ == "__main__":
     def log_metrics(kind, **metrics):
         log.write(kind=kind, oracle_calls=calls, **metrics)
 
-    if mode == "restart" and master:  # killed before its first checkpoint: labelled again
-        print(f"{ckpt_path} does not exist yet: starting over, the {len(store)} pairs in the store "
-              "are labelled again")
-        store.rewrite([])
+    longest = max(len(p["prompt_ids"]) for p in prompts)
+    for many, n in (("explore_prompts", "n_candidates"), ("leader_prompts", "group"),
+                    ("leader_prompts", "ref_samples")):  # the batches sampled at once
+        rows = getattr(cfg, many) * getattr(cfg, n) // world
+        what = f"--{many}={getattr(cfg, many)} × --{n}={getattr(cfg, n)}"
+        M.check_fits(policy, rows, longest, cfg.max_new_tokens, what)
+    norm0 = run.param_norm(sft)  # ‖θ⁰‖: weights far past it have diverged
+
+    if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
+        run.agree(run.restart_store(store, "episode"))
         log.cut(0)
+        if master and store.records:
+            store.keep_before(1)
+            print(f"{ckpt_path} does not exist yet: starting over; the pairs labelled before are "
+                  f"kept in {store.dropped_path} and labelled again")
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
         if state["episode"] > cfg.episodes:
             raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
                              f"{state['episode']} already")
+        start = state["episode"] + 1
+        run.agree(run.resume_store(store, state, start, "episode"))  # nothing changed on disk yet
         rm.w.data.copy_(state["w"])
         log.cut(state["log_size"])
         cov.load_state_dict(state["cov"])
-        calls, sft_eval, start = state["oracle_calls"], state["sft_eval"], state["episode"] + 1
+        calls, sft_eval = state["oracle_calls"], state["sft_eval"]
         pairs.update(state["pairs"])
-        if master:  # pairs labelled after the checkpoint are dropped and labelled again
-            store.rewrite([r for r in store.records if r["episode"] < start])
-        stored = int(run.all_sum([len(store) if master else 0], device)[0])  # rank 0's, on all
-        if stored != len(pairs["label"]):
-            raise ValueError(f"{os.path.join(cfg.out_dir, 'preferences.jsonl')} holds {stored} "
-                             f"pairs up to episode {start - 1} but {ckpt_path} has "
-                             f"{len(pairs['label'])}: not the same run")
-        if master:
-            print(f"resumed from {ckpt_path} after episode {start - 1} with {stored} pairs")
+        if master:  # pairs labelled after the checkpoint are set aside and labelled again
+            store.keep_before(start)
+            print(f"resumed from {ckpt_path} after episode {start - 1} with {len(store)} pairs")
 
     if sft_eval is None and heldout:
         sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
@@ -334,6 +345,8 @@ if __name__ == "__main__":
             if run.finite(float(grad_norm), "policy gradient", where, log, cfg.on_nonfinite,
                           ckpt_path, episode=episode, step=step):
                 opt.step()
+                run.check_weights(run.param_norm(policy), norm0, where, log, cfg.on_nonfinite,
+                                  ckpt_path, episode=episode, step=step)
             opt.zero_grad(set_to_none=True)
             train_seconds += time.time() - t0
 
@@ -355,7 +368,9 @@ if __name__ == "__main__":
         log_metrics("episode", episode=episode, gen_s=gen_seconds, train_s=train_seconds)
         run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg),
                             episode=episode, w=rm.w.detach().cpu(), cov=cov.state_dict(),
-                            oracle_calls=calls, sft_eval=sft_eval, log_size=log.size(), pairs=pairs)
+                            oracle_calls=calls, sft_eval=sft_eval, log_size=log.size(), pairs=pairs,
+                            store_pairs=len(pairs["label"]),
+                            store_sha256=data.digest(store.records) if master else None)
 
     # ---------------------------------------------------------------- final evaluation and export
     final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids) \
@@ -372,3 +387,4 @@ if __name__ == "__main__":
         print(f"policy exported to {export}; metrics in {cfg.out_dir}/metrics.jsonl")
     if world > 1:
         dist.destroy_process_group()
+    run.finish(log.path)

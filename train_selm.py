@@ -74,6 +74,7 @@ class Config:
                 "max_prompt_len": (1, ""), "eval_max": (1, ""), "online_prompts": (1, "M")}
     CHOICES = {"on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
+    INPUTS = ("model", "prefs", "prompts", "heldout", "oracle")  # a resume reads the same
 
 
 # ---------------------------------------------------------------- the pairs and the objective
@@ -163,8 +164,17 @@ if __name__ == "__main__":
         raise ValueError(f"{cfg.prefs}: {len(pairs)} pairs cannot be split into {cfg.iterations} "
                          f"parts over {world} ranks")
     oracle = make_oracle(cfg.oracle, 0.0, device)
+    sampled = prompts if cfg.online else pairs  # the records whose responses are sampled
+    oracle.check(sampled + heldout)  # every record before the first oracle call
     policy = M.from_pretrained(cfg.model, device)
     stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
+    longest = max(len(p["prompt_ids"]) for p in sampled)
+    if cfg.online:  # y¹ and y² of every prompt at once
+        what = f"--online_prompts={cfg.online_prompts}"
+        M.check_fits(policy, 2 * cfg.online_prompts // world, longest, cfg.max_new_tokens, what)
+    else:  # y_ref of a part D_t at once
+        rows = len(pairs) // cfg.iterations // world
+        M.check_fits(policy, rows, longest, cfg.max_new_tokens, f"--prefs={cfg.prefs}")
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         run.shard_model(policy)
     part = len(pairs) // cfg.iterations  # |D_t|; each rank takes part // world: equal step counts
@@ -179,8 +189,9 @@ if __name__ == "__main__":
     schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
-    store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl")) \
-        if cfg.online and master else None  # the online pairs, in TRL's layout
+    store = None
+    if cfg.online and master:  # the online pairs, in TRL's layout
+        store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "iteration")
     ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
 
@@ -232,17 +243,23 @@ if __name__ == "__main__":
         mean_score = sum(sa + sb for *_, (sa, sb), _ in labelled) / (2 * len(labelled))
         return kept, ties, spent, mean_score
 
-    if mode == "restart":  # killed before its first checkpoint
+    norm0 = run.param_norm(policy)  # ‖θ⁰‖ (before any resume): weights far past it have diverged
+    if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
+        run.agree(run.restart_store(store, "iteration"))
         log.cut(0)
-        if store is not None:  # online runs, on rank 0
-            store.rewrite([])
+        if store is not None and store.records:  # online runs, on rank 0
+            store.keep_before(1)
+            print(f"{ckpt_path} does not exist yet: starting over; the pairs labelled before are "
+                  f"kept in {store.dropped_path} and labelled again")
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
+        start = state["iteration"] + 1
+        run.agree(run.resume_store(store, state, start, "iteration"))  # nothing changed on disk yet
         sched.load_state_dict(state["sched"])
         log.cut(state["log_size"])
-        calls, sft_eval, start = state["oracle_calls"], state["sft_eval"], state["iteration"] + 1
-        if store is not None:  # online: pairs labelled after the checkpoint are redone
-            store.rewrite([r for r in store.records if r["iteration"] < start])
+        calls, sft_eval = state["oracle_calls"], state["sft_eval"]
+        if store is not None:  # online: pairs labelled after the checkpoint are set aside, redone
+            store.keep_before(start)
     if sft_eval is None and heldout:
         sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
         log_metrics("sft_eval", **sft_eval)
@@ -321,9 +338,12 @@ if __name__ == "__main__":
                 for k in ("chosen", "rejected", "ref"):
                     totals[k] += (logp[k] - ref_mb[k]).mean().item() * weight
             grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0))
-            if run.finite(grad_norm, "policy gradient", f"iteration {it}, step {step}", log,
-                          cfg.on_nonfinite, ckpt_path, iteration=it, step=step):
+            where = f"iteration {it}, step {step}"
+            if run.finite(grad_norm, "policy gradient", where, log, cfg.on_nonfinite, ckpt_path,
+                          iteration=it, step=step):
                 opt.step()
+                run.check_weights(run.param_norm(policy), norm0, where, log, cfg.on_nonfinite,
+                                  ckpt_path, iteration=it, step=step)
             sched.step()
             opt.zero_grad(set_to_none=True)
             log_metrics("step", iteration=it, step=step, lr=sched.get_last_lr()[0],
@@ -350,7 +370,9 @@ if __name__ == "__main__":
         # π_ref ← π_θ: the next iteration starts from here
         run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, iteration=it,
                             sched=sched.state_dict(), oracle_calls=calls, sft_eval=sft_eval,
-                            config=asdict(cfg), log_size=log.size())
+                            config=asdict(cfg), log_size=log.size(),
+                            store_pairs=None if store is None else len(store),
+                            store_sha256=None if store is None else data.digest(store.records))
 
     # ---------------------------------------------------------------- final evaluation and export
     final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop) \
@@ -368,3 +390,4 @@ if __name__ == "__main__":
         print(f"policy exported to {export}; metrics in {cfg.out_dir}/metrics.jsonl")
     if world > 1:
         dist.destroy_process_group()
+    run.finish(log.path)

@@ -4,10 +4,14 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
-import toy as T
+# One environment for every process of a test, this one included: the same thread count gives the
+# same numbers, so a run killed and resumed can equal one that never stopped on any machine.
+os.environ["OMP_NUM_THREADS"] = "1"
+import toy as T  # noqa: E402  (torch reads OMP_NUM_THREADS when it starts)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PBPO = ["--episodes=2", "--explore_prompts=8", "--n_candidates=3", "--t_out=2", "--t_in=2", "--group=2",
@@ -34,10 +38,19 @@ def command(script, *flags, ranks=0):
 
 def run(script, *flags, ranks=0, timeout=300, ok=True):
     proc = subprocess.run(command(script, *flags, ranks=ranks), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          cwd=ROOT)
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
+
+
+def wait_for_lines(path, lines, proc, timeout=300):
+    """Until the file at path has `lines` lines (an event of the run, whatever the machine's speed)."""
+    deadline = time.time() + timeout
+    while not (os.path.exists(path) and open(path, "rb").read().count(b"\n") >= lines):
+        assert proc.poll() is None, f"the run ended before {path} had {lines} lines"
+        assert time.time() < deadline, f"{path} did not reach {lines} lines in {timeout} s"
+        time.sleep(0.01)
 
 
 def metrics(out_dir):

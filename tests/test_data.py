@@ -190,7 +190,7 @@ CHILD = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
     import data
-    store = data.PreferenceStore({path!r})
+    store = data.PreferenceStore({path!r}, "episode")
     for i in range(len(store), 10**6):
         store.append({{"episode": i, "prompt": "Q" * (i % 97), "chosen_ids": list(range(i % 50)), "label": i % 2,
                       "scores": [0.5, -1.25]}})
@@ -199,7 +199,7 @@ CHILD = textwrap.dedent("""
 
 
 def check_store(path, at_least):
-    records = data.PreferenceStore(path).records
+    records = data.PreferenceStore(path, "episode").records
     assert len(records) >= at_least
     assert [r["episode"] for r in records] == list(range(len(records)))  # in order, none lost, none garbled
     assert all(r["chosen_ids"] == list(range(r["episode"] % 50)) for r in records)
@@ -225,30 +225,52 @@ def test_store_survives_kill_mid_run(tmp_path):
 
 def test_store_torn_last_line_is_dropped_and_appends_continue(tmp_path):
     path = str(tmp_path / "prefs.jsonl")
-    store = data.PreferenceStore(path)
+    store = data.PreferenceStore(path, "episode")
     for i in range(3):
         store.append({"episode": i, "chosen_ids": list(range(i % 50))})
     store.close()
     with open(path, "ab") as f:
         f.write(b'{"episode": 3, "chosen_ids": [0, 1')  # killed mid-write
     with pytest.warns(UserWarning, match=r"prefs.jsonl:4: ignoring a torn last line"):
-        store = data.PreferenceStore(path)
+        store = data.PreferenceStore(path, "episode")
     assert len(store) == 3
     store.append({"episode": 3, "chosen_ids": [0, 1, 2]})
     store.close()
     with open(path, "ab") as f:
         f.write(json.dumps({"episode": 4, "chosen_ids": [0, 1, 2, 3]}).encode())  # cut just before its newline
     with pytest.warns(UserWarning, match=r"prefs.jsonl:5: ignoring a torn last line"):  # its episode is redone
-        store = data.PreferenceStore(path)
+        store = data.PreferenceStore(path, "episode")
     store.append({"episode": 4, "chosen_ids": [0, 1, 2, 3]})
     store.close()
     assert check_store(path, at_least=5) == 5
 
 
 def test_store_corruption_inside_the_file_is_an_error(tmp_path):
-    path = write(tmp_path / "prefs.jsonl", ['{"a": 1}', '{"a": ', '{"a": 3}'])
+    path = write(tmp_path / "prefs.jsonl", ['{"episode": 1}', '{"episode": ', '{"episode": 3}'])
     with pytest.raises(ValueError, match=r"prefs.jsonl:2: bad JSON in the preference store"):
-        data.PreferenceStore(path)
+        data.PreferenceStore(path, "episode")
+    for line in ('{"prompt": "x"}', "[1, 2]", '{"episode": "2"}'):  # JSON, but not a record of ours
+        path = write(tmp_path / "shape.jsonl", ['{"episode": 1}', line])
+        with pytest.raises(ValueError, match=r"shape.jsonl:2: expected a preference record \(a JSON object with an "
+                                             r"integer 'episode'\)"):
+            data.PreferenceStore(path, "episode")
+
+
+def test_store_set_aside_keeps_every_pair_and_refuses_a_planted_link(tmp_path):
+    path = str(tmp_path / "prefs.jsonl")
+    store = data.PreferenceStore(path, "episode")
+    for i in (1, 1, 2, 3):
+        store.append({"episode": i})
+    assert store.keep_before(2) == [{"episode": 2}, {"episode": 3}]
+    assert data.PreferenceStore(path, "episode").records == [{"episode": 1}] * 2
+    assert data.PreferenceStore(str(tmp_path / "prefs.dropped.jsonl"), "episode").records == [{"episode": 2},
+                                                                                              {"episode": 3}]
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not the run's\n")
+    os.symlink(outside, tmp_path / "link.jsonl")
+    with pytest.raises(ValueError, match="link.jsonl: a symbolic link in the run directory"):
+        data.PreferenceStore(str(tmp_path / "link.jsonl"), "episode")
+    assert outside.read_text() == "not the run's\n"
 
 
 # ---------------------------------------------------------------------------- answers and the gold reward

@@ -9,7 +9,7 @@ import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUDGET = 1500
+BUDGET = 1650  # about 1,500 readable lines, at most 1,650
 GENERATED = {"compare.md"}  # what the experiment harnesses write into their output directories
 
 

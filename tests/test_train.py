@@ -171,7 +171,7 @@ def online(toy, tmp_path_factory):
 
 
 def online_pairs(out_dir):
-    return data.PreferenceStore(os.path.join(out_dir, "preferences.jsonl")).records
+    return data.PreferenceStore(os.path.join(out_dir, "preferences.jsonl"), "iteration").records
 
 
 def test_selm_online_counts_every_oracle_call_and_drops_ties(online):
@@ -226,7 +226,7 @@ def test_selm_online_resumes_after_a_kill_to_the_same_run(toy, online, tmp_path)
     proc.wait()
     assert read_checkpoint(str(part / "checkpoint.safetensors"), tensors=False)["iteration"] == 1
     # as a kill after iteration 2's labelling leaves it: pairs the checkpoint never saw
-    store = data.PreferenceStore(str(part / "preferences.jsonl"))
+    store = data.PreferenceStore(str(part / "preferences.jsonl"), "iteration")
     for record in [r for r in online_pairs(online) if r["iteration"] == 2]:
         store.append(record)
     store.close()
