@@ -5,7 +5,6 @@ in the layout every file shares, the crash-safe preference store, and GSM8K's '#
 
 Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py
 """
-import errno
 import hashlib
 import json
 import os
@@ -229,39 +228,31 @@ def collate(prompt_ids, response_ids, pad_id):
 
 # ---------------------------------------------------------------- the preference store
 def open_own(path, mode):
-    """open() for a run directory's own files ('rb', 'a' or 'w'): a symbolic link planted at path
-    is refused, never followed out of the directory."""
-    flags = {"rb": os.O_RDONLY, "a": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-             "w": os.O_WRONLY | os.O_TRUNC | os.O_CREAT}[mode]
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise ValueError(f"{path}: a symbolic link in the run directory; a run never reads or "
-                             "writes through one (remove it)") from None
-        raise
-    if "b" in mode:
-        return os.fdopen(fd, mode)
-    return os.fdopen(fd, mode, encoding="utf-8")
+    """open() for a run directory's own files: never through a symbolic link planted at path."""
+    no_link = lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)  # else ELOOP
+    return open(path, mode, opener=no_link, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
 def digest(records):
     """SHA-256 of a list of JSON records: a checkpoint keeps its store's, so an edit is noticed."""
-    h = hashlib.sha256()
-    for r in records:
-        h.update((json.dumps(r, sort_keys=True) + "\n").encode())
-    return h.hexdigest()
+    return hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
+                          ).hexdigest()
+
+
+def write_lines(file, records):  # whole lines, on disk before this returns
+    file.writelines(json.dumps(r) + "\n" for r in records)
+    file.flush()
+    os.fsync(file.fileno())
 
 
 class PreferenceStore:
-    """Append-only JSONL of labelled pairs, each stamped with an integer `key` (the episode or the
-    iteration that labelled it). Every append is flushed and fsynced, so a crash loses nothing
-    already labelled; a torn last line (killed mid-write) is ignored, with a warning, and cut before
-    the next write. Reading changes nothing on disk. Pairs are never deleted: resume moves the ones
-    its checkpoint never saw to the .dropped.jsonl file beside it."""
+    """Append-only JSONL of labelled pairs, each stamped with an integer `key` (the episode or
+    iteration that labelled it). Each append is flushed and fsynced: a crash loses no labelled pair.
+    A torn last line (killed mid-write) is ignored with a warning, and cut before the next append.
+    Reading changes nothing on disk; pairs are never deleted (keep_before sets them aside)."""
 
     def __init__(self, path, key="episode"):
-        self.path, self.key, self.records, self.file = path, key, [], None
+        self.path, self.key, self.file, self.records = path, key, None, []
         self.dropped_path = os.path.splitext(path)[0] + ".dropped.jsonl"
         raw = b""
         if os.path.lexists(path):
@@ -274,11 +265,10 @@ class PreferenceStore:
         self.torn = len(tail) if tail.strip() else 0
         if self.torn:  # a write the kill cut short: its episode, never checkpointed, is redone
             line = raw.count(b"\n") + 1
-            warnings.warn(f"{path}:{line}: ignoring a torn last line "
-                          f"({self.torn} bytes of an interrupted write)")
+            warnings.warn(f"{path}:{line}: ignoring a torn last line ({self.torn} bytes of an "
+                          "interrupted write)")
 
-    def parse(self, line, where):
-        """One stored record; corruption (not a crash) is refused, never guessed around."""
+    def parse(self, line, where):  # corruption, not a crash: refused, never guessed around
         try:
             record = json.loads(line)
         except (ValueError, RecursionError) as e:
@@ -290,45 +280,34 @@ class PreferenceStore:
 
     def append(self, record):
         if self.file is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             self.file = open_own(self.path, "a")
-            if self.torn:  # so the next record starts on a clean line
-                self.file.truncate(os.fstat(self.file.fileno()).st_size - self.torn)
-                self.torn = 0
+            self.file.truncate(os.fstat(self.file.fileno()).st_size - self.torn)  # a clean line
         try:
-            self.file.write(json.dumps(record) + "\n")  # one write: a whole line or a torn tail
-            self.file.flush()
-            os.fsync(self.file.fileno())
+            write_lines(self.file, [record])  # one write: a whole line or a torn tail
         except OSError as e:
             raise OSError(f"{self.path}: writing a labelled pair failed ({e.strerror}); the "
                           f"{len(self.records)} pairs before it are kept") from None
         self.records.append(record)
 
     def keep_before(self, start):
-        """Resume: the pairs labelled before `start` stay; later ones, which the checkpoint never
-        saw, move to the .dropped.jsonl file (kept, never counted) and are labelled again. The
-        store is replaced atomically (temp file, fsync, rename)."""
+        """Resume: pairs labelled before `start` stay; later ones, which the checkpoint never saw,
+        move to the .dropped.jsonl file (kept, never counted) and are labelled again. The store is
+        replaced atomically (temp file, fsync, rename)."""
         kept = [r for r in self.records if r[self.key] < start]
         later = [r for r in self.records if r[self.key] >= start]
         if later:
             with open_own(self.dropped_path, "a") as f:
-                f.writelines(json.dumps(r) + "\n" for r in later)
-                f.flush()
-                os.fsync(f.fileno())
+                write_lines(f, later)
         tmp = self.path + ".tmp"
         try:
-            if os.path.lexists(tmp):  # left by a kill: never written through
-                os.remove(tmp)
             with open_own(tmp, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
-                f.flush()
-                os.fsync(f.fileno())
+                write_lines(f, kept)
             os.replace(tmp, self.path)
         finally:  # also when stopped by SIGTERM or Ctrl-C
             if os.path.lexists(tmp):
                 os.remove(tmp)
+        self.close()  # the next append opens the new file
         self.records, self.torn = kept, 0
-        return later
 
     def __len__(self):
         return len(self.records)
@@ -336,6 +315,7 @@ class PreferenceStore:
     def close(self):
         if self.file is not None:
             self.file.close()
+        self.file = None
 
 
 # ---------------------------------------------------------------- answers: GSM8K's '#### N'

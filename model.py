@@ -214,7 +214,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
-                logprobs=False, temperature=1.0, with_entropy=False):
+                logprobs=False, temperature=1.0):
         """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
         marks real keys, S = T or, with cache_index (T,) (these tokens' slots), the cache length.
         logprobs=True: token_logprobs' output, the lm_head run here, with FSDP2's root unsharded."""
@@ -234,11 +234,10 @@ class Transformer(nn.Module):
         if not logprobs:
             return x
         valid = attention_mask[:, 1:] & attention_mask[:, :-1]  # (B, T-1): token and context real
-        out = fused_logprobs(x[:, :-1][valid], self.lm_head.weight, input_ids[:, 1:][valid],
-                             temperature, with_entropy)
-        out = [F.pad(torch.zeros(B, T - 1, device=x.device).masked_scatter(valid, o), (1, 0))
-               for o in (out if with_entropy else (out,))]  # each (B, T)
-        return tuple(out) if with_entropy else out[0]
+        logp = fused_logprobs(x[:, :-1][valid], self.lm_head.weight, input_ids[:, 1:][valid],
+                              temperature)
+        logp = torch.zeros(B, T - 1, device=x.device).masked_scatter(valid, logp)  # (B, T-1)
+        return F.pad(logp, (1, 0))  # (B, T)
 
 
 def build(cfg, device="cpu", dtype=torch.float32, init=True):
@@ -383,81 +382,71 @@ def _mm32(a, b):
     return torch.mm(a, b, out_dtype=torch.float32) if cuda_low else a.float() @ b.float()
 
 
-def _chunk_fwd(w, h, tgt, temperature, with_entropy):
+def _chunk_fwd(w, h, tgt, temperature):
     z = _mm32(h, w.t()).div_(temperature)  # (C, V) fp32; in place below: few (C, V) buffers
     m, z_tgt = z.amax(-1, keepdim=True), z.gather(-1, tgt[:, None])  # (C, 1) each
-    e = z.sub_(m).exp() if with_entropy else z.sub_(m).exp_()  # (C, V) exp(z − max)
-    s = e.sum(-1, keepdim=True)  # (C, 1)
-    lse = (m + s.log())[:, 0]  # (C,)
-    # H = −Σ p log p (lse − Σ p·z would cancel); without entropy lse stands in for it
-    ent = -(e.div_(s) * z.sub_(s.log())).sum(-1) if with_entropy else lse  # (C,)
-    return (z_tgt - lse[:, None])[:, 0], lse, ent
+    lse = (m + z.sub_(m).exp_().sum(-1, keepdim=True).log())[:, 0]  # (C,) log Σ exp z
+    return (z_tgt - lse[:, None])[:, 0], lse
 
 
-def _chunk_grad(w, h, tgt, lse, ent, g_logp, g_ent, temperature, with_entropy):
-    """∂(Σ g_logp·logp + g_ent·H)/∂z of one chunk, z = logits / T recomputed, (C, V) in w's dtype:
-    ∂logp_y/∂z = onehot(y) − p, ∂H/∂z = −p (log p + H); in place, so few (C, V) buffers."""
-    logp_all = _mm32(h, w.t()).div_(temperature).sub_(lse[:, None])  # (C, V) log p
-    p = logp_all.exp() if with_entropy else logp_all.exp_()  # (C, V)
-    g_logp, g_ent = g_logp[:, None] / temperature, g_ent[:, None] / temperature  # (C, 1) each
-    coef = logp_all.add_(ent[:, None]).mul_(-g_ent).sub_(g_logp) if with_entropy else -g_logp
-    return p.mul_(coef).scatter_add_(1, tgt[:, None], g_logp).to(w.dtype)
+def _chunk_grad(w, h, tgt, lse, g_logp, temperature):
+    """∂(Σ g_logp·logp)/∂z of one chunk, z = logits / T recomputed, (C, V) in w's dtype:
+    ∂logp_y/∂z = onehot(y) − p; in place, so few (C, V) buffers."""
+    p = _mm32(h, w.t()).div_(temperature).sub_(lse[:, None]).exp_()  # (C, V)
+    g_logp = g_logp[:, None] / temperature  # (C, 1)
+    return p.mul_(-g_logp).scatter_add_(1, tgt[:, None], g_logp).to(w.dtype)
 
 
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, tgt, temperature, with_entropy, chunk, compile):
+    def forward(ctx, h, w, tgt, temperature, chunk, compile):
         fwd, grad = (_compiled(k) if compile else k for k in (_chunk_fwd, _chunk_grad))
         rows = zip(h.split(chunk), tgt.split(chunk))  # unpadded: the last chunk may be short
-        logp, lse, ent = map(torch.cat, zip(*[fwd(w, *r, temperature, with_entropy) for r in rows]))
-        ctx.save_for_backward(h, w, tgt, lse, ent)
-        ctx.args = temperature, with_entropy, chunk, grad
-        return logp, ent
+        logp, lse = map(torch.cat, zip(*[fwd(w, *r, temperature) for r in rows]))
+        ctx.save_for_backward(h, w, tgt, lse)
+        ctx.args = temperature, chunk, grad
+        return logp
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent):
+    def backward(ctx, g_logp):
         h, w, *rows = ctx.saved_tensors
-        temperature, with_entropy, chunk, grad = ctx.args
+        temperature, chunk, grad = ctx.args
         grad_h, grad_w = [], torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for hc, *args in zip(*(t.split(chunk) for t in (h, *rows, g_logp, g_ent))):
-            grad_z = grad(w, hc, *args, temperature, with_entropy)  # (C, V)
+        for hc, *args in zip(*(t.split(chunk) for t in (h, *rows, g_logp))):
+            grad_z = grad(w, hc, *args, temperature)  # (C, V)
             grad_h.append(grad_z @ w)  # (C, D)
             if h.dtype == torch.float32:  # in place: no (V, D) temporary a chunk
                 grad_w.addmm_(grad_z.t(), hc)
             else:  # each chunk's product in fp32, summed in fp32
                 grad_w += _mm32(grad_z.t(), hc)
-        return torch.cat(grad_h), grad_w.to(w.dtype), None, None, None, None, None
+        return torch.cat(grad_h), grad_w.to(w.dtype), None, None, None, None
 
 
-def fused_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False, chunk_size=None,
-                   compile=None):
+def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, compile=None):
     """log π(targets | hidden) per token, π = softmax(hidden @ weightᵀ / temperature), chunk by
     chunk: the (N, V) logits never exist at once, the backward recomputes each chunk, all in fp32.
-    hidden (..., D), weight (V, D), targets (...) long -> logp (...) [, entropy (...) of π]."""
+    hidden (..., D), weight (V, D), targets (...) long -> logp (...)."""
     shape, (V, D) = targets.shape, weight.shape
     h, tgt = hidden.reshape(-1, D), targets.reshape(-1)
     if chunk_size is None:  # ≥ 8 chunks of 2^20 to 2^27 logits: a small share of naive's (N, V)
         chunk_size = max(1, min(max(h.shape[0] // 8, 2 ** 20 // V), 2 ** 27 // V))
     if compile is None:
         compile = h.is_cuda if COMPILE_LOGPROBS is None else COMPILE_LOGPROBS
-    logp, ent = _FusedLogprobs.apply(h, weight, tgt, float(temperature), with_entropy, chunk_size,
-                                     compile)
-    return (logp.view(shape), ent.view(shape)) if with_entropy else logp.view(shape)
+    logp = _FusedLogprobs.apply(h, weight, tgt, float(temperature), chunk_size, compile)
+    return logp.view(shape)
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature=1.0, with_entropy=False,
-                   micro_batch=None):
+def token_logprobs(model, input_ids, attention_mask, temperature=1.0, micro_batch=None):
     """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature`,
-    0 at t = 0 and where the token or the one before is padding; with_entropy: (logp, entropy of π).
+    0 at t = 0 and where the token or the one before is padding.
     micro_batch: rows per forward, concatenated (without grad; with grad, backward each piece)."""
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
     if micro_batch:
-        parts = [token_logprobs(model, ids, attn, temperature, with_entropy) for ids, attn in
+        parts = [token_logprobs(model, ids, attn, temperature) for ids, attn in
                  zip(input_ids.split(micro_batch), attention_mask.split(micro_batch))]
-        return tuple(map(torch.cat, zip(*parts))) if with_entropy else torch.cat(parts)
-    return model(input_ids, attention_mask, logprobs=True, temperature=temperature,
-                 with_entropy=with_entropy)
+        return torch.cat(parts)
+    return model(input_ids, attention_mask, logprobs=True, temperature=temperature)
 
 
 # ---------------------------------------------------------------- sampler
@@ -471,20 +460,14 @@ class Generation:
         return [t[m].tolist() for t, m in zip(self.tokens.cpu(), self.mask.cpu())]
 
 
-def _sample(logits, u, temperature, top_k, top_p):
-    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob as sampled
-    (temperature, then top-k, then top-p). Temperature 0: greedy, with temperature 1's log-prob."""
+def _sample(logits, u, temperature):
+    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob at the
+    temperature, the distribution token_logprobs scores (no top-k or top-p: the leader's gradient
+    needs it). Temperature 0: greedy, with temperature 1's log-prob."""
     if temperature == 0:
         tok = logits.argmax(-1)  # (B,)
         return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
     z = logits / temperature  # (B, V)
-    if top_k > 0:
-        z = z.masked_fill(z < z.topk(min(top_k, z.shape[-1])).values[:, -1:], float("-inf"))
-    if top_p < 1:  # keep the smallest most-likely prefix whose mass reaches top_p
-        z_sorted, order = z.sort(-1, descending=True)  # (B, V)
-        p_sorted = z_sorted.softmax(-1)
-        cut = p_sorted.cumsum(-1) - p_sorted >= top_p
-        z = z.scatter(-1, order, z_sorted.masked_fill(cut, float("-inf")))
     logp = z.log_softmax(-1)  # (B, V)
     cdf = logp.exp().cumsum(-1)  # (B, V)
     tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # inverse CDF
@@ -492,26 +475,24 @@ def _sample(logits, u, temperature, top_k, top_p):
     return tok, logp.gather(-1, tok[:, None])[:, 0]
 
 
-def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature, top_k, top_p):
+def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature):
     """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token (finished
     rows: pad, log-prob 0). Static shapes, state on the device, no host sync: CUDA-graph safe."""
     h = model(tok[:, None], key_valid, pos[:, None], cache_index=idx)  # (B, 1, D)
-    new, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature, top_k, top_p)
+    new, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)
     new, logp = new.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
     return new, logp, done | torch.isin(new, eos), pos + 1, idx + 1
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=(),
-             pad_id=0, seed=None, compile=None, check_every=8):
+def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id=0, seed=None,
+             compile=None, check_every=8):
     """Sample up to max_new_tokens after each prompt (id lists, left-padded into one batch): a
     prefill into a static KV cache, then one decode step per token until every row is done (checked
     every `check_every` steps); an FSDP2 model is unsharded once. compile: the step in CUDA graphs
     ("reduce-overhead"; None = on CUDA). seed: row i uses seed + i (or seed[i]) in any batch."""
-    if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or not 0 < top_p <= 1 \
-            or temperature < 0:
-        raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, 0 < top_p <= 1, "
-                         "temperature >= 0")
+    if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or temperature < 0:
+        raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, temperature >= 0")
     check_context(model, max_new_tokens)
     device = model.inv_freq.device
     B, Lp = len(prompts), max(map(len, prompts))
@@ -538,7 +519,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
     try:
         h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
         u = uniforms[:, :1]
-        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature, top_k, top_p)
+        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)
         done, out = torch.isin(tok, eos), [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
         pos, idx = pos[:, -1] + 1, torch.tensor([Lp], device=device)
         for t in range(1, max_new_tokens):
@@ -546,8 +527,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0
                 break
             alive, u = ~done, uniforms[:, t:t + 1]
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
-            new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature, top_k,
-                       top_p)
+            new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature)
             tok, logp, done, pos, idx = (x.clone() for x in new)  # a graph replay overwrites them
             out.append((tok, logp, alive))
     finally:

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from dataclasses import asdict
 from datetime import timedelta
 
@@ -198,11 +199,18 @@ def own_files(out):
     return set(os.listdir(out)) if os.path.isdir(out) else set()
 
 
+def stored_pairs(out, unit):
+    """The labelled pairs of out's preferences.jsonl, read only (its warnings are the run's)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return data.PreferenceStore(os.path.join(out, "preferences.jsonl"), unit).records
+
+
 def check_out_dir(cfg, inputs=None):
     """-> 'resume' (a checkpoint to continue), 'restart' (--resume before the first checkpoint) or
     'fresh' (never over a previous run). A resume continues the same run: the same script, flags
-    (but RESUME_MAY_CHANGE) and, where `inputs` (input_digests) are given, input contents; anything
-    else is refused, as is a lost checkpoint's run. Reads only: a refusal changes nothing."""
+    (but RESUME_MAY_CHANGE) and, where `inputs` (input_digests) are given, input contents and
+    labelled pairs; anything else is refused, as is a lost checkpoint's run. Reads only."""
     out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, CHECKPOINT)
     names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "preferences.dropped.jsonl",
              "metrics.jsonl")
@@ -213,10 +221,13 @@ def check_out_dir(cfg, inputs=None):
     if cfg.resume and not traces:
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (point --out_dir at the run "
                                 "to continue)")
-    lost = [f for f in traces if f in (HISTORY, "checkpoint.pt")]  # checkpoint.pt: pickled, older
-    if cfg.resume and lost and CHECKPOINT not in traces:
-        raise FileNotFoundError(f"--resume: no {ckpt}, yet {lost[0]} shows the run had one: "
-                                "refusing to start it over, which would drop its labelled pairs "
+    had_one = [f for f in traces if f in (HISTORY, "checkpoint.pt")]  # .pt: pickled, older
+    pairs = stored_pairs(out, cfg.UNIT)
+    if any(r[cfg.UNIT] > 1 for r in pairs):  # the first one's end wrote a checkpoint
+        had_one.append(f"preferences.jsonl (pairs of {cfg.UNIT} {pairs[-1][cfg.UNIT]})")
+    if cfg.resume and had_one and CHECKPOINT not in traces:
+        raise FileNotFoundError(f"--resume: no {ckpt}, yet {had_one[0]} shows the run had one: "
+                                "refusing to start it over, which would label its pairs again "
                                 "(restore the checkpoint, or choose a new --out_dir)")
     if CHECKPOINT not in traces:
         return "restart" if cfg.resume else "fresh"
@@ -239,12 +250,17 @@ def check_out_dir(cfg, inputs=None):
         raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
                          "read; a resume continues the same run on the same inputs (restore them, "
                          "or choose a new --out_dir)")
+    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # those it saw, unless edited
+    count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
+    if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
+        raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
+                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw (lost, "
+                         "added or edited): refusing to resume from them")
     threads, version = doc.get("threads"), doc.get("torch")
     if (threads, version) != (torch.get_num_threads(), torch.__version__):
         print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
               f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ from "
-              "an unbroken one in the last bits (bit-identical needs the same thread count, torch "
-              "and machine)", file=sys.stderr)
+              "an unbroken one in the last bits", file=sys.stderr)
     return "resume"
 
 
@@ -259,10 +275,7 @@ def start(cfg, rank, world):
     mode = check_out_dir(cfg)
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
-        try:
-            lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
-        except OSError as e:
-            raise OSError(f"{cfg.out_dir}/lock: cannot open the run's lock ({e.strerror})") from None
+        lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
         RUN["lock"] = lock
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -279,45 +292,6 @@ def start(cfg, rank, world):
         dist.barrier()
     RUN["out_dir"] = cfg.out_dir
     return mode
-
-
-def agree(problem):
-    """Rank 0's verdict (an error message, or '') on every rank: all refuse together, not one."""
-    box = [problem]
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
-    if box[0]:
-        raise ValueError(box[0])
-
-
-def resume_store(store, state, start, unit):
-    """Rank 0 (store None elsewhere): '' if the store's pairs of the `unit`s (episode, iteration)
-    before `start` are the ones the checkpoint saw, in number and content, else the problem."""
-    if store is None:
-        return ""
-    path, ckpt = store.path, os.path.join(RUN["out_dir"], CHECKPOINT)
-    kept = [r for r in store.records if r[unit] < start]
-    count, sha256 = state.get("store_pairs"), state.get("store_sha256")  # None: an older version
-    if count is not None and len(kept) != count:
-        return (f"{path} holds {len(kept)} pairs up to {unit} {start - 1} but {ckpt} saw "
-                f"{count}: not the same run")
-    if sha256 is not None and data.digest(kept) != sha256:
-        return (f"{path}: its pairs up to {unit} {start - 1} are not the ones {ckpt} saw (edited "
-                "labels?): refusing to resume from them")
-    return ""
-
-
-def restart_store(store, unit):
-    """--resume with no checkpoint: '', unless pairs of a later `unit` than the first show that
-    the run had one (lost: starting over would label them again)."""
-    if store is None or not store.records:
-        return ""
-    last = max(r[unit] for r in store.records)
-    if last > 1:
-        return (f"--resume: {store.path} holds pairs of {unit} {last}, so the run had a "
-                f"checkpoint, now gone: refusing to start it over (restore "
-                f"{os.path.join(RUN['out_dir'], CHECKPOINT)}, or choose a new --out_dir)")
-    return ""
 
 
 class MetricsLog:
@@ -354,23 +328,23 @@ def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
     the caller skips; --on_nonfinite=stop ends the run, naming the last good checkpoint."""
     if math.isfinite(value):
         return True
-    nonfinite(f"{what} is {value}", where, log, on_nonfinite, ckpt_path, what=what,
+    nonfinite(f"{what} is {value} at {where}", log, on_nonfinite, ckpt_path, what=what,
               value=str(value), **fields)
     print(f"warning: {what} is {value} at {where}: update skipped")
     return False
 
 
-def nonfinite(problem, where, log, on_nonfinite, ckpt_path, **fields):
+def nonfinite(problem, log, on_nonfinite, ckpt_path, **fields):
     """Log a numerical failure (kind 'nonfinite'); --on_nonfinite=stop ends the run here."""
     log.write(kind="nonfinite", **fields)
+    last = "no checkpoint yet"
+    if os.path.exists(ckpt_path):
+        last = f"the last good checkpoint is {ckpt_path}"
     if on_nonfinite == "stop":
-        last = "no checkpoint yet"
-        if os.path.exists(ckpt_path):
-            last = f"the last good checkpoint is {ckpt_path}"
-        raise FloatingPointError(f"{problem} at {where}; stopped (--on_nonfinite=stop), {last}")
+        raise FloatingPointError(f"{problem}; stopped (--on_nonfinite=stop), {last}")
 
 
-DIVERGED = 10.0  # ‖θ‖ this many times its start: fine-tuning moves weights by far less
+DIVERGED = 10.0  # ‖θ‖ this many times ‖θ⁰‖ is no fine-tuning step: the weights blew up
 
 
 def param_norm(model):
@@ -379,16 +353,16 @@ def param_norm(model):
     return float(total.full_tensor() if isinstance(total, DTensor) else total)
 
 
-def check_weights(norm, norm0, where, log, on_nonfinite, ckpt_path, **fields):
-    """Weights past DIVERGED × ‖θ⁰‖, or not finite, are logged once as 'nonfinite' (stop: the run
-    ends). An update cannot be undone: with skip the run goes on, then ends in error (finish)."""
-    if "diverged" in RUN or (math.isfinite(norm) and norm <= DIVERGED * norm0):
+def check_weights(model, norm0, where, log, on_nonfinite, ckpt_path, **fields):
+    """After an update: weights past DIVERGED × ‖θ⁰‖ (or NaN) are logged once as 'nonfinite'; stop
+    ends the run here, skip at its end (finish): an applied update cannot be skipped."""
+    norm = param_norm(model)
+    if norm <= DIVERGED * norm0 or "diverged" in RUN:
         return
-    problem = f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {norm0:.4g})"
-    nonfinite(problem, where, log, on_nonfinite, ckpt_path, what="policy weights",
+    RUN["diverged"] = f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {norm0:.4g}) at {where}"
+    nonfinite(RUN["diverged"], log, on_nonfinite, ckpt_path, what="policy weights",
               value=str(norm), **fields)
-    print(f"warning: {problem} at {where}; the run goes on (--on_nonfinite=skip)")
-    RUN["diverged"] = f"{problem} at {where}"
+    print(f"warning: {RUN['diverged']}; the run goes on (--on_nonfinite=skip)")
 
 
 def finish(log_path):

@@ -89,6 +89,7 @@ class Config:
     CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
                "on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
+    UNIT = "episode"  # what the preference store's records are stamped with
     INPUTS = ("model", "rm_backbone", "prompts", "heldout", "oracle")  # a resume reads the same
 
 
@@ -211,7 +212,6 @@ if __name__ == "__main__":
     norm0 = run.param_norm(sft)  # ‖θ⁰‖: weights far past it have diverged
 
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
-        run.agree(run.restart_store(store, "episode"))
         log.cut(0)
         if master and store.records:
             store.keep_before(1)
@@ -223,7 +223,6 @@ if __name__ == "__main__":
             raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
                              f"{state['episode']} already")
         start = state["episode"] + 1
-        run.agree(run.resume_store(store, state, start, "episode"))  # nothing changed on disk yet
         rm.w.data.copy_(state["w"])
         log.cut(state["log_size"])
         cov.load_state_dict(state["cov"])
@@ -345,7 +344,7 @@ if __name__ == "__main__":
             if run.finite(float(grad_norm), "policy gradient", where, log, cfg.on_nonfinite,
                           ckpt_path, episode=episode, step=step):
                 opt.step()
-                run.check_weights(run.param_norm(policy), norm0, where, log, cfg.on_nonfinite,
+                run.check_weights(policy, norm0, where, log, cfg.on_nonfinite,
                                   ckpt_path, episode=episode, step=step)
             opt.zero_grad(set_to_none=True)
             train_seconds += time.time() - t0

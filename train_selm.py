@@ -74,6 +74,7 @@ class Config:
                 "max_prompt_len": (1, ""), "eval_max": (1, ""), "online_prompts": (1, "M")}
     CHOICES = {"on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
+    UNIT = "iteration"  # what the preference store's records are stamped with
     INPUTS = ("model", "prefs", "prompts", "heldout", "oracle")  # a resume reads the same
 
 
@@ -245,7 +246,6 @@ if __name__ == "__main__":
 
     norm0 = run.param_norm(policy)  # ‖θ⁰‖ (before any resume): weights far past it have diverged
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
-        run.agree(run.restart_store(store, "iteration"))
         log.cut(0)
         if store is not None and store.records:  # online runs, on rank 0
             store.keep_before(1)
@@ -254,7 +254,6 @@ if __name__ == "__main__":
     if mode == "resume":
         state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
         start = state["iteration"] + 1
-        run.agree(run.resume_store(store, state, start, "iteration"))  # nothing changed on disk yet
         sched.load_state_dict(state["sched"])
         log.cut(state["log_size"])
         calls, sft_eval = state["oracle_calls"], state["sft_eval"]
@@ -342,7 +341,7 @@ if __name__ == "__main__":
             if run.finite(grad_norm, "policy gradient", where, log, cfg.on_nonfinite, ckpt_path,
                           iteration=it, step=step):
                 opt.step()
-                run.check_weights(run.param_norm(policy), norm0, where, log, cfg.on_nonfinite,
+                run.check_weights(policy, norm0, where, log, cfg.on_nonfinite,
                                   ckpt_path, iteration=it, step=step)
             sched.step()
             opt.zero_grad(set_to_none=True)

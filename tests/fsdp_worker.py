@@ -44,8 +44,8 @@ if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hoo
     sharded = run.shard_model(M.from_pretrained(ckpt))
     prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
     for _ in range(2):  # the second call reuses the compiled step
-        gen = M.generate(sharded, prompts, 8, temperature=0.8, top_k=50, seed=rank, compile=True)
-        gen_r = M.generate(ref, prompts, 8, temperature=0.8, top_k=50, seed=rank, compile=False)
+        gen = M.generate(sharded, prompts, 8, temperature=0.8, seed=rank, compile=True)
+        gen_r = M.generate(ref, prompts, 8, temperature=0.8, seed=rank, compile=False)
         assert torch.equal(gen.tokens, gen_r.tokens), (gen.tokens, gen_r.tokens)
         torch.testing.assert_close(gen.logprobs, gen_r.logprobs, rtol=0, atol=1e-5)
     print(f"rank {rank}: FSDP compiled generate OK")
@@ -94,8 +94,8 @@ gen_s = M.generate(sharded, prompts, 6, temperature=0)
 gen_r = M.generate(ref, prompts, 6, temperature=0)
 assert torch.equal(gen_s.tokens, gen_r.tokens), (gen_s.tokens, gen_r.tokens)
 torch.testing.assert_close(gen_s.logprobs, gen_r.logprobs, rtol=0, atol=1e-5)
-samp_s = M.generate(sharded, prompts, 6, temperature=1.0, top_p=0.9, seed=rank)
-samp_r = M.generate(ref, prompts, 6, temperature=1.0, top_p=0.9, seed=rank)
+samp_s = M.generate(sharded, prompts, 6, temperature=1.0, seed=rank)
+samp_r = M.generate(ref, prompts, 6, temperature=1.0, seed=rank)
 assert torch.equal(samp_s.tokens, samp_r.tokens)
 assert isinstance(sharded.lm_head.weight, DTensor) and all(  # resharded afterwards
     isinstance(p, DTensor) for p in sharded.parameters())

@@ -10,7 +10,7 @@ import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUDGET = 1650  # about 1,500 readable lines, at most 1,650
-GENERATED = {"compare.md"}  # what the experiment harnesses write into their output directories
+GENERATED = {"compare.md", "evil.py"}  # what the harnesses write into their output directories, or a test into its own
 
 
 def project_imports(module):
