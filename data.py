@@ -1,10 +1,8 @@
-"""
-Data: the tokenizer, the reader of the files researchers keep on disk (JSONL or .json arrays, every
-error naming the file and line), the prompt loader (train_selm.py holds the pair loader), batching
-in the layout every file shares, the crash-safe preference store, and GSM8K's '#### N' answers.
+"""Data: the tokenizer, the reader of researchers' files (JSONL or .json arrays, every error naming
+the file and line), the prompt loader (train_selm.py holds the pair loader), batching in the layout
+every file shares, the crash-safe preference store, and GSM8K's '#### N' answers.
 
-Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py
-"""
+Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py"""
 import hashlib
 import json
 import os
@@ -16,8 +14,7 @@ import torch
 
 # ---------------------------------------------------------------- tokenizer and encoding
 def load_tokenizer(path, like=None):
-    """A local HF tokenizer with an EOS; pad falls back to EOS. like: a tokenizer this one must
-    equal (a model given another tokenizer's ids reads other tokens)."""
+    """A local HF tokenizer with an EOS (pad falls back to it), equal to `like` if one is given."""
     from transformers import AutoTokenizer
     refuse_remote_code(path)
     try:  # no remote code: a model directory is untrusted input
@@ -37,12 +34,11 @@ def load_tokenizer(path, like=None):
 
 
 def refuse_remote_code(path):
-    """A model or tokenizer directory is data, never code: its files must be regular files (a FIFO
-    never ends), and no config may name Python code to run (`auto_map`)."""
+    """A model or tokenizer directory is data, never code: regular files only, no `auto_map`."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
                                 "tokenizer directory)")
-    for file in (os.path.join(path, name) for name in os.listdir(path)):
+    for file in (os.path.join(path, name) for name in os.listdir(path)):  # a FIFO never ends
         if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
             raise ValueError(f"{file}: not a regular file")
     for name in ("config.json", "tokenizer_config.json"):
@@ -152,8 +148,8 @@ def field(where, record, name, messages_ok=True):
     v = record[name]
     if isinstance(v, str) or (messages_ok and _is_messages(v)):
         return v
-    kind = "a string or a non-empty list of {'role': str, 'content': str} messages" if messages_ok \
-        else "a string"
+    kind = ("a string or a non-empty list of {'role': str, 'content': str} messages" if messages_ok
+            else "a string")
     raise ValueError(f"{where}: field '{name}' must be {kind}, got {type(v).__name__} "
                      f"{str(v)[:40]!r}")
 
@@ -213,8 +209,7 @@ def shard(items, rank, world_size):  # this rank's strided share: disjoint, cove
 
 
 def collate(prompt_ids, response_ids, pad_id):
-    """Prompts left-padded to Lp, responses right-padded to N: (input_ids, attention_mask,
-    response_mask), each (B, Lp + N)."""
+    """Prompts left-padded to Lp, responses right-padded to N -> ids and masks, each (B, Lp + N)."""
     Lp, N = max(map(len, prompt_ids)), max(map(len, response_ids))
     input_ids = torch.full((len(prompt_ids), Lp + N), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros(input_ids.shape, dtype=torch.bool)  # (B, T)
@@ -227,8 +222,7 @@ def collate(prompt_ids, response_ids, pad_id):
 
 
 # ---------------------------------------------------------------- the preference store
-def open_own(path, mode):
-    """open() for a run directory's own files: never through a symbolic link planted at path."""
+def open_own(path, mode):  # open() for a run directory's own files, never through a planted link
     no_link = lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)  # else ELOOP
     return open(path, mode, opener=no_link, **({} if "b" in mode else {"encoding": "utf-8"}))
 
@@ -252,16 +246,15 @@ class PreferenceStore:
     Reading changes nothing on disk; pairs are never deleted (keep_before sets them aside)."""
 
     def __init__(self, path, key="episode"):
-        self.path, self.key, self.file, self.records = path, key, None, []
+        self.path, self.key, self.file = path, key, None
         self.dropped_path = os.path.splitext(path)[0] + ".dropped.jsonl"
         raw = b""
         if os.path.lexists(path):
             with open_own(path, "rb") as f:
                 raw = f.read()
         body, _, tail = raw.rpartition(b"\n")  # tail: after the last newline, an unfinished write
-        for i, line in enumerate(body.split(b"\n"), 1):
-            if line.strip():
-                self.records.append(self.parse(line, f"{path}:{i}"))
+        self.records = [self.parse(line, f"{path}:{i}")
+                        for i, line in enumerate(body.split(b"\n"), 1) if line.strip()]
         self.torn = len(tail) if tail.strip() else 0
         if self.torn:  # a write the kill cut short: its episode, never checkpointed, is redone
             line = raw.count(b"\n") + 1
@@ -291,8 +284,7 @@ class PreferenceStore:
 
     def keep_before(self, start):
         """Resume: pairs labelled before `start` stay; later ones, which the checkpoint never saw,
-        move to the .dropped.jsonl file (kept, never counted) and are labelled again. The store is
-        replaced atomically (temp file, fsync, rename)."""
+        move to the .dropped.jsonl file (kept, never counted) and are labelled again."""
         kept = [r for r in self.records if r[self.key] < start]
         later = [r for r in self.records if r[self.key] >= start]
         if later:
@@ -335,8 +327,7 @@ def normalize_number(text):
     return s.rstrip("0") if "." in s else s  # '3.50' -> '3.5'
 
 
-def extract_answer(text):
-    """The GSM8K final answer: the number after the first '####', normalised; None without one."""
+def extract_answer(text):  # GSM8K's final answer: the number after the first '####', or None
     m = FINAL.search(text)
     return normalize_number(m.group(1)) if m else None
 

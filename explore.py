@@ -1,9 +1,7 @@
-"""
-Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): trajectory features Φ(τ), Σ = λI +
+"""Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): trajectory features Φ(τ), Σ = λI +
 Σ_i Δφ_i Δφ_iᵀ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the enhancer's choice among N candidates.
 
-Used by train_pbpo.py; nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py
-"""
+Nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py"""
 import math
 
 import torch
@@ -24,8 +22,7 @@ class Covariance:
     def uncertainty(self, dphi):  # ‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)
         return torch.einsum("nd,de,ne->n", dphi, self.sigma_inv, dphi).clamp_min(0).sqrt()  # (n,)
 
-    def update(self, dphi):
-        """Σ ← Σ + ΔφΔφᵀ for each row in order -> the potential Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹})."""
+    def update(self, dphi):  # Σ ← Σ + ΔφΔφᵀ row by row -> the potential Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹})
         potential = 0.0
         for v in dphi.float():  # (d,)
             s_inv_v = self.sigma_inv @ v  # (d,)

@@ -1,5 +1,4 @@
-"""
-The engine every other file stands on: a Llama-family decoder in plain PyTorch (Llama 2/3 with
+"""The engine every other file stands on: a Llama-family decoder in plain PyTorch (Llama 2/3 with
 llama3 rope scaling, Mistral, Qwen2, Qwen3) with Hugging Face's parameter names, so checkpoints map
 1:1; HF checkpoint I/O (safetensors only, no `transformers` at run time); a static-KV-cache sampler
 with a compiled decode step; the fused, chunked log-prob kernel (ALGORITHMS.md, "Log-probs").
@@ -7,8 +6,7 @@ with a compiled decode step; the fused, chunked log-prob kernel (ALGORITHMS.md, 
     python -m pytest -q tests/test_model.py tests/test_fsdp.py      # checked against `transformers`
 
 Batch layout (every file): prompt left-padded, response right-padded, `attention_mask` (B, T) bool,
-True on real tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0.
-"""
+True on real tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0."""
 import functools
 import json
 import math
@@ -113,8 +111,7 @@ def rope_inv_freq(cfg):
     return inv
 
 
-def apply_rope(x, cos, sin):
-    """x (B, H, T, hd), cos/sin (B, 1, T, hd/2) fp32; HF's rotate-half convention."""
+def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, 1, T, hd/2) fp32; HF's rotate-half
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
@@ -261,8 +258,7 @@ def build(cfg, device="cpu", dtype=torch.float32, init=True):
 
 
 # ---------------------------------------------------------------- checkpoint I/O
-def read_json(path):
-    """A JSON object from a model directory's file; anything else is one ValueError naming it."""
+def read_json(path):  # a JSON object, else one ValueError naming the file
     try:
         with open(path, encoding="utf-8") as f:
             value = json.load(f)
@@ -356,9 +352,8 @@ def save_pretrained(model, path, state_dict=None):
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # HF re-ties it
     os.makedirs(path, exist_ok=True)
-    dtype = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
-    raw = {**cfg.raw, "dtype": dtype}
-    raw.pop("torch_dtype", None)  # the pre-5.x name of "dtype"
+    raw = {k: v for k, v in cfg.raw.items() if k != "torch_dtype"}  # the pre-5.x name of "dtype"
+    raw["dtype"] = str(tensors["model.embed_tokens.weight"].dtype).removeprefix("torch.")
     try:
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
@@ -368,16 +363,12 @@ def save_pretrained(model, path, state_dict=None):
 
 
 # ---------------------------------------------------------------- fused log-probs
-COMPILE_LOGPROBS = None  # compile the chunk kernels; None = on CUDA only (on CPU it costs more)
-
-
 @functools.cache
 def _compiled(fn, mode=None):
     return torch.compile(fn, mode=mode)
 
 
-def _mm32(a, b):
-    """a @ b in fp32: a bf16 GEMM accumulates in fp32 and writes fp32 outputs on CUDA."""
+def _mm32(a, b):  # a @ b in fp32: a bf16 GEMM accumulates in fp32 and writes fp32 outputs on CUDA
     cuda_low = a.is_cuda and a.dtype != torch.float32
     return torch.mm(a, b, out_dtype=torch.float32) if cuda_low else a.float() @ b.float()
 
@@ -430,10 +421,8 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, co
     h, tgt = hidden.reshape(-1, D), targets.reshape(-1)
     if chunk_size is None:  # ≥ 8 chunks of 2^20 to 2^27 logits: a small share of naive's (N, V)
         chunk_size = max(1, min(max(h.shape[0] // 8, 2 ** 20 // V), 2 ** 27 // V))
-    if compile is None:
-        compile = h.is_cuda if COMPILE_LOGPROBS is None else COMPILE_LOGPROBS
-    logp = _FusedLogprobs.apply(h, weight, tgt, float(temperature), chunk_size, compile)
-    return logp.view(shape)
+    compile = h.is_cuda if compile is None else compile  # on CPU compiling costs more than it saves
+    return _FusedLogprobs.apply(h, weight, tgt, float(temperature), chunk_size, compile).view(shape)
 
 
 def token_logprobs(model, input_ids, attention_mask, temperature=1.0, micro_batch=None):
@@ -486,11 +475,10 @@ def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperat
 
 @torch.no_grad()
 def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id=0, seed=None,
-             compile=None, check_every=8):
-    """Sample up to max_new_tokens after each prompt (id lists, left-padded into one batch): a
-    prefill into a static KV cache, then one decode step per token until every row is done (checked
-    every `check_every` steps); an FSDP2 model is unsharded once. compile: the step in CUDA graphs
-    ("reduce-overhead"; None = on CUDA). seed: row i uses seed + i (or seed[i]) in any batch."""
+             compile=None):
+    """Sample up to max_new_tokens after each prompt (id lists): a prefill into a static KV cache,
+    then one decode step per token until every row is done; an FSDP2 model is unsharded once.
+    compile: the step in CUDA graphs (None: on CUDA). Row i's seed: seed + i in any batch."""
     if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, temperature >= 0")
     check_context(model, max_new_tokens)
@@ -506,8 +494,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
     if seed is None:
         uniforms = torch.rand(B, max_new_tokens)
     else:  # (B, max_new_tokens), one stream per row
-        seeds = seed if isinstance(seed, (list, tuple)) else [seed + i for i in range(B)]
-        streams = [torch.Generator().manual_seed(s) for s in seeds]
+        streams = [torch.Generator().manual_seed(seed + i) for i in range(B)]
         uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in streams])
     uniforms = uniforms.to(device)
     compiled = device.type == "cuda" if compile is None else compile
@@ -518,12 +505,11 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
         m.unshard()
     try:
         h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
-        u = uniforms[:, :1]
-        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)
+        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), uniforms[:, :1], temperature)
         done, out = torch.isin(tok, eos), [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
         pos, idx = pos[:, -1] + 1, torch.tensor([Lp], device=device)
         for t in range(1, max_new_tokens):
-            if t % check_every == 0 and done.all():  # the only host sync, every few steps
+            if t % 8 == 0 and done.all():  # the only host sync, every 8 steps
                 break
             alive, u = ~done, uniforms[:, t:t + 1]
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
@@ -556,14 +542,11 @@ def check_fits(model, rows, prompt_len, max_new_tokens, what):
     cache and the fp32 logits _sample holds (3 copies) are a lower bound."""
     check_context(model, max_new_tokens)
     cfg, device = model.config, model.inv_freq.device
-    length = prompt_len + max_new_tokens
     element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU
     kv_cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
-    need = rows * (length * kv_cache + 3 * 4 * cfg.vocab_size)
-    if device.type == "cuda":
-        total = torch.cuda.get_device_properties(device).total_memory
-    else:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need = rows * ((prompt_len + max_new_tokens) * kv_cache + 3 * 4 * cfg.vocab_size)
+    total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+             else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     if need > total:
         raise ValueError(f"{what}: {rows} rows a rank need at least {need / 2**30:.1f} GiB, more "
                          f"than the {total / 2**30:.1f} GiB of {device.type} memory")

@@ -1,9 +1,7 @@
-"""
-The reward model r_w(τ) = ⟨w, Φ(τ)⟩ on a frozen backbone's features φ, the Bradley–Terry loss,
+"""The reward model r_w(τ) = ⟨w, Φ(τ)⟩ on a frozen backbone's features φ, the Bradley–Terry loss,
 and the oracles that label pairs: gold, gsm8k, rm:PATH (ALGORITHMS.md, "Shared pieces").
 
-Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py
-"""
+Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py"""
 import os
 
 import torch
@@ -44,8 +42,7 @@ class RewardModel(nn.Module):
         self.w.mul_(min(1.0, self.bound / (self.w.norm().item() + 1e-12)))
 
 
-def bt_loss(r0, r1, labels):
-    """L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))), s = +1 where τ¹ won (label 1) else −1."""
+def bt_loss(r0, r1, labels):  # L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))), s = +1 where τ¹ won, else −1
     return -F.logsigmoid((2.0 * labels.float() - 1.0) * (r1 - r0)).mean()  # s = 2 label − 1
 
 
@@ -58,16 +55,13 @@ class Oracle:
 
     def check(self, items):
         """Refuse, before the first call, a record this oracle cannot score, naming it."""
-        if self.spec not in ("gold", "gsm8k"):
-            return
-        for item in items:
-            if item.get("answer") is None:
-                raise ValueError(f"{item.get('where', 'a prompt')}: --oracle={self.spec} needs an "
-                                 "'answer' field for every prompt (use --oracle=rm:PATH for data "
-                                 "without verifiable answers)")
+        missing = [item.get("where", "a prompt") for item in items if item.get("answer") is None]
+        if missing and self.spec in ("gold", "gsm8k"):
+            raise ValueError(f"{missing[0]}: --oracle={self.spec} needs an 'answer' field for "
+                             "every prompt (use --oracle=rm:PATH for data without verifiable "
+                             "answers)")
 
-    def score(self, prompts, responses):
-        """r* of each (prompt record, response text); counts one call per response."""
+    def score(self, prompts, responses):  # r* of each (prompt record, response text): one call each
         scores = torch.tensor([float(s) for s in self.score_fn(prompts, responses)])  # (n,)
         self.calls += len(responses)
         for i in (~torch.isfinite(scores)).nonzero().flatten().tolist()[:1]:
@@ -84,15 +78,13 @@ class Oracle:
         """The policy judged on held-out items (calls not counted), greedy unless sampling says
         otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the final
         '#### N' over the items with an answer, and the mean score, over the shares of all ranks."""
-        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens,
-                             **{"temperature": 0.0, **sampling},
-                             eos_ids=eos_ids or [tok.eos_token_id], pad_id=tok.pad_token_id)
-        texts = [data.decode(tok, y) for y in responses]
+        texts = [data.decode(tok, y) for y in M.sample(
+            policy, [p["prompt_ids"] for p in items], max_new_tokens, pad_id=tok.pad_token_id,
+            eos_ids=eos_ids or [tok.eos_token_id], **{"temperature": 0.0, **sampling})]
         reward = sum(map(float, self.score_fn(items, texts)))
         correct = sum(data.is_correct(t, p["answer"]) for t, p in zip(texts, items)
                       if p.get("answer") is not None)
-        device = next(policy.parameters()).device
-        correct, reward, n = run.all_sum([correct, reward, len(items)], device)
+        correct, reward, n = run.all_sum([correct, reward, len(items)], policy.inv_freq.device)
         return {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
 
 
@@ -105,9 +97,8 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
                                 "with config.json")
     data.refuse_remote_code(path)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    rm = AutoModelForSequenceClassification.from_pretrained(path, local_files_only=True,
-                                                            trust_remote_code=False)
-    rm = rm.to(device).eval()
+    rm = AutoModelForSequenceClassification.from_pretrained(
+        path, local_files_only=True, trust_remote_code=False).to(device).eval()
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "right"

@@ -1,9 +1,8 @@
-"""
-The life of a run, shared by every entry point: flags, the process group and FSDP2 sharding, sums
+"""The life of a run, shared by every entry point: flags, the process group and FSDP2 sharding, sums
 and gathers across ranks, the seeding rule, the out_dir, the metrics log, checkpoints, the
-non-finite guard, and one clear line for bad input. Tests: tests/test_reliability.py, test_fsdp.py
-"""
+non-finite guard, one clear line for bad input. Tests: tests/test_reliability.py, test_fsdp.py"""
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import inspect
@@ -30,12 +29,11 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 import data
 
 CHECKPOINT, HISTORY = "checkpoint.safetensors", "checkpoints.log"  # in out_dir
-RUN = {}  # this process's run: its out_dir once start() checked it, and the lock held on it
+RUN = {}  # this process's run: out_dir once start() checked it, inputs' digests, divergence
 
 
 # ---------------------------------------------------------------- flags and errors
-def boolean(text):
-    """A bool flag: 1/true/yes/on or 0/false/no/off (a ValueError otherwise, argparse names it)."""
+def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a ValueError argparse names
     return ("0", "false", "no", "off", "1", "true", "yes", "on").index(text.lower()) >= 4
 
 
@@ -74,14 +72,11 @@ def stop(signum, frame):
 
 
 def friendly_errors(script):
-    """Bad input (a ValueError or OSError naming the file, line or flag) ends the run with that one
-    message and exit code 1 (PBPO_TRACEBACK=1: the traceback); a signal stops it with one line
-    saying where it resumes. A signal ignored at start (nohup) stays ignored."""
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(sig) == signal.SIG_DFL:
+    """Bad input (an error naming the file, line or flag) ends the run with that one message, exit
+    code 1 (PBPO_TRACEBACK=1: the traceback); a signal, with a line saying where it resumes."""
+    for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # SIG_IGN stays
             signal.signal(sig, stop)
-    if signal.getsignal(signal.SIGINT) == signal.default_int_handler:
-        signal.signal(signal.SIGINT, stop)
 
     def hook(kind, error, tb):
         stopped = issubclass(kind, KeyboardInterrupt)
@@ -94,10 +89,8 @@ def friendly_errors(script):
                                    f"{ckpt}" if os.path.isfile(ckpt) else
                                    "; no checkpoint yet, --resume starts over")
         if not stopped or os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
-            try:
+            with contextlib.suppress(OSError):  # the terminal is gone (SIGHUP): nobody to tell
                 print(f"{script}: {message}", file=sys.stderr)
-            except OSError:  # the terminal is gone (SIGHUP): nobody to tell
-                pass
 
     sys.excepthook = hook
 
@@ -124,15 +117,13 @@ def init_distributed(timeout_s=1800):
     return rank, world, device
 
 
-def shard_model(model, mixed_precision=None, activation_checkpointing=False):
-    """FSDP2 over all ranks: each block, then the root. Mixed precision (default on CUDA): bf16
-    compute, fp32 master weights and reductions; inputs are not cast: RoPE's cos/sin stay fp32."""
-    mesh = init_device_mesh("cuda" if torch.cuda.is_available() else "cpu",
-                            (dist.get_world_size(),))
-    mixed_precision = mesh.device_type == "cuda" if mixed_precision is None else mixed_precision
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if mixed_precision else None,
-                              reduce_dtype=torch.float32 if mixed_precision else None,
-                              cast_forward_inputs=False)
+def shard_model(model, activation_checkpointing=False):
+    """FSDP2 over all ranks: each block, then the root; on CUDA, bf16 compute on fp32 weights."""
+    cuda = torch.cuda.is_available()
+    mesh = init_device_mesh("cuda" if cuda else "cpu", (dist.get_world_size(),))
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cuda else None,
+                              reduce_dtype=torch.float32 if cuda else None,
+                              cast_forward_inputs=False)  # RoPE's cos/sin stay fp32
     for block in model.model.layers:
         block.checkpoint = activation_checkpointing  # recompute the block's activations in backward
         fully_shard(block, mesh=mesh, mp_policy=mp)
@@ -140,16 +131,14 @@ def shard_model(model, mixed_precision=None, activation_checkpointing=False):
     return model
 
 
-def all_sum(values, device):
-    """Each number of the list summed over ranks (each rank evaluated its own share)."""
+def all_sum(values, device):  # each number of the list summed over ranks (each has its share)
     totals = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces device tensors
     if dist.is_initialized():
         dist.all_reduce(totals)
     return totals.tolist()
 
 
-def gather(items):
-    """Every rank's list, concatenated in rank order."""
+def gather(items):  # every rank's list, concatenated in rank order
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return items
     out = [None] * dist.get_world_size()
@@ -168,12 +157,11 @@ def generator(*keys):  # a torch.Generator seeded by the rule
 
 
 # ---------------------------------------------------------------- out_dir and metrics
-def input_digests(cfg):
-    """{flag: {file: SHA-256}} of the files (or model directories' files) cfg.INPUTS name."""
+def input_digests(cfg):  # {flag: {file: SHA-256}} of the files (or directories) cfg.INPUTS name
     digests = {}
     for flag in cfg.INPUTS:
         path = getattr(cfg, flag).removeprefix("rm:")
-        files = [path] if os.path.isfile(path) else []
+        files = [path]
         if os.path.isdir(path):
             files = sorted(os.path.join(path, f) for f in os.listdir(path))
         digests[flag] = {}
@@ -183,27 +171,18 @@ def input_digests(cfg):
     return digests
 
 
-def own_files(out):
-    """The run directory's entries; a planted symbolic link (there or in final/) is refused."""
+def own_files(out):  # the run directory's entries; a link planted there or in final/ is refused
     if not out:
         raise ValueError("--out_dir='': expected the path of the run directory")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise NotADirectoryError(f"--out_dir={out}: not a directory")
-    for folder in (out, os.path.join(out, "final")):
-        names = os.listdir(folder) if os.path.isdir(folder) else []
-        for path in (os.path.join(folder, name) for name in names):
+    for folder in filter(os.path.isdir, (out, os.path.join(out, "final"))):
+        for path in (os.path.join(folder, name) for name in os.listdir(folder)):
             if os.path.islink(path):
                 raise ValueError(f"{path}: a symbolic link in the run directory (to "
                                  f"{os.readlink(path)}); a run never reads or writes through one: "
                                  "remove it, or choose another --out_dir")
     return set(os.listdir(out)) if os.path.isdir(out) else set()
-
-
-def stored_pairs(out, unit):
-    """The labelled pairs of out's preferences.jsonl, read only (its warnings are the run's)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return data.PreferenceStore(os.path.join(out, "preferences.jsonl"), unit).records
 
 
 def check_out_dir(cfg, inputs=None):
@@ -212,9 +191,8 @@ def check_out_dir(cfg, inputs=None):
     (but RESUME_MAY_CHANGE) and, where `inputs` (input_digests) are given, input contents and
     labelled pairs; anything else is refused, as is a lost checkpoint's run. Reads only."""
     out, ckpt = cfg.out_dir, os.path.join(cfg.out_dir, CHECKPOINT)
-    names = (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl", "preferences.dropped.jsonl",
-             "metrics.jsonl")
-    traces = [f for f in names if f in own_files(out)]
+    traces = [f for f in (CHECKPOINT, HISTORY, "checkpoint.pt", "preferences.jsonl",
+                          "preferences.dropped.jsonl", "metrics.jsonl") if f in own_files(out)]
     if not cfg.resume and traces:
         raise FileExistsError(f"{out} holds a previous run ({', '.join(traces)}): pass --resume "
                               "to continue it, or choose a new --out_dir")
@@ -222,7 +200,9 @@ def check_out_dir(cfg, inputs=None):
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt} (point --out_dir at the run "
                                 "to continue)")
     had_one = [f for f in traces if f in (HISTORY, "checkpoint.pt")]  # .pt: pickled, older
-    pairs = stored_pairs(out, cfg.UNIT)
+    with warnings.catch_warnings():  # read only: a torn last line is the run's to warn about
+        warnings.simplefilter("ignore")
+        pairs = data.PreferenceStore(os.path.join(out, "preferences.jsonl"), cfg.UNIT).records
     if any(r[cfg.UNIT] > 1 for r in pairs):  # the first one's end wrote a checkpoint
         had_one.append(f"preferences.jsonl (pairs of {cfg.UNIT} {pairs[-1][cfg.UNIT]})")
     if cfg.resume and had_one and CHECKPOINT not in traces:
@@ -265,10 +245,9 @@ def check_out_dir(cfg, inputs=None):
 
 
 def start(cfg, rank, world):
-    """The toy task where no --model is given, then the out_dir check on every rank before any file
-    is written; rank 0 locks out_dir (flock on out_dir/lock till the process ends, kill -9 included:
-    a second run is refused, naming the holder), checks again with the inputs' digests, prints the
-    knobs. -> the mode"""
+    """-> the mode. The toy task where no --model is given, the out_dir checked on every rank before
+    any file is written; rank 0 locks it (out_dir/lock, till the process ends, kill -9 included: a
+    second run is refused, naming the holder), checks the inputs' digests too, prints the knobs."""
     if not cfg.model:
         import toy
         toy.fill_defaults(cfg, rank, world)
@@ -276,7 +255,6 @@ def start(cfg, rank, world):
     if rank == 0:
         os.makedirs(cfg.out_dir, exist_ok=True)
         lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
-        RUN["lock"] = lock
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -313,8 +291,7 @@ class MetricsLog:
     def size(self):
         return self.file.tell() if self.file else 0
 
-    def cut(self, size):
-        """Back to the `size` bytes a checkpoint saw; a shorter log (deleted?) is never padded."""
+    def cut(self, size):  # back to the bytes a checkpoint saw; a shorter log is never padded
         if self.file and size > self.size():
             print(f"warning: {self.path} is shorter than its checkpoint saw ({self.size()} < "
                   f"{size} bytes): lines before the checkpoint are missing")
@@ -328,27 +305,25 @@ def finite(value, what, where, log, on_nonfinite, ckpt_path, **fields):
     the caller skips; --on_nonfinite=stop ends the run, naming the last good checkpoint."""
     if math.isfinite(value):
         return True
-    nonfinite(f"{what} is {value} at {where}", log, on_nonfinite, ckpt_path, what=what,
-              value=str(value), **fields)
-    print(f"warning: {what} is {value} at {where}: update skipped")
+    nonfinite(f"{what} is {value} at {where}", ": update skipped", log, on_nonfinite, ckpt_path,
+              what=what, value=str(value), **fields)
     return False
 
 
-def nonfinite(problem, log, on_nonfinite, ckpt_path, **fields):
-    """Log a numerical failure (kind 'nonfinite'); --on_nonfinite=stop ends the run here."""
+def nonfinite(problem, outcome, log, on_nonfinite, ckpt_path, **fields):
+    """Log a numerical failure (kind 'nonfinite'); stop ends the run, skip warns of `outcome`."""
     log.write(kind="nonfinite", **fields)
-    last = "no checkpoint yet"
-    if os.path.exists(ckpt_path):
-        last = f"the last good checkpoint is {ckpt_path}"
     if on_nonfinite == "stop":
+        last = (f"the last good checkpoint is {ckpt_path}" if os.path.exists(ckpt_path)
+                else "no checkpoint yet")
         raise FloatingPointError(f"{problem}; stopped (--on_nonfinite=stop), {last}")
+    print(f"warning: {problem}{outcome}")
 
 
 DIVERGED = 10.0  # ‖θ‖ this many times ‖θ⁰‖ is no fine-tuning step: the weights blew up
 
 
-def param_norm(model):
-    """‖θ‖ over every parameter, all ranks' shards (FSDP2 parameters are DTensors)."""
+def param_norm(model):  # ‖θ‖ over every parameter, all ranks' shards (FSDP2 parameters: DTensors)
     total = torch.nn.utils.get_total_norm([p.detach() for p in model.parameters()])
     return float(total.full_tensor() if isinstance(total, DTensor) else total)
 
@@ -360,29 +335,28 @@ def check_weights(model, norm0, where, log, on_nonfinite, ckpt_path, **fields):
     if norm <= DIVERGED * norm0 or "diverged" in RUN:
         return
     RUN["diverged"] = f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {norm0:.4g}) at {where}"
-    nonfinite(RUN["diverged"], log, on_nonfinite, ckpt_path, what="policy weights",
-              value=str(norm), **fields)
-    print(f"warning: {RUN['diverged']}; the run goes on (--on_nonfinite=skip)")
+    nonfinite(RUN["diverged"], "; the run goes on (--on_nonfinite=skip)", log, on_nonfinite,
+              ckpt_path, what="policy weights", value=str(norm), **fields)
 
 
-def finish(log_path):
-    """The end of a run: one that diverged exits with an error, never quietly with status 0."""
+def finish(log_path):  # a run that diverged ends with an error, never quietly with status 0
     if "diverged" in RUN:
         raise FloatingPointError(f"{RUN['diverged']}; it was trained and exported all the same "
                                  f"(--on_nonfinite=skip), see {log_path}")
 
 
 # ---------------------------------------------------------------- checkpoints
+FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # all of it, on rank 0's CPU
+
+
 def full_state_dict(model):
     """Rank 0's full state dict on CPU ({} elsewhere) for save_pretrained; collective under FSDP."""
     if not isinstance(model, FSDPModule):
         return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options)
+    return get_model_state_dict(model, options=FULL_ON_CPU)
 
 
-def _checksum(doc, tensors):
-    """SHA-256 of the document and of every tensor: name, dtype, shape and bytes."""
+def _checksum(doc, tensors):  # SHA-256 of the document and each tensor's name, dtype, shape, bytes
     h = hashlib.sha256(doc.encode())
     for name, t in sorted(tensors.items()):
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
@@ -394,9 +368,9 @@ def save_checkpoint(path, modules, **extra):
     """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
     tensors, plain values) as safetensors: the tensors, plus a header JSON of the rest and a SHA-256
     of both (no pickle). Rank 0 writes it atomically, logged in checkpoints.log. Collective."""
-    state, options = dict(extra), StateDictOptions(full_state_dict=True, cpu_offload=True)
+    state = dict(extra)
     for name, (m, opt) in modules.items():
-        state[name], state[name + "_opt"] = get_state_dict(m, opt, options=options)
+        state[name], state[name + "_opt"] = get_state_dict(m, opt, options=FULL_ON_CPU)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors, storages, tmp = {}, set(), f"{path}.tmp"
 
@@ -442,8 +416,8 @@ def read_checkpoint(path, tensors=True):
         return json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
             d["__tensor__"], d) if d.keys() == {"__tensor__"} else d)
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({e}); refusing to resume from it") \
-            from None
+        problem = f"{path}: not a readable checkpoint ({e}); refusing to resume from it"
+        raise ValueError(problem) from None
 
 
 def load_checkpoint(path, modules):

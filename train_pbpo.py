@@ -1,5 +1,4 @@
-"""
-PbPO: preference-based policy optimization (ALGORITHMS.md, "PbPO"). A min-max game between the
+"""PbPO: preference-based policy optimization (ALGORITHMS.md, "PbPO"). A min-max game between the
 policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the follower), one round per episode:
 
   for episode k = 1..K:
@@ -102,9 +101,8 @@ def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho):
     return fit + rho * gap, fit.detach(), gap.detach()
 
 
-def leave_one_out(values, group):
-    """A_i = v_i − mean_{j≠i} v_j among each prompt's G samples; values (n, ...), n = P · G."""
-    v = values.view(-1, group, *values.shape[1:])  # (P, G, ...)
+def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each prompt's G samples
+    v = values.view(-1, group, *values.shape[1:])  # (P, G, ...) from values (n, ...), n = P · G
     return (v - (v.sum(1, keepdim=True) - v) / (group - 1)).view_as(values)
 
 
@@ -126,8 +124,7 @@ def leader_loss(logp, advantage, n_samples):
     return -(advantage * logp).sum() / n_samples
 
 
-def on_response(values, response_mask):
-    """Per-row lists of per-token values placed at a collated batch's response positions: (n, T)."""
+def on_response(values, response_mask):  # per-row token values at a batch's response positions
     flat = torch.tensor([v for row in values for v in row], device=response_mask.device)
     return torch.zeros(response_mask.shape, device=flat.device).masked_scatter(response_mask, flat)
 
@@ -164,9 +161,8 @@ if __name__ == "__main__":
     rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
-    store = None
-    if master:  # D as labelled, on disk
-        store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
+    store = (data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
+             if master else None)  # D as labelled, on disk
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
     start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
@@ -324,16 +320,16 @@ if __name__ == "__main__":
                     rm.project()
                 rm_opt.zero_grad(set_to_none=True)
             with torch.no_grad():  # the gap prompt by prompt: its spread gives its standard error
-                gap_by_prompt = rm(phi_pi).view(-1, cfg.group).mean(1) - \
-                    rm(phi_base).view(-1, cfg.ref_samples).mean(1)  # (P,)
+                gap_by_prompt = (rm(phi_pi).view(-1, cfg.group).mean(1)
+                                 - rm(phi_base).view(-1, cfg.ref_samples).mean(1))  # (P,)
 
             # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
             with torch.no_grad():
                 rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
                 logp = on_response(sampled_logp, resp)  # (n, T), the sampler's log π_θ, constant
                 logp_sft = M.token_logprobs(sft, ids, attn, temp, micro_batch=cfg.micro_batch)
-                logp_anchor = logp_sft if cfg.anchor == "sft" else \
-                    M.token_logprobs(ref, ids, attn, temp, micro_batch=cfg.micro_batch)
+                logp_anchor = (logp_sft if cfg.anchor == "sft" else
+                               M.token_logprobs(ref, ids, attn, temp, micro_batch=cfg.micro_batch))
                 log_ratio = (logp - logp_anchor) * resp  # (n, T)
                 advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
                 r_pi = rm(phi)  # (n,) r_w(τ) per response (at the token level: summed over h)
@@ -372,8 +368,8 @@ if __name__ == "__main__":
                             store_sha256=data.digest(store.records) if master else None)
 
     # ---------------------------------------------------------------- final evaluation and export
-    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids) \
-        if heldout else {}
+    final_eval = (oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
+                  if heldout else {})
     log_metrics("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")
     M.save_pretrained(policy, export, state_dict=run.full_state_dict(policy))
