@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import threading
 import warnings
 
 import torch
@@ -43,10 +44,9 @@ def refuse_remote_code(path):
             raise ValueError(f"{file}: not a regular file")
     for name in ("config.json", "tokenizer_config.json"):
         file = os.path.join(path, name)
-        if os.path.isfile(file) and '"auto_map"' in read_text(file):
-            raise ValueError(f"{file}: 'auto_map' names Python code of the model directory to "
-                             "run; this project never runs code from a model directory (remove "
-                             "auto_map, or use a supported architecture)")
+        if os.path.isfile(file) and "auto_map" in parse_json(read_text(file), file):
+            raise ValueError(f"{file}: 'auto_map' names Python code to run; no code of a model "
+                             "directory is ever run (remove auto_map)")
 
 
 TEMPLATE_SECONDS = 10  # a chat template renders a prompt in milliseconds; an endless one is refused
@@ -57,8 +57,10 @@ def render_chat(tokenizer, messages, where, **options):
     def too_long(signum, frame):
         raise TimeoutError
 
-    previous = signal.signal(signal.SIGALRM, too_long)  # the main thread's, as every caller's
-    signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    timed = threading.current_thread() is threading.main_thread()  # SIGALRM: the main thread's
+    if timed:
+        previous = signal.signal(signal.SIGALRM, too_long), signal.getitimer(signal.ITIMER_REAL)
+        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except TimeoutError:
@@ -68,8 +70,9 @@ def render_chat(tokenizer, messages, where, **options):
         raise ValueError(f"{tokenizer.name_or_path}: its chat template failed on {where} "
                          f"({type(e).__name__}: {e})") from None
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        if timed:  # the caller's handler and timer back
+            signal.signal(signal.SIGALRM, previous[0])
+            signal.setitimer(signal.ITIMER_REAL, *previous[1])
 
 
 def encode_prompt(tokenizer, prompt, where="a prompt"):
@@ -227,23 +230,24 @@ def open_own(path, mode):  # open() for a run directory's own files, never throu
     return open(path, mode, opener=no_link, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
-def digest(records):
-    """SHA-256 of a list of JSON records: a checkpoint keeps its store's, so an edit is noticed."""
-    return hashlib.sha256("".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode()
-                          ).hexdigest()
+def digest(records):  # SHA-256 of JSON records: a checkpoint keeps its store's, so edits show
+    text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_lines(file, records):  # whole lines, on disk before this returns
-    file.writelines(json.dumps(r) + "\n" for r in records)
-    file.flush()
-    os.fsync(file.fileno())
+    try:
+        file.writelines(json.dumps(r) + "\n" for r in records)
+        file.flush()
+        os.fsync(file.fileno())
+    except OSError as e:  # a full disk, a file-size limit: named
+        raise OSError(f"{file.name}: writing failed ({e.strerror}); earlier lines kept") from e
 
 
 class PreferenceStore:
-    """Append-only JSONL of labelled pairs, each stamped with an integer `key` (the episode or
-    iteration that labelled it). Each append is flushed and fsynced: a crash loses no labelled pair.
-    A torn last line (killed mid-write) is ignored with a warning, and cut before the next append.
-    Reading changes nothing on disk; pairs are never deleted (keep_before sets them aside)."""
+    """Append-only JSONL of labelled pairs stamped with an integer `key` (episode, iteration), each
+    append flushed and fsynced. A torn last line (a kill mid-write) is ignored with a warning, cut
+    before the next append; reading changes nothing; keep_before sets pairs aside, never deletes."""
 
     def __init__(self, path, key="episode"):
         self.path, self.key, self.file = path, key, None
@@ -275,11 +279,7 @@ class PreferenceStore:
         if self.file is None:
             self.file = open_own(self.path, "a")
             self.file.truncate(os.fstat(self.file.fileno()).st_size - self.torn)  # a clean line
-        try:
-            write_lines(self.file, [record])  # one write: a whole line or a torn tail
-        except OSError as e:
-            raise OSError(f"{self.path}: writing a labelled pair failed ({e.strerror}); the "
-                          f"{len(self.records)} pairs before it are kept") from None
+        write_lines(self.file, [record])  # one write: a whole line or a torn tail
         self.records.append(record)
 
     def keep_before(self, start):

@@ -320,11 +320,9 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
                         raise ValueError(f"{file}: unexpected tensor {key!r} for a "
                                          f"{cfg.model_type} model as described by {cfg_path}")
                     t = f.get_tensor(key)
-                    if not t.is_floating_point():
-                        raise ValueError(f"{file}: tensor {key!r} is {t.dtype}, expected "
-                                         "floating-point weights")
-                    if not torch.isfinite(t).all():
-                        raise ValueError(f"{file}: tensor {key!r} holds NaN or inf values")
+                    if not t.is_floating_point() or not torch.isfinite(t).all():
+                        raise ValueError(f"{file}: tensor {key!r} ({t.dtype}): expected finite "
+                                         "floating-point weights, no NaN or inf")
                     if t.shape != expected[key].shape:
                         raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
                                          f"{cfg_path} implies {tuple(expected[key].shape)}")
@@ -538,8 +536,7 @@ def check_context(model, max_new_tokens):
 
 
 def check_fits(model, rows, prompt_len, max_new_tokens, what):
-    """Refuse, before any work, a generate() of `rows` rows that cannot fit the device: its KV
-    cache and the fp32 logits _sample holds (3 copies) are a lower bound."""
+    """Refuse a generate() of `rows` rows that cannot fit: its KV cache and _sample's 3 logits."""
     check_context(model, max_new_tokens)
     cfg, device = model.config, model.inv_freq.device
     element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU

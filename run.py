@@ -64,8 +64,7 @@ def parse_flags(cls, doc, argv=None):
 
 
 def stop(signum, frame):
-    """SIGTERM, SIGHUP (a closed terminal) and Ctrl-C stop a run as Ctrl-C does. Further ones are
-    ignored: the run is already stopping, and its clean-up (no .tmp left) must not be cut short."""
+    """SIGTERM, SIGHUP (a closed terminal), Ctrl-C: a stop; later ones wait for its clean-up."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
@@ -157,17 +156,32 @@ def generator(*keys):  # a torch.Generator seeded by the rule
 
 
 # ---------------------------------------------------------------- out_dir and metrics
+READ = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken")  # what loaders read
+
+
+def sha256_of(path):
+    """SHA-256 of a file; past 256 MiB (weights), of its size and 64 MiB spread over it."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256(str(size).encode())
+    whole = size <= 2**28
+    offsets = [0] if whole else range(0, size, size // 64 + 1)
+    with open(path, "rb") as f:
+        for offset in offsets:
+            f.seek(offset)
+            h.update(f.read(size if whole else 2**20))
+    return h.hexdigest()
+
+
 def input_digests(cfg):  # {flag: {file: SHA-256}} of the files (or directories) cfg.INPUTS name
     digests = {}
     for flag in cfg.INPUTS:
-        path = getattr(cfg, flag).removeprefix("rm:")
+        path = getattr(cfg, flag)
+        if flag == "oracle":  # gold and gsm8k are names; rm:PATH is a directory
+            path = path.removeprefix("rm:") if path.startswith("rm:") else ""
         files = [path]
-        if os.path.isdir(path):
-            files = sorted(os.path.join(path, f) for f in os.listdir(path))
-        digests[flag] = {}
-        for file in filter(os.path.isfile, files):  # a FIFO or a device is refused when read
-            with open(file, "rb") as f:
-                digests[flag][os.path.basename(file)] = hashlib.file_digest(f, "sha256").hexdigest()
+        if os.path.isdir(path):  # what its loaders read, not a README added later
+            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(READ))
+        digests[flag] = {os.path.basename(f): sha256_of(f) for f in filter(os.path.isfile, files)}
     return digests
 
 
@@ -178,10 +192,10 @@ def own_files(out):  # the run directory's entries; a link planted there or in f
         raise NotADirectoryError(f"--out_dir={out}: not a directory")
     for folder in filter(os.path.isdir, (out, os.path.join(out, "final"))):
         for path in (os.path.join(folder, name) for name in os.listdir(folder)):
-            if os.path.islink(path):
-                raise ValueError(f"{path}: a symbolic link in the run directory (to "
-                                 f"{os.readlink(path)}); a run never reads or writes through one: "
-                                 "remove it, or choose another --out_dir")
+            if os.path.islink(path) or not (os.path.isfile(path) or os.path.isdir(path)):
+                raise ValueError(f"{path}: not a regular file in the run directory (a symbolic "
+                                 "link, a FIFO?): a run never reads or writes through one; remove "
+                                 "it, or choose another --out_dir")
     return set(os.listdir(out)) if os.path.isdir(out) else set()
 
 
@@ -228,48 +242,56 @@ def check_out_dir(cfg, inputs=None):
     changed = [f"--{k}={getattr(cfg, k)}" for k in inputs if saved.get(k, inputs[k]) != inputs[k]]
     if changed:
         raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
-                         "read; a resume continues the same run on the same inputs (restore them, "
-                         "or choose a new --out_dir)")
+                         "read (a resume is the same run, on the same inputs)")
     pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # those it saw, unless edited
     count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
     if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
         raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
-                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw (lost, "
-                         "added or edited): refusing to resume from them")
+                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw")
     threads, version = doc.get("threads"), doc.get("torch")
     if (threads, version) != (torch.get_num_threads(), torch.__version__):
         print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
-              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ from "
-              "an unbroken one in the last bits", file=sys.stderr)
+              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ "
+              "from an unbroken one in the last bits", file=sys.stderr)
     return "resume"
 
 
 def start(cfg, rank, world):
-    """-> the mode. The toy task where no --model is given, the out_dir checked on every rank before
-    any file is written; rank 0 locks it (out_dir/lock, till the process ends, kill -9 included: a
-    second run is refused, naming the holder), checks the inputs' digests too, prints the knobs."""
+    """-> the mode, rank 0's on every rank. The toy task where no --model is given; rank 0 checks
+    out_dir before any file is written, locks it (out_dir/lock, till the process ends, kill -9
+    included), checks the inputs' digests. A refusal stops every rank with its one line."""
     if not cfg.model:
         import toy
         toy.fill_defaults(cfg, rank, world)
-    mode = check_out_dir(cfg)
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(lock, 4096).decode(errors="replace") or "another run"
-            raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
-                                  "choose another --out_dir") from None
-        os.ftruncate(lock, 0)
-        os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: {' '.join(sys.argv)}".encode())
-        RUN["inputs"] = input_digests(cfg)
-        mode = check_out_dir(cfg, RUN["inputs"])
-        print(json.dumps(asdict(cfg), indent=1))
+    verdict = ["", None]  # rank 0's refusal, and the mode
+    try:
+        if rank == 0:
+            verdict[1] = lock_and_check(cfg)
+    except (ValueError, OSError) as e:
+        verdict[0] = str(e)
     if world > 1:
-        dist.barrier()
+        dist.broadcast_object_list(verdict, src=0)
+    if verdict[0]:
+        raise ValueError(verdict[0])
     RUN["out_dir"] = cfg.out_dir
-    return mode
+    return verdict[1]
+
+
+def lock_and_check(cfg):  # start's rank-0 part -> the mode
+    check_out_dir(cfg)
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(lock, 4096).decode(errors="replace") or "another run"
+        raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
+                              "choose another --out_dir") from None
+    os.ftruncate(lock, 0)
+    os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: {' '.join(sys.argv)}".encode())
+    RUN["inputs"] = input_digests(cfg)
+    print(json.dumps(asdict(cfg), indent=1))
+    return check_out_dir(cfg, RUN["inputs"])
 
 
 class MetricsLog:
@@ -283,10 +305,7 @@ class MetricsLog:
         if self.file:  # a NaN (e.g. a correlation of constants) is written as null: strict JSON
             metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                        for k, v in metrics.items()}
-            try:
-                print(json.dumps(metrics), file=self.file, flush=True)
-            except OSError as e:
-                raise OSError(f"{self.path}: writing a metrics line failed ({e.strerror})") from None
+            data.write_lines(self.file, [metrics])
 
     def size(self):
         return self.file.tell() if self.file else 0
@@ -383,7 +402,8 @@ def save_checkpoint(path, modules, **extra):
 
         # what a resume checks: the script, the inputs' contents, and what bit-identical needs
         provenance = {"script": os.path.basename(sys.argv[0]), "inputs": RUN.get("inputs"),
-                      "threads": torch.get_num_threads(), "torch": torch.__version__}
+                      "threads": torch.get_num_threads(), "torch": torch.__version__,
+                      "diverged": RUN.get("diverged")}  # a resumed run still ends in error
         doc = json.dumps({**state, **provenance}, default=put)
         checksum = _checksum(doc, tensors)
         try:
@@ -413,8 +433,11 @@ def read_checkpoint(path, tensors=True):
             meta, found = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys() if tensors}
         if tensors and meta.get("sha256") != _checksum(meta.get("state", ""), found):
             raise ValueError("checksum mismatch: the file is corrupt")
-        return json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
+        doc = json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
             d["__tensor__"], d) if d.keys() == {"__tensor__"} else d)
+        if not isinstance(doc, dict):
+            raise ValueError("its document is not a JSON object")
+        return doc
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
         problem = f"{path}: not a readable checkpoint ({e}); refusing to resume from it"
         raise ValueError(problem) from None
@@ -423,6 +446,8 @@ def read_checkpoint(path, tensors=True):
 def load_checkpoint(path, modules):
     """Load save_checkpoint's file into modules {name: (model, optimizer)} -> the extra state."""
     state = read_checkpoint(path)
+    if state.get("diverged"):
+        RUN["diverged"] = state["diverged"]
     options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():
         set_state_dict(m, opt, model_state_dict=state.pop(name),

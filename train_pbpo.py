@@ -146,10 +146,16 @@ if __name__ == "__main__":
         data.load_tokenizer(cfg.rm_backbone, like=tok)
     prompts = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)  # all of them, on every rank
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
-    heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     oracle = make_oracle(cfg.oracle, cfg.oracle_temp, device)
-    oracle.check(prompts + heldout)  # every record before the first oracle call
+    oracle.check(prompts + heldout[:cfg.eval_max])  # every record before the first oracle call
+    heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     policy = M.from_pretrained(cfg.model, device)
+    longest = max(len(p["prompt_ids"]) for p in prompts)
+    for many, n in (("explore_prompts", "n_candidates"), ("leader_prompts", "group"),
+                    ("leader_prompts", "ref_samples")):  # the batches sampled at once
+        rows = getattr(cfg, many) * getattr(cfg, n) // world
+        what = f"--{many}={getattr(cfg, many)} × --{n}={getattr(cfg, n)}"
+        M.check_fits(policy, rows, longest, cfg.max_new_tokens, what)
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
     sft = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π⁰, for the KL to it
     backbone = M.from_pretrained(cfg.rm_backbone or cfg.model, device)
@@ -199,12 +205,6 @@ if __name__ == "__main__":
     def log_metrics(kind, **metrics):
         log.write(kind=kind, oracle_calls=calls, **metrics)
 
-    longest = max(len(p["prompt_ids"]) for p in prompts)
-    for many, n in (("explore_prompts", "n_candidates"), ("leader_prompts", "group"),
-                    ("leader_prompts", "ref_samples")):  # the batches sampled at once
-        rows = getattr(cfg, many) * getattr(cfg, n) // world
-        what = f"--{many}={getattr(cfg, many)} × --{n}={getattr(cfg, n)}"
-        M.check_fits(policy, rows, longest, cfg.max_new_tokens, what)
     norm0 = run.param_norm(sft)  # ‖θ⁰‖: weights far past it have diverged
 
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again

@@ -160,13 +160,13 @@ if __name__ == "__main__":
         pairs = load_preferences(cfg.prefs, tok, cfg.max_prompt_len)
         pairs = pairs[:cfg.max_pairs] if cfg.max_pairs else pairs
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
-    heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     if not cfg.online and len(pairs) < cfg.iterations * world:
         raise ValueError(f"{cfg.prefs}: {len(pairs)} pairs cannot be split into {cfg.iterations} "
                          f"parts over {world} ranks")
     oracle = make_oracle(cfg.oracle, 0.0, device)
     sampled = prompts if cfg.online else pairs  # the records whose responses are sampled
-    oracle.check(sampled + heldout)  # every record before the first oracle call
+    oracle.check(sampled + heldout[:cfg.eval_max])  # every record before the first oracle call
+    heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     policy = M.from_pretrained(cfg.model, device)
     stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     longest = max(len(p["prompt_ids"]) for p in sampled)

@@ -43,6 +43,20 @@ def test_chat_template_round_trip(tok):
     assert response[-1] == tok.eos_token_id and data.decode(tok, response) == "37 + 48 = 85.\n#### 85"
 
 
+def test_chat_template_renders_off_the_main_thread_and_keeps_a_callers_timer(tok):
+    """The template's time bound uses SIGALRM, which only the main thread may set: elsewhere it renders unbounded;
+    on the main thread a timer the caller had set is given back."""
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as pool:
+        assert pool.submit(data.encode_prompt, tok, "Tom has 37 apples.").result() == data.encode_prompt(tok, "Tom has 37 apples.")
+    signal.setitimer(signal.ITIMER_REAL, 1000)
+    try:
+        data.encode_prompt(tok, "Tom has 37 apples.")
+        assert 990 < signal.getitimer(signal.ITIMER_REAL)[0] <= 1000
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def test_plain_prompt_without_chat_template(toy):
     plain = data.load_tokenizer(toy[1].model)
     plain.chat_template = None

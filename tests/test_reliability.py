@@ -85,6 +85,16 @@ def test_selm_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
 def test_resume_on_fewer_ranks_keeps_every_pair_once(toy, tmp_path):
     flags, _ = toy
     run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}", ranks=2)
+    # a resume refused on rank 0 (a store line that is no record) stops every rank with its one line
+    store = tmp_path / "preferences.jsonl"
+    lines = store.read_bytes()
+    store.write_bytes(lines + b"[1, 2]\n")
+    proc = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume", ranks=2, ok=False)
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]  # then torchrun's own report
+    assert proc.returncode != 0 and len(ranks) == 2, proc.stderr[-3000:]  # one line each, no traceback
+    assert all("train_pbpo.py: error: " in line and "preferences.jsonl:9: expected a preference record" in line
+               for line in ranks)
+    store.write_bytes(lines)
     run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # 2 ranks -> 1
     records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
     assert [r["episode"] for r in records] == [1] * 8 + [2] * 8
@@ -121,6 +131,9 @@ def test_nonfinite_update_is_skipped_and_logged_and_divergence_ends_in_an_error(
     assert bad[1:] and all(r["what"] == "policy gradient" and r["episode"] == 1 for r in bad[1:])
     assert {r["step"] for r in bad[1:]} <= {1, 2}
     assert os.path.exists(tmp_path / "final" / "model.safetensors")
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=2", "--t_out=3", "--lr=1e30", f"--out_dir={tmp_path}",
+               "--resume", ok=False)  # the checkpoint holds the diverged policy: resumed, it is still an error
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_divergence_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_path):
@@ -375,12 +388,20 @@ def bad_inputs(toy, tmp):
         ("eval: data file that never ends", "eval.py", ["choice", model, f"--data={tmp / 'fifo.jsonl'}"], "fifo.jsonl: not a regular file"),
         # run directories that cannot hurt: planted links, changed inputs, a store that is not the checkpoint's
         ("a planted lock link", "train_pbpo.py", [model, prompts, run_dir("lock_link", tmp / "empty_model", planted_link("lock"))],
-         "lock: a symbolic link in the run directory"),
+         "lock: not a regular file in the run directory (a symbolic link, a FIFO?)"),
         ("a planted metrics link on resume", "train_pbpo.py", [*pbpo_resume, run_dir("metrics_link", pbpo_run, planted_link("metrics.jsonl"))],
-         "metrics.jsonl: a symbolic link in the run directory"),
+         "metrics.jsonl: not a regular file in the run directory"),
         ("a planted link in the export", "train_pbpo.py",
          [*pbpo_resume, "--episodes=3", run_dir("final_link", pbpo_run, planted_link("final/model.safetensors"))],
-         "final/model.safetensors: a symbolic link in the run directory"),
+         "final/model.safetensors: not a regular file in the run directory"),
+        ("a FIFO for the preference store", "train_pbpo.py",
+         [*pbpo_resume, run_dir("store_fifo", pbpo_run, lambda d: [os.remove(d / "preferences.jsonl"),
+                                                                   os.mkfifo(d / "preferences.jsonl")])],
+         "preferences.jsonl: not a regular file in the run directory (a symbolic link, a FIFO?)"),
+        ("a checkpoint whose document is a list", "train_pbpo.py",
+         [*pbpo_resume, run_dir("ckpt_list", pbpo_run, lambda d: save_file(
+             {}, d / R.CHECKPOINT, metadata={"state": "[]", "sha256": R._checksum("[]", {})}))],
+         "not a readable checkpoint"),
         ("an empty --out_dir", "train_pbpo.py", [model, prompts, "--out_dir="], "--out_dir='': expected the path of the run directory"),
         ("resume on changed inputs at the same paths", "train_pbpo.py",
          [inputs_model, inputs_prompts, *PBPO[1:], "--resume", run_dir("inputs", inputs_run)],
@@ -401,14 +422,14 @@ def bad_inputs(toy, tmp):
         ("SELM: a store with an edited label", "train_selm.py",
          [*online_flags, "--resume", run_dir("online_label", online_run, store_edit(flip_label))], "are not the"),
         ("SELM: a planted metrics link", "train_selm.py",
-         [*selm_flags, "--resume", run_dir("selm_link", selm_run, planted_link("metrics.jsonl"))], "metrics.jsonl: a symbolic link"),
+         [*selm_flags, "--resume", run_dir("selm_link", selm_run, planted_link("metrics.jsonl"))], "metrics.jsonl: not a regular file in the run directory"),
         ("SELM: resume on changed inputs", "train_selm.py", [*selm_flags, "--resume", run_dir("selm_inputs", selm_run)],
          f"--resume: --prefs={tmp / 'prefs_copy.jsonl'}: other contents"),
         # remote code and chat templates: a model directory is data, never code
         ("auto_map in config.json", "train_pbpo.py",
          [model_copy("automap", lambda p: [set_json(p / "config.json", "auto_map", {"AutoModel": "evil.Model"}),
                                            (p / "evil.py").write_text(f"open({str(tmp / 'EVIL')!r}, 'w')")]), prompts],
-         "config.json: 'auto_map' names Python code of the model directory to run"),
+         "config.json: 'auto_map' names Python code to run; no code of a model directory is ever run"),
         ("auto_map in tokenizer_config.json", "train_pbpo.py",
          [model_copy("automap_tok", lambda p: set_json(p / "tokenizer_config.json", "auto_map", {"AutoTokenizer": ["evil.Tok", None]})),
           prompts], "tokenizer_config.json: 'auto_map' names Python code"),
@@ -430,12 +451,12 @@ def bad_inputs(toy, tmp):
          [model, prompt_file("noanswer17s.jsonl", no_answer_17), *SELM, "--online"], "noanswer17s.jsonl:17: --oracle=gold needs"),
         ("NaN weights", "train_pbpo.py",
          [model_copy("nan", lambda p: weights(p, "model.norm.weight", lambda w: w * float("nan"))), prompts],
-         "tensor 'model.norm.weight' holds NaN or inf values"),
+         "tensor 'model.norm.weight' (torch.float32): expected finite floating-point weights, no NaN or inf"),
         ("bool weights", "train_pbpo.py", [model_copy("bool", lambda p: weights(p, "model.norm.weight", lambda w: w > 0)), prompts],
-         "tensor 'model.norm.weight' is torch.bool, expected floating-point weights"),
+         "tensor 'model.norm.weight' (torch.bool): expected finite floating-point weights"),
         ("int8 weights", "train_pbpo.py",
-         [model_copy("int8", lambda p: weights(p, "model.norm.weight", lambda w: w.to(torch.int8))), prompts], "is torch.int8, expected"),
-        ("eval: NaN weights", "eval.py", ["generation", f"--model={tmp / 'nan'}", f"--prompts={t.heldout}"], "holds NaN or inf values"),
+         [model_copy("int8", lambda p: weights(p, "model.norm.weight", lambda w: w.to(torch.int8))), prompts], "(torch.int8): expected finite floating-point weights"),
+        ("eval: NaN weights", "eval.py", ["generation", f"--model={tmp / 'nan'}", f"--prompts={t.heldout}"], "no NaN or inf"),
         ("an enhancer temperature of 1e-300", "train_pbpo.py", [model, prompts, "--enh_temp=1e-300"],
          "--enh_temp=1e-300: expected at least 1e-06"),
         ("2e9 exploration prompts", "train_pbpo.py", [model, prompts, "--explore_prompts=2000000000"],
@@ -522,8 +543,8 @@ def test_bad_inputs_give_one_clear_message(toy, tmp_path):
             failures.append(f"{name}: rc={code}, last stderr line {message!r}, expected {expected!r}")
         elif was is not None and after != was:  # nothing lost, nothing left behind
             failures.append(f"{name}: {out_dir} changed: {sorted(was)} -> {sorted(after)}")
-        elif was is None and after and (after.get("preferences.jsonl") or after.get("metrics.jsonl")):
-            failures.append(f"{name}: the oracle was called before the refusal: {sorted(after)}")
+        elif was is None and after and set(after) - {"lock"}:  # a refused fresh run leaves its lock alone
+            failures.append(f"{name}: a refused run left files behind: {sorted(after)}")
     assert not failures, "\n".join(failures)
     assert not os.path.exists(tmp_path / "MARKER")  # the crafted checkpoint ran nothing
     assert not os.path.exists(tmp_path / "EVIL")  # nor did the model directory's code
@@ -753,7 +774,12 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
     assert R.read_checkpoint(str(tmp_path / R.CHECKPOINT), tensors=False)["episode"] == 1
     assert not os.path.exists(tmp_path / f"{R.CHECKPOINT}.tmp")
     assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 16  # episode 2's pairs kept
-    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # space again: it continues
+    # space again: it continues; here on 2 threads, which it says will change the last bits
+    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"warning: \S+checkpoint.safetensors was written by torch \S+ on 1 threads, this is torch \S+ on 2: "
+                     r"the resumed run will differ from an unbroken one in the last bits", proc.stderr), proc.stderr[-3000:]
     assert [r["episode"] for r in data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records] == [1] * 8 + [2] * 8
 
 
@@ -767,20 +793,9 @@ def test_a_write_past_the_file_size_limit_names_its_file_and_keeps_the_pairs(toy
                           capture_output=True, text=True, preexec_fn=small_files, timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     kept = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
-    assert proc.stderr.strip().splitlines()[-1] == (f"train_pbpo.py: error: {tmp_path / 'preferences.jsonl'}: writing a "
-                                                    f"labelled pair failed (File too large); the {len(kept)} pairs before "
-                                                    "it are kept")
+    assert proc.stderr.strip().splitlines()[-1] == (f"train_pbpo.py: error: {tmp_path / 'preferences.jsonl'}: writing "
+                                                    "failed (File too large); earlier lines kept")
     assert kept
-
-
-def test_resume_on_another_thread_count_warns_that_the_last_bits_will_differ(toy, tmp_path):
-    flags, _ = toy
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"warning: \S+checkpoint.safetensors was written by torch \S+ on 1 threads, this is torch \S+ on 2: "
-                     r"the resumed run will differ from an unbroken one in the last bits", proc.stderr), proc.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------- distributed faults
