@@ -57,7 +57,7 @@ def render_chat(tokenizer, messages, where, **options):
     def too_long(signum, frame):
         raise TimeoutError
 
-    timed = threading.current_thread() is threading.main_thread()  # SIGALRM: the main thread's
+    timed = threading.current_thread() is threading.main_thread()  # only it may take SIGALRM
     if timed:
         previous = signal.signal(signal.SIGALRM, too_long), signal.getitimer(signal.ITIMER_REAL)
         signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
@@ -187,7 +187,7 @@ def report_dropped(path, kept, total, max_prompt_len):
 
 
 def load_prompts(path, tokenizer, max_prompt_len):
-    """Prompt items {prompt, prompt_ids, answer} from {"prompt"}, {"messages"} or GSM8K records."""
+    """Items {prompt, prompt_ids, answer, where} from {"prompt"}, {"messages"} or GSM8K records."""
     rows, items = records(path), []
     for where, rec in rows:
         key = next((k for k in ("question", "prompt", "messages") if k in rec), None)
@@ -226,7 +226,7 @@ def collate(prompt_ids, response_ids, pad_id):
 
 # ---------------------------------------------------------------- the preference store
 def open_own(path, mode):  # open() for a run directory's own files, never through a planted link
-    no_link = lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)  # else ELOOP
+    no_link = lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)  # a link: ELOOP
     return open(path, mode, opener=no_link, **({} if "b" in mode else {"encoding": "utf-8"}))
 
 
@@ -260,7 +260,7 @@ class PreferenceStore:
         self.records = [self.parse(line, f"{path}:{i}")
                         for i, line in enumerate(body.split(b"\n"), 1) if line.strip()]
         self.torn = len(tail) if tail.strip() else 0
-        if self.torn:  # a write the kill cut short: its episode, never checkpointed, is redone
+        if self.torn:  # a write the kill cut short: its episode (iteration), never saved, is redone
             line = raw.count(b"\n") + 1
             warnings.warn(f"{path}:{line}: ignoring a torn last line ({self.torn} bytes of an "
                           "interrupted write)")

@@ -536,7 +536,7 @@ def check_context(model, max_new_tokens):
 
 
 def check_fits(model, rows, prompt_len, max_new_tokens, what):
-    """Refuse a generate() of `rows` rows that cannot fit: its KV cache and _sample's 3 logits."""
+    """Refuse a generate() of `rows` rows that cannot fit: a KV cache, 3 (rows, V) fp32 buffers."""
     check_context(model, max_new_tokens)
     cfg, device = model.config, model.inv_freq.device
     element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU

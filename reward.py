@@ -77,9 +77,10 @@ class Oracle:
         """The policy judged on held-out items (calls not counted), greedy unless sampling says
         otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the final
         '#### N' over the items with an answer, and the mean score, over the shares of all ranks."""
-        texts = [data.decode(tok, y) for y in M.sample(
-            policy, [p["prompt_ids"] for p in items], max_new_tokens, pad_id=tok.pad_token_id,
-            eos_ids=eos_ids or [tok.eos_token_id], **{"temperature": 0.0, **sampling})]
+        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens,
+                             pad_id=tok.pad_token_id, eos_ids=eos_ids or [tok.eos_token_id],
+                             **{"temperature": 0.0, **sampling})
+        texts = [data.decode(tok, y) for y in responses]
         reward = sum(map(float, self.score_fn(items, texts)))
         correct = sum(data.is_correct(t, p["answer"]) for t, p in zip(texts, items)
                       if p.get("answer") is not None)

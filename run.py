@@ -156,7 +156,7 @@ def generator(*keys):  # a torch.Generator seeded by the rule
 
 
 # ---------------------------------------------------------------- out_dir and metrics
-READ = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken")  # what loaders read
+LOADED = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken")  # what loaders read
 
 
 def sha256_of(path):
@@ -180,7 +180,7 @@ def input_digests(cfg):  # {flag: {file: SHA-256}} of the files (or directories)
             path = path.removeprefix("rm:") if path.startswith("rm:") else ""
         files = [path]
         if os.path.isdir(path):  # what its loaders read, not a README added later
-            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(READ))
+            files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(LOADED))
         digests[flag] = {os.path.basename(f): sha256_of(f) for f in filter(os.path.isfile, files)}
     return digests
 
@@ -217,7 +217,7 @@ def check_out_dir(cfg, inputs=None):
     with warnings.catch_warnings():  # read only: a torn last line is the run's to warn about
         warnings.simplefilter("ignore")
         pairs = data.PreferenceStore(os.path.join(out, "preferences.jsonl"), cfg.UNIT).records
-    if any(r[cfg.UNIT] > 1 for r in pairs):  # the first one's end wrote a checkpoint
+    if any(r[cfg.UNIT] > 1 for r in pairs):  # episode 1 ended, and its end wrote a checkpoint
         had_one.append(f"preferences.jsonl (pairs of {cfg.UNIT} {pairs[-1][cfg.UNIT]})")
     if cfg.resume and had_one and CHECKPOINT not in traces:
         raise FileNotFoundError(f"--resume: no {ckpt}, yet {had_one[0]} shows the run had one: "
@@ -243,7 +243,7 @@ def check_out_dir(cfg, inputs=None):
     if changed:
         raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
                          "read (a resume is the same run, on the same inputs)")
-    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # those it saw, unless edited
+    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # of the episodes it had finished
     count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
     if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
         raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
@@ -257,13 +257,13 @@ def check_out_dir(cfg, inputs=None):
 
 
 def start(cfg, rank, world):
-    """-> the mode, rank 0's on every rank. The toy task where no --model is given; rank 0 checks
-    out_dir before any file is written, locks it (out_dir/lock, till the process ends, kill -9
-    included), checks the inputs' digests. A refusal stops every rank with its one line."""
+    """-> rank 0's mode, on every rank. The toy task where no --model is given; rank 0 checks the
+    out_dir before writing, locks it (out_dir/lock, its fd never closed: held till the process ends,
+    kill -9 included), checks input digests. A refusal stops every rank with the same one line."""
     if not cfg.model:
         import toy
         toy.fill_defaults(cfg, rank, world)
-    verdict = ["", None]  # rank 0's refusal, and the mode
+    verdict = ["", None]  # rank 0's refusal and mode, a list as broadcast_object_list takes
     try:
         if rank == 0:
             verdict[1] = lock_and_check(cfg)
@@ -291,7 +291,7 @@ def lock_and_check(cfg):  # start's rank-0 part -> the mode
     os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: {' '.join(sys.argv)}".encode())
     RUN["inputs"] = input_digests(cfg)
     print(json.dumps(asdict(cfg), indent=1))
-    return check_out_dir(cfg, RUN["inputs"])
+    return check_out_dir(cfg, RUN["inputs"])  # again, under the lock, with the digests
 
 
 class MetricsLog:
@@ -351,14 +351,14 @@ def check_weights(model, norm0, where, log, on_nonfinite, ckpt_path, **fields):
     """After an update: weights past DIVERGED × ‖θ⁰‖ (or NaN) are logged once as 'nonfinite'; stop
     ends the run here, skip at its end (finish): an applied update cannot be skipped."""
     norm = param_norm(model)
-    if norm <= DIVERGED * norm0 or "diverged" in RUN:
+    if norm <= DIVERGED * norm0 or ("diverged" in RUN and on_nonfinite == "skip"):  # once
         return
     RUN["diverged"] = f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {norm0:.4g}) at {where}"
     nonfinite(RUN["diverged"], "; the run goes on (--on_nonfinite=skip)", log, on_nonfinite,
               ckpt_path, what="policy weights", value=str(norm), **fields)
 
 
-def finish(log_path):  # a run that diverged ends with an error, never quietly with status 0
+def fail_if_diverged(log_path):  # a diverged run ends in an error, never quietly with status 0
     if "diverged" in RUN:
         raise FloatingPointError(f"{RUN['diverged']}; it was trained and exported all the same "
                                  f"(--on_nonfinite=skip), see {log_path}")

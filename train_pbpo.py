@@ -74,7 +74,7 @@ class Config:
     seed: int = 0
     resume: bool = False  # continue the run in out_dir from its checkpoint
     eval_max: int = 256  # held-out prompts evaluated at the start and the end
-    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf loss or gradient skips the update, or stops
+    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf gradient, or diverged weights (README)
     dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before failing
 
     AT_LEAST = {"episodes": (1, "K"), "explore_prompts": (1, "M"), "n_candidates": (1, "N"),
@@ -151,11 +151,11 @@ if __name__ == "__main__":
     heldout = data.shard(heldout[:cfg.eval_max], rank, world)
     policy = M.from_pretrained(cfg.model, device)
     longest = max(len(p["prompt_ids"]) for p in prompts)
-    for many, n in (("explore_prompts", "n_candidates"), ("leader_prompts", "group"),
-                    ("leader_prompts", "ref_samples")):  # the batches sampled at once
-        rows = getattr(cfg, many) * getattr(cfg, n) // world
-        what = f"--{many}={getattr(cfg, many)} × --{n}={getattr(cfg, n)}"
-        M.check_fits(policy, rows, longest, cfg.max_new_tokens, what)
+    for prompts_flag, n_flag in (("explore_prompts", "n_candidates"), ("leader_prompts", "group"),
+                                 ("leader_prompts", "ref_samples")):  # each sampled at once
+        count, per_prompt = getattr(cfg, prompts_flag), getattr(cfg, n_flag)
+        what = f"--{prompts_flag}={count} × --{n_flag}={per_prompt}"
+        M.check_fits(policy, count * per_prompt // world, longest, cfg.max_new_tokens, what)
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
     sft = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π⁰, for the KL to it
     backbone = M.from_pretrained(cfg.rm_backbone or cfg.model, device)
@@ -210,7 +210,7 @@ if __name__ == "__main__":
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
         log.cut(0)
         if master and store.records:
-            store.keep_before(1)
+            store.keep_before(1)  # episodes count from 1: every pair is set aside
             print(f"{ckpt_path} does not exist yet: starting over; the pairs labelled before are "
                   f"kept in {store.dropped_path} and labelled again")
     if mode == "resume":
@@ -382,4 +382,4 @@ if __name__ == "__main__":
         print(f"policy exported to {export}; metrics in {cfg.out_dir}/metrics.jsonl")
     if world > 1:
         dist.destroy_process_group()
-    run.finish(log.path)
+    run.fail_if_diverged(log.path)

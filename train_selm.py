@@ -66,7 +66,7 @@ class Config:
     seed: int = 0
     resume: bool = False  # continue the run in out_dir from its checkpoint
     eval_max: int = 256  # held-out prompts evaluated at the start and the end
-    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf loss or gradient skips the step, or stops
+    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf gradient, or diverged weights (README)
     dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before failing
 
     AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
@@ -389,4 +389,4 @@ if __name__ == "__main__":
         print(f"policy exported to {export}; metrics in {cfg.out_dir}/metrics.jsonl")
     if world > 1:
         dist.destroy_process_group()
-    run.finish(log.path)
+    run.fail_if_diverged(log.path)
