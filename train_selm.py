@@ -111,7 +111,7 @@ def load_preferences(path, tokenizer, max_prompt_len):
                           "rejected": rejected,
                           "chosen_ids": data.encode_response(tokenizer, chosen),
                           "rejected_ids": data.encode_response(tokenizer, rejected),
-                          "answer": data.answer_of(where, rec)})
+                          "answer": data.answer_of(where, rec), "where": where})
     data.report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
