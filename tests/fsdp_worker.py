@@ -3,6 +3,7 @@
     torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR            # training, sampling, saving
     torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR --compile  # the compiled decode step
 """
+import os
 import sys
 
 import torch
@@ -21,6 +22,15 @@ ckpt, out = sys.argv[1], sys.argv[2]
 rank, world, device = run.init_distributed(timeout_s=120)
 assert world == 2 and device.type == "cpu"
 ref = M.from_pretrained(ckpt)
+def finish():
+    """Leave without interpreter finalisation: gloo's worker threads can abort it (SIGABRT,
+    "terminate called without an active exception") after the checks above have all passed."""
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses, rank 1 two short ones
     from train_pbpo import leader_loss
     sharded = run.shard_model(M.from_pretrained(ckpt))
@@ -38,8 +48,7 @@ if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses,
     for (name, p), q in zip(sharded.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
     print(f"rank {rank}: leader step OK with {int(resp[mine].sum())} response tokens")
-    dist.destroy_process_group()
-    sys.exit(0)
+    finish()
 if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
     sharded = run.shard_model(M.from_pretrained(ckpt))
     prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
@@ -49,8 +58,7 @@ if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hoo
         assert torch.equal(gen.tokens, gen_r.tokens), (gen.tokens, gen_r.tokens)
         torch.testing.assert_close(gen.logprobs, gen_r.logprobs, rtol=0, atol=1e-5)
     print(f"rank {rank}: FSDP compiled generate OK")
-    dist.destroy_process_group()
-    sys.exit(0)
+    finish()
 sharded = run.shard_model(M.from_pretrained(ckpt), activation_checkpointing=True)
 plain = run.shard_model(M.from_pretrained(ckpt))  # no activation checkpointing
 assert isinstance(sharded.lm_head.weight, DTensor)
@@ -110,4 +118,4 @@ for k, v in ref.state_dict().items():
     torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=1e-5)
 dist.barrier()
 print(f"rank {rank}: FSDP OK")
-dist.destroy_process_group()
+finish()
