@@ -128,7 +128,7 @@ def delete_unless_running(out_dir):
 
 
 def recorded_command(path):
-    """The command a finished run wrote to its command.json, or None (none finished there)."""
+    """The command a run wrote to its command.json (or command.begun.json), or None."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -136,38 +136,52 @@ def recorded_command(path):
         return None
 
 
+TRACES = ("checkpoint.safetensors", "checkpoints.log", "preferences.jsonl", "metrics.jsonl")
+
+
 def run_arm(script, flags, out_dir, resume_from=None):
     """Train one run in a subprocess (one thread), its output in out_dir/log.txt; returns its
-    metrics.jsonl lines. A finished run of the same command (out_dir/command.json) is reused,
-    anything else in out_dir is deleted first. resume_from: a finished run whose files this one
-    starts from, with --resume (e.g. more episodes)."""
+    metrics.jsonl lines. A finished run of the same command (out_dir/command.json) is reused; an
+    interrupted one of the same command (command.begun.json) is continued with --resume, so what
+    it labelled is kept; anything else in out_dir is deleted first. resume_from: a finished run
+    whose files this one starts from, with --resume (e.g. more episodes)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}",
            *["--resume"] * bool(resume_from)]
     done = os.path.join(out_dir, "command.json")
+    begun = os.path.join(out_dir, "command.begun.json")
     if recorded_command(done) != cmd[1:]:
         if STOPPING.is_set():  # before deleting anything
             raise RuntimeError(f"not started, the driver is stopping: {' '.join(cmd)}")
-        delete_unless_running(out_dir)
-        if resume_from:
-            shutil.copytree(resume_from, out_dir, ignore=shutil.ignore_patterns(
-                "command.json", "final", "lock", "log.txt"))
-        else:
-            os.makedirs(out_dir)
-        with open(os.path.join(out_dir, "log.txt"), "w") as log:
-            child = start_child(cmd, log)
+        again = recorded_command(begun) == cmd[1:]
+        if not again:
+            delete_unless_running(out_dir)
+            if resume_from:
+                shutil.copytree(resume_from, out_dir, ignore=shutil.ignore_patterns(
+                    "command*.json", "final", "lock", "log.txt"))
+            else:
+                os.makedirs(out_dir)
+            write_command(begun, cmd[1:])
+        traces = [f for f in TRACES if os.path.exists(os.path.join(out_dir, f))]
+        resume = ["--resume"] if again and traces and "--resume" not in cmd else []
+        with open(os.path.join(out_dir, "log.txt"), "a" if again else "w") as log:
+            child = start_child(cmd + resume, log)
             try:
                 rc = child.wait()
             finally:
                 with CHILDREN_LOCK:
                     CHILDREN.discard(child)
         if rc:
-            raise RuntimeError(f"{' '.join(cmd)} exited with {rc}; its output is in "
+            raise RuntimeError(f"{' '.join(cmd + resume)} exited with {rc}; its output is in "
                                f"{out_dir}/log.txt")
-        with open(done + ".tmp", "w") as f:
-            json.dump(cmd[1:], f)
-        os.replace(done + ".tmp", done)  # a driver killed mid-write leaves no half file
+        write_command(done, cmd[1:])
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def write_command(path, command):  # atomically: a driver killed mid-write leaves no half file
+    with open(path + ".tmp", "w") as f:
+        json.dump(command, f)
+    os.replace(path + ".tmp", path)
 
 
 T_975 = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}  # by n

@@ -138,6 +138,8 @@ fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(lock, f"pid {os.getpid()} on {os.uname().nodename}: stand-in".encode())
 with open(os.path.join(out, "metrics.jsonl"), "w") as f:
     f.write('{"kind": "final_eval", "oracle_calls": 1}\\n')
+with open(os.path.join(out, "argv"), "w") as f:
+    f.write(" ".join(sys.argv[1:]))
 with open(os.path.join(out, "started.tmp"), "w") as f:
     f.write(str(os.getpid()))
 os.replace(os.path.join(out, "started.tmp"), os.path.join(out, "started"))
@@ -319,3 +321,17 @@ def test_a_run_directory_in_use_is_never_deleted(tmp_path):
     assert T.run_arm(fake, ["--hold=0"], str(out)) == [{"kind": "final_eval", "oracle_calls": 1}]
     assert json.loads((out / "command.json").read_text())[-1] == f"--out_dir={out}"
     assert not (out / "stopped").exists() and not (out / "command.json.tmp").exists()
+
+
+def test_an_interrupted_run_is_continued_with_resume_and_keeps_its_pairs(tmp_path):
+    """A run of the same command that began and did not finish (a killed driver) is continued with
+    --resume, never deleted: the pairs it labelled stay. A run of another command starts over."""
+    fake, out = fake_run(tmp_path), tmp_path / "run"
+    out.mkdir()
+    (out / "command.begun.json").write_text(json.dumps([fake, "--hold=0", f"--out_dir={out}"]))
+    (out / "preferences.jsonl").write_text('{"episode": 1, "label": 1}\n')  # labelled, paid for
+    assert T.run_arm(fake, ["--hold=0"], str(out)) == [{"kind": "final_eval", "oracle_calls": 1}]
+    assert (out / "argv").read_text().split()[-1] == "--resume"
+    assert (out / "preferences.jsonl").read_text() == '{"episode": 1, "label": 1}\n'
+    assert T.run_arm(fake, ["--hold=0", "--lr=2"], str(out))  # another command: a fresh directory
+    assert "--resume" not in (out / "argv").read_text() and not (out / "preferences.jsonl").exists()
