@@ -14,8 +14,8 @@ import warnings
 import torch
 
 # ---------------------------------------------------------------- tokenizer and encoding
-def load_tokenizer(path, like=None):
-    """A local HF tokenizer with an EOS (pad falls back to it), equal to `like` if one is given."""
+def load_tokenizer(path):
+    """A local HF tokenizer with an EOS (pad falls back to it)."""
     from transformers import AutoTokenizer
     refuse_remote_code(path)
     try:  # no remote code: a model directory is untrusted input
@@ -26,12 +26,15 @@ def load_tokenizer(path, like=None):
     if tok.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token (set eos_token in "
                          "tokenizer_config.json)")
-    if like is not None and tok.get_vocab() != like.get_vocab():
-        raise ValueError(f"{path}: its tokenizer is not {like.name_or_path}'s, whose token ids it "
-                         "would be given")
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_same_tokenizer(path, tok):  # a model at path is fed tok's token ids: the same vocabulary
+    if load_tokenizer(path).get_vocab() != tok.get_vocab():
+        raise ValueError(f"{path}: its tokenizer is not {tok.name_or_path}'s, whose token ids it "
+                         "would be given")
 
 
 def refuse_remote_code(path):

@@ -26,7 +26,9 @@ import torch
 
 import data
 import model as M
+import ranks
 import run
+from run import knob
 from reward import make_oracle
 
 
@@ -120,7 +122,7 @@ def choice(policy, items, pad_id, batch_size=32):
     argmax = lambda v: max(range(len(v)), key=v.__getitem__)
     correct = sum(argmax(ll) == p["answer"] for ll, p in zip(per_item, items))
     correct_norm = sum(argmax(ll) == p["answer"] for ll, p in zip(per_byte, items))
-    correct, correct_norm, n = run.all_sum([correct, correct_norm, len(items)], device)
+    correct, correct_norm, n = ranks.all_sum([correct, correct_norm, len(items)], device)
     return {"accuracy": correct / max(n, 1.0), "accuracy_norm": correct_norm / max(n, 1.0),
             "n": int(n), "loglik": per_item}
 
@@ -143,7 +145,7 @@ def winrate(policy, ref, tok, items, score_fn, max_new_tokens, batch_size=64, te
                           eos_ids=eos_ids) for m in (policy, ref)]
     s, s_ref = (torch.tensor([float(v) for v in score_fn(items, t)]) for t in texts)  # (n,) each
     counts = [(s > s_ref).sum(), (s == s_ref).sum(), len(items), s.sum(), s_ref.sum()]
-    wins, ties, n, r, r_ref = run.all_sum(counts, next(policy.parameters()).device)
+    wins, ties, n, r, r_ref = ranks.all_sum(counts, next(policy.parameters()).device)
     p = (wins + 0.5 * ties) / max(n, 1.0)
     lo, hi = wilson(p, n, z)
     return {"win_rate": p, "ci_low": lo, "ci_high": hi, "wins": int(wins), "ties": int(ties),
@@ -157,7 +159,7 @@ def rewards(policy, tok, items, score_fn, max_new_tokens, bins=10, batch_size=64
     over all ranks."""
     texts = sample_texts(policy, tok, items, max_new_tokens, batch_size, temperature, seed,
                          eos_ids=eos_ids)
-    scores = run.gather([float(v) for v in score_fn(items, texts)])
+    scores = ranks.gather([float(v) for v in score_fn(items, texts)])
     s = torch.tensor(scores, dtype=torch.float64)  # (n,)
     counts, edges = torch.histogram(s, bins=bins)
     return {"mean": s.mean().item(), "std": s.std(correction=0).item(), "n": len(s),
@@ -167,21 +169,22 @@ def rewards(policy, tok, items, score_fn, max_new_tokens, bins=10, batch_size=64
 # ---------------------------------------------------------------- command line
 @dataclass
 class Config:
-    model: str = ""  # the policy, an HF checkpoint dir with its tokenizer (every command)
-    prompts: str = ""  # prompt file (generation, winrate, rewards): GSM8K, {prompt} or {messages}
-    data: str = ""  # multiple-choice file (choice)
-    ref: str = ""  # the reference policy's checkpoint dir (winrate)
-    oracle: str = "gold"  # gold | gsm8k | rm:PATH
-    k: int = 1  # pass@k (generation): k samples per prompt, needs --temperature > 0
-    bins: int = 10  # histogram bins (rewards)
-    temperature: float = 0.0  # sampling temperature; 0 = greedy
-    max_new_tokens: int = 256
-    max_prompt_len: int = 512
-    batch_size: int = 64  # sequences per sampler call
-    limit: int = 0  # evaluate the first N items only (0 = all)
-    seed: int = 0
-    device: str = ""  # cpu | cuda (default: cuda when there is one)
-    out: str = ""  # write the results as JSON here
+    model: str = knob("", "the policy, an HF checkpoint dir with its tokenizer (every command)")
+    prompts: str = knob("", "prompt file (generation, winrate, rewards): GSM8K, {prompt} or "
+                            "{messages}")
+    data: str = knob("", "multiple-choice file (choice)")
+    ref: str = knob("", "the reference policy's checkpoint dir (winrate)")
+    oracle: str = knob("gold", "gold | gsm8k | rm:PATH")
+    k: int = knob(1, "pass@k (generation): k samples per prompt, needs --temperature > 0")
+    bins: int = knob(10, "histogram bins (rewards)")
+    temperature: float = knob(0.0, "sampling temperature; 0 = greedy")
+    max_new_tokens: int = knob(256, "")
+    max_prompt_len: int = knob(512, "")
+    batch_size: int = knob(64, "sequences per sampler call")
+    limit: int = knob(0, "evaluate the first N items only (0 = all)")
+    seed: int = knob(0, "")
+    device: str = knob("", "cpu | cuda (default: cuda when there is one)")
+    out: str = knob("", "write the results as JSON here")
 
     AT_LEAST = {"k": (1, ""), "bins": (1, ""), "max_new_tokens": (1, ""), "batch_size": (1, ""),
                 "max_prompt_len": (1, "")}
@@ -269,7 +272,7 @@ def main(argv=None):
     tok = data.load_tokenizer(cfg.model)
     stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     if cmd == "winrate":  # the reference policy is given the policy's token ids
-        data.load_tokenizer(cfg.ref, like=tok)
+        data.check_same_tokenizer(cfg.ref, tok)
         stop = sorted({*stop, *M.stop_ids(cfg.ref, tok)})
     if cmd == "choice":
         items = load_choices(cfg.data, tok, cfg.max_prompt_len)[:cfg.limit or None]
@@ -296,5 +299,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run.friendly_errors("eval.py")
-    main()
+    with run.friendly_errors("eval.py"):
+        main()

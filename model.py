@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.checkpoint import checkpoint
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -561,3 +561,14 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
         responses += gen.responses()
         token_logprobs += [lp[m].tolist() for lp, m in zip(gen.logprobs.cpu(), gen.mask.cpu())]
     return (responses, token_logprobs) if logprobs else responses
+
+
+# ---------------------------------------------------------------- FSDP2
+def shard(model, mesh, mp_policy, activation_checkpointing=False):
+    """FSDP2 (fully_shard): each block a unit of its own, its weights gathered just before its
+    forward and freed after, then the root (embedding, final norm, lm_head)."""
+    for block in model.model.layers:
+        block.checkpoint = activation_checkpointing  # recompute the block's activations in backward
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    return model

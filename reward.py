@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import data
 import model as M
-import run
+import ranks
 from explore import trajectory_features
 
 
@@ -47,11 +47,15 @@ def bt_loss(r0, r1, labels):  # L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))),
 
 
 class Oracle:
-    """Scores responses with r* and labels pairs o ~ Bernoulli(σ((r*(τ¹) − r*(τ⁰)) / temp))."""
+    """Scores responses with r* and labels pairs o ~ Bernoulli(σ((r*(τ¹) − r*(τ⁰)) / temp)). Every
+    rank calls score with its share; `calls` counts every rank's responses scored."""
 
-    def __init__(self, score_fn, temp=0.0, spec=""):
-        self.score_fn, self.temp, self.calls = score_fn, temp, 0
+    def __init__(self, score_fn, temp=0.0, spec="", device="cpu"):
+        self.score_fn = score_fn
+        self.temp = temp
         self.spec = spec  # --oracle; gold and gsm8k score against each prompt's answer
+        self.device = device  # where the count is summed over ranks (nccl: a GPU)
+        self.calls = 0  # of the whole job, all ranks; a resumed run restores it
 
     def check(self, items):
         """Refuse, before the first call, a record this oracle cannot score, naming it."""
@@ -62,7 +66,7 @@ class Oracle:
 
     def score(self, prompts, responses):  # r* of each (prompt record, response text): one call each
         scores = torch.tensor([float(s) for s in self.score_fn(prompts, responses)])  # (n,)
-        self.calls += len(responses)
+        self.calls += int(ranks.all_sum([len(responses)], self.device)[0])  # collective
         for i in (~torch.isfinite(scores)).nonzero().flatten().tolist()[:1]:
             raise ValueError(f"oracle returned {scores[i].item()} for pair item {i}: prompt "
                              f"{str(prompts[i]['prompt'])[:80]!r}, response {responses[i][:80]!r}")
@@ -84,7 +88,7 @@ class Oracle:
         reward = sum(map(float, self.score_fn(items, texts)))
         correct = sum(data.is_correct(t, p["answer"]) for t, p in zip(texts, items)
                       if p.get("answer") is not None)
-        correct, reward, n = run.all_sum([correct, reward, len(items)], policy.inv_freq.device)
+        correct, reward, n = ranks.all_sum([correct, reward, len(items)], policy.inv_freq.device)
         return {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
 
 
@@ -136,4 +140,4 @@ def make_oracle(spec, temp=0.0, device="cpu"):
         fn = hf_reward_scorer(spec[3:], device)
     else:
         raise ValueError(f"--oracle={spec!r}: expected gold, gsm8k or rm:PATH")
-    return Oracle(fn, temp, spec)
+    return Oracle(fn, temp, spec, device)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 import data
 import model as M
+from run import knob
 
 NAMES = "Tom Ann Sam Mia Ben Eva Leo Zoe Max Ivy Dan Amy".split()
 ITEMS = "apples pens cards coins books shells stamps marbles cookies stickers".split()
@@ -272,14 +273,15 @@ def fill_defaults(cfg, rank, world):
 
 @dataclass
 class Config:
-    out_dir: str = "out/toy"  # where the task is built
-    seed: int = 0  # problems, demonstrations and SFT initialisation
-    quick: bool = False  # the reduced build the tests use
-    rare: bool = False  # the rare setting: the crowd guesses on 2- / 1-step problems at 0.97 / 0.9
+    out_dir: str = knob("out/toy", "where the task is built")
+    seed: int = knob(0, "problems, demonstrations and SFT initialisation")
+    quick: bool = knob(False, "the reduced build the tests use")
+    rare: bool = knob(False, "the rare setting: the crowd guesses on 2- / 1-step problems at 0.97 / "
+                             "0.9")
 
 
 if __name__ == "__main__":
     import run
-    run.friendly_errors("toy.py")
     cfg = run.parse_flags(Config, __doc__)
-    print(build(cfg.out_dir, cfg.seed, cfg.quick, cfg.rare))
+    with run.friendly_errors("toy.py"):
+        print(build(cfg.out_dir, cfg.seed, cfg.quick, cfg.rare))

@@ -3,13 +3,15 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
 
   for episode k = 1..K:
     π_ref = π, frozen for the episode
-    (I) reward-agnostic exploration, for each of M prompts x:
-        y⁰ ~ π_ref(·|x);  y¹..y^N ~ π_enh(·|x), the enhancer: π_ref at temperature T_enh
-        j* = argmax_j ‖φ(x, y⁰) − φ(x, y^j)‖_{Σ⁻¹};  o = oracle(x, y⁰, y^{j*})
-        D ← D ∪ {(x, y⁰, y^{j*}, o)};  Σ ← Σ + Δφ Δφᵀ
+    (I) reward-agnostic exploration, on M prompts x:
+        the enhancer π̂ ≈ argmax_π ‖E_π φ(x, y¹) − E_π_ref φ(x, y⁰)‖_{Σ⁻¹}: a few policy-gradient
+        steps from π_ref (--enhancer=best_of_n: the cheaper stand-in, N samples of π_ref at T_enh)
+        y⁰ ~ π_ref(·|x);  y¹ ~ π̂(·|x);  o = oracle(x, y⁰, y¹)
+        D ← D ∪ {(x, y⁰, y¹, o)};  Σ ← Σ + Δφ Δφᵀ
     (II) reward-aware exploitation, T_out times: G samples per prompt from π, R from π_ref
-        follower, T_in steps:  w ← Proj_B(w − η_r ∇_w [L_BT(w; D) + ρ (E_π r_w − E_π_ref r_w)])
-                               (each step on a minibatch of D)
+        follower, T_in steps:  w ← Proj_B(w − η ∇_w [gap(w) + β Σ_{i∈D} ℓ_i(w)])
+                               gap(w) = E_π r_w − E_π_ref r_w, ℓ_i the BT loss of pair i
+                               (--follower=dual: β by dual ascent on ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k)
         leader, one AdamW step up ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))] (clipped at 1)
     the leader's gradient: REINFORCE with the KL folded into the reward and a leave-one-out
     baseline among a prompt's G samples; π_anchor is π⁰ (the SFT policy) or π_ref.
@@ -19,73 +21,89 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
   torchrun --nproc_per_node=8 train_pbpo.py --model=PATH --prompts=FILE --oracle=rm:RM_PATH
   python train_pbpo.py --resume                                     # continue out_dir's run
 """
+import math
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
+import checkpoint
 import data
 import model as M
+import ranks
 import run
-from explore import Covariance, select_pair, trajectory_features
+from explore import Covariance, enhancer_rewards, select_pair, trajectory_features
 from reward import RewardModel, bt_loss, make_oracle
+from run import knob
 
 
 @dataclass
 class Config:
     # PbPO's symbols (ALGORITHMS.md)
-    episodes: int = 6  # K, episodes
-    explore_prompts: int = 64  # M, exploration prompts per episode (all ranks)
-    n_candidates: int = 4  # N, enhancer candidates per prompt; 1 = no reward-agnostic exploration
-    enh_temp: float = 1.2  # T_enh, the enhancer's sampling temperature
-    lam: float = 1.0  # λ, Σ = λI + Σ_i Δφ_i Δφ_iᵀ
-    t_out: int = 8  # T_out, leader steps per episode
-    t_in: int = 10  # T_in, follower steps per leader step
-    group: int = 8  # G, on-policy samples per prompt for the leave-one-out advantage
-    ref_samples: int = 8  # R, π_ref samples per prompt for the follower's gap
-    adv_coef: float = 0.1  # ρ, weight of the adversarial gap (0 = a plain maximum-likelihood RM)
-    kl_coef: float = 0.5  # κ, weight of KL(π_θ ‖ π_anchor), per sequence
-    anchor: str = "sft"  # π_anchor: sft (π⁰, the starting policy) or ref (π_ref, this episode's)
-    bound: float = 10.0  # B, ‖w‖ ≤ B
-    lr: float = 1e-4  # η_π, policy learning rate (AdamW)
-    rm_lr: float = 1.0  # η_r, reward-head step size (plain gradient steps)
-    level: str = "seq"  # seq | token: reward model and advantages per sequence or per token
+    episodes: int = knob(6, "K, episodes")
+    explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)")
+    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref), best_of_n (the "
+                                   "cheaper stand-in), none (y¹ ~ π_ref: no exploration)")
+    enh_steps: int = knob(2, "policy-gradient steps of the enhancer an episode")
+    enh_samples: int = knob(4, "samples per prompt of π̂ (and of π_ref) in an enhancer step")
+    enh_kl: float = knob(0.1, "weight of KL(π̂ ‖ π_ref), per sequence")
+    enh_lr: float = knob(1e-4, "the enhancer's AdamW learning rate")
+    n_candidates: int = knob(4, "N, best_of_n's samples of π_ref per prompt")
+    enh_temp: float = knob(1.2, "T_enh, best_of_n's sampling temperature")
+    lam: float = knob(1.0, "λ, Σ = λI + Σ_i Δφ_i Δφ_iᵀ")
+    t_out: int = knob(8, "T_out, leader steps per episode")
+    t_in: int = knob(10, "T_in, follower steps per leader step")
+    group: int = knob(8, "G, on-policy samples per prompt for the leave-one-out advantage")
+    ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap")
+    beta: float = knob(0.04, "β, weight of the summed preference likelihood (0: pure adversary)")
+    follower: str = knob("lagrangian", "lagrangian: β as given; dual: β by dual ascent on the "
+                                       "confidence set; mle: no gap (an ablation)")
+    zeta_coef: float = knob(0.1, "c, the confidence set's radius ζ_k = c · d · log(1 + k)")
+    dual_lr: float = knob(0.01, "the dual ascent's step on β")
+    kl_coef: float = knob(0.5, "κ, weight of KL(π_θ ‖ π_anchor), per sequence")
+    anchor: str = knob("sft", "π_anchor: sft (π⁰, the starting policy) or ref (π_ref)")
+    bound: float = knob(10.0, "B, ‖w‖ ≤ B")
+    lr: float = knob(1e-4, "η_π, policy learning rate (AdamW)")
+    rm_lr: float = knob(1.0, "η_r, the follower's step size before normalisation")
+    level: str = knob("seq", "seq | token: reward model and advantages per sequence or token")
     # the reward model
-    normalize: bool = True  # L2-normalise the features φ
-    rm_batch: int = 512  # preference pairs per follower step
+    normalize: bool = knob(True, "L2-normalise the features φ")
+    rm_batch: int = knob(512, "preference pairs per follower step")
     # model, data and oracle
-    model: str = ""  # π⁰, an HF checkpoint dir (default: the toy SFT model, built on first use)
-    rm_backbone: str = ""  # the RM backbone's checkpoint dir (default: the SFT policy)
-    prompts: str = ""  # training prompts (no --model: the toy train split)
-    heldout: str = ""  # held-out prompts for the gold evaluation (no --model: the toy's; else none)
-    oracle: str = "gold"  # gold | gsm8k | rm:PATH
-    oracle_temp: float = 0.0  # Bradley-Terry label temperature; 0 = deterministic labels
+    model: str = knob("", "π⁰, an HF checkpoint dir (default: the toy SFT model, built once)")
+    rm_backbone: str = knob("", "the RM backbone's checkpoint dir (default: the SFT policy)")
+    prompts: str = knob("", "training prompts (no --model: the toy train split)")
+    heldout: str = knob("", "held-out prompts for the gold evaluation (no --model: the toy's)")
+    oracle: str = knob("gold", "gold | gsm8k | rm:PATH")
+    oracle_temp: float = knob(0.0, "Bradley-Terry label temperature; 0 = deterministic labels")
     # sampling and batching
-    temperature: float = 1.0  # T: y⁰, the leader's samples and its log-probs are at T
-    max_new_tokens: int = 48
-    max_prompt_len: int = 256
-    leader_prompts: int = 16  # P, prompts per leader step (all ranks)
-    micro_batch: int = 64  # sequences per forward / backward
+    temperature: float = knob(1.0, "T: y⁰, the leader's samples and its log-probs are at T")
+    max_new_tokens: int = knob(48, "")
+    max_prompt_len: int = knob(256, "")
+    leader_prompts: int = knob(16, "P, prompts per leader step (all ranks)")
+    micro_batch: int = knob(64, "sequences per forward / backward")
     # the run
-    out_dir: str = "out/pbpo"
-    seed: int = 0
-    resume: bool = False  # continue the run in out_dir from its checkpoint
-    eval_max: int = 256  # held-out prompts evaluated at the start and the end
-    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf gradient, or diverged weights (README)
-    dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before failing
+    out_dir: str = knob("out/pbpo", "")
+    seed: int = knob(0, "")
+    resume: bool = knob(False, "continue the run in out_dir from its checkpoint")
+    eval_max: int = knob(256, "held-out prompts evaluated at the start and the end")
+    on_nonfinite: str = knob("skip", "skip | stop: a NaN/inf gradient, or diverged weights")
+    dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank)")
 
     AT_LEAST = {"episodes": (1, "K"), "explore_prompts": (1, "M"), "n_candidates": (1, "N"),
                 "t_out": (1, "T_out"), "t_in": (1, "T_in"), "ref_samples": (1, "R"),
                 "group": (2, "the leave-one-out baseline needs G >= 2"), "leader_prompts": (1, "P"),
+                "enh_samples": (2, "the leave-one-out baseline needs 2"),
                 "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""),
                 "micro_batch": (1, ""), "rm_batch": (1, ""), "eval_max": (1, ""),
                 "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B"),
                 "temperature": (1e-6, "T: the leader scores its samples' log-probs at T"),
                 "enh_temp": (1e-6, "T_enh: logits / T_enh must stay finite")}
     CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
+               "enhancer": ("policy", "best_of_n", "none"), "follower": ("lagrangian", "dual", "mle"),
                "on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
     UNIT = "episode"  # what the preference store's records are stamped with
@@ -93,12 +111,60 @@ class Config:
 
 
 # ---------------------------------------------------------------- the objectives
-def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, rho):
-    """F(w) = L_BT(w; D_batch) + ρ (mean r_w(τ~π) − mean r_w(τ~π_ref)): the pessimistic reward
-    model inside the confidence set of D. Returns (F, the BT loss, the gap)."""
-    fit = bt_loss(rm(phi0), rm(phi1), labels)
+def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, beta, n_pairs):
+    """F(w) = gap(w) + β ℓ_D(w), the Lagrangian of min_w gap(w) s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k: the
+    pessimistic reward model inside the confidence set of D. ℓ_D = Σ_{i∈D} ℓ_i is the summed BT
+    loss, estimated on a minibatch as |D| · mean_batch ℓ_i (n_pairs = |D|); gap(w) = mean
+    r_w(τ~π) − mean r_w(τ~π_ref). β = 0 is the pure adversary in the ball ‖w‖ ≤ B.
+    Returns (F, the batch-mean BT loss, the gap)."""
+    nll = bt_loss(rm(phi0), rm(phi1), labels)
     gap = rm(phi_pi).mean() - rm(phi_ref).mean()
-    return fit + rho * gap, fit.detach(), gap.detach()
+    return gap + beta * n_pairs * nll, nll.detach(), gap.detach()
+
+
+def follower_step_size(rm_lr, beta, n_pairs, curvature=1.0):
+    """η = η_r / (1 + β |D| L), stable however large β|D| grows. L bounds one ℓ_i's curvature,
+    ∇²ℓ_i = σ(1−σ) ΔΦ ΔΦᵀ ≤ ‖ΔΦ‖²/4 (ΔΦ = Φ(τ¹) − Φ(τ⁰)): with unit-norm φ, L = 1 at the sequence
+    level (‖ΔΦ‖ ≤ 2) and L = H² at the token level (Φ = Σ_h φ_h, ‖ΔΦ‖ ≤ 2H). gap is linear, so F's
+    curvature is at most β|D|L: for η_r ≤ 1 every projected step lowers F, for η_r < 2 the steps
+    converge, and at β|D|L ≪ 1 (the adversary alone) the step is η_r."""
+    return rm_lr / (1.0 + beta * n_pairs * curvature)
+
+
+def zeta(c, d, k):
+    """ζ_k = c · d · log(1 + k), the theory's O(d log k) width of the confidence set in episode k;
+    1 + k, not k: log 1 = 0 would pin w to ŵ in the first episode, leaving the follower no room."""
+    return c * d * math.log1p(k)
+
+
+def fit_mle(phi0, phi1, labels, bound, w=None, steps=10_000, tol=1e-6):
+    """ŵ = argmin_{‖w‖≤B} ℓ_D(w), ℓ_D(w) = Σ_i softplus(−s_i ⟨w, ΔΦ_i⟩), on the whole of D ->
+    (ŵ, ℓ_D(ŵ)). Accelerated projected gradient (FISTA, momentum restarted when it points uphill) in
+    float64 from w (a warm start, e.g. the last episode's ŵ; default 0), step 1/L with L = ‖X‖²/4 ≥
+    ∇²ℓ_D, X the rows s_i ΔΦ_i. Deterministic. Stops when the projected gradient's norm is below
+    tol; stopping early leaves ℓ_D(ŵ) above the minimum, which only widens the set by as much."""
+    x = (2.0 * labels.double() - 1.0)[:, None] * (phi1 - phi0).double()  # (n, d), s = 2 label − 1
+    lipschitz = max(torch.linalg.matrix_norm(x, ord=2).item() ** 2 / 4, 1e-12)
+    w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if w is None else w.double()
+    previous, momentum = w, 1.0
+    for _ in range(steps):
+        momentum_next = (1 + math.sqrt(1 + 4 * momentum ** 2)) / 2
+        y = w + (momentum - 1) / momentum_next * (w - previous)  # (d,)
+        step = y + x.T @ torch.sigmoid(-(x @ y)) / lipschitz  # y − ∇ℓ_D(y) / L
+        step = step * (bound / step.norm()).clamp(max=1.0)  # Proj_B
+        if torch.dot(y - step, step - w) > 0:  # the momentum points uphill: restart it
+            momentum_next = 1.0
+        previous, w, momentum = w, step, momentum_next
+        if (y - step).norm() * lipschitz <= tol:
+            break
+    return w.to(phi0.dtype), torch.nn.functional.softplus(-(x @ w)).sum().item()
+
+
+def dual_ascent(beta, nll_sum, nll_mle, zeta, lr):
+    """β ← max(0, β + lr (ℓ_D(w) − ℓ_D(ŵ) − ζ_k)), a projected ascent step on the dual of
+    min_w gap(w) s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k: β grows while w is outside the set and falls to 0
+    while the constraint is slack. The slack ℓ_D(ŵ) + ζ_k − ℓ_D(w) is logged with it."""
+    return max(0.0, beta + lr * (nll_sum - nll_mle - zeta))
 
 
 def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each prompt's G samples
@@ -129,84 +195,276 @@ def on_response(values, response_mask):  # per-row token values at a batch's res
     return torch.zeros(response_mask.shape, device=flat.device).masked_scatter(response_mask, flat)
 
 
-if __name__ == "__main__":
-    run.friendly_errors("train_pbpo.py")
-    cfg = run.parse_flags(Config, __doc__)
-    rank, world, device = run.init_distributed(cfg.dist_timeout)
+@dataclass
+class Pair:  # one comparison of D: (x, y⁰, y¹, o), with its features
+    item: dict  # the prompt record x
+    response0: list  # y⁰'s token ids, π_ref's sample
+    response1: list  # y¹'s token ids, the enhancer's
+    text0: str
+    text1: str
+    phi0: torch.Tensor  # Φ(x, y⁰) (d,)
+    phi1: torch.Tensor  # Φ(x, y¹) (d,)
+    uncertainty: float  # ‖Δφ‖_{Σ⁻¹} before Σ took Δφ
+    score0: float = 0.0  # r*(x, y⁰), the oracle's
+    score1: float = 0.0
+    label: int = 0  # o: 1 where y¹ won
+
+    def record(self, episode):  # the line of preferences.jsonl
+        return dict(episode=episode, prompt=self.item["prompt"], prompt_ids=self.item["prompt_ids"],
+                    response0=self.text0, response1=self.text1, response0_ids=self.response0,
+                    response1_ids=self.response1, label=self.label, score0=self.score0,
+                    score1=self.score1, uncertainty=self.uncertainty)
+
+
+def main(cfg):
+    rank, world, device = ranks.init_distributed(cfg.dist_timeout)
     master = rank == 0
     if cfg.explore_prompts % world or cfg.leader_prompts % world:
         raise ValueError(f"--explore_prompts={cfg.explore_prompts} and --leader_prompts="
                          f"{cfg.leader_prompts} must be multiples of the world size {world}")
-    mode = run.start(cfg, rank, world)  # 'fresh', 'resume' or 'restart'
+    if not cfg.model:  # the built-in task: its SFT policy and prompt files, built on first use
+        import toy
+        toy.fill_defaults(cfg, rank, world)
+    mode, inputs = run.start(cfg, rank, world)  # mode: 'fresh', 'resume' or 'restart'
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
     eos_ids = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     if cfg.rm_backbone:  # its embedding is given the policy's token ids
-        data.load_tokenizer(cfg.rm_backbone, like=tok)
+        data.check_same_tokenizer(cfg.rm_backbone, tok)
     prompts = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)  # all of them, on every rank
-    heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
+    heldout = []
+    if cfg.heldout:
+        heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len)[:cfg.eval_max]
     oracle = make_oracle(cfg.oracle, cfg.oracle_temp, device)
-    oracle.check(prompts + heldout[:cfg.eval_max])  # every record before the first oracle call
-    heldout = data.shard(heldout[:cfg.eval_max], rank, world)
+    oracle.check(prompts + heldout)  # every record before the first oracle call
+    heldout = data.shard(heldout, rank, world)
     policy = M.from_pretrained(cfg.model, device)
     longest = max(len(p["prompt_ids"]) for p in prompts)
-    for prompts_flag, n_flag in (("explore_prompts", "n_candidates"), ("leader_prompts", "group"),
-                                 ("leader_prompts", "ref_samples")):  # each sampled at once
-        count, per_prompt = getattr(cfg, prompts_flag), getattr(cfg, n_flag)
+    for prompts_flag, n_flag in (("explore_prompts", "n_candidates"),
+                                 ("explore_prompts", "enh_samples"),
+                                 ("leader_prompts", "group"), ("leader_prompts", "ref_samples")):
+        count, per_prompt = getattr(cfg, prompts_flag), getattr(cfg, n_flag)  # sampled at once
         what = f"--{prompts_flag}={count} × --{n_flag}={per_prompt}"
         M.check_fits(policy, count * per_prompt // world, longest, cfg.max_new_tokens, what)
     ref = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π_ref, reset every episode
     sft = M.from_pretrained(cfg.model, device).requires_grad_(False)  # π⁰, for the KL to it
+    enh = None  # π̂, the enhancer, reset to π_ref every episode
+    if cfg.enhancer == "policy":
+        enh = M.from_pretrained(cfg.model, device)
     backbone = M.from_pretrained(cfg.rm_backbone or cfg.model, device)
     rm = RewardModel(backbone, cfg.level, cfg.bound, cfg.normalize).to(device)  # backbone frozen
-    if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
-        for m in (policy, ref, sft, rm.backbone):
-            run.shard_model(m)
+    if world > 1 or device.type == "cuda":  # FSDP2; one CPU process runs plain fp32
+        mesh = init_device_mesh(device.type, (world,))
+        precision = MixedPrecisionPolicy()  # CPU ranks: fp32 throughout
+        if device.type == "cuda":  # bf16 compute on fp32 weights; RoPE's cos/sin stay fp32
+            precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                             reduce_dtype=torch.float32, cast_forward_inputs=False)
+        for m in (policy, ref, sft, enh, rm.backbone):
+            if m is not None:
+                M.shard(m, mesh, precision)  # fully_shard each block, then the root
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    rm_opt = torch.optim.SGD([rm.w], lr=cfg.rm_lr)  # no momentum: no state to checkpoint
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
-    store = (data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
-             if master else None)  # D as labelled, on disk
-    log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
-    ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
-    start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
+    beta = cfg.beta  # --follower=dual moves it
+    store = None  # D as labelled, on disk, by rank 0
+    if master:
+        store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
+    log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, oracle)
+    ckpt_path = os.path.join(cfg.out_dir, checkpoint.CHECKPOINT)
+    guard = run.Guard(log, cfg.on_nonfinite, ckpt_path, sft)
+    start, sft_eval = 1, None
 
-    def draw(count, *purpose):
-        """`count` prompts for this purpose -> (this rank's block, its offset). Keyed by purpose,
-        never rank: any world size draws the same prompts (with per-row seeds, responses)."""
-        picked = torch.randint(len(prompts), (count,), generator=run.generator(cfg.seed, *purpose))
-        share = count // world
-        return [prompts[i] for i in picked[rank * share:(rank + 1) * share]], rank * share
+    # ---------------------------------------------------------------- plumbing
+    def sample(model, items, n, temperature, offset, *purpose):  # n responses to each prompt
+        return ranks.sample(model, items, n, temperature, offset, (cfg.seed, *purpose),
+                            cfg.max_new_tokens, eos_ids, tok.pad_token_id)
 
-    def sample(model, items, n, temperature, offset, *purpose):
-        """n responses per prompt: (each row's prompt ids, response ids, sampled log-probs). Row j
-        of the whole draw (all ranks) is seeded seed_of(purpose) + j."""
-        prompt_ids = [p["prompt_ids"] for p in items]
-        responses, logps = M.sample(model, prompt_ids, cfg.max_new_tokens, temperature, n=n,
-                                    seed=run.seed_of(cfg.seed, *purpose) + offset * n,
-                                    logprobs=True, eos_ids=eos_ids, pad_id=tok.pad_token_id)
-        return [p for p in prompt_ids for _ in range(n)], responses, logps
+    def batch(samples):  # -> input ids, attention mask, response mask, each (n, T), on device
+        padded = data.collate(samples.prompt_ids, samples.responses, tok.pad_token_id)
+        return [t.to(device) for t in padded]
 
-    def batch(prompt_ids, responses):
-        return [t.to(device) for t in data.collate(prompt_ids, responses, tok.pad_token_id)]
+    def micro(count):  # the slices of `count` rows, micro_batch at a time
+        return [slice(i, i + cfg.micro_batch) for i in range(0, count, cfg.micro_batch)]
 
     @torch.no_grad()
-    def features(prompt_ids, responses):  # Φ(τ) (n, d) by the RM backbone, micro_batch at a time
-        return torch.cat([trajectory_features(rm.phi(*batch(prompt_ids[i:i + cfg.micro_batch],
-                                                            responses[i:i + cfg.micro_batch])))
-                          for i in range(0, len(responses), cfg.micro_batch)])  # (n, d)
+    def features(samples):  # Φ(τ) (n, d) of each sample by the RM backbone
+        phi = []
+        for rows in micro(len(samples.responses)):
+            part = ranks.Samples(samples.prompt_ids[rows], samples.responses[rows], [])
+            phi.append(trajectory_features(rm.phi(*batch(part))))
+        return torch.cat(phi)  # (n, d)
 
-    def mean_all(values):  # the mean of a 1-d tensor's values over all ranks
-        total, count = run.all_sum([float(values.sum()), values.numel()], device)
-        return total / max(count, 1)
+    def on_all_ranks(phi):  # every rank's rows, in rank order: what the follower fits on
+        return torch.cat(ranks.gather([phi.cpu()])).to(device)
 
-    def log_metrics(kind, **metrics):
-        log.write(kind=kind, oracle_calls=calls, **metrics)
+    def policy_gradient_step(model, optimizer, ids, attn, advantage, n_samples, where, **fields):
+        """One clipped AdamW step on leader_loss over micro-batches -> the gradient norm. The loss
+        divides by all ranks' sample count and FSDP averages over ranks: hence · world."""
+        for rows in micro(len(ids)):
+            logp_theta = M.token_logprobs(model, ids[rows], attn[rows], cfg.temperature)  # (b, T)
+            (leader_loss(logp_theta, advantage[rows], n_samples) * world).backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        if guard.finite(grad_norm, "policy gradient", where, **fields):
+            optimizer.step()
+            if model is policy:
+                guard.check_weights(policy, where, **fields)
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
 
-    norm0 = run.param_norm(sft)  # ‖θ⁰‖: weights far past it have diverged
+    @torch.no_grad()
+    def kl_folded(rewards, samples, resp, anchor, kl_coef, group, ids, attn):
+        """The leave-one-out advantage of r̃ = r − κ log(π / π_anchor) -> (advantage (n, T), the
+        log-ratio (n, T), the sampler's log π (n, T))."""
+        logp = on_response(samples.logp, resp)  # (n, T), the sampler's log π, a constant
+        logp_anchor = M.token_logprobs(anchor, ids, attn, cfg.temperature,
+                                       micro_batch=cfg.micro_batch)  # (n, T)
+        log_ratio = (logp - logp_anchor) * resp  # (n, T)
+        return advantages(rewards, log_ratio, resp, kl_coef, group), log_ratio, logp
 
+    # ---------------------------------------------------------------- (I) exploration
+    def fit_enhancer(episode, items, offset):
+        """π̂ ≈ argmax ‖E_π̂ φ(x, y¹) − E_π_ref φ(x, y⁰)‖_{Σ⁻¹} for each prompt x: enh_steps
+        policy-gradient steps from π_ref on the reward ⟨v_x, φ(x, y¹)⟩ (explore.enhancer_rewards)
+        with κ_enh KL(π̂ ‖ π_ref) folded in. A fresh optimizer each episode -> metrics."""
+        enh.load_state_dict(ref.state_dict())
+        enh_opt = torch.optim.AdamW(enh.parameters(), lr=cfg.enh_lr, weight_decay=0.0)
+        baseline = sample(ref, items, cfg.enh_samples, cfg.temperature, offset, "enh_ref", episode)
+        phi_ref = features(baseline)  # (m · G_e, d) samples of π_ref, for E_π_ref φ
+        n_samples = cfg.explore_prompts * cfg.enh_samples  # all ranks'
+        for step in range(cfg.enh_steps):
+            tries = sample(enh, items, cfg.enh_samples, cfg.temperature, offset, "enh", episode,
+                           step)
+            ids, attn, resp = batch(tries)
+            rewards = enhancer_rewards(cov, features(tries), phi_ref, cfg.enh_samples,
+                                       cfg.enh_samples)  # (n,) ⟨v_x, Φ(x, y¹)⟩
+            advantage, log_ratio, _ = kl_folded(rewards, tries, resp, ref, cfg.enh_kl,
+                                                cfg.enh_samples, ids, attn)
+            where = f"episode {episode}, enhancer step {step}"
+            policy_gradient_step(enh, enh_opt, ids, attn, advantage, n_samples, where,
+                                 episode=episode, enhancer_step=step)
+        return {"enh_reward": ranks.mean_all(rewards), "enh_kl": ranks.mean_all(log_ratio.sum(-1))}
+
+    def explore(episode):
+        """(I): y⁰ ~ π_ref and y¹ from the enhancer on M prompts; Σ ← Σ + ΔφΔφᵀ -> (the pairs of two
+        different responses, every rank holding all in the global order, and metrics)."""
+        items, offset = ranks.draw(prompts, cfg.explore_prompts, rank, world, cfg.seed, "explore",
+                                   episode)
+        response0 = sample(ref, items, 1, cfg.temperature, offset, "y0", episode)
+        metrics = {}
+        if cfg.enhancer == "policy":
+            metrics = fit_enhancer(episode, items, offset)
+            candidates = sample(enh, items, 1, cfg.temperature, offset, "y1", episode)
+        elif cfg.enhancer == "best_of_n":  # keep the most uncertain of N samples at T_enh
+            candidates = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
+                                episode)
+        else:  # none: y¹ ~ π_ref, the ablation
+            candidates = sample(ref, items, 1, cfg.temperature, offset, "y1", episode)
+        n = len(candidates.responses) // len(items)  # candidates per prompt
+        phi0 = features(response0).cpu()  # (m, d)
+        phi1 = features(candidates).cpu().view(len(items), n, -1)  # (m, n, d)
+        mine = []
+        for i, item in enumerate(items):
+            answers = candidates.responses[i * n:(i + 1) * n]
+            mine.append((item, response0.responses[i], answers, phi0[i], phi1[i]))
+        everyone = ranks.gather(mine)  # Σ takes every rank's Δφ, in the same order on every rank
+        new = []
+        potential = 0.0
+        for item, y0, answers, f0, f1 in everyone:
+            j, dphi, uncertainty = select_pair(cov, f0.to(device), f1.to(device))
+            potential += cov.update(dphi[None])  # a zero Δφ (y¹ = y⁰) leaves Σ unchanged
+            if answers[j] != y0:  # two different responses: worth an oracle call
+                new.append(Pair(item, y0, answers[j], data.decode(tok, y0),
+                                data.decode(tok, answers[j]), f0, f1[j], uncertainty))
+        metrics.update(new_pairs=len(new), identical=len(everyone) - len(new), potential=potential)
+        return new, metrics
+
+    def label(new, episode):
+        """o for each new pair: each rank has the oracle score its block of them, then every rank
+        holds every score and draws the same labels."""
+        mine = new[ranks.block(len(new), rank, world)]
+        items = [p.item for p in mine]
+        score0 = oracle.score(items, [p.text0 for p in mine])
+        score1 = oracle.score(items, [p.text1 for p in mine])
+        scores = torch.tensor(ranks.gather(list(zip(score0.tolist(), score1.tolist()))))
+        labels = oracle.label(scores[:, 0], scores[:, 1],
+                              ranks.generator(cfg.seed, "oracle", episode))
+        for pair, (s0, s1), o in zip(new, scores.tolist(), labels.tolist()):
+            pair.score0 = s0
+            pair.score1 = s1
+            pair.label = o
+
+    @torch.no_grad()
+    def fresh_accuracy(new):  # the RM, before it is fit on them, on the new pairs' labels
+        if not new:
+            return None
+        r0 = rm(torch.stack([p.phi0 for p in new]).to(device))  # (n,)
+        r1 = rm(torch.stack([p.phi1 for p in new]).to(device))  # (n,)
+        labels = torch.tensor([p.label for p in new], device=device)
+        return ((r1 > r0).long() == labels).float().mean().item()
+
+    # ---------------------------------------------------------------- (II) exploitation
+    def follower(beta, phi_pi, phi_base, D, episode, step, nll_mle):
+        """T_in projected gradient steps on F(w) = gap(w) + β |D| mean_batch ℓ(w) (follower_loss) at
+        follower_step_size; --follower=dual moves β after each step; mle fits the BT loss alone ->
+        (β, the last batch's mean BT loss, ℓ_D(w) on all of D, ζ_k)."""
+        n_pairs = len(D["label"])
+        zeta_k = zeta(cfg.zeta_coef, rm.w.numel(), episode)
+        curvature = 1.0 if cfg.level == "seq" else cfg.max_new_tokens ** 2  # of one ℓ_i, at most
+        for i in range(cfg.t_in):
+            key = ranks.generator(cfg.seed, "follower", episode, step, i)
+            idx = torch.randperm(n_pairs, generator=key)[:cfg.rm_batch].to(device)
+            phi0, phi1, labels = D["phi0"][idx], D["phi1"][idx], D["label"][idx]
+            if cfg.follower == "mle":  # the ablation: no gap, a maximum-likelihood RM
+                loss = bt_loss(rm(phi0), rm(phi1), labels)
+                nll = loss.detach()
+                step_size = cfg.rm_lr
+            else:
+                loss, nll, _ = follower_loss(rm, phi0, phi1, labels, phi_pi, phi_base, beta,
+                                             n_pairs)
+                step_size = follower_step_size(cfg.rm_lr, beta, n_pairs, curvature)
+            grad, = torch.autograd.grad(loss, rm.w)
+            where = f"episode {episode}, leader step {step}"
+            if guard.finite(grad.norm().item(), "reward-model gradient", where, episode=episode,
+                            step=step):
+                with torch.no_grad():
+                    rm.w -= step_size * grad
+                rm.project()
+            with torch.no_grad():  # ℓ_D(w) on all of D: the features are cached
+                nll_sum = n_pairs * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"]).item()
+            if cfg.follower == "dual":
+                beta = dual_ascent(beta, nll_sum, nll_mle, zeta_k, cfg.dual_lr)
+        return beta, nll.item(), nll_sum, zeta_k
+
+    def leader(on_policy, phi, ids, attn, resp, episode, step):
+        """One AdamW step of REINFORCE on r̃ = r_w − κ log(π_θ / π_anchor), at temperature T."""
+        with torch.no_grad():
+            rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
+        anchor = sft if cfg.anchor == "sft" else ref
+        advantage, log_ratio, logp = kl_folded(rewards, on_policy, resp, anchor, cfg.kl_coef,
+                                               cfg.group, ids, attn)
+        n_samples = cfg.leader_prompts * cfg.group  # all ranks'
+        where = f"episode {episode}, leader step {step}"
+        grad_norm = policy_gradient_step(policy, opt, ids, attn, advantage, n_samples, where,
+                                         episode=episode, step=step)
+        return grad_norm, log_ratio, logp
+
+    @torch.no_grad()
+    def health(items, on_policy, phi, logp, log_ratio, ids, attn, resp):
+        """What over-optimisation of r_w looks like, over all ranks: r_w against the gold r* on the
+        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length."""
+        responses = [data.decode(tok, y) for y in on_policy.responses]
+        gold = oracle.score_fn([p for p in items for _ in range(cfg.group)], responses)
+        rm_and_gold = ranks.gather(list(zip(rm(phi).tolist(), map(float, gold))))
+        both = torch.tensor(rm_and_gold).T  # (2, n): r_w and r* of every rank's samples
+        logp_sft = M.token_logprobs(sft, ids, attn, cfg.temperature, micro_batch=cfg.micro_batch)
+        return dict(rm_reward=both[0].mean().item(), gold_reward=both[1].mean().item(),
+                    rm_gold_corr=torch.corrcoef(both)[0, 1].item(),
+                    kl_anchor=ranks.mean_all(log_ratio.sum(-1)),
+                    kl_sft=ranks.mean_all(((logp - logp_sft) * resp).sum(-1)),
+                    length=ranks.mean_all(resp.sum(-1).float()))
+
+    # ---------------------------------------------------------------- resume
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
         log.cut(0)
         if master and store.records:
@@ -214,7 +472,7 @@ if __name__ == "__main__":
             print(f"{ckpt_path} does not exist yet: starting over; the pairs labelled before are "
                   f"kept in {store.dropped_path} and labelled again")
     if mode == "resume":
-        state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
+        state = checkpoint.load(ckpt_path, {"policy": (policy, opt)})
         if state["episode"] > cfg.episodes:
             raise ValueError(f"--episodes={cfg.episodes}: the run is past episode "
                              f"{state['episode']} already")
@@ -222,164 +480,98 @@ if __name__ == "__main__":
         rm.w.data.copy_(state["w"])
         log.cut(state["log_size"])
         cov.load_state_dict(state["cov"])
-        calls, sft_eval = state["oracle_calls"], state["sft_eval"]
+        oracle.calls = state["oracle_calls"]
+        sft_eval = state["sft_eval"]
+        beta = state["beta"]
+        guard.diverged = state.get("diverged")
         pairs.update(state["pairs"])
         if master:  # pairs labelled after the checkpoint are set aside and labelled again
             store.keep_before(start)
             print(f"resumed from {ckpt_path} after episode {start - 1} with {len(store)} pairs")
-
     if sft_eval is None and heldout:
         sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
-        log_metrics("sft_eval", **sft_eval)
+        log.write("sft_eval", **sft_eval)
 
-    # ---------------------------------------------------------------- episodes
+    # ---------------------------------------------------------------- the episodes
     bar = tqdm(range(start, cfg.episodes + 1), desc="episodes", disable=not master)
     for episode in bar:
         ref.load_state_dict(policy.state_dict())  # π_ref = π, frozen for this episode
-        gen_seconds = train_seconds = 0.0
+        seconds = run.Stopwatch()
 
-        # ------------------------------------------------ (I) reward-agnostic exploration
-        t0 = time.time()
-        items, offset = draw(cfg.explore_prompts, "explore", episode)
-        rows0, y0, _ = sample(ref, items, 1, cfg.temperature, offset, "y0", episode)
-        rows, candidates, _ = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
-                                     episode)
-        gen_seconds += time.time() - t0
-        phi0 = features(rows0, y0).cpu()  # (m, d)
-        phi_cand = features(rows, candidates).cpu().view(len(items), cfg.n_candidates, -1)
-        N = cfg.n_candidates  # every rank holds every prompt's candidates, in the global order
-        everyone = run.gather([(it, a, candidates[i * N:(i + 1) * N], f0, fc) for i, (it, a, f0, fc)
-                               in enumerate(zip(items, y0, phi0, phi_cand))])
-        new, potential = [], 0.0  # the pairs worth an oracle call: two different responses
-        for item, a, cands, f0, fc in everyone:
-            j, dphi, u = select_pair(cov, f0.to(device), fc.to(device))
-            potential += cov.update(dphi[None])  # a zero Δφ (y^{j*} = y⁰) leaves Σ unchanged
-            if cands[j] != a:
-                new.append((item, a, cands[j], f0, fc[j], u))
+        # (I) reward-agnostic exploration: label the new pairs, add them to D
+        with seconds("gen"):
+            new, explore_metrics = explore(episode)
         if not new and not pairs["label"]:
-            raise ValueError(f"episode {episode}: every candidate repeated y⁰, so there is no pair "
-                             "to label; raise --enh_temp or --n_candidates")
-        lo, hi = len(new) * rank // world, len(new) * (rank + 1) // world  # this rank labels these
-        mine = [new[i][0] for i in range(lo, hi)]
-        text0 = [data.decode(tok, p[1]) for p in new]
-        text1 = [data.decode(tok, p[2]) for p in new]
-        s0, s1 = oracle.score(mine, text0[lo:hi]), oracle.score(mine, text1[lo:hi])
-        calls += 2 * len(new)  # over all ranks: both responses of every new pair scored
-        score0, score1 = torch.tensor(run.gather(list(zip(s0.tolist(), s1.tolist())))).view(-1, 2).T
-        labels = oracle.label(score0, score1, run.generator(cfg.seed, "oracle", episode))
-        with torch.no_grad():  # the current RM on the new pairs, before it is fit on them
-            right = [bool(rm(f1[None].to(device)) > rm(f0[None].to(device))) == bool(o)
-                     for (*_, f0, f1, _), o in zip(new, labels)]
-        for i, (item, a, b, f0, f1, u) in enumerate(new):  # every rank keeps all of D
-            record = dict(episode=episode, prompt=item["prompt"], prompt_ids=item["prompt_ids"],
-                          response0=text0[i], response1=text1[i], response0_ids=a, response1_ids=b,
-                          label=int(labels[i]), score0=float(score0[i]), score1=float(score1[i]),
-                          uncertainty=u)
+            raise ValueError(f"episode {episode}: every y¹ repeated y⁰, so there is no pair to "
+                             "label; raise --enh_temp or --n_candidates, or use the enhancer")
+        label(new, episode)
+        accuracy = fresh_accuracy(new)
+        for pair in new:  # every rank keeps all of D
             if master:
-                store.append(record)
-            pairs["phi0"].append(f0)
-            pairs["phi1"].append(f1)
-            pairs["label"].append(record["label"])
-        log_metrics("explore", episode=episode, pairs=len(pairs["label"]), new_pairs=len(new),
-                    identical=len(everyone) - len(new), potential=potential,
-                    uncertainty=sum(u for *_, u in new) / max(len(new), 1),
-                    rm_acc_fresh=sum(right) / len(right) if new else None,
-                    oracle_score=float(torch.cat([score0, score1]).mean()) if new else None)
+                store.append(pair.record(episode))
+            pairs["phi0"].append(pair.phi0)
+            pairs["phi1"].append(pair.phi1)
+            pairs["label"].append(pair.label)
+        oracle_score = None  # the mean r* of the new pairs' responses
+        if new:
+            oracle_score = sum(p.score0 + p.score1 for p in new) / (2 * len(new))
+        log.write("explore", episode=episode, pairs=len(pairs["label"]), **explore_metrics,
+                  uncertainty=sum(p.uncertainty for p in new) / max(len(new), 1),
+                  rm_acc_fresh=accuracy, oracle_score=oracle_score)
 
-        # ------------------------------------------------ (II) reward-aware exploitation
-        phi0_all = torch.stack(pairs["phi0"]).to(device)  # (n, d)
-        phi1_all = torch.stack(pairs["phi1"]).to(device)  # (n, d)
-        label_all = torch.tensor(pairs["label"], device=device)  # (n,)
+        # (II) reward-aware exploitation: T_out rounds of the follower's steps and the leader's
+        D = {"phi0": torch.stack(pairs["phi0"]).to(device),  # (n, d)
+             "phi1": torch.stack(pairs["phi1"]).to(device),  # (n, d)
+             "label": torch.tensor(pairs["label"], device=device)}  # (n,)
+        nll_mle = None  # ℓ_D(ŵ), the dual form's reference
+        if cfg.follower == "dual":
+            nll_mle = fit_mle(D["phi0"], D["phi1"], D["label"], cfg.bound)[1]
         for step in range(cfg.t_out):
-            t0 = time.time()
-            where = f"episode {episode}, leader step {step}"
-            items, offset = draw(cfg.leader_prompts, "leader", episode, step)
-            rows, responses, sampled_logp = sample(policy, items, cfg.group, cfg.temperature,
-                                                   offset, "policy", episode, step)
-            ref_rows, ref_responses, _ = sample(ref, items, cfg.ref_samples, cfg.temperature,
-                                                offset, "ref", episode, step)
-            gen_seconds += time.time() - t0
-            t0 = time.time()
-            ids, attn, resp = batch(rows, responses)  # (n, T)
-            micro, temp = torch.arange(len(ids)).split(cfg.micro_batch), cfg.temperature
-            with torch.no_grad():
-                phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro])  # (n, [T,] d)
-
-            # follower: T_in steps on L_BT + ρ·gap, the same on every rank (all ranks' samples)
-            phi_pi = torch.cat(run.gather([trajectory_features(phi).cpu()])).to(device)  # (P·G, d)
-            phi_base = torch.cat(run.gather([features(ref_rows, ref_responses).cpu()])).to(device)
-            for i in range(cfg.t_in):
-                idx = torch.randperm(len(label_all), generator=run.generator(
-                    cfg.seed, "follower", episode, step, i))[:cfg.rm_batch].to(device)
-                loss, fit, gap = follower_loss(rm, phi0_all[idx], phi1_all[idx], label_all[idx],
-                                               phi_pi, phi_base, cfg.adv_coef)
-                loss.backward()
-                if run.finite(rm.w.grad.norm().item(), "reward-model gradient", where, log,
-                              cfg.on_nonfinite, ckpt_path, episode=episode, step=step):
-                    rm_opt.step()
-                    rm.project()
-                rm_opt.zero_grad(set_to_none=True)
+            with seconds("gen"):
+                items, offset = ranks.draw(prompts, cfg.leader_prompts, rank, world, cfg.seed,
+                                           "leader", episode, step)
+                on_policy = sample(policy, items, cfg.group, cfg.temperature, offset, "policy",
+                                   episode, step)
+                baseline = sample(ref, items, cfg.ref_samples, cfg.temperature, offset, "ref",
+                                  episode, step)
+            with seconds("train"):
+                ids, attn, resp = batch(on_policy)  # (n, T)
+                with torch.no_grad():  # φ (n, [T,] d) for the leader's rewards
+                    phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro(len(ids))])
+                phi_pi = on_all_ranks(trajectory_features(phi))  # (P·G, d)
+                phi_base = on_all_ranks(features(baseline))  # (P·R, d)
+                beta, nll, nll_sum, zeta_k = follower(beta, phi_pi, phi_base, D, episode, step,
+                                                      nll_mle)
+                grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode,
+                                                    step)
             with torch.no_grad():  # the gap prompt by prompt: its spread gives its standard error
                 gap_by_prompt = (rm(phi_pi).view(-1, cfg.group).mean(1)
                                  - rm(phi_base).view(-1, cfg.ref_samples).mean(1))  # (P,)
+            slack = None  # ℓ_D(ŵ) + ζ_k − ℓ_D(w): the confidence set's room left
+            if nll_mle is not None:
+                slack = nll_mle + zeta_k - nll_sum
+            metrics = health(items, on_policy, phi, logp, log_ratio, ids, attn, resp)
+            log.write("step", episode=episode, step=step, rm_bt=nll, rm_nll_sum=nll_sum, beta=beta,
+                      slack=slack,
+                      rm_gap=gap_by_prompt.mean().item(),
+                      rm_gap_se=(gap_by_prompt.std() / len(gap_by_prompt) ** 0.5).item(),
+                      grad_norm=grad_norm, w_norm=rm.w.norm().item(), **metrics)
+            bar.set_postfix(gold=f"{metrics['gold_reward']:.3f}", kl_sft=f"{metrics['kl_sft']:.2f}")
 
-            # leader: REINFORCE on r̃ = r_w − κ log(π_θ/π_anchor), all at the sampling temperature T
-            with torch.no_grad():
-                rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
-                logp = on_response(sampled_logp, resp)  # (n, T), the sampler's log π_θ, constant
-                logp_sft = M.token_logprobs(sft, ids, attn, temp, micro_batch=cfg.micro_batch)
-                logp_anchor = (logp_sft if cfg.anchor == "sft" else
-                               M.token_logprobs(ref, ids, attn, temp, micro_batch=cfg.micro_batch))
-                log_ratio = (logp - logp_anchor) * resp  # (n, T)
-                advantage = advantages(rewards, log_ratio, resp, cfg.kl_coef, cfg.group)
-                r_pi = rm(phi)  # (n,) r_w(τ) per response (at the token level: summed over h)
-            for r in micro:  # the loss divides by all ranks' count, FSDP averages ranks: · world
-                logp_theta = M.token_logprobs(policy, ids[r], attn[r], temp)  # (b, T), with grad
-                (leader_loss(logp_theta, advantage[r], len(phi_pi)) * world).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            if run.finite(float(grad_norm), "policy gradient", where, log, cfg.on_nonfinite,
-                          ckpt_path, episode=episode, step=step):
-                opt.step()
-                run.check_weights(policy, norm0, where, log, cfg.on_nonfinite,
-                                  ckpt_path, episode=episode, step=step)
-            opt.zero_grad(set_to_none=True)
-            train_seconds += time.time() - t0
+        log.write("episode", episode=episode, gen_s=seconds.total["gen"],
+                  train_s=seconds.total["train"])
+        checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), episode=episode,
+                        w=rm.w.detach().cpu(), cov=cov.state_dict(), beta=beta,
+                        oracle_calls=oracle.calls, sft_eval=sft_eval, log_size=log.size(),
+                        pairs=pairs, store_pairs=len(pairs["label"]),
+                        store_sha256=data.digest(store.records) if master else None,
+                        inputs=inputs, diverged=guard.diverged)
 
-            # health signals, over all ranks: what over-optimisation of r_w looks like
-            gold = torch.tensor(oracle.score_fn([p for p in items for _ in range(cfg.group)],
-                                                [data.decode(tok, y) for y in responses]))
-            both = torch.tensor(run.gather(list(zip(r_pi.tolist(), gold.tolist())))).T  # (2, n)
-            kl_sft = mean_all(((logp - logp_sft) * resp).sum(-1))
-            gap_se = gap_by_prompt.std() / len(gap_by_prompt) ** 0.5
-            log_metrics("step", episode=episode, step=step, rm_bt=fit.item(),
-                        rm_gap=gap_by_prompt.mean().item(), rm_gap_se=gap_se.item(),
-                        rm_reward=both[0].mean().item(), gold_reward=both[1].mean().item(),
-                        rm_gold_corr=torch.corrcoef(both)[0, 1].item(),
-                        kl_anchor=mean_all(log_ratio.sum(-1)), kl_sft=kl_sft,
-                        grad_norm=float(grad_norm), w_norm=rm.w.norm().item(),
-                        length=mean_all(resp.sum(-1).float()))
-            bar.set_postfix(gold=f"{both[1].mean().item():.3f}", kl_sft=f"{kl_sft:.2f}")
+    run.finish(cfg, policy, tok, oracle, heldout, eos_ids, log, sft_eval, "PbPO")
+    guard.fail_if_diverged()
 
-        log_metrics("episode", episode=episode, gen_s=gen_seconds, train_s=train_seconds)
-        run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg),
-                            episode=episode, w=rm.w.detach().cpu(), cov=cov.state_dict(),
-                            oracle_calls=calls, sft_eval=sft_eval, log_size=log.size(), pairs=pairs,
-                            store_pairs=len(pairs["label"]),
-                            store_sha256=data.digest(store.records) if master else None)
 
-    # ---------------------------------------------------------------- final evaluation and export
-    final_eval = (oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
-                  if heldout else {})
-    log_metrics("final_eval", **final_eval)
-    export = os.path.join(cfg.out_dir, "final")
-    M.save_pretrained(policy, export, state_dict=run.full_state_dict(policy))
-    if master:
-        tok.save_pretrained(export)
-        if final_eval:
-            print(f"held-out gold accuracy: SFT {sft_eval['accuracy']:.3f} -> PbPO "
-                  f"{final_eval['accuracy']:.3f}; mean gold reward: SFT {sft_eval['reward']:.3f} "
-                  f"-> PbPO {final_eval['reward']:.3f}")
-        print(f"policy exported to {export}; metrics in {cfg.out_dir}/metrics.jsonl")
-    if world > 1:
-        dist.destroy_process_group()
-    run.fail_if_diverged(log.path)
+if __name__ == "__main__":
+    config = run.parse_flags(Config, __doc__)
+    with run.friendly_errors("train_pbpo.py", config.out_dir):
+        main(config)

@@ -30,9 +30,13 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 import model as M
+import ranks
 import run
+from run import knob
 import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,28 +72,31 @@ SHAPES = {  # config.json dicts of the real models; the weights are random
 
 @dataclass
 class Config:
-    suite: str = ""  # cpu | gpu: the runs of SUITES[suite], their table written into --doc
-    smoke: bool = False  # with --suite: every run at tiny sizes (what tests/test_bench.py runs)
-    doc: str = ""  # the document the suite's table goes into (default: experiments/BENCHMARKS.md)
-    shape: str = "qwen2.5-0.5b"  # a key of SHAPES
-    sections: str = "sample,logprobs,train,episode"  # comma-separated, run in this order
-    batch: int = 64  # sampling: rows
-    prompt_len: int = 128  # sampling: prompt tokens per row
-    new_tokens: int = 256  # sampling: tokens generated per row (no early stop)
-    hf_caches: str = "dynamic,static"  # sampling: the transformers caches timed against ours
-    greedy_rows: int = 8  # sampling: rows of the greedy check, ours vs transformers in fp32
-    greedy_tokens: int = 32  # sampling: new tokens of the greedy check
-    lp_batch: int = 8  # log-prob and training-step batch: rows
-    lp_len: int = 2048  # log-prob and training-step batch: tokens per row
-    lp_plus_one: bool = True  # log-probs: also time one token more (time must grow smoothly)
-    fit_cap: int = 0  # GPU: the log-prob doubling search for the longest sequence stops here
-    repeats: int = 5  # timed rounds per measurement, after one untimed round
-    compile: bool = True  # train section on GPU: torch.compile each block (as torchtitan does)
-    checkpointing: bool = False  # train section on GPU: activation checkpointing
-    episode_flags: str = ""  # extra flags for train_pbpo.py in the episode section
-    budget_s: int = 0  # start no section after this many seconds (0: the suite's, else none)
-    seed: int = 0
-    out: str = ""  # JSON results (default: out/bench_<suite or shape>.json)
+    suite: str = knob("", "cpu | gpu: the runs of SUITES[suite], their table written into --doc")
+    smoke: bool = knob(False, "with --suite: every run at tiny sizes (what tests/test_bench.py "
+                              "runs)")
+    doc: str = knob("", "the document the suite's table goes into (default: "
+                        "experiments/BENCHMARKS.md)")
+    shape: str = knob("qwen2.5-0.5b", "a key of SHAPES")
+    sections: str = knob("sample,logprobs,train,episode", "comma-separated, run in this order")
+    batch: int = knob(64, "sampling: rows")
+    prompt_len: int = knob(128, "sampling: prompt tokens per row")
+    new_tokens: int = knob(256, "sampling: tokens generated per row (no early stop)")
+    hf_caches: str = knob("dynamic,static", "sampling: the transformers caches timed against ours")
+    greedy_rows: int = knob(8, "sampling: rows of the greedy check, ours vs transformers in fp32")
+    greedy_tokens: int = knob(32, "sampling: new tokens of the greedy check")
+    lp_batch: int = knob(8, "log-prob and training-step batch: rows")
+    lp_len: int = knob(2048, "log-prob and training-step batch: tokens per row")
+    lp_plus_one: bool = knob(True, "log-probs: also time one token more (time must grow smoothly)")
+    fit_cap: int = knob(0, "GPU: the log-prob doubling search for the longest sequence stops here")
+    repeats: int = knob(5, "timed rounds per measurement, after one untimed round")
+    compile: bool = knob(True,
+        "train section on GPU: torch.compile each block (as torchtitan does)")
+    checkpointing: bool = knob(False, "train section on GPU: activation checkpointing")
+    episode_flags: str = knob("", "extra flags for train_pbpo.py in the episode section")
+    budget_s: int = knob(0, "start no section after this many seconds (0: the suite's, else none)")
+    seed: int = knob(0, "")
+    out: str = knob("", "JSON results (default: out/bench_<suite or shape>.json)")
 
     AT_LEAST = {"new_tokens": (2, "a decode step needs two"), "repeats": (1, ""),
                 "greedy_rows": (1, ""), "greedy_tokens": (1, "")}
@@ -376,7 +383,10 @@ def bench_train(cfg, shape, device, dtype):
     if CUDA:
         for block in model.model.layers if cfg.compile else []:
             block.compile()  # per block, before sharding, as torchtitan does
-        run.shard_model(model, activation_checkpointing=cfg.checkpointing)
+        mesh = init_device_mesh("cuda", (1,))
+        bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=False)  # as the trainers shard on GPU
+        M.shard(model, mesh, bf16, activation_checkpointing=cfg.checkpointing)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # as train_pbpo.py builds it
     B, T, V = cfg.lp_batch, cfg.lp_len, mc.vocab_size
     ids, adv = torch.randint(V, (B, T), device=device), torch.randn(B, T, device=device)
@@ -506,7 +516,7 @@ def main(cfg):
     name = cfg.suite or cfg.shape
     cfg.out = cfg.out or os.path.join(ROOT, "out", f"bench_{name}{'_smoke' * cfg.smoke}.json")
     cfg.doc = cfg.doc or os.path.join(ROOT, "experiments", "BENCHMARKS.md")
-    _, _, device = run.init_distributed()  # a one-rank group on GPU, for FSDP2 (train section)
+    _, _, device = ranks.init_distributed()  # a one-rank group on GPU, for FSDP2 (train section)
     dtype = torch.bfloat16 if CUDA else torch.float32
     from importlib.metadata import version
     env = {"device": torch.cuda.get_device_name() if CUDA else "cpu", "dtype": str(dtype),

@@ -37,7 +37,9 @@ import torch
 
 import data
 import model as M
+import ranks
 import run
+from run import knob
 import toy
 from experiments.tune import (STOPPING, grid_points, integers, mean_ci, run_arm,
                               stop_children_on_interrupt)
@@ -137,7 +139,7 @@ def train(arm, flags, paths, seed, out, quick, split, budgets):
         for more in range(budget):  # PbPO: episodes beyond budget // (2m) while one more fits
             extra, offline = budget_flags(arm, paths, budget, seed, os.path.join(out, "data"),
                                           quick, more)
-            tag = run.seed_of(arm.script, *common, *extra) % 10**10
+            tag = ranks.seed_of(arm.script, *common, *extra) % 10**10
             run_dir = os.path.join(out, "runs", f"{arm.script[6:-3]}_{budget}_s{seed}_{tag}")
             with LOCKS[run_dir]:  # two arms may ask for the same run at once
                 calls = run_arm(arm.script, common + extra, run_dir, previous)[-1]["oracle_calls"]
@@ -405,19 +407,20 @@ def plots(results, out):
 
 @dataclass
 class Config:
-    out: str = "out/compare"  # runs, tables and plots
-    settings: str = "standard,rare"  # standard | rare, comma-separated
-    tune_on: str = "standard"  # settings tuned on their own validation split; the others take
+    out: str = knob("out/compare", "runs, tables and plots")
+    settings: str = knob("standard,rare", "standard | rare, comma-separated")
+    tune_on: str = knob("standard", "settings tuned on their own validation split; the others take")
     # the first setting's tuned flags
-    budgets: str = "384,768"  # oracle-call budgets
-    arms: str = ""  # a comma-separated subset of the arms (default: all)
-    samples: int = 8  # samples per prompt for the expected gold reward at temperature 1
-    jobs: int = 2  # runs at a time, and as many evaluation processes; one thread each
-    quick: bool = False  # the quick toy, one seed, the first grid point: a smoke test
+    budgets: str = knob("384,768", "oracle-call budgets")
+    arms: str = knob("", "a comma-separated subset of the arms (default: all)")
+    samples: int = knob(8, "samples per prompt for the expected gold reward at temperature 1")
+    jobs: int = knob(2, "runs at a time, and as many evaluation processes; one thread each")
+    quick: bool = knob(False, "the quick toy, one seed, the first grid point: a smoke test")
 
     AT_LEAST = {"jobs": (1, "")}
 
 
 if __name__ == "__main__":
-    run.friendly_errors("experiments/compare.py")
-    compare(run.parse_flags(Config, __doc__))
+    config = run.parse_flags(Config, __doc__)
+    with run.friendly_errors("experiments/compare.py"):
+        compare(config)

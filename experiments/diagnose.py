@@ -24,7 +24,9 @@ import torch.nn.functional as F
 
 import data
 import model as M
+import ranks
 import run
+from run import knob
 import toy
 from reward import bt_loss
 from train_selm import load_preferences
@@ -108,10 +110,10 @@ def gold_rl(paths, tok, steps, lr, kl_coef, seed, prompts_per_step=16, group=8):
     prompts, oracle = data.load_prompts(paths.train, tok, 256), make_oracle("gold")
     kw = dict(eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
     for step in range(steps):
-        pick = torch.randint(len(prompts), (prompts_per_step,), generator=run.generator(seed, step))
+        pick = torch.randint(len(prompts), (prompts_per_step,), generator=ranks.generator(seed, step))
         items = [prompts[i] for i in pick]
         responses, logps = M.sample(policy, [p["prompt_ids"] for p in items], 48, 1.0, n=group,
-                                    seed=run.seed_of(seed, "rl", step), logprobs=True, **kw)
+                                    seed=ranks.seed_of(seed, "rl", step), logprobs=True, **kw)
         rows = [p for p in items for _ in range(group)]
         gold = torch.tensor(oracle.score_fn(rows, [data.decode(tok, y) for y in responses]))
         ids, attn, resp = data.collate([p["prompt_ids"] for p in rows], responses, tok.pad_token_id)
@@ -128,69 +130,70 @@ def gold_rl(paths, tok, steps, lr, kl_coef, seed, prompts_per_step=16, group=8):
 
 @dataclass
 class Config:
-    out: str = "out/diagnose"  # results and the DPO runs
-    toy_dir: str = "out/toy"  # the toy task (built if missing)
-    pairs: str = "153,763"  # sizes of the training pair sets (prefixes of the toy preference file)
-    dpo_epochs: int = 4  # epochs of iterative DPO on each training set
-    rl_steps: int = 48  # gold-reward leader steps (PbPO's default: 6 episodes × 8)
-    rl_lrs: str = "1e-4,3e-4"  # learning rates of the gold-reward leader
-    seed: int = 0
+    out: str = knob("out/diagnose", "results and the DPO runs")
+    toy_dir: str = knob("out/toy", "the toy task (built if missing)")
+    pairs: str = knob("153,763", "sizes of the training pair sets (prefixes of the toy preference "
+                                 "file)")
+    dpo_epochs: int = knob(4, "epochs of iterative DPO on each training set")
+    rl_steps: int = knob(48, "gold-reward leader steps (PbPO's default: 6 episodes × 8)")
+    rl_lrs: str = knob("1e-4,3e-4", "learning rates of the gold-reward leader")
+    seed: int = knob(0, "")
 
 
 if __name__ == "__main__":
-    run.friendly_errors("experiments/diagnose.py")
     cfg = run.parse_flags(Config, __doc__)
-    paths = toy.build(cfg.toy_dir)
-    tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
-    pad = tok.pad_token_id
-    heldout = gold_pairs(sft, tok, data.load_prompts(paths.valid, tok, 256), cfg.seed)
-    train_all = [(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
-                 for p in load_preferences(paths.prefs, tok, 256)]
-    layers = [0, -1]  # the first block's output and the final normed hidden state
-    test_phi = features(sft, heldout, pad, layers)
-    results = {"config": asdict(cfg), "heldout_pairs": len(heldout), "rows": []}
-    lengths = torch.tensor([len(b) - len(w) for _, b, w in heldout], dtype=torch.float)
-    for size in map(int, cfg.pairs.split(",")):
-        train = train_all[:size]
-        train_phi = features(sft, train, pad, layers)
-        for key, (fb, fw) in train_phi.items():
-            w, loss = fit_head(fb, fw)
-            tb, tw = test_phi[key]
-            acc = ((tb @ w) > (tw @ w)).float().mean().item()
-            train_acc = ((fb @ w) > (fw @ w)).float().mean().item()
-            results["rows"].append(dict(pairs=size, reward=f"linear head, layer {key[0]}, {key[1]}",
-                                        heldout_acc=acc, train_acc=train_acc, bt_loss=loss))
-        out_dir = os.path.join(cfg.out, f"dpo_{size}")
-        if not os.path.exists(os.path.join(out_dir, "final", "model.safetensors")):
-            import shutil
-            shutil.rmtree(out_dir, ignore_errors=True)
-            cmd = [sys.executable, os.path.join(ROOT, "train_selm.py"), f"--model={paths.model}",
-                   f"--prefs={paths.prefs}", f"--heldout={paths.valid}", f"--max_pairs={size}",
-                   "--alpha=0", f"--epochs={cfg.dpo_epochs}", f"--out_dir={out_dir}"]
-            subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-        dpo = M.from_pretrained(os.path.join(out_dir, "final")).eval()
-        margin = implicit_margin(dpo, sft, heldout, pad)
-        results["rows"].append(dict(pairs=size, reward=f"DPO implicit, {cfg.dpo_epochs} epochs",
-                                    heldout_acc=(margin > 0).float().mean().item()))
-    # references that need no training: SFT log-likelihood and response length
-    prompts, better, worse = map(list, zip(*heldout))
-    ll = []
-    for responses in (better, worse):
-        ids, attn, resp = data.collate(prompts, responses, pad)
-        with torch.no_grad():
-            ll.append((M.token_logprobs(sft, ids, attn) * resp).sum(-1))
-    for name, better_wins in (("SFT log-likelihood", ll[0] > ll[1]), ("longer response", lengths > 0)):
-        results["rows"].append(dict(pairs=0, reward=name, heldout_acc=better_wins.float().mean().item()))
-    results["gold_rl"] = {lr: gold_rl(paths, tok, cfg.rl_steps, float(lr), 0.05, cfg.seed)
-                          for lr in cfg.rl_lrs.split(",")}
-    os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, "diagnose.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"held-out gold pairs: {len(heldout)} (validation prompts, SFT samples, ties dropped)")
-    print(f"{'pairs':>6}  {'reward':<40}{'held-out acc':>13}{'train acc':>10}{'BT loss':>9}")
-    for r in results["rows"]:
-        print(f"{r['pairs']:>6}  {r['reward']:<40}{r['heldout_acc']:>13.3f}"
-              f"{r.get('train_acc', float('nan')):>10.3f}{r.get('bt_loss', float('nan')):>9.3f}")
-    for lr, res in results["gold_rl"].items():
-        print(f"gold-reward leader, {cfg.rl_steps} steps at lr {lr}: validation accuracy "
-              f"{res['accuracy']:.3f}, gold reward {res['reward']:.3f}")
+    with run.friendly_errors("experiments/diagnose.py"):
+        paths = toy.build(cfg.toy_dir)
+        tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
+        pad = tok.pad_token_id
+        heldout = gold_pairs(sft, tok, data.load_prompts(paths.valid, tok, 256), cfg.seed)
+        train_all = [(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
+                     for p in load_preferences(paths.prefs, tok, 256)]
+        layers = [0, -1]  # the first block's output and the final normed hidden state
+        test_phi = features(sft, heldout, pad, layers)
+        results = {"config": asdict(cfg), "heldout_pairs": len(heldout), "rows": []}
+        lengths = torch.tensor([len(b) - len(w) for _, b, w in heldout], dtype=torch.float)
+        for size in map(int, cfg.pairs.split(",")):
+            train = train_all[:size]
+            train_phi = features(sft, train, pad, layers)
+            for key, (fb, fw) in train_phi.items():
+                w, loss = fit_head(fb, fw)
+                tb, tw = test_phi[key]
+                acc = ((tb @ w) > (tw @ w)).float().mean().item()
+                train_acc = ((fb @ w) > (fw @ w)).float().mean().item()
+                results["rows"].append(dict(pairs=size, reward=f"linear head, layer {key[0]}, {key[1]}",
+                                            heldout_acc=acc, train_acc=train_acc, bt_loss=loss))
+            out_dir = os.path.join(cfg.out, f"dpo_{size}")
+            if not os.path.exists(os.path.join(out_dir, "final", "model.safetensors")):
+                import shutil
+                shutil.rmtree(out_dir, ignore_errors=True)
+                cmd = [sys.executable, os.path.join(ROOT, "train_selm.py"), f"--model={paths.model}",
+                       f"--prefs={paths.prefs}", f"--heldout={paths.valid}", f"--max_pairs={size}",
+                       "--alpha=0", f"--epochs={cfg.dpo_epochs}", f"--out_dir={out_dir}"]
+                subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
+            dpo = M.from_pretrained(os.path.join(out_dir, "final")).eval()
+            margin = implicit_margin(dpo, sft, heldout, pad)
+            results["rows"].append(dict(pairs=size, reward=f"DPO implicit, {cfg.dpo_epochs} epochs",
+                                        heldout_acc=(margin > 0).float().mean().item()))
+        # references that need no training: SFT log-likelihood and response length
+        prompts, better, worse = map(list, zip(*heldout))
+        ll = []
+        for responses in (better, worse):
+            ids, attn, resp = data.collate(prompts, responses, pad)
+            with torch.no_grad():
+                ll.append((M.token_logprobs(sft, ids, attn) * resp).sum(-1))
+        for name, better_wins in (("SFT log-likelihood", ll[0] > ll[1]), ("longer response", lengths > 0)):
+            results["rows"].append(dict(pairs=0, reward=name, heldout_acc=better_wins.float().mean().item()))
+        results["gold_rl"] = {lr: gold_rl(paths, tok, cfg.rl_steps, float(lr), 0.05, cfg.seed)
+                              for lr in cfg.rl_lrs.split(",")}
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(os.path.join(cfg.out, "diagnose.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        print(f"held-out gold pairs: {len(heldout)} (validation prompts, SFT samples, ties dropped)")
+        print(f"{'pairs':>6}  {'reward':<40}{'held-out acc':>13}{'train acc':>10}{'BT loss':>9}")
+        for r in results["rows"]:
+            print(f"{r['pairs']:>6}  {r['reward']:<40}{r['heldout_acc']:>13.3f}"
+                  f"{r.get('train_acc', float('nan')):>10.3f}{r.get('bt_loss', float('nan')):>9.3f}")
+        for lr, res in results["gold_rl"].items():
+            print(f"gold-reward leader, {cfg.rl_steps} steps at lr {lr}: validation accuracy "
+                  f"{res['accuracy']:.3f}, gold reward {res['reward']:.3f}")

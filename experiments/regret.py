@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import run
+from run import knob
 from explore import Covariance, select_pair
 from reward import Oracle, bt_loss
 
@@ -101,47 +102,47 @@ def regret(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=5, lam=1
 
 @dataclass
 class Config:
-    d: int = 8  # feature dimension
-    d_hard: int = 4  # directions only the rare responses vary along
-    prompts: int = 64
-    n: int = 32  # responses per prompt
-    n_rare: int = 1  # rare, informative responses per prompt
+    d: int = knob(8, "feature dimension")
+    d_hard: int = knob(4, "directions only the rare responses vary along")
+    prompts: int = knob(64, "")
+    n: int = knob(32, "responses per prompt")
+    n_rare: int = knob(1, "rare, informative responses per prompt")
     K: int = 400  # rounds
     M: int = 4  # pairs labelled a round
-    seeds: int = 5
-    lam: float = 1.0  # λ, Σ = λI + ...
-    bound: float = 10.0  # B, ‖w‖ ≤ B
-    out: str = "out/regret.json"  # JSON; the CSV and PNG go beside it
+    seeds: int = knob(5, "")
+    lam: float = knob(1.0, "λ, Σ = λI + ...")
+    bound: float = knob(10.0, "B, ‖w‖ ≤ B")
+    out: str = knob("out/regret.json", "JSON; the CSV and PNG go beside it")
 
     AT_LEAST = {"d": (2, ""), "n": (2, ""), "K": (1, ""), "M": (1, ""), "seeds": (1, "")}
 
 
 if __name__ == "__main__":
-    run.friendly_errors("experiments/regret.py")
     cfg = run.parse_flags(Config, __doc__)
-    res = regret(**{k: v for k, v in asdict(cfg).items() if k != "out"})
-    print(f"{'K':>6} {'uncertainty':>18} {'random':>18}   (cumulative regret, mean ± std over "
-          f"{cfg.seeds} seeds)")
-    for k in sorted({min(2 ** i, cfg.K) for i in range(math.ceil(math.log2(cfg.K)) + 1)}):
-        print(f"{k:>6}" + "".join(f" {res[a]['cum_mean'][k - 1]:>10.3f} ± {res[a]['cum_std'][k - 1]:<5.2f}"
-                                  for a in res))
-    print(f"log-log slope over K ∈ [{cfg.K // 10}, {cfg.K}]: uncertainty "
-          f"{res['uncertainty']['slope']:.3f}, random {res['random']['slope']:.3f} (Õ(d√K): 0.5)")
-    os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
-    with open(cfg.out, "w") as f:
-        json.dump({"config": asdict(cfg), **res}, f, indent=1)
-    stem = os.path.splitext(cfg.out)[0]
-    with open(stem + ".csv", "w") as f:
-        f.write("K,uncertainty_mean,uncertainty_std,random_mean,random_std\n")
-        f.writelines(f"{k + 1},{','.join(str(res[a][s][k]) for a in res for s in ('cum_mean', 'cum_std'))}\n"
-                     for k in range(cfg.K))
-    try:
-        import matplotlib.pyplot as plt
-        for arm in res:
-            plt.loglog(range(1, cfg.K + 1), res[arm]["cum_mean"],
-                       label=f"{arm} (slope {res[arm]['slope']:.2f})")
-        plt.xlabel("K"), plt.ylabel("cumulative regret"), plt.legend()
-        plt.savefig(stem + ".png", dpi=120)
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-    print(f"wrote {cfg.out}, {stem}.csv")
+    with run.friendly_errors("experiments/regret.py"):
+        res = regret(**{k: v for k, v in asdict(cfg).items() if k != "out"})
+        print(f"{'K':>6} {'uncertainty':>18} {'random':>18}   (cumulative regret, mean ± std over "
+              f"{cfg.seeds} seeds)")
+        for k in sorted({min(2 ** i, cfg.K) for i in range(math.ceil(math.log2(cfg.K)) + 1)}):
+            print(f"{k:>6}" + "".join(f" {res[a]['cum_mean'][k - 1]:>10.3f} ± {res[a]['cum_std'][k - 1]:<5.2f}"
+                                      for a in res))
+        print(f"log-log slope over K ∈ [{cfg.K // 10}, {cfg.K}]: uncertainty "
+              f"{res['uncertainty']['slope']:.3f}, random {res['random']['slope']:.3f} (Õ(d√K): 0.5)")
+        os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
+        with open(cfg.out, "w") as f:
+            json.dump({"config": asdict(cfg), **res}, f, indent=1)
+        stem = os.path.splitext(cfg.out)[0]
+        with open(stem + ".csv", "w") as f:
+            f.write("K,uncertainty_mean,uncertainty_std,random_mean,random_std\n")
+            f.writelines(f"{k + 1},{','.join(str(res[a][s][k]) for a in res for s in ('cum_mean', 'cum_std'))}\n"
+                         for k in range(cfg.K))
+        try:
+            import matplotlib.pyplot as plt
+            for arm in res:
+                plt.loglog(range(1, cfg.K + 1), res[arm]["cum_mean"],
+                           label=f"{arm} (slope {res[arm]['slope']:.2f})")
+            plt.xlabel("K"), plt.ylabel("cumulative regret"), plt.legend()
+            plt.savefig(stem + ".png", dpi=120)
+        except ImportError:
+            print("matplotlib is not installed: no plot")
+        print(f"wrote {cfg.out}, {stem}.csv")

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import run
+from run import knob
 import toy
 import train_pbpo
 import train_selm
@@ -309,21 +310,21 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
 
 @dataclass
 class Config:
-    script: str = "train_pbpo.py"  # train_pbpo.py | train_selm.py
-    grid: str = ""  # space-separated flag=v1,v2,... axes
-    flags: str = ""  # fixed extra flags, space-separated
-    seeds: str = "100,101,102"  # tuning seeds (the comparison's seeds are 0..9)
-    out: str = "out/tune"
-    jobs: int = 2  # runs at a time (each on one thread)
+    script: str = knob("train_pbpo.py", "train_pbpo.py | train_selm.py")
+    grid: str = knob("", "space-separated flag=v1,v2,... axes")
+    flags: str = knob("", "fixed extra flags, space-separated")
+    seeds: str = knob("100,101,102", "tuning seeds (the comparison's seeds are 0..9)")
+    out: str = knob("out/tune", "")
+    jobs: int = knob(2, "runs at a time (each on one thread)")
     # valid: tuning; heldout: only to report the chosen settings, never to choose
-    split: str = "valid"
+    split: str = knob("valid", "")
 
     AT_LEAST = {"jobs": (1, "")}
     CHOICES = {"split": ("valid", "heldout")}
 
 
 if __name__ == "__main__":
-    run.friendly_errors("experiments/tune.py")
     cfg = run.parse_flags(Config, __doc__)
-    tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
-         cfg.jobs, cfg.split)
+    with run.friendly_errors("experiments/tune.py"):
+        tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
+             cfg.jobs, cfg.split)

@@ -1,0 +1,97 @@
+"""Ranks: the process group, sums and gathers across ranks, and the seeding rule that makes a run on
+N ranks the run on one: every draw and every sampled row is keyed by what it is for, never by the
+rank that happens to hold it. Tests: tests/test_fsdp.py, and each trainer's 2-rank test."""
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+import model as M
+
+
+def init_distributed(timeout_s=1800):
+    """-> (rank, world_size, device). torchrun: nccl (GPU) or gloo (CPU), timed out so a dead rank
+    fails the others; plain python: rank 0 of 1, on GPU a one-rank group (FSDP2's bf16 needs it)."""
+    timeout = timedelta(seconds=timeout_s)
+    if "RANK" not in os.environ:
+        if not torch.cuda.is_available():
+            return 0, 1, torch.device("cpu")
+        device = torch.device("cuda", 0)
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                timeout=timeout, device_id=device)
+        torch.cuda.set_device(device)
+        return 0, 1, device
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=timeout,
+                            device_id=device if device.type == "cuda" else None)
+    return rank, world, device
+
+
+def all_sum(values, device):  # each number of the list summed over ranks (each has its share)
+    totals = torch.tensor(values, dtype=torch.float64, device=device)  # nccl reduces device tensors
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def mean_all(values):  # the mean of a tensor's values over all ranks' tensors
+    total, count = all_sum([float(values.sum()), values.numel()], values.device)
+    return total / max(count, 1)
+
+
+def gather(items):  # every rank's list, concatenated in rank order
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return items
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def block(count, rank, world):  # this rank's contiguous share of `count` things, as a slice
+    return slice(count * rank // world, count * (rank + 1) // world)
+
+
+# ---------------------------------------------------------------- the seeding rule
+def seed_of(*keys):
+    """One seed per purpose, keyed by (seed, purpose, episode, ...), the same on every rank. A
+    resumed run needs no saved RNG state, and no two purposes share a stream."""
+    return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:16], 16) % 2**62
+
+
+def generator(*keys):  # a torch.Generator seeded by the rule
+    return torch.Generator().manual_seed(seed_of(*keys))
+
+
+def draw(items, count, rank, world, *keys):
+    """`count` items drawn with replacement for the purpose `keys` -> (this rank's block, the
+    block's offset in the whole draw). Any world size draws the same items (and, by sample, the
+    same responses to them)."""
+    picked = torch.randint(len(items), (count,), generator=generator(*keys)).tolist()
+    share = block(count, rank, world)
+    return [items[i] for i in picked[share]], share.start
+
+
+@dataclass
+class Samples:  # n responses to each of a rank's prompts, prompt-major
+    prompt_ids: list  # each row's prompt token ids
+    responses: list  # each row's response token ids
+    logp: list  # each row's sampled tokens' log-probs, at the sampling temperature
+
+
+def sample(model, items, n, temperature, offset, keys, max_new_tokens, eos_ids, pad_id):
+    """n responses to each of this rank's prompts (its block of a draw, at `offset`). Row j of the
+    whole draw, all ranks', is seeded seed_of(*keys) + j: any world size samples the same rows."""
+    prompt_ids = [p["prompt_ids"] for p in items]
+    responses, logp = M.sample(model, prompt_ids, max_new_tokens, temperature, n=n,
+                               seed=seed_of(*keys) + offset * n, logprobs=True, eos_ids=eos_ids,
+                               pad_id=pad_id)
+    return Samples([p for p in prompt_ids for _ in range(n)], responses, logp)
