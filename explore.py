@@ -1,5 +1,6 @@
 """Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): trajectory features Φ(τ), Σ = λI +
-Σ_i Δφ_i Δφ_iᵀ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the enhancer's choice among N candidates.
+Σ_i Δφ_i Δφ_iᵀ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the enhancer policy's REINFORCE reward, and
+best-of-N, its cheaper stand-in: the choice among N candidates.
 
 Nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py"""
 import math
@@ -47,3 +48,16 @@ def select_pair(cov, phi_ref, phi_candidates):
     u = cov.uncertainty(dphi)  # (N,)
     j = int(u.argmax())
     return j, dphi[j], float(u[j])
+
+
+def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
+    """The enhancer π̂'s REINFORCE reward: ∇‖m_x‖_{Σ⁻¹} = E_π̂[⟨v_x, Φ(x, y¹)⟩ ∇ log π̂(y¹|x)], with
+    m_x = E_π̂ Φ(x, y¹) − E_π_ref Φ(x, y⁰) from the samples and v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held
+    constant (shrinking with m_x below 1e-6: m_x = 0 gets reward 0). phi_enh (P·G, [T,] d) of π̂,
+    phi_ref (P·R, [T,] d) of π_ref, a prompt's rows together -> (P·G,) ⟨v_x, Φ⟩, or per token
+    (P·G, T) ⟨v_x, φ_h⟩ summing to it (Φ = Σ_h φ_h): the rewards train_pbpo.advantages takes."""
+    d = phi_enh.shape[-1]
+    m = (trajectory_features(phi_enh).view(-1, group, d).mean(1)
+         - trajectory_features(phi_ref).view(-1, ref_group, d).mean(1))  # (P, d) m_x
+    v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric
+    return torch.einsum("n...d,nd->n...", phi_enh, v.repeat_interleave(group, 0))  # (n,) | (n, T)
