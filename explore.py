@@ -56,8 +56,7 @@ def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
     constant (shrinking with m_x below 1e-6: m_x = 0 gets reward 0). phi_enh (P·G, [T,] d) of π̂,
     phi_ref (P·R, [T,] d) of π_ref, a prompt's rows together -> (P·G,) ⟨v_x, Φ⟩, or per token
     (P·G, T) ⟨v_x, φ_h⟩ summing to it (Φ = Σ_h φ_h): the rewards train_pbpo.advantages takes."""
-    d = phi_enh.shape[-1]
-    m = (trajectory_features(phi_enh).view(-1, group, d).mean(1)
-         - trajectory_features(phi_ref).view(-1, ref_group, d).mean(1))  # (P, d) m_x
+    m = (trajectory_features(phi_enh).unflatten(0, (-1, group)).mean(1)
+         - trajectory_features(phi_ref).unflatten(0, (-1, ref_group)).mean(1))  # (P, d) m_x
     v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric
     return torch.einsum("n...d,nd->n...", phi_enh, v.repeat_interleave(group, 0))  # (n,) | (n, T)
