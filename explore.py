@@ -51,14 +51,12 @@ def select_pair(cov, phi_ref, phi_candidates):
 
 
 def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
-    """The enhancer π̂'s REINFORCE reward ⟨v_x, Φ(τ)⟩. π̂ maximises, per prompt x, ‖m_x‖_{Σ⁻¹} with
-    m_x = E_π̂ Φ(x, y¹) − E_π_ref Φ(x, y⁰), whose gradient is E_π̂[⟨v_x, Φ(x, y¹)⟩ ∇ log π̂(y¹|x)],
-    v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held constant; m_x is estimated from the samples, and a prompt with
-    m_x = 0 gets reward 0. phi_enh (P·G, d) of π̂ and phi_ref (P·R, d) of π_ref, each prompt's rows
-    together -> (P·G,) rewards, or (P·G, T, d) per-token φ_h (Φ = Σ_h φ_h) -> (P·G, T) ⟨v_x, φ_h⟩,
-    whose sum over h is ⟨v_x, Φ⟩: the shapes of r_w that train_pbpo.advantages takes."""
-    d = phi_enh.shape[-1]
-    m = (trajectory_features(phi_enh).view(-1, group, d).mean(1)
-         - trajectory_features(phi_ref).view(-1, ref_group, d).mean(1))  # (P, d) m_x
-    v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-12)[:, None]  # (P, d), Σ⁻¹ symmetric
+    """The enhancer π̂'s REINFORCE reward: ∇‖m_x‖_{Σ⁻¹} = E_π̂[⟨v_x, Φ(x, y¹)⟩ ∇ log π̂(y¹|x)], with
+    m_x = E_π̂ Φ(x, y¹) − E_π_ref Φ(x, y⁰) from the samples and v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held
+    constant (shrinking with m_x below 1e-6: m_x = 0 gets reward 0). phi_enh (P·G, [T,] d) of π̂,
+    phi_ref (P·R, [T,] d) of π_ref, a prompt's rows together -> (P·G,) ⟨v_x, Φ⟩, or per token
+    (P·G, T) ⟨v_x, φ_h⟩ summing to it (Φ = Σ_h φ_h): the rewards train_pbpo.advantages takes."""
+    m = (trajectory_features(phi_enh).unflatten(0, (-1, group)).mean(1)
+         - trajectory_features(phi_ref).unflatten(0, (-1, ref_group)).mean(1))  # (P, d) m_x
+    v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric
     return torch.einsum("n...d,nd->n...", phi_enh, v.repeat_interleave(group, 0))  # (n,) | (n, T)

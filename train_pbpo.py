@@ -112,41 +112,33 @@ class Config:
 
 # ---------------------------------------------------------------- the objectives
 def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, beta, n_pairs):
-    """F(w) = gap(w) + β ℓ_D(w), the Lagrangian of min_w gap(w) s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k: the
-    pessimistic reward model inside the confidence set of D. ℓ_D = Σ_{i∈D} ℓ_i is the summed BT
-    loss, estimated on a minibatch as |D| · mean_batch ℓ_i (n_pairs = |D|); gap(w) = mean
-    r_w(τ~π) − mean r_w(τ~π_ref). β = 0 is the pure adversary in the ball ‖w‖ ≤ B.
-    Returns (F, the batch-mean BT loss, the gap)."""
+    """F(w) = gap(w) + β ℓ_D(w), the Lagrangian of min gap(w) s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k; the summed
+    BT loss ℓ_D = Σ_{i∈D} ℓ_i is |D| · mean_batch ℓ_i (n_pairs = |D|), gap(w) = mean r_w(τ~π) −
+    mean r_w(τ~π_ref). β = 0: the pure adversary. -> (F, the batch-mean BT loss, the gap)"""
     nll = bt_loss(rm(phi0), rm(phi1), labels)
     gap = rm(phi_pi).mean() - rm(phi_ref).mean()
     return gap + beta * n_pairs * nll, nll.detach(), gap.detach()
 
 
 def follower_step_size(rm_lr, beta, n_pairs, curvature=1.0):
-    """η = η_r / (1 + β |D| L), stable however large β|D| grows. L bounds one ℓ_i's curvature,
-    ∇²ℓ_i = σ(1−σ) ΔΦ ΔΦᵀ ≤ ‖ΔΦ‖²/4 (ΔΦ = Φ(τ¹) − Φ(τ⁰)): with unit-norm φ, L = 1 at the sequence
-    level (‖ΔΦ‖ ≤ 2) and L = H² at the token level (Φ = Σ_h φ_h, ‖ΔΦ‖ ≤ 2H). gap is linear, so F's
-    curvature is at most β|D|L: for η_r ≤ 1 every projected step lowers F, for η_r < 2 the steps
-    converge, and at β|D|L ≪ 1 (the adversary alone) the step is η_r."""
+    """η = η_r / (1 + β|D|L): F's curvature is at most β|D|L (gap is linear, ∇²ℓ_i ≤ ‖ΔΦ‖²/4 ≤ L: 1
+    for unit-norm φ, H² at the token level), so with η_r ≤ 1 every step lowers F, whatever β|D|."""
     return rm_lr / (1.0 + beta * n_pairs * curvature)
 
 
-def zeta(c, d, k):
-    """ζ_k = c · d · log(1 + k), the theory's O(d log k) width of the confidence set in episode k;
-    1 + k, not k: log 1 = 0 would pin w to ŵ in the first episode, leaving the follower no room."""
+def zeta(c, d, k):  # ζ_k = c d log(1 + k), the theory's O(d log k); log k would pin w to ŵ at k = 1
     return c * d * math.log1p(k)
 
 
 def fit_mle(phi0, phi1, labels, bound, w=None, steps=10_000, tol=1e-6):
-    """ŵ = argmin_{‖w‖≤B} ℓ_D(w), ℓ_D(w) = Σ_i softplus(−s_i ⟨w, ΔΦ_i⟩), on the whole of D ->
-    (ŵ, ℓ_D(ŵ)). Accelerated projected gradient (FISTA, momentum restarted when it points uphill) in
-    float64 from w (a warm start, e.g. the last episode's ŵ; default 0), step 1/L with L = ‖X‖²/4 ≥
-    ∇²ℓ_D, X the rows s_i ΔΦ_i. Deterministic. Stops when the projected gradient's norm is below
-    tol; stopping early leaves ℓ_D(ŵ) above the minimum, which only widens the set by as much."""
-    x = (2.0 * labels.double() - 1.0)[:, None] * (phi1 - phi0).double()  # (n, d), s = 2 label − 1
+    """ŵ = argmin_{‖w‖≤B} ℓ_D(w) on the whole of D -> (ŵ, ℓ_D(ŵ)): FISTA (momentum restarted when it
+    points uphill) in float64 from w (a warm start) or 0, step 1/L, L = ‖X‖²/4 ≥ ∇²ℓ_D, until the
+    projected gradient's norm is below tol; stopped early, ℓ_D(ŵ) is high, which widens the set."""
+    x = (2.0 * labels.double() - 1.0)[:, None] * (phi1 - phi0).double()  # (n, d) X: rows s_i ΔΦ_i
     lipschitz = max(torch.linalg.matrix_norm(x, ord=2).item() ** 2 / 4, 1e-12)
     w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if w is None else w.double()
-    previous, momentum = w, 1.0
+    previous = w
+    momentum = 1.0
     for _ in range(steps):
         momentum_next = (1 + math.sqrt(1 + 4 * momentum ** 2)) / 2
         y = w + (momentum - 1) / momentum_next * (w - previous)  # (d,)
@@ -160,11 +152,8 @@ def fit_mle(phi0, phi1, labels, bound, w=None, steps=10_000, tol=1e-6):
     return w.to(phi0.dtype), torch.nn.functional.softplus(-(x @ w)).sum().item()
 
 
-def dual_ascent(beta, nll_sum, nll_mle, zeta, lr):
-    """β ← max(0, β + lr (ℓ_D(w) − ℓ_D(ŵ) − ζ_k)), a projected ascent step on the dual of
-    min_w gap(w) s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k: β grows while w is outside the set and falls to 0
-    while the constraint is slack. The slack ℓ_D(ŵ) + ζ_k − ℓ_D(w) is logged with it."""
-    return max(0.0, beta + lr * (nll_sum - nll_mle - zeta))
+def dual_ascent(beta, nll_sum, nll_mle, zeta, lr):  # β ← max(0, β + lr (ℓ_D(w) − ℓ_D(ŵ) − ζ_k))
+    return max(0.0, beta + lr * (nll_sum - nll_mle - zeta))  # rises while w is outside the set
 
 
 def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each prompt's G samples

@@ -1,7 +1,11 @@
-"""PbPO's leader against exact references: the KL folded into the reward has the gradient of
-KL(π_θ ‖ π_anchor) on a policy small enough to enumerate every response; the leader's log-probs are the
-sampler's; a run on 2 ranks is the run on 1 rank (tests/test_fsdp.py: a 2-rank leader step with different
-token counts per rank is the 1-rank step).
+"""PbPO's objectives against exact references. The leader: the KL folded into the reward has the
+gradient of KL(π_θ ‖ π_anchor) on a policy small enough to enumerate every response; the leader's
+log-probs are the sampler's; a run on 2 ranks is the run on 1 rank (tests/test_fsdp.py: a 2-rank
+leader step with different token counts per rank is the 1-rank step). The enhancer: its REINFORCE
+reward gives the exact gradient of ‖m_x‖_{Σ⁻¹} − κ KL(π̂ ‖ π_ref). The follower: its minimiser at
+β > 0 is a direct KKT solve's, at β = 0 the pure adversary, its step size keeps descent where the
+curvature bound is attained; fit_mle reaches the MLE; the dual-ascent form keeps w in the confidence
+set, closer to ŵ as D grows.
 
     python -m pytest -q tests/test_pbpo.py
 """
@@ -14,7 +18,10 @@ from conftest import PBPO, metrics, run
 
 import data
 import model as M
-from train_pbpo import advantages, leader_loss, on_response
+from explore import Covariance, enhancer_rewards, trajectory_features
+from reward import bt_loss
+from train_pbpo import (advantages, dual_ascent, fit_mle, follower_loss, follower_step_size, leader_loss,
+                        on_response, zeta)
 
 V, H, PROMPT = 4, 2, [1, 2, 3]  # vocab, response length, the prompt: V**H responses in all
 
@@ -120,3 +127,270 @@ def test_health_signals_are_logged(toy, tmp_path):
         assert isinstance(step[key], float) and math.isfinite(step[key]), key
     explore = [r for r in metrics(tmp_path) if r["kind"] == "explore"][0]
     assert 0 <= explore["rm_acc_fresh"] <= 1 and explore["new_pairs"] + explore["identical"] == 8
+
+
+@pytest.mark.parametrize("level", ["seq", "token"])
+def test_enhancer_reward_gives_the_gradient_of_its_objective(level):
+    """Every response enumerated, with a fixed feature table φ(y) (at the token level φ_h a function
+    of the prefix y_≤h, as the backbone's are): (1) enhancer_rewards on the enumerated samples of π̂
+    and π_ref, each weighted by its probability, is ⟨v_x, φ⟩ with v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} from
+    the exact m_x; (2) that reward with the KL to π_ref folded in, through advantages (G = 2, every
+    pair enumerated) and leader_loss, has the exact gradient of
+    −(‖m_x‖_{Σ⁻¹} − κ KL(π̂ ‖ π_ref))."""
+    kappa, temperature, d = 0.3, 0.8, 3
+    enhancer, ref = tiny_policy(0), tiny_policy(1)
+    ids, attn, resp, logp = every_response(enhancer, temperature)
+    with torch.no_grad():
+        logp_ref = every_response(ref, temperature)[3]
+    g = torch.Generator().manual_seed(0)
+    if level == "seq":
+        phi = torch.randn(len(ids), d, generator=g)  # (V**H, d) φ(y)
+    else:
+        table = {}  # φ_h by prefix y_≤h
+        phi = torch.zeros(*ids.shape, d)  # (V**H, 3 + H, d), zero on the prompt
+        for row, y in enumerate(ids[:, len(PROMPT):].tolist()):
+            for h in range(H):
+                prefix = tuple(y[:h + 1])
+                table.setdefault(prefix, torch.randn(d, generator=g))
+                phi[row, len(PROMPT) + h] = table[prefix]
+    cov = Covariance(d, 0.5)
+    cov.update(torch.randn(6, d, generator=g))
+    seq_logp = logp.sum(-1)  # (V**H,) log π̂(y)
+    p_enh = seq_logp.exp()
+    p_ref = logp_ref.sum(-1).exp()
+    m = (p_enh - p_ref) @ trajectory_features(phi)  # (d,) the exact m_x = E_π̂ Φ − E_π_ref Φ
+    kl = (p_enh * (seq_logp - logp_ref.sum(-1))).sum()
+    params = [p for p in enhancer.parameters()]
+    objective = (m @ cov.sigma_inv @ m).sqrt() - kappa * kl
+    exact = torch.autograd.grad(-objective, params, retain_graph=True)
+
+    n = len(ids)  # response y as one "sample" of weight n π(y): the sample means are expectations
+    weight_enh = (n * p_enh.detach()).view(-1, *[1] * (phi.dim() - 1))
+    weight_ref = (n * p_ref).view(-1, *[1] * (phi.dim() - 1))
+    rewards = enhancer_rewards(cov, phi * weight_enh, phi * weight_ref, group=n, ref_group=n)
+    reward = rewards / weight_enh[..., 0]  # (V**H,) or (V**H, T): ⟨v_x, φ⟩ per response
+    sigma_inv = torch.linalg.inv(cov.sigma.double())
+    m64 = m.detach().double()
+    v = sigma_inv @ m64 / (m64 @ sigma_inv @ m64).sqrt()  # (d,)
+    torch.testing.assert_close(reward.double(), phi.double() @ v, rtol=1e-4, atol=1e-5)
+
+    pairs = torch.tensor(list(itertools.product(range(n), repeat=2))).flatten()  # (2 n²,)
+    pair_weight = p_enh.detach()[pairs].view(-1, 2).prod(1)  # P(y_1, y_2) = π̂(y_1) π̂(y_2)
+    log_ratio = (logp.detach() - logp_ref)[pairs]  # (2 n², T), constants
+    advantage = advantages(reward[pairs], log_ratio, resp[pairs], kappa, group=2)
+    weighted = advantage * pair_weight.repeat_interleave(2)[:, None]
+    estimate = torch.autograd.grad(leader_loss(logp[pairs], weighted, n_samples=2), params)
+    flat = lambda grads: torch.cat([g.flatten() for g in grads])
+    err = (flat(estimate) - flat(exact)).norm() / flat(exact).norm()
+    assert err < 1e-4, err
+
+
+def unit(rows):  # rows on the unit sphere, as --normalize makes the features
+    return torch.nn.functional.normalize(rows, dim=-1)
+
+
+def randn(*shape, g):
+    return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+
+def bt_preferences(n, w_true, g):
+    """D from a well-specified linear BT model in float64: unit-norm Φ⁰, Φ¹ and
+    o ~ Bernoulli(σ(⟨w*, Φ¹ − Φ⁰⟩))."""
+    phi0 = unit(randn(n, len(w_true), g=g))
+    phi1 = unit(randn(n, len(w_true), g=g))
+    p_win = torch.sigmoid((phi1 - phi0) @ w_true)  # (n,) P(τ¹ ≻ τ⁰)
+    return phi0, phi1, (torch.rand(n, generator=g, dtype=torch.float64) < p_win).long()
+
+
+def signed_differences(phi0, phi1, labels):  # rows x_i = s_i ΔΦ_i: ℓ_i(w) = softplus(−⟨x_i, w⟩)
+    return (2.0 * labels - 1.0)[:, None] * (phi1 - phi0)
+
+
+def direct_minimiser(x, gap_grad, beta, bound):
+    """argmin_{‖w‖≤B} ⟨g, w⟩ + β Σ_i softplus(−⟨x_i, w⟩) from its KKT conditions, in float64: damped
+    Newton on the objective + μ‖w‖²/2, with μ = 0 when that minimiser lies in the ball, else μ > 0
+    found by bisection on ‖w(μ)‖ = B."""
+    def newton(mu):
+        def objective(w):
+            nll = torch.nn.functional.softplus(-(x @ w)).sum()
+            return gap_grad @ w + beta * nll + mu * (w @ w) / 2
+
+        w = torch.zeros_like(gap_grad)
+        for _ in range(200):
+            p = torch.sigmoid(-(x @ w))  # (n,)
+            grad = gap_grad - beta * x.T @ p + mu * w
+            if grad.norm() < 1e-13:
+                break
+            hess = beta * (x.T * (p * (1 - p))) @ x + mu * torch.eye(len(w), dtype=w.dtype)
+            step = torch.linalg.solve(hess, grad)
+            t = 1.0
+            while objective(w - t * step) > objective(w) - 0.25 * t * (grad @ step) and t > 1e-12:
+                t /= 2
+            w = w - t * step
+        return w
+
+    w = newton(0.0)
+    if w.norm() <= bound:
+        return w
+    lo, hi = 0.0, 1.0
+    while newton(hi).norm() > bound:
+        hi *= 2
+    for _ in range(60):  # ‖w(μ)‖ falls as μ grows
+        mid = (lo + hi) / 2
+        if newton(mid).norm() > bound:
+            lo = mid
+        else:
+            hi = mid
+    return newton(hi)
+
+
+def follower_descent(phi0, phi1, labels, phi_pi, phi_ref, beta, bound, steps, w=None, scaled=True):
+    """Projected gradient steps on follower_loss over the whole of D, at follower_step_size with
+    η_r = 1 (or at η_r = 1 itself, not scaled), from w (default 0) -> (w, F before each step, the
+    batch-mean BT loss before the last step)."""
+    w = torch.zeros(phi0.shape[1], dtype=phi0.dtype) if w is None else w.clone()
+    w.requires_grad_(True)
+    eta = follower_step_size(1.0, beta, len(labels)) if scaled else 1.0
+    values = []
+    for _ in range(steps):
+        loss, nll, _ = follower_loss(lambda phi: phi @ w, phi0, phi1, labels, phi_pi, phi_ref,
+                                     beta, len(labels))
+        grad, = torch.autograd.grad(loss, w)
+        with torch.no_grad():
+            w -= eta * grad
+            w *= min(1.0, bound / w.norm().item())  # Proj_B
+        values.append(loss.item())
+    return w.detach(), values, nll.item()
+
+
+def falls_at_every_step(values):
+    return all(b <= a + 1e-12 * abs(a) for a, b in zip(values, values[1:]))
+
+
+def test_follower_loss_is_the_gap_plus_beta_times_the_summed_likelihood():
+    g = torch.Generator().manual_seed(0)
+    phi0, phi1, labels = bt_preferences(30, randn(4, g=g), g)
+    phi_pi = randn(6, 4, g=g)
+    phi_ref = randn(6, 4, g=g)
+    w = randn(4, g=g).requires_grad_(True)
+    beta, n_pairs = 0.04, 1000  # the batch of 30 stands for a D of 1000
+    loss, nll, gap = follower_loss(lambda phi: phi @ w, phi0, phi1, labels, phi_pi, phi_ref,
+                                   beta, n_pairs)
+    x = signed_differences(phi0, phi1, labels)
+    margins = (x @ w).detach()
+    mean_nll = sum(math.log1p(math.exp(-t)) for t in margins.tolist()) / 30
+    assert math.isclose(nll.item(), mean_nll, rel_tol=1e-12)
+    gap_grad = phi_pi.mean(0) - phi_ref.mean(0)
+    assert math.isclose(gap.item(), (gap_grad @ w).item(), rel_tol=1e-12)
+    assert math.isclose(loss.item(), gap.item() + beta * n_pairs * mean_nll, rel_tol=1e-12)
+    grad, = torch.autograd.grad(loss, w)  # ∇F = g − β |D| mean_i σ(−⟨x_i, w⟩) x_i
+    torch.testing.assert_close(grad, gap_grad - beta * n_pairs * torch.sigmoid(-margins) @ x / 30)
+
+
+@pytest.mark.parametrize("beta, bound", [(0.02, 10.0), (0.02, 1.5), (0.2, 10.0)])
+def test_follower_minimiser_is_the_direct_solves(beta, bound):
+    """Projected gradient on follower_loss at follower_step_size lowers F at every step and ends at
+    the KKT solve's minimiser of gap + β ℓ_D on ‖w‖ ≤ B: inside the ball (B = 10), on its sphere
+    (B = 1.5)."""
+    g = torch.Generator().manual_seed(1)
+    phi0, phi1, labels = bt_preferences(200, unit(randn(5, g=g)) * 2, g)
+    phi_pi = unit(randn(8, 5, g=g))
+    phi_ref = unit(randn(8, 5, g=g))
+    w, values, _ = follower_descent(phi0, phi1, labels, phi_pi, phi_ref, beta, bound, steps=3000)
+    x = signed_differences(phi0, phi1, labels)
+    direct = direct_minimiser(x, phi_pi.mean(0) - phi_ref.mean(0), beta, bound)
+    if bound == 10.0:
+        assert direct.norm() < bound - 0.5
+    else:
+        assert math.isclose(direct.norm(), bound, rel_tol=1e-9)
+    torch.testing.assert_close(w, direct, rtol=0, atol=1e-7)
+    assert falls_at_every_step(values)
+
+
+def test_follower_step_size_keeps_descent_where_the_curvature_bound_is_attained():
+    """Data attaining L = 1: every ΔΦ = 2e (Φ⁰ = −e, Φ¹ = e, unit norm), half the labels each way,
+    gap gradient g = ½e. Along e, F(t e) = g t + β |D| log(2 cosh t) + const: curvature β|D| at
+    t = 0, minimiser t* = −artanh(g / (β|D|)). At follower_step_size F falls at every step and
+    reaches t* for β|D| from 10 to 10⁵; the unscaled step η_r = 1 overshoots (F rises)."""
+    n = 100
+    e = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    labels = torch.arange(n) % 2
+    phi_pi = e[None]
+    phi_ref = 0.5 * e[None]  # g = ½ e
+    for beta in (0.1, 10.0, 1000.0):
+        w, values, _ = follower_descent(-e.repeat(n, 1), e.repeat(n, 1), labels, phi_pi, phi_ref,
+                                        beta, 10.0, steps=200)
+        assert falls_at_every_step(values), beta
+        torch.testing.assert_close(w, -math.atanh(0.5 / (beta * n)) * e, rtol=1e-9, atol=1e-12)
+        _, values, _ = follower_descent(-e.repeat(n, 1), e.repeat(n, 1), labels, phi_pi, phi_ref,
+                                        beta, 10.0, steps=50, scaled=False)
+        assert sum(b > a for a, b in zip(values, values[1:])) > 10, beta
+
+
+def test_follower_at_beta_zero_is_the_pure_adversary():
+    """β = 0: F = gap(w) is linear, its minimiser on ‖w‖ ≤ B is w* = −B g/‖g‖ with
+    g = mean Φ(π) − mean Φ(π_ref), and the step is η_r."""
+    g = torch.Generator().manual_seed(3)
+    phi0, phi1, labels = bt_preferences(50, randn(5, g=g), g)
+    phi_pi = unit(randn(8, 5, g=g))
+    phi_ref = unit(randn(8, 5, g=g))
+    assert follower_step_size(0.7, 0.0, 50) == 0.7
+    w, _, _ = follower_descent(phi0, phi1, labels, phi_pi, phi_ref, 0.0, 3.0, steps=100)
+    gap_grad = phi_pi.mean(0) - phi_ref.mean(0)
+    torch.testing.assert_close(w, -3.0 * gap_grad / gap_grad.norm(), rtol=0, atol=1e-12)
+
+
+def test_fit_mle_is_the_maximum_likelihood_head_in_the_ball():
+    """fit_mle's ŵ is the KKT solve's argmin ℓ_D on ‖w‖ ≤ B, inside the ball and on its sphere, and
+    ℓ_D(ŵ) is |D| times the mean BT loss; warm-started at ŵ it stays there in a single step, where a
+    cold start does not."""
+    g = torch.Generator().manual_seed(4)
+    phi0, phi1, labels = bt_preferences(300, unit(randn(6, g=g)) * 3, g)
+    x = signed_differences(phi0, phi1, labels)
+    for bound in (10.0, 1.0):
+        w_mle, nll_mle = fit_mle(phi0, phi1, labels, bound)
+        direct = direct_minimiser(x, torch.zeros(6, dtype=torch.float64), 1.0, bound)
+        if bound == 10.0:
+            assert direct.norm() < bound - 0.5
+        else:
+            assert math.isclose(direct.norm(), bound, rel_tol=1e-9)
+        torch.testing.assert_close(w_mle, direct, rtol=0, atol=1e-6)
+        nll_sum = 300 * bt_loss(phi0 @ w_mle, phi1 @ w_mle, labels).item()
+        assert math.isclose(nll_mle, nll_sum, rel_tol=1e-12)
+        warm = (fit_mle(phi0, phi1, labels, bound, w=w_mle, steps=1)[0] - w_mle).norm()
+        cold = (fit_mle(phi0, phi1, labels, bound, steps=1)[0] - w_mle).norm()
+        assert warm < 1e-6 and cold > 1e-2, (warm, cold)
+
+
+def test_dual_ascent_keeps_w_in_the_confidence_set_closer_to_the_mle_as_D_grows():
+    """The theory's form on a well-specified BT model at d = 8 and a fixed ζ: T_in = 10 follower
+    steps, then dual_ascent on β, over and over, end with the constraint active (ℓ_D(w) =
+    ℓ_D(ŵ) + ζ to within 1% of ζ), β > 0 and w the Lagrangian's minimiser at that β: w solves
+    min gap s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ. Its distance to ŵ falls about as 1/√|D|, for |D| = 10², 10³
+    and 10⁴."""
+    assert zeta(0.5, 8, 1) == 0.5 * 8 * math.log(2)  # > 0: k = 1 does not pin w to ŵ
+    assert dual_ascent(0.1, 5.0, 4.0, 2.0, lr=0.5) == 0.0  # 0.1 + 0.5 (5 − 4 − 2) < 0
+    assert math.isclose(dual_ascent(0.1, 9.0, 4.0, 2.0, lr=0.5), 1.6)
+    g = torch.Generator().manual_seed(5)
+    bound = 10.0
+    width = zeta(0.25, 8, 3)
+    w_true = unit(randn(8, g=g)) * 3
+    phi_pi = unit(randn(16, 8, g=g))
+    phi_ref = unit(randn(16, 8, g=g))
+    distances = []
+    for n in (100, 1000, 10000):
+        phi0, phi1, labels = bt_preferences(n, w_true, g)
+        w_mle, nll_mle = fit_mle(phi0, phi1, labels, bound)
+        # from inside the set and from above β*: a slack is at most ζ, a violation up to ~|D|
+        w, beta = w_mle, 0.1
+        for _ in range(400):
+            w, _, nll = follower_descent(phi0, phi1, labels, phi_pi, phi_ref, beta, bound, steps=10,
+                                         w=w)
+            beta = dual_ascent(beta, n * nll, nll_mle, width, lr=1e-3)
+        slack = nll_mle + width - n * bt_loss(phi0 @ w, phi1 @ w, labels).item()
+        assert abs(slack) < 0.01 * width and beta > 0, (n, slack, beta)
+        x = signed_differences(phi0, phi1, labels)
+        direct = direct_minimiser(x, phi_pi.mean(0) - phi_ref.mean(0), beta, bound)
+        torch.testing.assert_close(w, direct, rtol=0, atol=1e-4)
+        distances.append((w - w_mle).norm().item())
+    assert distances[1] < distances[0] / 2 and distances[2] < distances[1] / 2, distances
