@@ -11,7 +11,7 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
     (II) reward-aware exploitation, T_out times: G samples per prompt from π, R from π_ref
         follower, T_in steps:  w ← Proj_B(w − η ∇_w [gap(w) + β Σ_{i∈D} ℓ_i(w)])
                                gap(w) = E_π r_w − E_π_ref r_w, ℓ_i the BT loss of pair i
-                               (--follower=dual: β by dual ascent on ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k)
+                               (--beta_form=dual: β by dual ascent on ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k)
         leader, one AdamW step up ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))] (clipped at 1)
     the leader's gradient: REINFORCE with the KL folded into the reward and a leave-one-out
     baseline among a prompt's G samples; π_anchor is π⁰ (the SFT policy) or π_ref.
@@ -59,8 +59,8 @@ class Config:
     group: int = knob(8, "G, on-policy samples per prompt for the leave-one-out advantage")
     ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap")
     beta: float = knob(0.04, "β, weight of the summed preference likelihood (0: pure adversary)")
-    follower: str = knob("lagrangian", "lagrangian: β as given; dual: β by dual ascent on the "
-                                       "confidence set; mle: no gap (an ablation)")
+    beta_form: str = knob("fixed", "fixed: β as given; dual: β by dual ascent on the confidence "
+                                   "set; mle: w = ŵ, no gap (an ablation)")
     zeta_coef: float = knob(0.1, "c, the confidence set's radius ζ_k = c · d · log(1 + k)")
     dual_lr: float = knob(0.01, "the dual ascent's step on β")
     kl_coef: float = knob(0.5, "κ, weight of KL(π_θ ‖ π_anchor), per sequence")
@@ -103,7 +103,8 @@ class Config:
                 "temperature": (1e-6, "T: the leader scores its samples' log-probs at T"),
                 "enh_temp": (1e-6, "T_enh: logits / T_enh must stay finite")}
     CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
-               "enhancer": ("policy", "best_of_n", "none"), "follower": ("lagrangian", "dual", "mle"),
+               "enhancer": ("policy", "best_of_n", "none"),
+               "beta_form": ("fixed", "dual", "mle"),
                "on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
     UNIT = "episode"  # what the preference store's records are stamped with
@@ -255,7 +256,7 @@ def main(cfg):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
-    beta = cfg.beta  # --follower=dual moves it
+    beta = cfg.beta  # --beta_form=dual moves it
     store = None  # D as labelled, on disk, by rank 0
     if master:
         store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
@@ -393,25 +394,17 @@ def main(cfg):
         return ((r1 > r0).long() == labels).float().mean().item()
 
     # ---------------------------------------------------------------- (II) exploitation
-    def follower(beta, phi_pi, phi_base, D, episode, step, nll_mle):
-        """T_in projected gradient steps on F(w) = gap(w) + β |D| mean_batch ℓ(w) (follower_loss) at
-        follower_step_size; --follower=dual moves β after each step; mle fits the BT loss alone ->
-        (β, the last batch's mean BT loss, ℓ_D(w) on all of D, ζ_k)."""
+    def follower(beta, phi_pi, phi_base, D, episode, step):
+        """T_in projected gradient steps on F(w) = gap(w) + β |D| mean_batch ℓ(w) (follower_loss),
+        at follower_step_size -> the last batch's mean BT loss."""
         n_pairs = len(D["label"])
-        zeta_k = zeta(cfg.zeta_coef, rm.w.numel(), episode)
-        curvature = 1.0 if cfg.level == "seq" else cfg.max_new_tokens ** 2  # of one ℓ_i, at most
+        curvature = (D["phi1"] - D["phi0"]).norm(dim=-1).max().item() ** 2 / 4  # ≥ ∇²ℓ_i, L
+        step_size = follower_step_size(cfg.rm_lr, beta, n_pairs, curvature)
         for i in range(cfg.t_in):
             key = ranks.generator(cfg.seed, "follower", episode, step, i)
             idx = torch.randperm(n_pairs, generator=key)[:cfg.rm_batch].to(device)
-            phi0, phi1, labels = D["phi0"][idx], D["phi1"][idx], D["label"][idx]
-            if cfg.follower == "mle":  # the ablation: no gap, a maximum-likelihood RM
-                loss = bt_loss(rm(phi0), rm(phi1), labels)
-                nll = loss.detach()
-                step_size = cfg.rm_lr
-            else:
-                loss, nll, _ = follower_loss(rm, phi0, phi1, labels, phi_pi, phi_base, beta,
-                                             n_pairs)
-                step_size = follower_step_size(cfg.rm_lr, beta, n_pairs, curvature)
+            loss, nll, _ = follower_loss(rm, D["phi0"][idx], D["phi1"][idx], D["label"][idx],
+                                         phi_pi, phi_base, beta, n_pairs)
             grad, = torch.autograd.grad(loss, rm.w)
             where = f"episode {episode}, leader step {step}"
             if guard.finite(grad.norm().item(), "reward-model gradient", where, episode=episode,
@@ -419,11 +412,11 @@ def main(cfg):
                 with torch.no_grad():
                     rm.w -= step_size * grad
                 rm.project()
-            with torch.no_grad():  # ℓ_D(w) on all of D: the features are cached
-                nll_sum = n_pairs * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"]).item()
-            if cfg.follower == "dual":
-                beta = dual_ascent(beta, nll_sum, nll_mle, zeta_k, cfg.dual_lr)
-        return beta, nll.item(), nll_sum, zeta_k
+        return nll.item()
+
+    @torch.no_grad()
+    def summed_nll(D):  # ℓ_D(w) on all of D: one product with the cached features
+        return len(D["label"]) * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"]).item()
 
     def leader(on_policy, phi, ids, attn, resp, episode, step):
         """One AdamW step of REINFORCE on r̃ = r_w − κ log(π_θ / π_anchor), at temperature T."""
@@ -512,9 +505,11 @@ def main(cfg):
         D = {"phi0": torch.stack(pairs["phi0"]).to(device),  # (n, d)
              "phi1": torch.stack(pairs["phi1"]).to(device),  # (n, d)
              "label": torch.tensor(pairs["label"], device=device)}  # (n,)
-        nll_mle = None  # ℓ_D(ŵ), the dual form's reference
-        if cfg.follower == "dual":
-            nll_mle = fit_mle(D["phi0"], D["phi1"], D["label"], cfg.bound)[1]
+        nll_mle = None  # ℓ_D(ŵ): the dual form's reference
+        zeta_k = zeta(cfg.zeta_coef, rm.w.numel(), episode)
+        if cfg.beta_form in ("dual", "mle"):  # w starts inside the set, at ŵ (mle: stays there)
+            w_hat, nll_mle = fit_mle(D["phi0"], D["phi1"], D["label"], cfg.bound)
+            rm.w.data.copy_(w_hat)
         for step in range(cfg.t_out):
             with seconds("gen"):
                 items, offset = ranks.draw(prompts, cfg.leader_prompts, rank, world, cfg.seed,
@@ -529,8 +524,12 @@ def main(cfg):
                     phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro(len(ids))])
                 phi_pi = on_all_ranks(trajectory_features(phi))  # (P·G, d)
                 phi_base = on_all_ranks(features(baseline))  # (P·R, d)
-                beta, nll, nll_sum, zeta_k = follower(beta, phi_pi, phi_base, D, episode, step,
-                                                      nll_mle)
+                nll = None  # mle: no follower steps, w = ŵ
+                if cfg.beta_form != "mle":
+                    nll = follower(beta, phi_pi, phi_base, D, episode, step)
+                nll_sum = summed_nll(D)
+                if cfg.beta_form == "dual":
+                    beta = dual_ascent(beta, nll_sum, nll_mle, zeta_k, cfg.dual_lr)
                 grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode,
                                                     step)
             with torch.no_grad():  # the gap prompt by prompt: its spread gives its standard error
