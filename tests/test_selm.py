@@ -1,5 +1,6 @@
-"""SELM and iterative DPO (train_selm.py) end to end on a quick toy task: the objective, the
-ranking, short runs, resume, torchrun with 2 CPU ranks, online labelling.
+"""SELM and iterative DPO (train_selm.py): the objective by hand, the ranking rule, the schedule
+against its formula, runs resumed after a kill, and a 2-rank run against the 1-rank run, offline
+and online, on the quick toy task.
 
     python -m pytest -q tests/test_selm.py
 """
@@ -9,18 +10,57 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, SELM, command, metrics, run, without_timings
 from safetensors.torch import load_file
 
 import data
-from run import read_checkpoint
+import model as M
+import toy as T
+from run import generator, read_checkpoint, seed_of
+from train_selm import best_and_worst, load_preferences, selm_loss
 
 
-# ---------------------------------------------------------------------------- SELM
+def offline(toy):
+    """The toy's flags with its preference file in place of its prompt file."""
+    flags, t = toy
+    return [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
+
+
+def same_weights(a, b):
+    a, b = (load_file(os.path.join(d, "final", "model.safetensors")) for d in (a, b))
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def assert_same_run(one, two, sft_model):
+    """Two runs' metrics agree (counts exactly, floats to float tolerance) and so do their final
+    weights: the difference of their updates from π⁰ is small against the update itself."""
+    a, b = metrics(one), metrics(two)
+    assert [r["kind"] for r in a] == [r["kind"] for r in b]
+    compared = 0
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for key, value in x.items():
+            if key.endswith("_s"):
+                continue
+            if isinstance(value, float):
+                assert math.isclose(value, y[key], rel_tol=1e-3, abs_tol=1e-5), (x, key, y[key])
+                compared += 1
+            else:
+                assert value == y[key], (x["kind"], key, value, y[key])
+    assert compared > 20
+    sft = load_file(os.path.join(sft_model, "model.safetensors"))
+    final = [load_file(os.path.join(d, "final", "model.safetensors")) for d in (one, two)]
+    norm = lambda tensors: math.sqrt(sum(float((v ** 2).sum()) for v in tensors))
+    update = norm(final[0][k] - sft[k] for k in sft)
+    assert update > 1e-3  # the runs trained
+    assert norm(final[0][k] - final[1][k] for k in sft) < 1e-3 * update
+
+
+# ---------------------------------------------------------------------------- the objective
 def test_selm_loss_by_hand_and_alpha_zero_is_dpo():
-    from train_selm import selm_loss
     logp = {"chosen": torch.tensor([-3.0, -10.0]), "rejected": torch.tensor([-5.0, -4.0]),
             "ref": torch.tensor([-2.0, -7.0])}
     logp_ref = {"chosen": torch.tensor([-4.0, -9.0]), "rejected": torch.tensor([-4.0, -6.0]),
@@ -42,8 +82,6 @@ def test_selm_loss_by_hand_and_alpha_zero_is_dpo():
 def test_selm_optimism_gradient_lowers_logp_of_y_ref(toy):
     """With chosen = rejected the DPO term has no gradient; one SGD step on the rest must lower
     logp_θ(y_ref)."""
-    import model as M
-    from train_selm import selm_loss
     _, t = toy
     policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
     question = "Tom has 5 pens and buys 3. How many pens does Tom have now?"
@@ -68,52 +106,102 @@ def test_selm_optimism_gradient_lowers_logp_of_y_ref(toy):
     assert (after < before).all(), (before, after)
 
 
-def test_selm_ranking_keeps_best_and_worst_of_three():
-    from train_selm import best_and_worst
-    # columns: y_ref, chosen, rejected; ties go to the file's chosen (best) and rejected (worst)
-    scores = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.5, 0.0, 1.0], [1.0, 1.0, 1.0],
-                           [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+def test_ranking_is_argmax_and_argmin_and_a_three_way_tie_keeps_the_files_pair():
+    # columns: y_ref, chosen, rejected
+    scores = torch.tensor([[1.0, 0.0, 0.5], [0.0, 1.0, 0.5], [0.5, 0.0, 1.0], [1.0, 1.0, 0.0],
+                           [0.0, 1.0, 1.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
     best, worst = best_and_worst(scores)
-    assert best.tolist() == [0, 1, 2, 1, 1, 1] and worst.tolist() == [1, 0, 1, 2, 2, 0]
-    assert torch.equal(scores.gather(1, best[:, None]).squeeze(1), scores.max(1).values)
-    assert torch.equal(scores.gather(1, worst[:, None]).squeeze(1), scores.min(1).values)
+    # as the SELM code ranks, numpy's argmax and argmin: a tie goes to the first column, y_ref
+    some_differ = scores[:-1].numpy()
+    assert best[:-1].tolist() == np.argmax(some_differ, 1).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert worst[:-1].tolist() == np.argmin(some_differ, 1).tolist() == [1, 0, 1, 2, 0, 0, 1]
+    # all three tie: argmax = argmin = y_ref would be no pair; the file's chosen and rejected stay
+    assert (best[-1].item(), worst[-1].item()) == (1, 2)
 
 
-def test_selm_one_iteration_runs_and_resumes(toy, tmp_path):
-    flags, t = toy
-    flags = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
+# ---------------------------------------------------------------------------- offline
+@pytest.mark.parametrize("schedule", ["per_iteration", "global"])
+def test_selm_runs_and_resumes_after_a_kill_to_the_same_run(toy, tmp_path, schedule):
+    """Killed as soon as iteration 1's checkpoint exists, then --resume: the same metrics and bit
+    for bit the same weights as the run that never stopped, under either schedule (global carries
+    the optimizer and the schedule across the checkpoint, per_iteration starts them afresh)."""
+    flags = [*offline(toy), *SELM, "--iterations=2", "--max_pairs=16", f"--schedule={schedule}"]
     started = time.time()
-    out = run("train_selm.py", *flags, *SELM, "--iterations=2", "--max_pairs=16",
-              f"--out_dir={tmp_path / 'full'}").stdout
+    out = run("train_selm.py", *flags, f"--out_dir={tmp_path / 'full'}").stdout
     assert "held-out gold accuracy: SFT" in out and time.time() - started < 60
     rows = metrics(tmp_path / "full")
     its = [r for r in rows if r["kind"] == "iteration"]
-    # 8 pairs per part, 3 responses ranked per pair
-    assert [r["oracle_calls"] for r in its] == [24, 48]
-    # SIGKILL as soon as the first checkpoint exists (wherever iteration 2 then is), then --resume
+    assert [r["oracle_calls"] for r in its] == [24, 48]  # 8 pairs a part, 3 responses ranked each
     part = tmp_path / "part"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_selm.py"), *flags, *SELM,
-                             "--iterations=2", "--max_pairs=16", f"--out_dir={part}"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_selm.py"), *flags,
+                             f"--out_dir={part}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     while not os.path.exists(part / "checkpoint.safetensors") and proc.poll() is None:
         time.sleep(0.01)
     proc.kill()
     proc.wait()
-    run("train_selm.py", *flags, *SELM, "--iterations=2", "--max_pairs=16", f"--out_dir={part}",
-        "--resume")
+    run("train_selm.py", *flags, f"--out_dir={part}", "--resume")
     assert without_timings(metrics(part)) == without_timings(rows)
-    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
-    b = load_file(str(part / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(part, tmp_path / "full")
 
 
-def test_selm_torchrun_two_ranks(toy, tmp_path):
-    flags, t = toy
-    flags = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
-    run("train_selm.py", *flags, *SELM, "--max_pairs=16", f"--out_dir={tmp_path}", ranks=2)
-    its = [r for r in metrics(tmp_path) if r["kind"] == "iteration"]
-    assert len(its) == 1 and its[0]["oracle_calls"] == 48
-    assert os.path.exists(os.path.join(tmp_path, "final", "model.safetensors"))
+def test_each_iteration_is_a_fresh_run_with_its_own_warmup_and_decay(toy, tmp_path):
+    """10 pairs an iteration at batch 2: 5 steps. per_iteration: a warm-up over int(0.4·5) = 2
+    steps, then linear decay, again in iteration 2 at γ = 0.5 of the peak, from a new AdamW (its
+    step count at the end is iteration 2's 5 steps). global: one warm-up over int(0.4·10) = 4 of
+    all 10 steps, one decay, the same AdamW throughout (10 steps)."""
+    flags = [*offline(toy), *SELM, "--iterations=2", "--max_pairs=20", "--batch_size=2",
+             "--micro_batch=2", "--lr=1e-3", "--lr_decay_per_iter=0.5", "--warmup_ratio=0.4"]
+    # the lr each step takes, by hand: min((s + 1) / warm-up, (steps − s) / (steps − warm-up))
+    # of the peak, the peak halved in iteration 2; and the AdamW steps it has taken at the end
+    one_iteration = [1 / 2, 1, 1, 2 / 3, 1 / 3]
+    expected = {"per_iteration": (one_iteration + [x / 2 for x in one_iteration], 5),
+                "global": ([1 / 4, 2 / 4, 3 / 4, 1, 1] + [x / 2 for x in (5 / 6, 4 / 6, 3 / 6,
+                                                                          2 / 6, 1 / 6)], 10)}
+    for schedule, (shares, adamw_steps) in expected.items():
+        out = tmp_path / schedule
+        run("train_selm.py", *flags, f"--schedule={schedule}", f"--out_dir={out}")
+        steps = [r for r in metrics(out) if r["kind"] == "step"]
+        assert [(r["iteration"], r["step"]) for r in steps] == [(t, s) for t in (1, 2)
+                                                                for s in range(5)]
+        assert [r["lr"] for r in steps] == pytest.approx([1e-3 * x for x in shares], rel=1e-9)
+        adamw = read_checkpoint(str(out / "checkpoint.safetensors"))["policy_opt"]["state"]
+        assert {int(p["step"]) for p in adamw.values()} == {adamw_steps}
+
+
+def test_selm_two_ranks_run_the_same_run_as_one(toy, tmp_path):
+    """Offline SELM is keyed by pair and iteration, never by rank: D_t's order, each step's rows
+    (split between the ranks), y_ref's seeds (pair j: seed_of(seed, "y_ref", t) + j, sampled at
+    temperature 1 here so the seeds matter) and the step count. And every metric is over all
+    ranks' rows. So a 2-rank run is the 1-rank run: the same metrics (3 ranking calls a pair),
+    the same weights to float tolerance. Iteration 1's y_ref and ranking are those drawn here."""
+    _, t = toy
+    flags = [*offline(toy), *SELM, "--iterations=2", "--max_pairs=16", "--sample_ref", "--seed=3"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("train_selm.py", *flags, f"--out_dir={one}")
+    run("train_selm.py", *flags, f"--out_dir={two}", ranks=2)
+    assert_same_run(one, two, t.model)
+    for out in (one, two):  # π_θ = π_ref at an iteration's start, in the same shapes: no drift
+        starts = [r for r in metrics(out) if r["kind"] == "step" and r["step"] == 0]
+        assert len(starts) == 2 and all(r[k] == 0.0 for r in starts for k in (
+            "drift_chosen", "drift_rejected", "drift_ref", "dpo_margin", "dpo_acc"))
+    its = [r for r in metrics(one) if r["kind"] == "iteration"]
+    assert [r["oracle_calls"] for r in its] == [24, 48]
+    # iteration 1 by hand: D_1 is the first 8 pairs; y_ref of pair j is row j of one draw
+    policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
+    d_1 = load_preferences(t.prefs, tok, 256)[:8]
+    y_ref = M.sample(policy, [p["prompt_ids"] for p in d_1], 16, 1.0, seed=seed_of(3, "y_ref", 1),
+                     eos_ids=M.stop_ids(t.model, tok), pad_id=tok.pad_token_id)
+    texts = [data.decode(tok, y) for y in y_ref]
+    scores = torch.tensor([[T.gold_reward(response, p["answer"]) for response in
+                            (text, p["chosen"], p["rejected"])] for text, p in zip(texts, d_1)])
+    best, worst = best_and_worst(scores)
+    candidates = [[y, p["chosen_ids"], p["rejected_ids"]] for y, p in zip(y_ref, d_1)]
+    mean_len = lambda columns: sum(len(c[j]) for c, j in zip(candidates, columns)) / 8
+    assert its[0]["ref_best"] == pytest.approx((best == 0).float().mean().item())
+    assert its[0]["len_ref"] == pytest.approx(sum(map(len, y_ref)) / 8)
+    assert its[0]["len_chosen"] == pytest.approx(mean_len(best.tolist()))
+    assert its[0]["len_rejected"] == pytest.approx(mean_len(worst.tolist()))
 
 
 # ---------------------------------------------------------------------------- online iterative DPO
@@ -152,9 +240,6 @@ def test_selm_online_counts_every_oracle_call_and_drops_ties(online):
 def test_selm_online_pairs_are_the_policys_samples_ranked_by_gold(toy, online):
     """Iteration 1's pairs are π⁰'s two temperature-1 samples of the drawn prompts (the draw and
     the rows keyed as in train_pbpo.py), the gold-better one chosen, ties left out."""
-    import model as M
-    import toy as T
-    from run import generator, seed_of
     _, t = toy
     policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
     prompts = data.load_prompts(t.train, tok, 256)
@@ -193,18 +278,16 @@ def test_selm_online_resumes_after_a_kill_to_the_same_run(toy, online, tmp_path)
     run("train_selm.py", *flags, *ONLINE, f"--out_dir={part}", "--resume")
     assert without_timings(metrics(part)) == without_timings(metrics(online))
     assert online_pairs(part) == online_pairs(online)  # iteration 2's pairs labelled once
-    a = load_file(str(online / "final" / "model.safetensors"))
-    b = load_file(str(part / "final" / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(part, online)
 
 
-def test_selm_online_two_ranks_label_the_same_pairs_as_one(toy, online, tmp_path):
-    flags, _ = toy
+def test_selm_online_two_ranks_run_the_same_run_as_one(toy, online, tmp_path):
+    """The same pairs labelled, the same counts, every metric over all ranks' rows, the same
+    weights to float tolerance."""
+    flags, t = toy
     run("train_selm.py", *flags, *ONLINE, f"--out_dir={tmp_path}", ranks=2)
     assert online_pairs(tmp_path) == online_pairs(online)
-    counts = lambda d: [(r["oracle_calls"], r["pairs"], r["ties"]) for r in metrics(d)
-                        if r["kind"] == "iteration"]
-    assert counts(tmp_path) == counts(online)
+    assert_same_run(online, tmp_path, t.model)
 
 
 def test_selm_online_refuses_an_iteration_of_ties_only(toy, tmp_path):
