@@ -126,9 +126,8 @@ def test_selm_runs_and_resumes_after_a_kill_to_the_same_run(toy, tmp_path, sched
     for bit the same weights as the run that never stopped, under either schedule (global carries
     the optimizer and the schedule across the checkpoint, per_iteration starts them afresh)."""
     flags = [*offline(toy), *SELM, "--iterations=2", "--max_pairs=16", f"--schedule={schedule}"]
-    started = time.time()
     out = run("train_selm.py", *flags, f"--out_dir={tmp_path / 'full'}").stdout
-    assert "held-out gold accuracy: SFT" in out and time.time() - started < 60
+    assert "held-out gold accuracy: SFT" in out
     rows = metrics(tmp_path / "full")
     its = [r for r in rows if r["kind"] == "iteration"]
     assert [r["oracle_calls"] for r in its] == [24, 48]  # 8 pairs a part, 3 responses ranked each
