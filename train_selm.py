@@ -4,14 +4,16 @@ The preference set is split into T equal parts D_1..D_T; iteration t trains π_�
 
   for iteration t = 1..T:
     y_ref ~ π_ref(·|x) for each prompt of D_t (greedy by default)
-    the oracle ranks {y_ref, chosen, rejected}: chosen ← the best, rejected ← the worst
-    minimise over θ, on D_t:
+    the oracle ranks {y_ref, chosen, rejected}: chosen ← the best (argmax), rejected ← the worst
+    minimise over θ, on D_t, as a fresh run (a new AdamW; warm-up, then linear decay to 0):
       L = −log σ(β [(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))])
           + α β (log π_θ(y_ref) − log π_ref(y_ref))
 
 Online (--online): no preference file; iteration t labels its own pairs instead of ranking D_t:
     x_1..x_M drawn from the prompt file (M = --online_prompts); y¹, y² ~ π_ref(·|x) at temperature 1
     the oracle scores both (2 calls a prompt); ties are dropped, the better is y_w, the other y_l
+
+Draws are keyed by the seed, the iteration and the pair, never the rank: N ranks run 1 rank's run.
 
   python train_selm.py                      # SELM on the built-in toy preference file, CPU
   python train_selm.py --alpha=0            # iterative DPO, the baseline
@@ -43,7 +45,9 @@ class Config:
     beta: float = 0.01  # β, DPO temperature
     alpha: float = 0.001  # α, optimism weight; 0 = iterative DPO
     lr: float = 1e-4  # peak AdamW lr, warm-up then linear decay to 0 (the SELM paper: 5e-7 at 7B)
-    warmup_ratio: float = 0.1  # share of all steps spent warming up
+    lr_decay_per_iter: float = 1.0  # γ: iteration t peaks at lr · γ^(t−1) (1: all at --lr)
+    schedule: str = "per_iteration"  # per_iteration: a fresh AdamW and lr schedule an iteration
+    warmup_ratio: float = 0.1  # share of an iteration's steps (--schedule=global: all) warming up
     epochs: int = 1  # passes over each part D_t
     # model, data and oracle
     model: str = ""  # π⁰, an HF checkpoint dir (default: the toy SFT model, built on first use)
@@ -72,7 +76,7 @@ class Config:
     AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
                 "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
                 "max_prompt_len": (1, ""), "eval_max": (1, ""), "online_prompts": (1, "M")}
-    CHOICES = {"on_nonfinite": ("skip", "stop")}
+    CHOICES = {"on_nonfinite": ("skip", "stop"), "schedule": ("per_iteration", "global")}
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
     UNIT = "iteration"  # what the preference store's records are stamped with
     INPUTS = ("model", "prefs", "prompts", "heldout", "oracle")  # a resume reads the same
@@ -83,7 +87,8 @@ def load_preferences(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
     TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
     (after an explicit prompt, if any) is the prompt, their final assistant turns the responses."""
-    rows, items = data.records(path), []
+    rows = data.records(path)
+    items = []
     for where, rec in rows:
         chosen, rejected = data.field(where, rec, "chosen"), data.field(where, rec, "rejected")
         if isinstance(chosen, list) != isinstance(rejected, list):
@@ -127,14 +132,13 @@ def selm_loss(logp, logp_ref, beta, alpha):
 
 
 def best_and_worst(scores):
-    """scores (n, 3) of {y_ref, chosen, rejected} -> column indices (n,) of the best and the worst.
-    Ties go to the file's pair (chosen first, rejected last): a three-way tie keeps the pair."""
-    # a stable sort keeps tied columns in the order they come in: so put them in the order ties
-    # should resolve (chosen, ref, rejected), sort, and map the positions back to the columns
-    priority = torch.tensor([1, 0, 2])  # chosen, ref, rejected
-    ranked = scores[:, priority].sort(dim=1, descending=True, stable=True).indices  # (n, 3)
-    order = priority[ranked]  # column indices, best first
-    return order[:, 0], order[:, 2]
+    """scores (n, 3) of [y_ref, chosen, rejected] -> column indices (n,) of the best and the worst:
+    argmax and argmin, each the first of tied columns, so a tie goes to y_ref. Where all three tie
+    the oracle prefers nothing, and best = worst would leave the DPO term no gradient: the pair
+    keeps the file's label (chosen, rejected)."""
+    best, worst = scores.argmax(1), scores.argmin(1)
+    all_tie = best == worst
+    return best.masked_fill(all_tie, 1), worst.masked_fill(all_tie, 2)
 
 
 if __name__ == "__main__":
@@ -154,13 +158,14 @@ if __name__ == "__main__":
     tok = data.load_tokenizer(cfg.model)
     if cfg.online and not cfg.prompts:
         raise ValueError("--online draws its prompts from --prompts: give a prompt file")
-    if cfg.online:  # no file of pairs: each iteration samples and labels its own
-        prompts, pairs = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len), []
+    pairs = []  # online: none from a file, each iteration samples and labels its own
+    if cfg.online:
+        prompts = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)
     else:
         pairs = load_preferences(cfg.prefs, tok, cfg.max_prompt_len)
         pairs = pairs[:cfg.max_pairs] if cfg.max_pairs else pairs
     heldout = data.load_prompts(cfg.heldout, tok, cfg.max_prompt_len) if cfg.heldout else []
-    if not cfg.online and len(pairs) < cfg.iterations * world:
+    if not cfg.online and len(pairs) < cfg.iterations * world:  # every rank samples y_ref of one
         raise ValueError(f"{cfg.prefs}: {len(pairs)} pairs cannot be split into {cfg.iterations} "
                          f"parts over {world} ranks")
     oracle = make_oracle(cfg.oracle, 0.0, device)
@@ -170,40 +175,91 @@ if __name__ == "__main__":
     policy = M.from_pretrained(cfg.model, device)
     stop = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     longest = max(len(p["prompt_ids"]) for p in sampled)
+    part = len(pairs) // cfg.iterations  # |D_t|
     if cfg.online:  # y¹ and y² of every prompt at once
         what = f"--online_prompts={cfg.online_prompts}"
         M.check_fits(policy, 2 * cfg.online_prompts // world, longest, cfg.max_new_tokens, what)
-    else:  # y_ref of a part D_t at once
-        rows = len(pairs) // cfg.iterations // world
+    else:  # y_ref of a rank's block of D_t at once
+        rows = math.ceil(part / world)
         M.check_fits(policy, rows, longest, cfg.max_new_tokens, f"--prefs={cfg.prefs}")
     if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
         run.shard_model(policy)
-    part = len(pairs) // cfg.iterations  # |D_t|; each rank takes part // world: equal step counts
     local_batch = cfg.batch_size // world
-    # online: the steps of M pairs, as if no prompt tied (ties are made up by cycling through the
-    # kept pairs), so the count is known before any sample, on every rank, for the schedule
-    rows_per_rank = (cfg.online_prompts if cfg.online else part) // world
-    steps_per_iter = math.ceil(cfg.epochs * rows_per_rank / local_batch)
-    total = cfg.iterations * steps_per_iter
-    warmup = max(1, int(cfg.warmup_ratio * total))
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
-    schedule = lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup)))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    # the steps of |D_t| pairs (online: of M pairs, as if no prompt tied; ties are made up by
+    # cycling through the kept pairs), known before any sample and the same on every rank
+    pairs_per_iter = cfg.online_prompts if cfg.online else part
+    steps_per_iter = math.ceil(cfg.epochs * pairs_per_iter / cfg.batch_size)
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
     store = None
     if cfg.online and master:  # the online pairs, in TRL's layout
         store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "iteration")
     ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
-    start, sft_eval, calls = 1, None, 0  # calls: oracle calls of the whole job, all ranks
+    start = 1
+    sft_eval = None
+    calls = 0  # oracle calls of the whole job, all ranks
 
     def log_metrics(kind, **metrics):
         log.write(kind=kind, oracle_calls=calls, **metrics)
 
-    def sequence_logprobs(prompt_ids, responses, micro_batch=None):
-        """Summed response log-probs (n,) under the policy."""
-        batch = data.collate(prompt_ids, responses, tok.pad_token_id)
-        ids, attn, resp = (t.to(device) for t in batch)
-        return (M.token_logprobs(policy, ids, attn, micro_batch=micro_batch) * resp).sum(-1)
+    def optimizer_and_schedule(it):
+        """A new AdamW and its lr schedule, from iteration it on: per_iteration, over that
+        iteration's steps alone (as SELM's code, each iteration a fresh run); global, over the
+        steps of all T iterations. Warm-up over warmup_ratio of them, then linear decay towards 0
+        (the last step at 1/(steps − warm-up steps) of the peak); iteration t peaks at
+        lr · γ^(t−1)."""
+        per_iteration = cfg.schedule == "per_iteration"
+        steps = steps_per_iter if per_iteration else cfg.iterations * steps_per_iter
+        warmup = max(1, int(cfg.warmup_ratio * steps))
+        peak = cfg.lr * cfg.lr_decay_per_iter ** (it - 1)
+        opt = torch.optim.AdamW(policy.parameters(), lr=peak, weight_decay=0.0)
+
+        def share_of_peak(s):  # step s of the schedule; global: γ once an iteration is done
+            ramp = min((s + 1) / warmup, max(0.0, (steps - s) / max(1, steps - warmup)))
+            return ramp * cfg.lr_decay_per_iter ** (s // steps_per_iter)
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, share_of_peak)
+
+    def response_logprobs(prompt_ids, responses, rows):
+        """{chosen, rejected, ref: summed log-probs (len(rows),) under the policy} of the rows."""
+        logp = {}
+        for k, ys in responses.items():
+            batch = data.collate([prompt_ids[j] for j in rows], [ys[j] for j in rows],
+                                 tok.pad_token_id)
+            ids, attn, resp = (t.to(device) for t in batch)
+            logp[k] = (M.token_logprobs(policy, ids, attn) * resp).sum(-1)  # (len(rows),)
+        return logp
+
+    def micro_batches(step):  # this rank's rows of a step, as indices into its lists
+        rows = list(range(step * local_batch, (step + 1) * local_batch))
+        return [rows[i:i + cfg.micro_batch] for i in range(0, local_batch, cfg.micro_batch)]
+
+    def ranked_pairs(it):
+        """Iteration it's part D_t, ranked again: y_ref ~ π_ref for each pair, the oracle scores
+        [y_ref, chosen, rejected] (3 calls a pair), the best becomes chosen, the worst rejected.
+        Each rank samples and scores its block of D_t, pair j's y_ref seeded seed_of(seed,
+        "y_ref", it) + j, and every rank keeps all of them: any world size ranks the same pairs.
+        -> (the pairs of D_t, oracle calls of all ranks, share of pairs whose best is y_ref)."""
+        d_t = pairs[(it - 1) * part: it * part]
+        lo, hi = part * rank // world, part * (rank + 1) // world  # this rank's block
+        block = d_t[lo:hi]
+        y_ref = M.sample(policy, [p["prompt_ids"] for p in block], cfg.max_new_tokens,
+                         1.0 if cfg.sample_ref else 0.0, eos_ids=stop, pad_id=tok.pad_token_id,
+                         seed=run.seed_of(cfg.seed, "y_ref", it) + lo)
+        texts = {"ref": [data.decode(tok, y) for y in y_ref],
+                 "chosen": [p["chosen"] for p in block],
+                 "rejected": [p["rejected"] for p in block]}
+        before = oracle.calls
+        columns = ("ref", "chosen", "rejected")
+        scores = torch.stack([oracle.score(block, texts[k]) for k in columns], 1)  # (hi − lo, 3)
+        spent = int(sum(run.gather([oracle.calls - before])))
+        y_ref = run.gather(y_ref)  # all of D_t's, in order
+        best, worst = best_and_worst(torch.tensor(run.gather(scores.tolist())))  # (|D_t|,)
+        ranked = []
+        for p, ref, b, w in zip(d_t, y_ref, best.tolist(), worst.tolist()):
+            candidates = (ref, p["chosen_ids"], p["rejected_ids"])  # the columns, in order
+            ranked.append({"item": p, "ref": ref, "chosen": candidates[b],
+                           "rejected": candidates[w]})
+        return ranked, spent, (best == 0).float().mean().item()
 
     def online_pairs(it):
         """Iteration it's pairs, labelled online: M prompts drawn from the prompt file, two
@@ -228,22 +284,36 @@ if __name__ == "__main__":
         before = oracle.calls
         scores = oracle.score([p for p in items for _ in range(2)], texts).view(-1, 2)  # (m, 2)
         spent = int(sum(run.gather([oracle.calls - before])))
-        kept, ties = [], 0
-        labelled = run.gather(list(zip(items, two[0::2], two[1::2], texts[0::2], texts[1::2],
-                                       scores.tolist(), y_ref)))
-        for item, a, b, text_a, text_b, (score_a, score_b), ref in labelled:
-            if score_a == score_b:
+        labelled = run.gather([{"item": p, "ref": y_ref[i], "ids": two[2 * i:2 * i + 2],
+                                "texts": texts[2 * i:2 * i + 2], "scores": scores[i].tolist()}
+                               for i, p in enumerate(items)])
+        kept = []
+        ties = 0
+        for drawn in labelled:
+            score = drawn["scores"]
+            if score[0] == score[1]:
                 ties += 1
                 continue
-            a_won = score_a > score_b
-            kept.append({"item": item, "ref": ref, "chosen": a if a_won else b,
-                         "rejected": b if a_won else a, "chosen_text": text_a if a_won else text_b,
-                         "rejected_text": text_b if a_won else text_a,
-                         "chosen_score": max(score_a, score_b),
-                         "rejected_score": min(score_a, score_b)})
-        mean_score = sum(sa + sb for *_, (sa, sb), _ in labelled) / (2 * len(labelled))
+            won = 0 if score[0] > score[1] else 1  # the better sample's index
+            lost = 1 - won
+            kept.append({"item": drawn["item"], "ref": drawn["ref"], "chosen": drawn["ids"][won],
+                         "rejected": drawn["ids"][lost], "chosen_text": drawn["texts"][won],
+                         "rejected_text": drawn["texts"][lost], "chosen_score": score[won],
+                         "rejected_score": score[lost]})
+        mean_score = sum(sum(drawn["scores"]) for drawn in labelled) / (2 * len(labelled))
         return kept, ties, spent, mean_score
 
+    def this_ranks_rows(n, it):
+        """Indices into iteration it's n pairs that this rank trains on, step after step. The
+        steps_per_iter · B rows fixed in advance cycle through the n pairs, a fresh permutation a
+        pass, keyed by (seed, "order", it); step s takes rows [s·B, (s+1)·B) of the cycle and
+        this rank its block of them: N ranks split the step that one rank takes."""
+        key = run.generator(cfg.seed, "order", it)
+        need = steps_per_iter * cfg.batch_size
+        cycle = torch.cat([torch.randperm(n, generator=key) for _ in range(math.ceil(need / n))])
+        return cycle[:need].view(steps_per_iter, world, local_batch)[:, rank].flatten().tolist()
+
+    opt, sched = optimizer_and_schedule(1)  # a resume loads the checkpoint's state into them
     norm0 = run.param_norm(policy)  # ‖θ⁰‖ (before any resume): weights far past it have diverged
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
         log.cut(0)
@@ -256,7 +326,8 @@ if __name__ == "__main__":
         start = state["iteration"] + 1
         sched.load_state_dict(state["sched"])
         log.cut(state["log_size"])
-        calls, sft_eval = state["oracle_calls"], state["sft_eval"]
+        calls = state["oracle_calls"]
+        sft_eval = state["sft_eval"]
         if store is not None:  # online: pairs labelled after the checkpoint are set aside, redone
             store.keep_before(start)
     if sft_eval is None and heldout:
@@ -265,77 +336,62 @@ if __name__ == "__main__":
 
     # ---------------------------------------------------------------- iterations
     for it in range(start, cfg.iterations + 1):
+        if cfg.schedule == "per_iteration" and it > 1:  # no AdamW moments carried across
+            opt, sched = optimizer_and_schedule(it)
         t0 = time.time()
         if cfg.online:
-            kept, ties, spent, mean_score = online_pairs(it)
+            train_pairs, ties, spent, mean_score = online_pairs(it)
             calls += spent
-            if not kept:
+            if not train_pairs:
                 raise ValueError(f"iteration {it}: all {ties} online pairs are ties (the oracle "
                                  "scored both samples the same), nothing to train on; raise "
                                  "--online_prompts or --max_new_tokens, or use a finer --oracle")
-            for p in kept if master else ():
-                store.append({"iteration": it, "prompt": p["item"]["prompt"],
+            if master:
+                for p in train_pairs:
+                    record = {"iteration": it, "prompt": p["item"]["prompt"],
                               "chosen": p["chosen_text"], "rejected": p["rejected_text"],
                               "chosen_score": p["chosen_score"],
-                              "rejected_score": p["rejected_score"],
-                              **({} if p["item"]["answer"] is None else
-                                 {"answer": p["item"]["answer"]})})
-            # the steps fixed in advance are filled by cycling through the kept pairs, a fresh
-            # permutation a pass; step s takes rows [s·b, (s+1)·b) of the cycle, b = local_batch
-            # · world, and this rank its block of them: N ranks split the step one rank takes
-            need, key = steps_per_iter * local_batch * world, run.generator(cfg.seed, "order", it)
-            cycle = torch.cat([torch.randperm(len(kept), generator=key)
-                               for _ in range(math.ceil(need / len(kept)))])[:need]
-            mine = cycle.view(steps_per_iter, world, local_batch)[:, rank].flatten().tolist()
-            prompt_ids = [kept[j]["item"]["prompt_ids"] for j in mine]
-            best, worst, y_ref = ([kept[j][k] for j in mine] for k in ("chosen", "rejected", "ref"))
-            order = torch.arange(len(mine))  # this rank's rows, already in step order
+                              "rejected_score": p["rejected_score"]}
+                    if p["item"]["answer"] is not None:
+                        record["answer"] = p["item"]["answer"]
+                    store.append(record)
+            n_kept = len(train_pairs)
+            details = {"pairs": n_kept, "ties": ties, "oracle_score": mean_score,
+                       "score_chosen": sum(p["chosen_score"] for p in train_pairs) / n_kept,
+                       "score_rejected": sum(p["rejected_score"] for p in train_pairs) / n_kept}
         else:
-            d_t = data.shard(pairs[(it - 1) * part: it * part], rank, world)[:part // world]
-            prompt_ids = [p["prompt_ids"] for p in d_t]
-            seed = int(torch.randint(2**31, (1,),
-                                     generator=run.generator(cfg.seed, "y_ref", it, rank)))
-            y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens,
-                             1.0 if cfg.sample_ref else 0.0, seed=seed, eos_ids=stop,
-                             pad_id=tok.pad_token_id)
-            # rank {y_ref, chosen, rejected}: the best becomes chosen, the worst rejected
-            texts = {"ref": [data.decode(tok, y) for y in y_ref],
-                     "chosen": [p["chosen"] for p in d_t],
-                     "rejected": [p["rejected"] for p in d_t]}
-            before = oracle.calls
-            columns = ("ref", "chosen", "rejected")
-            scores = torch.stack([oracle.score(d_t, texts[k]) for k in columns], 1)  # (n, 3)
-            calls += int(sum(run.gather([oracle.calls - before])))
-            top, bottom = best_and_worst(scores)  # (n,) column indices
-            candidates = [y_ref, [p["chosen_ids"] for p in d_t], [p["rejected_ids"] for p in d_t]]
-            best = [candidates[j][i] for i, j in enumerate(top.tolist())]
-            worst = [candidates[j][i] for i, j in enumerate(bottom.tolist())]
-            key = run.generator(cfg.seed, "order", it, rank)
-            order = torch.cat([torch.randperm(len(d_t), generator=key) for _ in range(cfg.epochs)])
-        responses = {"chosen": best, "rejected": worst, "ref": y_ref}
+            train_pairs, spent, ref_best = ranked_pairs(it)
+            calls += spent
+            details = {"ref_best": ref_best}
+        mine = this_ranks_rows(len(train_pairs), it)
+        prompt_ids = [train_pairs[j]["item"]["prompt_ids"] for j in mine]
+        responses = {k: [train_pairs[j][k] for j in mine] for k in ("chosen", "rejected", "ref")}
         gen_seconds = time.time() - t0
-        with torch.no_grad():  # log π_ref of every response, once: π_ref = π_θ right now
-            logp_ref = {k: sequence_logprobs(prompt_ids, v, cfg.micro_batch)
-                        for k, v in responses.items()}
+        # log π_ref of every response, once (π_ref = π_θ right now), in the steps' micro-batches:
+        # the shapes of step 0's forward, whose drift from π_ref is then exactly 0
+        with torch.no_grad():
+            ref_by_mb = [response_logprobs(prompt_ids, responses, mb)
+                         for step in range(steps_per_iter) for mb in micro_batches(step)]
+        logp_ref = {k: torch.cat([logp_mb[k] for logp_mb in ref_by_mb]) for k in responses}
         bar = tqdm(range(steps_per_iter), desc=f"iteration {it}", disable=not master)
         for step in bar:
-            rows = order[step * local_batch:(step + 1) * local_batch].tolist()
-            totals = dict.fromkeys(("loss", "margin", "acc", "optimism", "chosen", "rejected",
-                                    "ref"), 0.0)
-            for i in range(0, len(rows), cfg.micro_batch):
-                mb = rows[i:i + cfg.micro_batch]
-                weight = len(mb) / len(rows)
-                logp = {k: sequence_logprobs([prompt_ids[j] for j in mb], [v[j] for j in mb])
-                        for k, v in responses.items()}
+            lr = sched.get_last_lr()[0]  # the lr this step takes
+            sums = dict.fromkeys(("loss", "dpo_margin", "dpo_acc", "optimism", "drift_chosen",
+                                  "drift_rejected", "drift_ref"), 0.0)  # over this rank's rows
+            for mb in micro_batches(step):
+                logp = response_logprobs(prompt_ids, responses, mb)
                 ref_mb = {k: v[mb] for k, v in logp_ref.items()}
                 loss, margin, optimism = selm_loss(logp, ref_mb, cfg.beta, cfg.alpha)
-                (loss * weight).backward()
-                totals["loss"] += loss.item() * weight
-                totals["margin"] += margin.mean().item() * weight
-                totals["acc"] += (margin > 0).float().mean().item() * weight
-                totals["optimism"] += optimism.mean().item() * weight
+                # the mean over this rank's rows; FSDP averages the ranks' equal shares
+                (loss * len(mb) / local_batch).backward()
+                sums["loss"] += loss.item() * len(mb)
+                sums["dpo_margin"] += margin.sum().item()
+                sums["dpo_acc"] += (margin > 0).sum().item()
+                sums["optimism"] += optimism.sum().item()
                 for k in ("chosen", "rejected", "ref"):
-                    totals[k] += (logp[k] - ref_mb[k]).mean().item() * weight
+                    sums[f"drift_{k}"] += (logp[k] - ref_mb[k]).sum().item()
+            totals = run.all_sum(list(sums.values()), device)  # over all ranks' rows of the step
+            means = {k: total / cfg.batch_size for k, total in zip(sums, totals)}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0))
             where = f"iteration {it}, step {step}"
             if run.finite(grad_norm, "policy gradient", where, log, cfg.on_nonfinite, ckpt_path,
@@ -345,27 +401,13 @@ if __name__ == "__main__":
                                   ckpt_path, iteration=it, step=step)
             sched.step()
             opt.zero_grad(set_to_none=True)
-            log_metrics("step", iteration=it, step=step, lr=sched.get_last_lr()[0],
-                        loss=totals["loss"], dpo_margin=totals["margin"], dpo_acc=totals["acc"],
-                        optimism=totals["optimism"], drift_chosen=totals["chosen"],
-                        drift_rejected=totals["rejected"], drift_ref=totals["ref"])
-            bar.set_postfix(loss=f"{totals['loss']:.4f}", acc=f"{totals['acc']:.2f}")
-        mean_len = lambda ys: sum(map(len, ys)) / len(ys)
-        if cfg.online:  # over the kept pairs of all ranks, each once
-            mean = lambda values: sum(values) / len(kept)
-            log_metrics("iteration", iteration=it, gen_s=gen_seconds,
-                        train_s=time.time() - t0 - gen_seconds, pairs=len(kept), ties=ties,
-                        oracle_score=mean_score,
-                        score_chosen=mean(p["chosen_score"] for p in kept),
-                        score_rejected=mean(p["rejected_score"] for p in kept),
-                        len_chosen=mean(len(p["chosen"]) for p in kept),
-                        len_rejected=mean(len(p["rejected"]) for p in kept),
-                        len_ref=mean(len(p["ref"]) for p in kept))
-        else:
-            log_metrics("iteration", iteration=it, gen_s=gen_seconds,
-                        train_s=time.time() - t0 - gen_seconds, len_chosen=mean_len(best),
-                        len_rejected=mean_len(worst), len_ref=mean_len(y_ref),
-                        ref_best=(top == 0).float().mean().item())
+            log_metrics("step", iteration=it, step=step, lr=lr, **means)
+            bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['dpo_acc']:.2f}")
+        # over the pairs of the iteration (all ranks), each once
+        lengths = {f"len_{k}": sum(len(p[k]) for p in train_pairs) / len(train_pairs)
+                   for k in ("chosen", "rejected", "ref")}
+        log_metrics("iteration", iteration=it, gen_s=gen_seconds,
+                    train_s=time.time() - t0 - gen_seconds, **details, **lengths)
         # π_ref ← π_θ: the next iteration starts from here
         run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, iteration=it,
                             sched=sched.state_dict(), oracle_calls=calls, sft_eval=sft_eval,
@@ -374,8 +416,9 @@ if __name__ == "__main__":
                             store_sha256=None if store is None else data.digest(store.records))
 
     # ---------------------------------------------------------------- final evaluation and export
-    final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop) \
-        if heldout else {}
+    final_eval = {}
+    if heldout:
+        final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
     log_metrics("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")
     M.save_pretrained(policy, export, state_dict=run.full_state_dict(policy))
