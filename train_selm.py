@@ -24,54 +24,65 @@ Draws are keyed by the seed, the iteration and the pair, never the rank: N ranks
 """
 import math
 import os
-import time
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm import tqdm
 
+import checkpoint
 import data
 import model as M
+import ranks
 import run
 from reward import make_oracle
+from run import knob
 
 
 @dataclass
 class Config:
     # SELM's symbols (ALGORITHMS.md)
-    iterations: int = 3  # T, iterations, each on its own part D_t of the preference set
-    beta: float = 0.01  # β, DPO temperature
-    alpha: float = 0.001  # α, optimism weight; 0 = iterative DPO
-    lr: float = 1e-4  # peak AdamW lr, warm-up then linear decay to 0 (the SELM paper: 5e-7 at 7B)
-    lr_decay_per_iter: float = 1.0  # γ: iteration t peaks at lr · γ^(t−1) (1: all at --lr)
-    schedule: str = "per_iteration"  # per_iteration: a fresh AdamW and lr schedule an iteration
-    warmup_ratio: float = 0.1  # share of an iteration's steps (--schedule=global: all) warming up
-    epochs: int = 1  # passes over each part D_t
+    iterations: int = knob(3, "T, iterations, each on its own part D_t of the preference set")
+    beta: float = knob(0.01, "β, DPO temperature")
+    alpha: float = knob(0.001, "α, optimism weight; 0 = iterative DPO")
+    lr: float = knob(1e-4, "peak AdamW lr, warm-up then linear decay to 0 (the SELM paper: 5e-7 at "
+                           "7B)")
+    lr_decay_per_iter: float = knob(1.0, "γ: iteration t peaks at lr · γ^(t−1) (1: all at --lr)")
+    schedule: str = knob("per_iteration", "per_iteration: a fresh AdamW and lr schedule an "
+                                          "iteration")
+    warmup_ratio: float = knob(0.1, "share of an iteration's steps (--schedule=global: all) "
+                                    "warming up")
+    epochs: int = knob(1, "passes over each part D_t")
     # model, data and oracle
-    model: str = ""  # π⁰, an HF checkpoint dir (default: the toy SFT model, built on first use)
-    prefs: str = ""  # preference pairs, TRL prompt/chosen/rejected (no --model: the toy's)
-    heldout: str = ""  # held-out prompts for the gold evaluation (no --model: the toy's; else none)
-    oracle: str = "gold"  # gold | gsm8k | rm:PATH, ranks {y_ref, chosen, rejected}
-    max_pairs: int = 0  # use at most this many pairs of the file (0 = all)
+    model: str = knob("", "π⁰, an HF checkpoint dir (default: the toy SFT model, built on first "
+                          "use)")
+    prefs: str = knob("", "preference pairs, TRL prompt/chosen/rejected (no --model: the toy's)")
+    heldout: str = knob("", "held-out prompts for the gold evaluation (no --model: the toy's; else "
+                            "none)")
+    oracle: str = knob("gold", "gold | gsm8k | rm:PATH, ranks {y_ref, chosen, rejected}")
+    max_pairs: int = knob(0, "use at most this many pairs of the file (0 = all)")
     # online: pairs sampled from π_ref and labelled each iteration (no --prefs file)
-    online: bool = False  # each iteration labels two temperature-1 samples of π_ref a prompt
-    online_prompts: int = 128  # M, prompts an iteration (all ranks); 3·128·2 = PbPO's 768 calls
-    prompts: str = ""  # the prompt file --online draws from (no --model: the toy train split)
+    online: bool = knob(False, "each iteration labels two temperature-1 samples of π_ref a prompt")
+    online_prompts: int = knob(128, "M, prompts an iteration (all ranks); 3·128·2 = PbPO's 768 "
+                                    "calls")
+    prompts: str = knob("", "the prompt file --online draws from (no --model: the toy train split)")
     # sampling and batching
-    sample_ref: bool = False  # sample y_ref at temperature 1 instead of greedily
-    max_new_tokens: int = 48
-    max_prompt_len: int = 256
-    batch_size: int = 16  # pairs per optimizer step (all ranks)
-    micro_batch: int = 16  # pairs per forward / backward
+    sample_ref: bool = knob(False, "sample y_ref at temperature 1 instead of greedily")
+    max_new_tokens: int = knob(48, "")
+    max_prompt_len: int = knob(256, "")
+    batch_size: int = knob(16, "pairs per optimizer step (all ranks)")
+    micro_batch: int = knob(16, "pairs per forward / backward")
     # the run
-    out_dir: str = "out/selm"
-    seed: int = 0
-    resume: bool = False  # continue the run in out_dir from its checkpoint
-    eval_max: int = 256  # held-out prompts evaluated at the start and the end
-    on_nonfinite: str = "skip"  # skip | stop: a NaN/inf gradient, or diverged weights (README)
-    dist_timeout: int = 1800  # seconds a collective waits (e.g. for a dead rank) before failing
+    out_dir: str = knob("out/selm", "")
+    seed: int = knob(0, "")
+    resume: bool = knob(False, "continue the run in out_dir from its checkpoint")
+    eval_max: int = knob(256, "held-out prompts evaluated at the start and the end")
+    on_nonfinite: str = knob("skip",
+        "skip | stop: a NaN/inf gradient, or diverged weights (README)")
+    dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank) before "
+                                   "failing")
 
     AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
                 "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
@@ -141,10 +152,8 @@ def best_and_worst(scores):
     return best.masked_fill(all_tie, 1), worst.masked_fill(all_tie, 2)
 
 
-if __name__ == "__main__":
-    run.friendly_errors("train_selm.py")
-    cfg = run.parse_flags(Config, __doc__)
-    rank, world, device = run.init_distributed(cfg.dist_timeout)
+def main(cfg):
+    rank, world, device = ranks.init_distributed(cfg.dist_timeout)
     master = rank == 0
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size={cfg.batch_size} must be a multiple of the world size "
@@ -152,7 +161,10 @@ if __name__ == "__main__":
     if cfg.online and cfg.online_prompts % world:
         raise ValueError(f"--online_prompts={cfg.online_prompts} must be a multiple of the world "
                          f"size {world}")
-    mode = run.start(cfg, rank, world)  # 'fresh', 'resume' or 'restart'
+    if not cfg.model:  # the built-in task: its SFT policy and data files, built on first use
+        import toy
+        toy.fill_defaults(cfg, rank, world)
+    mode, inputs = run.start(cfg, rank, world)  # mode: 'fresh', 'resume' or 'restart'
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
@@ -182,24 +194,26 @@ if __name__ == "__main__":
     else:  # y_ref of a rank's block of D_t at once
         rows = math.ceil(part / world)
         M.check_fits(policy, rows, longest, cfg.max_new_tokens, f"--prefs={cfg.prefs}")
-    if world > 1 or device.type == "cuda":  # FSDP2, bf16 compute; one CPU process runs plain fp32
-        run.shard_model(policy)
+    if world > 1 or device.type == "cuda":  # FSDP2; one CPU process runs plain fp32
+        mesh = init_device_mesh(device.type, (world,))
+        precision = MixedPrecisionPolicy()  # CPU ranks: fp32 throughout
+        if device.type == "cuda":  # bf16 compute on fp32 weights; RoPE's cos/sin stay fp32
+            precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                             reduce_dtype=torch.float32, cast_forward_inputs=False)
+        M.shard(policy, mesh, precision)  # fully_shard each block, then the root
     local_batch = cfg.batch_size // world
     # the steps of |D_t| pairs (online: of M pairs, as if no prompt tied; ties are made up by
     # cycling through the kept pairs), known before any sample and the same on every rank
     pairs_per_iter = cfg.online_prompts if cfg.online else part
     steps_per_iter = math.ceil(cfg.epochs * pairs_per_iter / cfg.batch_size)
-    log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master)
+    log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, oracle)
     store = None
     if cfg.online and master:  # the online pairs, in TRL's layout
         store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "iteration")
-    ckpt_path = os.path.join(cfg.out_dir, run.CHECKPOINT)
+    ckpt_path = os.path.join(cfg.out_dir, checkpoint.CHECKPOINT)
+    guard = run.Guard(log, cfg.on_nonfinite, ckpt_path, policy)
     start = 1
     sft_eval = None
-    calls = 0  # oracle calls of the whole job, all ranks
-
-    def log_metrics(kind, **metrics):
-        log.write(kind=kind, oracle_calls=calls, **metrics)
 
     def optimizer_and_schedule(it):
         """A new AdamW and its lr schedule, from iteration it on: per_iteration, over that
@@ -238,53 +252,44 @@ if __name__ == "__main__":
         [y_ref, chosen, rejected] (3 calls a pair), the best becomes chosen, the worst rejected.
         Each rank samples and scores its block of D_t, pair j's y_ref seeded seed_of(seed,
         "y_ref", it) + j, and every rank keeps all of them: any world size ranks the same pairs.
-        -> (the pairs of D_t, oracle calls of all ranks, share of pairs whose best is y_ref)."""
+        -> (the pairs of D_t, share of pairs whose best is y_ref)."""
         d_t = pairs[(it - 1) * part: it * part]
-        lo, hi = part * rank // world, part * (rank + 1) // world  # this rank's block
-        block = d_t[lo:hi]
-        y_ref = M.sample(policy, [p["prompt_ids"] for p in block], cfg.max_new_tokens,
-                         1.0 if cfg.sample_ref else 0.0, eos_ids=stop, pad_id=tok.pad_token_id,
-                         seed=run.seed_of(cfg.seed, "y_ref", it) + lo)
+        mine = ranks.block(part, rank, world)
+        block = d_t[mine]
+        temperature = 1.0 if cfg.sample_ref else 0.0
+        y_ref = ranks.sample(policy, block, 1, temperature, mine.start, (cfg.seed, "y_ref", it),
+                             cfg.max_new_tokens, stop, tok.pad_token_id).responses
         texts = {"ref": [data.decode(tok, y) for y in y_ref],
                  "chosen": [p["chosen"] for p in block],
                  "rejected": [p["rejected"] for p in block]}
-        before = oracle.calls
         columns = ("ref", "chosen", "rejected")
-        scores = torch.stack([oracle.score(block, texts[k]) for k in columns], 1)  # (hi − lo, 3)
-        spent = int(sum(run.gather([oracle.calls - before])))
-        y_ref = run.gather(y_ref)  # all of D_t's, in order
-        best, worst = best_and_worst(torch.tensor(run.gather(scores.tolist())))  # (|D_t|,)
+        scores = torch.stack([oracle.score(block, texts[k]) for k in columns], 1)  # (block, 3)
+        y_ref = ranks.gather(y_ref)  # all of D_t's, in order
+        best, worst = best_and_worst(torch.tensor(ranks.gather(scores.tolist())))  # (|D_t|,)
         ranked = []
         for p, ref, b, w in zip(d_t, y_ref, best.tolist(), worst.tolist()):
             candidates = (ref, p["chosen_ids"], p["rejected_ids"])  # the columns, in order
             ranked.append({"item": p, "ref": ref, "chosen": candidates[b],
                            "rejected": candidates[w]})
-        return ranked, spent, (best == 0).float().mean().item()
+        return ranked, (best == 0).float().mean().item()
 
     def online_pairs(it):
         """Iteration it's pairs, labelled online: M prompts drawn from the prompt file, two
         temperature-1 samples of π_ref each, both scored by the oracle; a tie is dropped (its two
         calls count all the same), else the better sample is y_w. The draw and every sampled row
         are keyed by (seed, purpose, it), never the rank, as in train_pbpo.py: any world size
-        labels the same pairs, and every rank keeps all of them. -> (kept pairs, ties, oracle
-        calls of all ranks, mean score of all samples)."""
-        share = cfg.online_prompts // world
-        picked = torch.randint(len(prompts), (cfg.online_prompts,),
-                               generator=run.generator(cfg.seed, "online", it))
-        items = [prompts[i] for i in picked[rank * share:(rank + 1) * share]]
-        prompt_ids = [p["prompt_ids"] for p in items]
-        # row j of the whole draw (all ranks) is seeded seed_of(purpose) + j
-        two = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0, n=2, eos_ids=stop,
-                       seed=run.seed_of(cfg.seed, "pair", it) + 2 * rank * share,
-                       pad_id=tok.pad_token_id)
-        y_ref = M.sample(policy, prompt_ids, cfg.max_new_tokens, 1.0 if cfg.sample_ref else 0.0,
-                         seed=run.seed_of(cfg.seed, "y_ref", it) + rank * share, eos_ids=stop,
-                         pad_id=tok.pad_token_id)
+        labels the same pairs, and every rank keeps all of them. -> (kept pairs, ties, mean score
+        of all samples)."""
+        items, offset = ranks.draw(prompts, cfg.online_prompts, rank, world, cfg.seed, "online",
+                                   it)
+        two = ranks.sample(policy, items, 2, 1.0, offset, (cfg.seed, "pair", it),
+                           cfg.max_new_tokens, stop, tok.pad_token_id).responses
+        temperature = 1.0 if cfg.sample_ref else 0.0
+        y_ref = ranks.sample(policy, items, 1, temperature, offset, (cfg.seed, "y_ref", it),
+                             cfg.max_new_tokens, stop, tok.pad_token_id).responses
         texts = [data.decode(tok, y) for y in two]
-        before = oracle.calls
         scores = oracle.score([p for p in items for _ in range(2)], texts).view(-1, 2)  # (m, 2)
-        spent = int(sum(run.gather([oracle.calls - before])))
-        labelled = run.gather([{"item": p, "ref": y_ref[i], "ids": two[2 * i:2 * i + 2],
+        labelled = ranks.gather([{"item": p, "ref": y_ref[i], "ids": two[2 * i:2 * i + 2],
                                 "texts": texts[2 * i:2 * i + 2], "scores": scores[i].tolist()}
                                for i, p in enumerate(items)])
         kept = []
@@ -301,72 +306,24 @@ if __name__ == "__main__":
                          "rejected_text": drawn["texts"][lost], "chosen_score": score[won],
                          "rejected_score": score[lost]})
         mean_score = sum(sum(drawn["scores"]) for drawn in labelled) / (2 * len(labelled))
-        return kept, ties, spent, mean_score
+        return kept, ties, mean_score
 
     def this_ranks_rows(n, it):
         """Indices into iteration it's n pairs that this rank trains on, step after step. The
         steps_per_iter · B rows fixed in advance cycle through the n pairs, a fresh permutation a
         pass, keyed by (seed, "order", it); step s takes rows [s·B, (s+1)·B) of the cycle and
         this rank its block of them: N ranks split the step that one rank takes."""
-        key = run.generator(cfg.seed, "order", it)
+        key = ranks.generator(cfg.seed, "order", it)
         need = steps_per_iter * cfg.batch_size
         cycle = torch.cat([torch.randperm(n, generator=key) for _ in range(math.ceil(need / n))])
         return cycle[:need].view(steps_per_iter, world, local_batch)[:, rank].flatten().tolist()
 
-    opt, sched = optimizer_and_schedule(1)  # a resume loads the checkpoint's state into them
-    norm0 = run.param_norm(policy)  # ‖θ⁰‖ (before any resume): weights far past it have diverged
-    if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
-        log.cut(0)
-        if store is not None and store.records:  # online runs, on rank 0
-            store.keep_before(1)
-            print(f"{ckpt_path} does not exist yet: starting over; the pairs labelled before are "
-                  f"kept in {store.dropped_path} and labelled again")
-    if mode == "resume":
-        state = run.load_checkpoint(ckpt_path, {"policy": (policy, opt)})
-        start = state["iteration"] + 1
-        sched.load_state_dict(state["sched"])
-        log.cut(state["log_size"])
-        calls = state["oracle_calls"]
-        sft_eval = state["sft_eval"]
-        if store is not None:  # online: pairs labelled after the checkpoint are set aside, redone
-            store.keep_before(start)
-    if sft_eval is None and heldout:
-        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
-        log_metrics("sft_eval", **sft_eval)
-
-    # ---------------------------------------------------------------- iterations
-    for it in range(start, cfg.iterations + 1):
-        if cfg.schedule == "per_iteration" and it > 1:  # no AdamW moments carried across
-            opt, sched = optimizer_and_schedule(it)
-        t0 = time.time()
-        if cfg.online:
-            train_pairs, ties, spent, mean_score = online_pairs(it)
-            calls += spent
-            if not train_pairs:
-                raise ValueError(f"iteration {it}: all {ties} online pairs are ties (the oracle "
-                                 "scored both samples the same), nothing to train on; raise "
-                                 "--online_prompts or --max_new_tokens, or use a finer --oracle")
-            if master:
-                for p in train_pairs:
-                    record = {"iteration": it, "prompt": p["item"]["prompt"],
-                              "chosen": p["chosen_text"], "rejected": p["rejected_text"],
-                              "chosen_score": p["chosen_score"],
-                              "rejected_score": p["rejected_score"]}
-                    if p["item"]["answer"] is not None:
-                        record["answer"] = p["item"]["answer"]
-                    store.append(record)
-            n_kept = len(train_pairs)
-            details = {"pairs": n_kept, "ties": ties, "oracle_score": mean_score,
-                       "score_chosen": sum(p["chosen_score"] for p in train_pairs) / n_kept,
-                       "score_rejected": sum(p["rejected_score"] for p in train_pairs) / n_kept}
-        else:
-            train_pairs, spent, ref_best = ranked_pairs(it)
-            calls += spent
-            details = {"ref_best": ref_best}
+    def train(it, train_pairs, opt, sched):
+        """π_θ from π_ref on iteration it's pairs: steps_per_iter AdamW steps on selm_loss, each
+        on B pairs of all ranks, this rank's rows micro_batch at a time."""
         mine = this_ranks_rows(len(train_pairs), it)
         prompt_ids = [train_pairs[j]["item"]["prompt_ids"] for j in mine]
         responses = {k: [train_pairs[j][k] for j in mine] for k in ("chosen", "rejected", "ref")}
-        gen_seconds = time.time() - t0
         # log π_ref of every response, once (π_ref = π_θ right now), in the steps' micro-batches:
         # the shapes of step 0's forward, whose drift from π_ref is then exactly 0
         with torch.no_grad():
@@ -390,46 +347,88 @@ if __name__ == "__main__":
                 sums["optimism"] += optimism.sum().item()
                 for k in ("chosen", "rejected", "ref"):
                     sums[f"drift_{k}"] += (logp[k] - ref_mb[k]).sum().item()
-            totals = run.all_sum(list(sums.values()), device)  # over all ranks' rows of the step
+            totals = ranks.all_sum(list(sums.values()), device)  # over all ranks' rows of the step
             means = {k: total / cfg.batch_size for k, total in zip(sums, totals)}
             grad_norm = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0))
             where = f"iteration {it}, step {step}"
-            if run.finite(grad_norm, "policy gradient", where, log, cfg.on_nonfinite, ckpt_path,
-                          iteration=it, step=step):
+            if guard.finite(grad_norm, "policy gradient", where, iteration=it, step=step):
                 opt.step()
-                run.check_weights(policy, norm0, where, log, cfg.on_nonfinite,
-                                  ckpt_path, iteration=it, step=step)
+                guard.check_weights(policy, where, iteration=it, step=step)
             sched.step()
             opt.zero_grad(set_to_none=True)
-            log_metrics("step", iteration=it, step=step, lr=lr, **means)
+            log.write("step", iteration=it, step=step, lr=lr, **means)
             bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['dpo_acc']:.2f}")
+
+    opt, sched = optimizer_and_schedule(1)  # a resume loads the checkpoint's state into them
+    if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
+        log.cut(0)
+        if store is not None and store.records:  # online runs, on rank 0
+            store.keep_before(1)
+            print(f"{ckpt_path} does not exist yet: starting over; the pairs labelled before are "
+                  f"kept in {store.dropped_path} and labelled again")
+    if mode == "resume":
+        state = checkpoint.load(ckpt_path, {"policy": (policy, opt)})
+        start = state["iteration"] + 1
+        sched.load_state_dict(state["sched"])
+        log.cut(state["log_size"])
+        oracle.calls = state["oracle_calls"]
+        sft_eval = state["sft_eval"]
+        guard.diverged = state.get("diverged")
+        if store is not None:  # online: pairs labelled after the checkpoint are set aside, redone
+            store.keep_before(start)
+    if sft_eval is None and heldout:
+        sft_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
+        log.write("sft_eval", **sft_eval)
+
+    # ---------------------------------------------------------------- iterations
+    for it in range(start, cfg.iterations + 1):
+        if cfg.schedule == "per_iteration" and it > 1:  # no AdamW moments carried across
+            opt, sched = optimizer_and_schedule(it)
+        seconds = run.Stopwatch()
+        if cfg.online:
+            with seconds("gen"):
+                train_pairs, ties, mean_score = online_pairs(it)
+            if not train_pairs:
+                raise ValueError(f"iteration {it}: all {ties} online pairs are ties (the oracle "
+                                 "scored both samples the same), nothing to train on; raise "
+                                 "--online_prompts or --max_new_tokens, or use a finer --oracle")
+            if master:
+                for p in train_pairs:
+                    record = {"iteration": it, "prompt": p["item"]["prompt"],
+                              "chosen": p["chosen_text"], "rejected": p["rejected_text"],
+                              "chosen_score": p["chosen_score"],
+                              "rejected_score": p["rejected_score"]}
+                    if p["item"]["answer"] is not None:
+                        record["answer"] = p["item"]["answer"]
+                    store.append(record)
+            n_kept = len(train_pairs)
+            details = {"pairs": n_kept, "ties": ties, "oracle_score": mean_score,
+                       "score_chosen": sum(p["chosen_score"] for p in train_pairs) / n_kept,
+                       "score_rejected": sum(p["rejected_score"] for p in train_pairs) / n_kept}
+        else:
+            with seconds("gen"):
+                train_pairs, ref_best = ranked_pairs(it)
+            details = {"ref_best": ref_best}
+        with seconds("train"):
+            train(it, train_pairs, opt, sched)
         # over the pairs of the iteration (all ranks), each once
         lengths = {f"len_{k}": sum(len(p[k]) for p in train_pairs) / len(train_pairs)
                    for k in ("chosen", "rejected", "ref")}
-        log_metrics("iteration", iteration=it, gen_s=gen_seconds,
-                    train_s=time.time() - t0 - gen_seconds, **details, **lengths)
+        log.write("iteration", iteration=it, gen_s=seconds.total["gen"],
+                  train_s=seconds.total["train"], **details, **lengths)
         # π_ref ← π_θ: the next iteration starts from here
-        run.save_checkpoint(ckpt_path, {"policy": (policy, opt)}, iteration=it,
-                            sched=sched.state_dict(), oracle_calls=calls, sft_eval=sft_eval,
-                            config=asdict(cfg), log_size=log.size(),
-                            store_pairs=None if store is None else len(store),
-                            store_sha256=None if store is None else data.digest(store.records))
+        checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), iteration=it,
+                        sched=sched.state_dict(), oracle_calls=oracle.calls, sft_eval=sft_eval,
+                        log_size=log.size(), store_pairs=None if store is None else len(store),
+                        store_sha256=None if store is None else data.digest(store.records),
+                        inputs=inputs, diverged=guard.diverged)
 
-    # ---------------------------------------------------------------- final evaluation and export
-    final_eval = {}
-    if heldout:
-        final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=stop)
-    log_metrics("final_eval", **final_eval)
-    export = os.path.join(cfg.out_dir, "final")
-    M.save_pretrained(policy, export, state_dict=run.full_state_dict(policy))
-    if master:
-        tok.save_pretrained(export)
-        if final_eval:
-            name = "SELM" if cfg.alpha else "iterative DPO"
-            print(f"held-out gold accuracy: SFT {sft_eval['accuracy']:.3f} -> {name} "
-                  f"{final_eval['accuracy']:.3f}; mean gold reward: SFT {sft_eval['reward']:.3f} "
-                  f"-> {final_eval['reward']:.3f}")
-        print(f"policy exported to {export}; metrics in {cfg.out_dir}/metrics.jsonl")
-    if world > 1:
-        dist.destroy_process_group()
-    run.fail_if_diverged(log.path)
+    run.finish(cfg, policy, tok, oracle, heldout, stop, log, sft_eval,
+               "SELM" if cfg.alpha else "iterative DPO")
+    guard.fail_if_diverged()
+
+
+if __name__ == "__main__":
+    config = run.parse_flags(Config, __doc__)
+    with run.friendly_errors("train_selm.py", config.out_dir):
+        main(config)
