@@ -175,19 +175,18 @@ class Config:
     data: str = knob("", "multiple-choice file (choice)")
     ref: str = knob("", "the reference policy's checkpoint dir (winrate)")
     oracle: str = knob("gold", "gold | gsm8k | rm:PATH")
-    k: int = knob(1, "pass@k (generation): k samples per prompt, needs --temperature > 0")
-    bins: int = knob(10, "histogram bins (rewards)")
+    k: int = knob(1, "pass@k (generation): k samples per prompt, needs --temperature > 0",
+                  at_least=1)
+    bins: int = knob(10, "histogram bins (rewards)", at_least=1)
     temperature: float = knob(0.0, "sampling temperature; 0 = greedy")
-    max_new_tokens: int = knob(256, "")
-    max_prompt_len: int = knob(512, "")
-    batch_size: int = knob(64, "sequences per sampler call")
+    max_new_tokens: int = knob(256, "", at_least=1)
+    max_prompt_len: int = knob(512, "", at_least=1)
+    batch_size: int = knob(64, "sequences per sampler call", at_least=1)
     limit: int = knob(0, "evaluate the first N items only (0 = all)")
     seed: int = knob(0, "")
     device: str = knob("", "cpu | cuda (default: cuda when there is one)")
     out: str = knob("", "write the results as JSON here")
 
-    AT_LEAST = {"k": (1, ""), "bins": (1, ""), "max_new_tokens": (1, ""), "batch_size": (1, ""),
-                "max_prompt_len": (1, "")}
     NEEDS = {"generation": ("prompts",), "choice": ("data",), "winrate": ("prompts", "ref"),
              "rewards": ("prompts",)}
 

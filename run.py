@@ -25,8 +25,11 @@ import model as M
 
 
 # ---------------------------------------------------------------- flags
-def knob(default, help):  # a Config field: its default, and its --help text
-    return field(default=default, metadata={"help": help})
+def knob(default, help, at_least=None, choices=None):
+    """A Config field: its default, its --help text, and the values it accepts (no knob of ours
+    means anything below zero, so every number is at least 0)."""
+    limits = {"help": help, "at_least": at_least, "choices": choices}
+    return field(default=default, metadata=limits)
 
 
 def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a ValueError argparse names
@@ -34,8 +37,8 @@ def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a Value
 
 
 def parse_flags(cls, doc, argv=None):
-    """A dataclass of knobs -> one --flag each. NaN, negative numbers (no knob of ours means
-    anything below zero) and breaches of AT_LEAST or CHOICES are refused by name."""
+    """A dataclass of knobs -> one --flag each. NaN, infinities, negative numbers and values outside
+    a knob's limits are refused by name."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, spec in cls.__dataclass_fields__.items():
@@ -47,17 +50,18 @@ def parse_flags(cls, doc, argv=None):
             parser.add_argument(f"--{name}", type=spec.type, default=spec.default,
                                 help=help_text)
     cfg = cls(**vars(parser.parse_args(argv)))
-    for name, value in vars(cfg).items():
+    for name, spec in cls.__dataclass_fields__.items():
+        value = getattr(cfg, name)
+        low = spec.metadata.get("at_least") or 0
+        choices = spec.metadata.get("choices")
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if number and not 0 <= value < math.inf:
             parser.error(f"--{name}={value}: expected a finite number >= 0")
-    for name, (low, why) in getattr(cls, "AT_LEAST", {}).items():
-        if getattr(cfg, name) < low:
-            because = f" ({why})" if why else ""
-            parser.error(f"--{name}={getattr(cfg, name)}: expected at least {low}{because}")
-    for name, allowed in getattr(cls, "CHOICES", {}).items():
-        if getattr(cfg, name) not in allowed:
-            parser.error(f"--{name}={getattr(cfg, name)!r}: expected one of {', '.join(allowed)}")
+        if number and value < low:
+            why = spec.metadata.get("help")
+            parser.error(f"--{name}={value}: expected at least {low}" + (f" ({why})" if why else ""))
+        if choices and value not in choices:
+            parser.error(f"--{name}={value!r}: expected one of {', '.join(choices)}")
     return cfg
 
 

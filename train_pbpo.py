@@ -43,35 +43,39 @@ from run import knob
 @dataclass
 class Config:
     # PbPO's symbols (ALGORITHMS.md)
-    episodes: int = knob(6, "K, episodes")
-    explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)")
-    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref), best_of_n (the "
-                                   "cheaper stand-in), none (y¹ ~ π_ref: no exploration)")
-    enh_steps: int = knob(2, "policy-gradient steps of the enhancer an episode")
-    enh_samples: int = knob(4, "samples per prompt of π̂ (and of π_ref) in an enhancer step")
+    episodes: int = knob(6, "K, episodes", at_least=1)
+    explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)", at_least=1)
+    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref), best_of_n (its "
+                         "cheaper stand-in), none (y¹ ~ π_ref: no reward-agnostic exploration)",
+                         choices=("policy", "best_of_n", "none"))
+    enh_steps: int = knob(2, "the enhancer's policy-gradient steps an episode")
+    enh_samples: int = knob(4, "samples of π̂ (and of π_ref) per prompt in an enhancer step",
+                            at_least=2)
     enh_kl: float = knob(0.1, "weight of KL(π̂ ‖ π_ref), per sequence")
     enh_lr: float = knob(1e-4, "the enhancer's AdamW learning rate")
-    n_candidates: int = knob(4, "N, best_of_n's samples of π_ref per prompt")
-    enh_temp: float = knob(1.2, "T_enh, best_of_n's sampling temperature")
-    lam: float = knob(1.0, "λ, Σ = λI + Σ_i Δφ_i Δφ_iᵀ")
-    t_out: int = knob(8, "T_out, leader steps per episode")
-    t_in: int = knob(10, "T_in, follower steps per leader step")
-    group: int = knob(8, "G, on-policy samples per prompt for the leave-one-out advantage")
-    ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap")
+    n_candidates: int = knob(4, "N, best_of_n's samples of π_ref per prompt", at_least=1)
+    enh_temp: float = knob(1.2, "T_enh, best_of_n's sampling temperature", at_least=1e-6)
+    lam: float = knob(1.0, "λ, Σ = λI + Σ_i Δφ_i Δφ_iᵀ (must be invertible)", at_least=1e-8)
+    t_out: int = knob(8, "T_out, leader steps per episode", at_least=1)
+    t_in: int = knob(10, "T_in, follower steps per leader step", at_least=1)
+    group: int = knob(8, "G, on-policy samples per prompt (leave-one-out baseline)", at_least=2)
+    ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap", at_least=1)
     beta: float = knob(0.04, "β, weight of the summed preference likelihood (0: pure adversary)")
     beta_form: str = knob("fixed", "fixed: β as given; dual: β by dual ascent on the confidence "
-                                   "set; mle: w = ŵ, no gap (an ablation)")
+                          "set; mle: w = ŵ, no gap (an ablation)", choices=("fixed", "dual", "mle"))
     zeta_coef: float = knob(0.1, "c, the confidence set's radius ζ_k = c · d · log(1 + k)")
-    dual_lr: float = knob(0.01, "the dual ascent's step on β")
+    dual_lr: float = knob(0.01, "η_β, the dual ascent's step on β")
     kl_coef: float = knob(0.5, "κ, weight of KL(π_θ ‖ π_anchor), per sequence")
-    anchor: str = knob("sft", "π_anchor: sft (π⁰, the starting policy) or ref (π_ref)")
-    bound: float = knob(10.0, "B, ‖w‖ ≤ B")
+    anchor: str = knob("sft", "π_anchor: sft (π⁰, the starting policy) or ref (π_ref)",
+                       choices=("sft", "ref"))
+    bound: float = knob(10.0, "B, ‖w‖ ≤ B", at_least=1e-8)
     lr: float = knob(1e-4, "η_π, policy learning rate (AdamW)")
     rm_lr: float = knob(1.0, "η_r, the follower's step size before normalisation")
-    level: str = knob("seq", "seq | token: reward model and advantages per sequence or token")
+    level: str = knob("seq", "reward model and advantages per sequence or per token",
+                      choices=("seq", "token"))
     # the reward model
     normalize: bool = knob(True, "L2-normalise the features φ")
-    rm_batch: int = knob(512, "preference pairs per follower step")
+    rm_batch: int = knob(512, "preference pairs per follower step", at_least=1)
     # model, data and oracle
     model: str = knob("", "π⁰, an HF checkpoint dir (default: the toy SFT model, built once)")
     rm_backbone: str = knob("", "the RM backbone's checkpoint dir (default: the SFT policy)")
@@ -80,32 +84,21 @@ class Config:
     oracle: str = knob("gold", "gold | gsm8k | rm:PATH")
     oracle_temp: float = knob(0.0, "Bradley-Terry label temperature; 0 = deterministic labels")
     # sampling and batching
-    temperature: float = knob(1.0, "T: y⁰, the leader's samples and its log-probs are at T")
-    max_new_tokens: int = knob(48, "")
-    max_prompt_len: int = knob(256, "")
-    leader_prompts: int = knob(16, "P, prompts per leader step (all ranks)")
-    micro_batch: int = knob(64, "sequences per forward / backward")
+    temperature: float = knob(1.0, "T: y⁰, the leader's samples and its log-probs are at T",
+                              at_least=1e-6)
+    max_new_tokens: int = knob(48, "H, the longest response", at_least=1)
+    max_prompt_len: int = knob(256, "longer prompts are left out, with a count", at_least=1)
+    leader_prompts: int = knob(16, "P, prompts per leader step (all ranks)", at_least=1)
+    micro_batch: int = knob(64, "sequences per forward / backward", at_least=1)
     # the run
-    out_dir: str = knob("out/pbpo", "")
-    seed: int = knob(0, "")
+    out_dir: str = knob("out/pbpo", "the run directory")
+    seed: int = knob(0, "every draw and sample is keyed by it")
     resume: bool = knob(False, "continue the run in out_dir from its checkpoint")
-    eval_max: int = knob(256, "held-out prompts evaluated at the start and the end")
-    on_nonfinite: str = knob("skip", "skip | stop: a NaN/inf gradient, or diverged weights")
+    eval_max: int = knob(256, "held-out prompts evaluated at the start and the end", at_least=1)
+    on_nonfinite: str = knob("skip", "a NaN/inf gradient, or diverged weights: skip or stop",
+                             choices=("skip", "stop"))
     dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank)")
 
-    AT_LEAST = {"episodes": (1, "K"), "explore_prompts": (1, "M"), "n_candidates": (1, "N"),
-                "t_out": (1, "T_out"), "t_in": (1, "T_in"), "ref_samples": (1, "R"),
-                "group": (2, "the leave-one-out baseline needs G >= 2"), "leader_prompts": (1, "P"),
-                "enh_samples": (2, "the leave-one-out baseline needs 2"),
-                "max_new_tokens": (1, "a response needs a token"), "max_prompt_len": (1, ""),
-                "micro_batch": (1, ""), "rm_batch": (1, ""), "eval_max": (1, ""),
-                "lam": (1e-8, "Σ = λI + ... must be invertible"), "bound": (1e-8, "B"),
-                "temperature": (1e-6, "T: the leader scores its samples' log-probs at T"),
-                "enh_temp": (1e-6, "T_enh: logits / T_enh must stay finite")}
-    CHOICES = {"level": ("seq", "token"), "anchor": ("sft", "ref"),
-               "enhancer": ("policy", "best_of_n", "none"),
-               "beta_form": ("fixed", "dual", "mle"),
-               "on_nonfinite": ("skip", "stop")}
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
     UNIT = "episode"  # what the preference store's records are stamped with
     INPUTS = ("model", "rm_backbone", "prompts", "heldout", "oracle")  # a resume reads the same

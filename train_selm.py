@@ -44,50 +44,41 @@ from run import knob
 @dataclass
 class Config:
     # SELM's symbols (ALGORITHMS.md)
-    iterations: int = knob(3, "T, iterations, each on its own part D_t of the preference set")
+    iterations: int = knob(3, "I, iterations, each on its own part D_t of the preference set",
+                           at_least=1)
     beta: float = knob(0.01, "β, DPO temperature")
     alpha: float = knob(0.001, "α, optimism weight; 0 = iterative DPO")
-    lr: float = knob(1e-4, "peak AdamW lr, warm-up then linear decay to 0 (the SELM paper: 5e-7 at "
-                           "7B)")
+    lr: float = knob(1e-4, "peak AdamW lr, warm-up then linear decay to 0 (SELM: 5e-7 at 7B)")
     lr_decay_per_iter: float = knob(1.0, "γ: iteration t peaks at lr · γ^(t−1) (1: all at --lr)")
     schedule: str = knob("per_iteration", "per_iteration: a fresh AdamW and lr schedule an "
-                                          "iteration")
-    warmup_ratio: float = knob(0.1, "share of an iteration's steps (--schedule=global: all) "
-                                    "warming up")
-    epochs: int = knob(1, "passes over each part D_t")
+                         "iteration; global: one over all", choices=("per_iteration", "global"))
+    warmup_ratio: float = knob(0.1, "share of an iteration's steps (global: all) warming up")
+    epochs: int = knob(1, "passes over each part D_t", at_least=1)
     # model, data and oracle
-    model: str = knob("", "π⁰, an HF checkpoint dir (default: the toy SFT model, built on first "
-                          "use)")
+    model: str = knob("", "π⁰, an HF checkpoint dir (default: the toy SFT model, built once)")
     prefs: str = knob("", "preference pairs, TRL prompt/chosen/rejected (no --model: the toy's)")
-    heldout: str = knob("", "held-out prompts for the gold evaluation (no --model: the toy's; else "
-                            "none)")
+    heldout: str = knob("", "held-out prompts for the gold evaluation (no --model: the toy's)")
     oracle: str = knob("gold", "gold | gsm8k | rm:PATH, ranks {y_ref, chosen, rejected}")
     max_pairs: int = knob(0, "use at most this many pairs of the file (0 = all)")
     # online: pairs sampled from π_ref and labelled each iteration (no --prefs file)
     online: bool = knob(False, "each iteration labels two temperature-1 samples of π_ref a prompt")
-    online_prompts: int = knob(128, "M, prompts an iteration (all ranks); 3·128·2 = PbPO's 768 "
-                                    "calls")
+    online_prompts: int = knob(128, "M, prompts an iteration (all ranks)", at_least=1)
     prompts: str = knob("", "the prompt file --online draws from (no --model: the toy train split)")
     # sampling and batching
     sample_ref: bool = knob(False, "sample y_ref at temperature 1 instead of greedily")
-    max_new_tokens: int = knob(48, "")
-    max_prompt_len: int = knob(256, "")
-    batch_size: int = knob(16, "pairs per optimizer step (all ranks)")
-    micro_batch: int = knob(16, "pairs per forward / backward")
+    max_new_tokens: int = knob(48, "the longest response", at_least=1)
+    max_prompt_len: int = knob(256, "longer prompts are left out, with a count", at_least=1)
+    batch_size: int = knob(16, "pairs per optimizer step (all ranks)", at_least=1)
+    micro_batch: int = knob(16, "pairs per forward / backward", at_least=1)
     # the run
-    out_dir: str = knob("out/selm", "")
-    seed: int = knob(0, "")
+    out_dir: str = knob("out/selm", "the run directory")
+    seed: int = knob(0, "every draw and sample is keyed by it")
     resume: bool = knob(False, "continue the run in out_dir from its checkpoint")
-    eval_max: int = knob(256, "held-out prompts evaluated at the start and the end")
-    on_nonfinite: str = knob("skip",
-        "skip | stop: a NaN/inf gradient, or diverged weights (README)")
-    dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank) before "
-                                   "failing")
+    eval_max: int = knob(256, "held-out prompts evaluated at the start and the end", at_least=1)
+    on_nonfinite: str = knob("skip", "a NaN/inf gradient, or diverged weights: skip or stop",
+                             choices=("skip", "stop"))
+    dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank)")
 
-    AT_LEAST = {"iterations": (1, "T"), "epochs": (1, ""), "batch_size": (1, ""),
-                "micro_batch": (1, ""), "max_new_tokens": (1, "y_ref needs a token"),
-                "max_prompt_len": (1, ""), "eval_max": (1, ""), "online_prompts": (1, "M")}
-    CHOICES = {"on_nonfinite": ("skip", "stop"), "schedule": ("per_iteration", "global")}
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
     UNIT = "iteration"  # what the preference store's records are stamped with
     INPUTS = ("model", "prefs", "prompts", "heldout", "oracle")  # a resume reads the same

@@ -72,24 +72,26 @@ SHAPES = {  # config.json dicts of the real models; the weights are random
 
 @dataclass
 class Config:
-    suite: str = knob("", "cpu | gpu: the runs of SUITES[suite], their table written into --doc")
+    suite: str = knob("", "cpu | gpu: the runs of SUITES[suite], their table written into --doc",
+                      choices=("", "cpu", "gpu"))
     smoke: bool = knob(False, "with --suite: every run at tiny sizes (what tests/test_bench.py "
                               "runs)")
     doc: str = knob("", "the document the suite's table goes into (default: "
                         "experiments/BENCHMARKS.md)")
-    shape: str = knob("qwen2.5-0.5b", "a key of SHAPES")
+    shape: str = knob("qwen2.5-0.5b", "a key of SHAPES", choices=tuple(SHAPES))
     sections: str = knob("sample,logprobs,train,episode", "comma-separated, run in this order")
     batch: int = knob(64, "sampling: rows")
     prompt_len: int = knob(128, "sampling: prompt tokens per row")
-    new_tokens: int = knob(256, "sampling: tokens generated per row (no early stop)")
+    new_tokens: int = knob(256, "sampling: tokens generated per row (no early stop)", at_least=2)
     hf_caches: str = knob("dynamic,static", "sampling: the transformers caches timed against ours")
-    greedy_rows: int = knob(8, "sampling: rows of the greedy check, ours vs transformers in fp32")
-    greedy_tokens: int = knob(32, "sampling: new tokens of the greedy check")
+    greedy_rows: int = knob(8, "sampling: rows of the greedy check, ours vs transformers in fp32",
+                            at_least=1)
+    greedy_tokens: int = knob(32, "sampling: new tokens of the greedy check", at_least=1)
     lp_batch: int = knob(8, "log-prob and training-step batch: rows")
     lp_len: int = knob(2048, "log-prob and training-step batch: tokens per row")
     lp_plus_one: bool = knob(True, "log-probs: also time one token more (time must grow smoothly)")
     fit_cap: int = knob(0, "GPU: the log-prob doubling search for the longest sequence stops here")
-    repeats: int = knob(5, "timed rounds per measurement, after one untimed round")
+    repeats: int = knob(5, "timed rounds per measurement, after one untimed round", at_least=1)
     compile: bool = knob(True,
         "train section on GPU: torch.compile each block (as torchtitan does)")
     checkpointing: bool = knob(False, "train section on GPU: activation checkpointing")
@@ -98,9 +100,6 @@ class Config:
     seed: int = knob(0, "")
     out: str = knob("", "JSON results (default: out/bench_<suite or shape>.json)")
 
-    AT_LEAST = {"new_tokens": (2, "a decode step needs two"), "repeats": (1, ""),
-                "greedy_rows": (1, ""), "greedy_tokens": (1, "")}
-    CHOICES = {"suite": ("", "cpu", "gpu"), "shape": tuple(SHAPES)}
 
 
 TINY_EPISODE = ("--explore_prompts=8 --n_candidates=2 --t_out=1 --t_in=2 --group=2 "

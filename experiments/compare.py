@@ -414,10 +414,10 @@ class Config:
     budgets: str = knob("384,768", "oracle-call budgets")
     arms: str = knob("", "a comma-separated subset of the arms (default: all)")
     samples: int = knob(8, "samples per prompt for the expected gold reward at temperature 1")
-    jobs: int = knob(2, "runs at a time, and as many evaluation processes; one thread each")
+    jobs: int = knob(2, "runs at a time, and as many evaluation processes; one thread each",
+                     at_least=1)
     quick: bool = knob(False, "the quick toy, one seed, the first grid point: a smoke test")
 
-    AT_LEAST = {"jobs": (1, "")}
 
 
 if __name__ == "__main__":

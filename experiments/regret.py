@@ -102,19 +102,18 @@ def regret(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=5, lam=1
 
 @dataclass
 class Config:
-    d: int = knob(8, "feature dimension")
+    d: int = knob(8, "feature dimension", at_least=2)
     d_hard: int = knob(4, "directions only the rare responses vary along")
     prompts: int = knob(64, "")
-    n: int = knob(32, "responses per prompt")
+    n: int = knob(32, "responses per prompt", at_least=2)
     n_rare: int = knob(1, "rare, informative responses per prompt")
-    K: int = 400  # rounds
-    M: int = 4  # pairs labelled a round
-    seeds: int = knob(5, "")
+    K: int = knob(400, "rounds", at_least=1)
+    M: int = knob(4, "pairs labelled a round", at_least=1)
+    seeds: int = knob(5, "", at_least=1)
     lam: float = knob(1.0, "λ, Σ = λI + ...")
     bound: float = knob(10.0, "B, ‖w‖ ≤ B")
     out: str = knob("out/regret.json", "JSON; the CSV and PNG go beside it")
 
-    AT_LEAST = {"d": (2, ""), "n": (2, ""), "K": (1, ""), "M": (1, ""), "seeds": (1, "")}
 
 
 if __name__ == "__main__":

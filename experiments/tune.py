@@ -220,7 +220,7 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
 
 def check_flag(script, name, text, where):
     """--name=text as the script's parse_flags would take it: a field of its Config, of the field's
-    type, a finite number within AT_LEAST, one of CHOICES; and not one the driver sets itself.
+    type, a finite number at least its knob's at_least, one of its choices; and not one the driver sets itself.
     Otherwise a ValueError naming the driver's flag `where` that carries it."""
     cls = SCRIPTS[script]
     field = cls.__dataclass_fields__.get(name)
@@ -232,11 +232,11 @@ def check_flag(script, name, text, where):
         value = run.boolean(text) if field.type is bool else field.type(text)
     except ValueError:
         raise ValueError(f"{where}: --{name}={text}: expected {TYPE_NAMES[field.type]}") from None
-    low, why = getattr(cls, "AT_LEAST", {}).get(name, (0, ""))
+    low = field.metadata.get("at_least", 0)
     if field.type in (int, float) and not low <= value < math.inf:
-        raise ValueError(f"{where}: --{name}={text}: expected a finite number >= {low}"
-                         + (f" ({why})" if why else ""))
-    allowed = getattr(cls, "CHOICES", {}).get(name)
+        raise ValueError(f"{where}: --{name}={text}: expected a finite number >= {low} "
+                         f"({field.metadata['help']})")
+    allowed = field.metadata.get("choices")
     if allowed and value not in allowed:
         raise ValueError(f"{where}: --{name}={text}: expected one of {', '.join(allowed)}")
 
@@ -315,12 +315,10 @@ class Config:
     flags: str = knob("", "fixed extra flags, space-separated")
     seeds: str = knob("100,101,102", "tuning seeds (the comparison's seeds are 0..9)")
     out: str = knob("out/tune", "")
-    jobs: int = knob(2, "runs at a time (each on one thread)")
+    jobs: int = knob(2, "runs at a time (each on one thread)", at_least=1)
     # valid: tuning; heldout: only to report the chosen settings, never to choose
-    split: str = knob("valid", "")
+    split: str = knob("valid", "", choices=("valid", "heldout"))
 
-    AT_LEAST = {"jobs": (1, "")}
-    CHOICES = {"split": ("valid", "heldout")}
 
 
 if __name__ == "__main__":
