@@ -46,7 +46,7 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     windows: list  # per layer: sliding-window length, or None for full causal attention
-    initializer_range: float = 0.02
+    initializer_range: float = 0.02  # only for weights drawn from scratch (toy.init_weights)
     raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
 
     @classmethod
@@ -240,22 +240,14 @@ class Transformer(nn.Module):
         return F.pad(logp, (1, 0))  # (B, T)
 
 
-def build(cfg, device="cpu", dtype=torch.float32, init=True):
-    """Made on the meta device (no memory), then on `device`: HF's init, or (init=False) none."""
+def build(cfg, device="cpu", dtype=torch.float32):
+    """Made on the meta device (no memory), then on `device` uninitialised: the caller loads weights
+    (from_pretrained) or draws them (toy.init_weights)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
     model.tie()  # to_empty makes fresh tensors, which unties
     model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer made on meta holds nothing; fp32
-    if init:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, cfg.initializer_range)
     return model
 
 
@@ -294,7 +286,7 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor "
                                 "model.safetensors.index.json (only safetensors are read)")
-    model = build(cfg, device, dtype, init=False)
+    model = build(cfg, device, dtype)
     tied = cfg.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     loaded = set()
