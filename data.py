@@ -78,8 +78,7 @@ def render_chat(tokenizer, messages, where, **options):
 
 
 def encode_prompt(tokenizer, prompt, where="a prompt"):
-    """Prompt ids: the chat template with the generation prompt when the tokenizer has one, else the
-    plain text (message contents joined by blank lines)."""
+    """Prompt ids: the tokenizer's chat template with its generation prompt, else the plain text."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = render_chat(tokenizer, messages, where, add_generation_prompt=True)

@@ -207,11 +207,6 @@ class Transformer(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.tie()
-
-    def tie(self):
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
                 logprobs=False, temperature=1.0):
@@ -246,7 +241,8 @@ def build(cfg, device="cpu", dtype=torch.float32):
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
-    model.tie()  # to_empty makes fresh tensors, which unties
+    if cfg.tie_word_embeddings:  # tied after to_empty, whose fresh tensors would untie them
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer made on meta holds nothing; fp32
     return model
 
@@ -540,8 +536,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
     token's log-prob), by generate(**kwargs) on batch_size rows at a time; row i seeded seed + i."""
     rows = [p for p in prompts for _ in range(n)]
     size = batch_size or len(rows)
-    responses = []
-    token_logprobs = []
+    responses, token_logprobs = [], []  # built side by side
     for i in range(0, len(rows), size):
         gen = generate(model, rows[i:i + size], max_new_tokens, temperature, seed=seed + i,
                        **kwargs)

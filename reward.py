@@ -128,8 +128,7 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
 
 
 def make_oracle(spec, temp=0.0, device="cpu"):
-    """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model).
-    gold and gsm8k score against each prompt's answer, which Oracle.check asks of every record."""
+    """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model)."""
     if spec == "gold":
         from toy import gold_reward
         fn = lambda prompts, texts: [gold_reward(t, p["answer"]) for p, t in zip(prompts, texts)]
