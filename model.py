@@ -312,7 +312,7 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing "
                          f"from {', '.join(map(os.path.basename, files))}: "
-                         f"{', '.join(missing[:4])}{' ...' * (len(missing) > 4)}")
+                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     return model
 
 
@@ -370,26 +370,30 @@ def _chunk_grad(w, h, tgt, lse, g_logp, temperature):
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, tgt, temperature, chunk, compile):
-        fwd, grad = (_compiled(k) if compile else k for k in (_chunk_fwd, _chunk_grad))
-        rows = zip(h.split(chunk), tgt.split(chunk))  # unpadded: the last chunk may be short
-        logp, lse = map(torch.cat, zip(*[fwd(w, *r, temperature) for r in rows]))
-        ctx.save_for_backward(h, w, tgt, lse)
-        ctx.args = temperature, chunk, grad
-        return logp
+        chunk_fwd = _compiled(_chunk_fwd) if compile else _chunk_fwd
+        logp, lse = [], []  # per chunk, (C,) each
+        for h_c, tgt_c in zip(h.split(chunk), tgt.split(chunk)):  # unpadded: the last may be short
+            logp_c, lse_c = chunk_fwd(w, h_c, tgt_c, temperature)
+            logp.append(logp_c)
+            lse.append(lse_c)
+        ctx.save_for_backward(h, w, tgt, torch.cat(lse))
+        ctx.args = temperature, chunk, compile
+        return torch.cat(logp)  # (N,)
 
     @staticmethod
     def backward(ctx, g_logp):
-        h, w, *rows = ctx.saved_tensors
-        temperature, chunk, grad = ctx.args
+        h, w, tgt, lse = ctx.saved_tensors
+        temperature, chunk, compile = ctx.args
+        chunk_grad = _compiled(_chunk_grad) if compile else _chunk_grad
         grad_h = []
         grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for hc, *args in zip(*(t.split(chunk) for t in (h, *rows, g_logp))):
-            grad_z = grad(w, hc, *args, temperature)  # (C, V)
+        for h_c, tgt_c, lse_c, g_c in zip(*(t.split(chunk) for t in (h, tgt, lse, g_logp))):
+            grad_z = chunk_grad(w, h_c, tgt_c, lse_c, g_c, temperature)  # (C, V)
             grad_h.append(grad_z @ w)  # (C, D)
             if h.dtype == torch.float32:  # in place: no (V, D) temporary a chunk
-                grad_w.addmm_(grad_z.t(), hc)
+                grad_w.addmm_(grad_z.t(), h_c)
             else:  # each chunk's product in fp32, summed in fp32
-                grad_w += _mm32(grad_z.t(), hc)
+                grad_w += _mm32(grad_z.t(), h_c)
         return torch.cat(grad_h), grad_w.to(w.dtype), None, None, None, None
 
 
