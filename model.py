@@ -185,7 +185,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.window = window
-        self.checkpoint = False  # recompute the activations in backward (run.shard_model sets it)
+        self.checkpoint = False  # recompute the activations in backward (shard sets it)
 
     def forward(self, x, cos, sin, masks, cache_index=None):
         if self.checkpoint and torch.is_grad_enabled():
@@ -317,14 +317,14 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
 
 
 def save_pretrained(model, path, state_dict=None):
-    """Write config.json + model.safetensors for transformers.AutoModelForCausalLM, on rank 0; a
-    sharded model needs state_dict=run.full_state_dict(model). The tokenizer is the caller's."""
+    """Write config.json + model.safetensors for transformers.AutoModelForCausalLM on rank 0 (the
+    tokenizer is the caller's); a sharded model: state_dict=checkpoint.full_state_dict(model)."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     if state_dict is None:
         if isinstance(model, FSDPModule):
             raise ValueError("save_pretrained of a sharded model: pass "
-                             "state_dict=run.full_state_dict(model)")
+                             "state_dict=checkpoint.full_state_dict(model)")
         state_dict = model.state_dict()
     cfg = model.config
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
