@@ -42,12 +42,11 @@ def refuse_remote_code(path):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
                                 "tokenizer directory)")
-    for file in (os.path.join(path, name) for name in os.listdir(path)):  # a FIFO never ends
-        if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
-            raise ValueError(f"{file}: not a regular file")
-    for name in ("config.json", "tokenizer_config.json"):
+    for name in os.listdir(path):
         file = os.path.join(path, name)
-        if os.path.isfile(file) and "auto_map" in parse_json(read_text(file), file):
+        if os.path.exists(file) and not (os.path.isfile(file) or os.path.isdir(file)):
+            raise ValueError(f"{file}: not a regular file")  # a FIFO never ends
+        if name in ("config.json", "tokenizer_config.json") and "auto_map" in read_json(file):
             raise ValueError(f"{file}: 'auto_map' names Python code to run; no code of a model "
                              "directory is ever run (remove auto_map)")
 
@@ -62,8 +61,8 @@ def render_chat(tokenizer, messages, where, **options):
 
     timed = threading.current_thread() is threading.main_thread()  # only it may take SIGALRM
     if timed:
-        previous = signal.signal(signal.SIGALRM, too_long), signal.getitimer(signal.ITIMER_REAL)
-        signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+        previous_handler = signal.signal(signal.SIGALRM, too_long)
+        previous_timer = signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except TimeoutError:
@@ -74,13 +73,12 @@ def render_chat(tokenizer, messages, where, **options):
                          f"({type(e).__name__}: {e})") from None
     finally:
         if timed:  # the caller's handler and timer back
-            signal.signal(signal.SIGALRM, previous[0])
-            signal.setitimer(signal.ITIMER_REAL, *previous[1])
+            signal.signal(signal.SIGALRM, previous_handler)
+            signal.setitimer(signal.ITIMER_REAL, *previous_timer)
 
 
 def encode_prompt(tokenizer, prompt, where="a prompt"):
-    """Prompt ids: the chat template with the generation prompt when the tokenizer has one, else the
-    plain text (message contents joined by blank lines)."""
+    """Prompt ids: the tokenizer's chat template with its generation prompt, else the plain text."""
     if tokenizer.chat_template:
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = render_chat(tokenizer, messages, where, add_generation_prompt=True)
@@ -119,6 +117,13 @@ def parse_json(text, path, line=1):
     except (ValueError, RecursionError) as e:
         line += getattr(e, "lineno", 1) - 1
         raise ValueError(f"{path}:{line}: bad JSON ({getattr(e, 'msg', e)})") from None
+
+
+def read_json(path):  # a file's JSON object, else one error naming the file
+    value = parse_json(read_text(path), path)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def records(path):
@@ -191,7 +196,8 @@ def report_dropped(path, kept, total, max_prompt_len):
 
 def load_prompts(path, tokenizer, max_prompt_len):
     """Items {prompt, prompt_ids, answer, where} from {"prompt"}, {"messages"} or GSM8K records."""
-    rows, items = records(path), []
+    rows = records(path)
+    items = []
     for where, rec in rows:
         key = next((k for k in ("question", "prompt", "messages") if k in rec), None)
         if key is None:
@@ -230,7 +236,7 @@ def collate(prompt_ids, response_ids, pad_id):
 # ---------------------------------------------------------------- the preference store
 def open_own(path, mode):  # open() for a run directory's own files, never through a planted link
     no_link = lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)  # a link: ELOOP
-    return open(path, mode, opener=no_link, **({} if "b" in mode else {"encoding": "utf-8"}))
+    return open(path, mode, encoding=None if "b" in mode else "utf-8", opener=no_link)
 
 
 def digest(records):  # SHA-256 of JSON records: a checkpoint keeps its store's, so edits show
@@ -253,14 +259,16 @@ class PreferenceStore:
     before the next append; reading changes nothing; keep_before sets pairs aside, never deletes."""
 
     def __init__(self, path, key="episode"):
-        self.path, self.key, self.file = path, key, None
+        self.path = path
+        self.key = key
+        self.file = None  # opened by the first append
         self.dropped_path = os.path.splitext(path)[0] + ".dropped.jsonl"
         raw = b""
         if os.path.lexists(path):
             with open_own(path, "rb") as f:
                 raw = f.read()
         body, _, tail = raw.rpartition(b"\n")  # tail: after the last newline, an unfinished write
-        self.records = [self.parse(line, f"{path}:{i}")
+        self.records = [self.parse(line, i)
                         for i, line in enumerate(body.split(b"\n"), 1) if line.strip()]
         self.torn = len(tail) if tail.strip() else 0
         if self.torn:  # a write the kill cut short: its episode (iteration), never saved, is redone
@@ -268,14 +276,12 @@ class PreferenceStore:
             warnings.warn(f"{path}:{line}: ignoring a torn last line ({self.torn} bytes of an "
                           "interrupted write)")
 
-    def parse(self, line, where):  # corruption, not a crash: refused, never guessed around
-        try:
-            record = json.loads(line)
-        except (ValueError, RecursionError) as e:
-            raise ValueError(f"{where}: bad JSON in the preference store ({e})") from None
+    def parse(self, line, number):  # corruption, not a crash: refused, never guessed around
+        record = parse_json(line, self.path, number)
         if not isinstance(record, dict) or type(record.get(self.key)) is not int:
-            raise ValueError(f"{where}: expected a preference record (a JSON object with an "
-                             f"integer '{self.key}'), got {line[:60].decode(errors='replace')!r}")
+            raise ValueError(f"{self.path}:{number}: expected a preference record (a JSON object "
+                             f"with an integer '{self.key}'), got "
+                             f"{line[:60].decode(errors='replace')!r}")
         return record
 
     def append(self, record):
@@ -302,7 +308,8 @@ class PreferenceStore:
             if os.path.lexists(tmp):
                 os.remove(tmp)
         self.close()  # the next append opens the new file
-        self.records, self.torn = kept, 0
+        self.records = kept
+        self.torn = 0
 
     def __len__(self):
         return len(self.records)

@@ -22,6 +22,8 @@ from safetensors.torch import save_file
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.utils.checkpoint import checkpoint
 
+import data
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
@@ -44,7 +46,7 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     windows: list  # per layer: sliding-window length, or None for full causal attention
-    initializer_range: float = 0.02
+    initializer_range: float = 0.02  # only for weights drawn from scratch (toy.init_weights)
     raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
 
     @classmethod
@@ -91,7 +93,8 @@ class ModelConfig:
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
         super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
         xf = x.float()  # statistics in fp32, scaled in the compute dtype (as HF does)
@@ -130,11 +133,11 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-        D, self.hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = nn.Linear(D, self.n_head * self.hd, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.n_head * self.hd, D, bias=cfg.o_bias)
+        self.hd = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
@@ -166,9 +169,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        D, I, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
-        self.gate_proj, self.up_proj = nn.Linear(D, I, bias=b), nn.Linear(D, I, bias=b)
-        self.down_proj = nn.Linear(I, D, bias=b)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):  # SwiGLU
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -182,7 +185,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
         self.window = window
-        self.checkpoint = False  # recompute the activations in backward (run.shard_model sets it)
+        self.checkpoint = False  # recompute the activations in backward (shard sets it)
 
     def forward(self, x, cos, sin, masks, cache_index=None):
         if self.checkpoint and torch.is_grad_enabled():
@@ -204,11 +207,6 @@ class Transformer(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.tie()
-
-    def tie(self):
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
                 logprobs=False, temperature=1.0):
@@ -237,44 +235,26 @@ class Transformer(nn.Module):
         return F.pad(logp, (1, 0))  # (B, T)
 
 
-def build(cfg, device="cpu", dtype=torch.float32, init=True):
-    """Construct on the meta device (no memory, no init), then materialise on `device`; init=True
-    draws HF's init (normal(0, initializer_range), norms 1, biases 0), else the caller loads."""
+def build(cfg, device="cpu", dtype=torch.float32):
+    """Made on the meta device (no memory), then on `device` uninitialised: the caller loads weights
+    (from_pretrained) or draws them (toy.init_weights)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
-    model.tie()  # to_empty makes fresh tensors, which unties
+    if cfg.tie_word_embeddings:  # tied after to_empty, whose fresh tensors would untie them
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer made on meta holds nothing; fp32
-    if init:
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(1.0)
-                elif name.endswith("bias"):
-                    p.zero_()
-                else:
-                    p.normal_(0.0, cfg.initializer_range)
     return model
 
 
 # ---------------------------------------------------------------- checkpoint I/O
-def read_json(path):  # a JSON object, else one ValueError naming the file
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: bad JSON ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
-    return value
-
-
 def stop_ids(path, tokenizer):
     """The ids that end a response, read as transformers does: generation_config.json's (else
     config.json's) eos_token_id, int or list, and the tokenizer's EOS; all below vocab_size."""
     config, gen = os.path.join(path, "config.json"), os.path.join(path, "generation_config.json")
     where = gen if os.path.isfile(gen) else config
-    eos, vocab = read_json(where).get("eos_token_id"), read_json(config).get("vocab_size")
+    eos = data.read_json(where).get("eos_token_id")
+    vocab = data.read_json(config).get("vocab_size")
     ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
     if not all(type(i) is int and 0 <= i < vocab for i in ids) or len(tokenizer) > vocab:
         raise ValueError(f"{where}: eos_token_id {eos!r} and the tokenizer ({len(tokenizer)} "
@@ -289,20 +269,20 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
                                 "(config.json + model.safetensors or model.safetensors.index.json)")
-    cfg = ModelConfig.from_hf_dict(read_json(cfg_path), cfg_path)
+    cfg = ModelConfig.from_hf_dict(data.read_json(cfg_path), cfg_path)
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
         files = [single]
     elif os.path.isfile(index):
-        shards = read_json(index).get("weight_map")
+        shards = data.read_json(index).get("weight_map")
         if not isinstance(shards, dict) or not shards:
             raise ValueError(f"{index}: expected a 'weight_map' of tensor names to files")
         files = [os.path.join(path, name) for name in sorted(set(map(str, shards.values())))]
     else:
         raise FileNotFoundError(f"{path}: neither model.safetensors nor "
                                 "model.safetensors.index.json (only safetensors are read)")
-    model = build(cfg, device, dtype, init=False)
+    model = build(cfg, device, dtype)
     tied = cfg.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     loaded = set()
@@ -332,19 +312,19 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing "
                          f"from {', '.join(map(os.path.basename, files))}: "
-                         f"{', '.join(missing[:4])}{' ...' * (len(missing) > 4)}")
+                         f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     return model
 
 
 def save_pretrained(model, path, state_dict=None):
-    """Write config.json + model.safetensors for transformers.AutoModelForCausalLM, on rank 0; a
-    sharded model needs state_dict=run.full_state_dict(model). The tokenizer is the caller's."""
+    """Write config.json + model.safetensors for transformers.AutoModelForCausalLM on rank 0 (the
+    tokenizer is the caller's); a sharded model: state_dict=checkpoint.full_state_dict(model)."""
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     if state_dict is None:
         if isinstance(model, FSDPModule):
             raise ValueError("save_pretrained of a sharded model: pass "
-                             "state_dict=run.full_state_dict(model)")
+                             "state_dict=checkpoint.full_state_dict(model)")
         state_dict = model.state_dict()
     cfg = model.config
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
@@ -373,9 +353,10 @@ def _mm32(a, b):  # a @ b in fp32: a bf16 GEMM accumulates in fp32 and writes fp
 
 def _chunk_fwd(w, h, tgt, temperature):
     z = _mm32(h, w.t()).div_(temperature)  # (C, V) fp32; in place below: few (C, V) buffers
-    m, z_tgt = z.amax(-1, keepdim=True), z.gather(-1, tgt[:, None])  # (C, 1) each
+    z_tgt = z.gather(-1, tgt[:, None])[:, 0]  # (C,)
+    m = z.amax(-1, keepdim=True)  # (C, 1)
     lse = (m + z.sub_(m).exp_().sum(-1, keepdim=True).log())[:, 0]  # (C,) log Σ exp z
-    return (z_tgt - lse[:, None])[:, 0], lse
+    return z_tgt - lse, lse
 
 
 def _chunk_grad(w, h, tgt, lse, g_logp, temperature):
@@ -389,25 +370,30 @@ def _chunk_grad(w, h, tgt, lse, g_logp, temperature):
 class _FusedLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, tgt, temperature, chunk, compile):
-        fwd, grad = (_compiled(k) if compile else k for k in (_chunk_fwd, _chunk_grad))
-        rows = zip(h.split(chunk), tgt.split(chunk))  # unpadded: the last chunk may be short
-        logp, lse = map(torch.cat, zip(*[fwd(w, *r, temperature) for r in rows]))
-        ctx.save_for_backward(h, w, tgt, lse)
-        ctx.args = temperature, chunk, grad
-        return logp
+        chunk_fwd = _compiled(_chunk_fwd) if compile else _chunk_fwd
+        logp, lse = [], []  # per chunk, (C,) each
+        for h_c, tgt_c in zip(h.split(chunk), tgt.split(chunk)):  # unpadded: the last may be short
+            logp_c, lse_c = chunk_fwd(w, h_c, tgt_c, temperature)
+            logp.append(logp_c)
+            lse.append(lse_c)
+        ctx.save_for_backward(h, w, tgt, torch.cat(lse))
+        ctx.args = temperature, chunk, compile
+        return torch.cat(logp)  # (N,)
 
     @staticmethod
     def backward(ctx, g_logp):
-        h, w, *rows = ctx.saved_tensors
-        temperature, chunk, grad = ctx.args
-        grad_h, grad_w = [], torch.zeros(w.shape, dtype=torch.float32, device=w.device)
-        for hc, *args in zip(*(t.split(chunk) for t in (h, *rows, g_logp))):
-            grad_z = grad(w, hc, *args, temperature)  # (C, V)
+        h, w, tgt, lse = ctx.saved_tensors
+        temperature, chunk, compile = ctx.args
+        chunk_grad = _compiled(_chunk_grad) if compile else _chunk_grad
+        grad_h = []
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)
+        for h_c, tgt_c, lse_c, g_c in zip(*(t.split(chunk) for t in (h, tgt, lse, g_logp))):
+            grad_z = chunk_grad(w, h_c, tgt_c, lse_c, g_c, temperature)  # (C, V)
             grad_h.append(grad_z @ w)  # (C, D)
             if h.dtype == torch.float32:  # in place: no (V, D) temporary a chunk
-                grad_w.addmm_(grad_z.t(), hc)
+                grad_w.addmm_(grad_z.t(), h_c)
             else:  # each chunk's product in fp32, summed in fp32
-                grad_w += _mm32(grad_z.t(), hc)
+                grad_w += _mm32(grad_z.t(), h_c)
         return torch.cat(grad_h), grad_w.to(w.dtype), None, None, None, None
 
 
@@ -472,7 +458,7 @@ def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperat
 
 
 @torch.no_grad()
-def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id=0, seed=None,
+def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id=0, seed=0,
              compile=None):
     """Sample up to max_new_tokens after each prompt (id lists): a prefill into a static KV cache,
     then one decode step per token until every row is done; an FSDP2 model is unsharded once.
@@ -481,20 +467,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, temperature >= 0")
     check_context(model, max_new_tokens)
     device = model.inv_freq.device
-    B, Lp = len(prompts), max(map(len, prompts))
-    ids = torch.tensor([[pad_id] * (Lp - len(p)) + list(p) for p in prompts], device=device)
-    n_pad = torch.tensor([Lp - len(p) for p in prompts], device=device)
-    prompt_mask = torch.arange(Lp, device=device) >= n_pad[:, None]  # (B, Lp)
+    prompt_batch = data.collate(prompts, [[]] * len(prompts), pad_id)  # left-padded, no response
+    ids, prompt_mask, _ = (t.to(device) for t in prompt_batch)  # (B, Lp) each
+    B, Lp = ids.shape
     S = -(-(Lp + max_new_tokens) // 64) * 64  # cache length, rounded: fewer shapes to compile
     key_valid = F.pad(prompt_mask, (0, S - Lp), value=True)  # (B, S): slots with real tokens
     pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # -1 never matches
-    if seed is None:
-        uniforms = torch.rand(B, max_new_tokens)
-    else:  # (B, max_new_tokens), one stream per row
-        streams = [torch.Generator().manual_seed(seed + i) for i in range(B)]
-        uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in streams])
-    uniforms = uniforms.to(device)
+    streams = [torch.Generator().manual_seed(seed + i) for i in range(B)]  # one a row
+    uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in streams]).to(device)
     compiled = device.type == "cuda" if compile is None else compile
     step = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
@@ -504,12 +485,15 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
     try:
         h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
         tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), uniforms[:, :1], temperature)
-        done, out = torch.isin(tok, eos), [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
-        pos, idx = pos[:, -1] + 1, torch.tensor([Lp], device=device)
+        done = torch.isin(tok, eos)  # (B,)
+        out = [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
+        pos = pos[:, -1] + 1  # (B,) the next token's position
+        idx = torch.tensor([Lp], device=device)  # (1,) its cache slot, the same for every row
         for t in range(1, max_new_tokens):
             if t % 8 == 0 and done.all():  # the only host sync, every 8 steps
                 break
-            alive, u = ~done, uniforms[:, t:t + 1]
+            alive = ~done
+            u = uniforms[:, t:t + 1]  # (B, 1)
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
             new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature)
             tok, logp, done, pos, idx = (x.clone() for x in new)  # a graph replay overwrites them
@@ -538,7 +522,8 @@ def check_context(model, max_new_tokens):
 def check_fits(model, rows, prompt_len, max_new_tokens, what):
     """Refuse a generate() of `rows` rows that cannot fit: a KV cache, 3 (rows, V) fp32 buffers."""
     check_context(model, max_new_tokens)
-    cfg, device = model.config, model.inv_freq.device
+    cfg = model.config
+    device = model.inv_freq.device
     element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU
     kv_cache = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * element
     need = rows * ((prompt_len + max_new_tokens) * kv_cache + 3 * 4 * cfg.vocab_size)
@@ -554,7 +539,8 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
     """n responses per prompt, prompt-major, as token id lists (logprobs=True: with each sampled
     token's log-prob), by generate(**kwargs) on batch_size rows at a time; row i seeded seed + i."""
     rows = [p for p in prompts for _ in range(n)]
-    size, responses, token_logprobs = batch_size or len(rows), [], []
+    size = batch_size or len(rows)
+    responses, token_logprobs = [], []  # built side by side
     for i in range(0, len(rows), size):
         gen = generate(model, rows[i:i + size], max_new_tokens, temperature, seed=seed + i,
                        **kwargs)

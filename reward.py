@@ -19,8 +19,10 @@ class RewardModel(nn.Module):
 
     def __init__(self, backbone, level="seq", bound=10.0, normalize=True):
         super().__init__()
-        self.backbone, self.level, self.bound, self.normalize = backbone, level, bound, normalize
-        self.backbone.requires_grad_(False)
+        self.backbone = backbone.requires_grad_(False)
+        self.level = level
+        self.bound = bound  # B: ‖w‖ ≤ B
+        self.normalize = normalize
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
     def phi(self, input_ids, attention_mask, response_mask):
@@ -67,7 +69,8 @@ class Oracle:
     def score(self, prompts, responses):  # r* of each (prompt record, response text): one call each
         scores = torch.tensor([float(s) for s in self.score_fn(prompts, responses)])  # (n,)
         self.calls += int(ranks.all_sum([len(responses)], self.device)[0])  # collective
-        for i in (~torch.isfinite(scores)).nonzero().flatten().tolist()[:1]:
+        if not torch.isfinite(scores).all():  # named by the first item scored inf or NaN
+            i = int(torch.isfinite(scores).int().argmin())
             raise ValueError(f"oracle returned {scores[i].item()} for pair item {i}: prompt "
                              f"{str(prompts[i]['prompt'])[:80]!r}, response {responses[i][:80]!r}")
         return scores
@@ -94,17 +97,14 @@ class Oracle:
 
 def hf_reward_scorer(path, device="cpu", batch_size=16):
     """Score with a local HF sequence-classification reward model on its own chat template."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--oracle=rm:{path}: expected a local HF reward model directory "
                                 "with config.json")
-    data.refuse_remote_code(path)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tok = data.load_tokenizer(path)  # no code of the directory is run
     rm = AutoModelForSequenceClassification.from_pretrained(
         path, local_files_only=True, trust_remote_code=False).to(device).eval()
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
     tok.padding_side = "right"
 
     def as_text(prompt, response):
@@ -128,8 +128,7 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
 
 
 def make_oracle(spec, temp=0.0, device="cpu"):
-    """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model).
-    gold and gsm8k score against each prompt's answer, which Oracle.check asks of every record."""
+    """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model)."""
     if spec == "gold":
         from toy import gold_reward
         fn = lambda prompts, texts: [gold_reward(t, p["answer"]) for p, t in zip(prompts, texts)]

@@ -127,10 +127,23 @@ def build_tokenizer(texts, vocab_size, path):
     return data.load_tokenizer(path)
 
 
+@torch.no_grad()
+def init_weights(model):
+    """HF's init for training from scratch: normal(0, initializer_range), norms 1, biases 0."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.fill_(1.0)
+        elif name.endswith("bias"):
+            p.zero_()
+        else:
+            p.normal_(0.0, model.config.initializer_range)
+    return model
+
+
 def train_sft(demos, tok, hf_config, steps, batch_size, lr, seed):
     """Our transformer from scratch on (prompt ids, response ids): response-token NLL, AdamW."""
     torch.manual_seed(seed)
-    policy = M.build(M.ModelConfig.from_hf_dict(hf_config))  # HF-style init
+    policy = init_weights(M.build(M.ModelConfig.from_hf_dict(hf_config)))
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup, g = max(1, steps // 20), torch.Generator().manual_seed(seed)
     for step in range(steps):

@@ -262,7 +262,7 @@ def test_store_torn_last_line_is_dropped_and_appends_continue(tmp_path):
 
 def test_store_corruption_inside_the_file_is_an_error(tmp_path):
     path = write(tmp_path / "prefs.jsonl", ['{"episode": 1}', '{"episode": ', '{"episode": 3}'])
-    with pytest.raises(ValueError, match=r"prefs.jsonl:2: bad JSON in the preference store"):
+    with pytest.raises(ValueError, match=r"prefs.jsonl:2: bad JSON"):
         data.PreferenceStore(path, "episode")
     for line in ('{"prompt": "x"}', "[1, 2]", '{"episode": "2"}'):  # JSON, but not a record of ours
         path = write(tmp_path / "shape.jsonl", ['{"episode": 1}', line])

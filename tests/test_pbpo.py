@@ -18,6 +18,7 @@ from conftest import PBPO, metrics, run
 
 import data
 import model as M
+import toy
 from explore import Covariance, enhancer_rewards, trajectory_features
 from reward import bt_loss
 from train_pbpo import (advantages, dual_ascent, fit_mle, follower_loss, follower_step_size, leader_loss,
@@ -31,7 +32,7 @@ def tiny_policy(seed):
                                           intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                                           initializer_range=0.5))
     torch.manual_seed(seed)
-    return M.build(cfg)
+    return toy.init_weights(M.build(cfg))
 
 
 def every_response(model, temperature):
