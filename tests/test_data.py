@@ -1,4 +1,5 @@
-"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe store and answers."""
+"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe
+store, and answers: the `#### N` extraction and the correctness check the gold oracle uses."""
 import hashlib
 import json
 import os
@@ -290,36 +291,35 @@ def test_store_set_aside_keeps_every_pair_and_refuses_a_planted_link(tmp_path):
     assert outside.read_text() == "not the run's\n"
 
 
-# ---------------------------------------------------------------------------- answers and the gold reward
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("37 + 48 = 85. 85 - 15 = 70.\n#### 70", "70"),
-    ("#### 1,234", "1234"),
-    ("so the loss is\n#### -15", "-15"),
-    ("####70", "70"),
-    ("#### $1,000.", "1000"),
-    ("#### 70.0", "70"),
-    ("#### 3.5 kg", "3.5"),
-    ("#### 70 apples, and then #### 12", "70"),  # the first '####' is the answer
-    ("#### 70.\nThat is all.", "70"),
-    ("The answer is 70.", None),  # no '####': no answer
-    ("#### seventy", None),
-    ("", None),
+# ---------------------------------------------------------------------------- answers
+@pytest.mark.parametrize("text, extracted, gold, correct", [
+    ("37 + 48 = 85. 85 - 15 = 70.\n#### 70", "70", "70", True),
+    ("####70", "70", "70", True),  # no space
+    ("#### 1,234", "1234", "1234", True),  # thousands separator
+    ("#### 1234", "1234", "1,234", True),  # ... in the gold answer
+    ("#### 1,000,000", "1000000", "1,000,000", True),  # ... on both sides
+    ("so the loss is\n#### -15", "-15", "-15", True),
+    ("#### -5", "-5", "5", False),  # the sign counts
+    ("#### 5", "5", "-5", False),
+    ("#### 70.0", "70", "70", True),  # an integer written as a decimal
+    ("#### -0.5", "-0.5", "-0.5", True),
+    ("#### 3.50", "3.5", "3.5", True),  # trailing zeros
+    ("#### $18", "18", "18", True),  # a currency sign before the number
+    ("#### $1,000.", "1000", "1000", True),  # ... with a separator and a period
+    ("#### 007", "7", "7", True),  # leading zeros
+    ("so 7. #### 7.", "7", "7", True),  # a sentence-ending period
+    ("#### 70.\nThat is all.", "70", "70", True),
+    ("#### 5 apples", "5", "5", True),  # a unit after the number
+    ("#### 3.5 kg", "3.5", "3.5", True),
+    ("#### 70 apples", "70", 70, True),  # a gold answer given as a number
+    ("#### 700", "700", "70", False),
+    ("#### 12\n#### 13", "12", "13", False),  # the first '####' is the answer
+    ("#### 70 apples, and then #### 12", "70", "70", True),
+    ("The answer is 70", None, "70", False),  # no '####': no answer, even if the number is right
+    ("####", None, "0", False),
+    ("#### seventy", None, "70", False),
+    ("", None, "0", False),
 ])
-def test_extract_answer(text, expected):
-    assert data.extract_answer(text) == expected
-
-
-@pytest.mark.parametrize("text, answer, correct", [
-    ("85 - 15 = 70.\n#### 70", "70", True),
-    ("#### 1,234", "1234", True),
-    ("#### 1234", "1,234", True),
-    ("#### -5", "-5", True),
-    ("#### 5", "-5", False),
-    ("#### 70 apples", 70, True),
-    ("The answer is 70", "70", False),
-    ("#### 700", "70", False),
-])
-def test_is_correct(text, answer, correct):
-    assert data.is_correct(text, answer) is correct
+def test_answer_extraction_table(text, extracted, gold, correct):
+    assert data.extract_answer(text) == extracted
+    assert data.is_correct(text, gold) is correct
