@@ -49,15 +49,6 @@ def test_pbpo_token_level_and_no_exploration_ablation(toy, tmp_path):
     assert all(r["rm_reward"] == r["rm_reward"] for r in rows if r["kind"] == "step")
 
 
-def test_pbpo_torchrun_two_ranks_keep_the_same_sigma_and_store(toy, tmp_path):
-    flags, _ = toy
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}", ranks=2)
-    explore = [r for r in metrics(tmp_path) if r["kind"] == "explore"][0]
-    records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
-    assert len(records) == 8 and explore["oracle_calls"] == 16
-    assert os.path.exists(os.path.join(tmp_path, "final", "model.safetensors"))
-
-
 # ---------------------------------------------------------------------------- SELM
 def test_selm_loss_by_hand_and_alpha_zero_is_dpo():
     from train_selm import selm_loss
