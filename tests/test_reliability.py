@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from bad_input_cases import BASE_RUNS, CASES
 from conftest import PBPO, ROOT, SELM, command, metrics, run, wait_for_lines, without_timings
 from safetensors.torch import load_file, save_file
 
@@ -156,15 +157,6 @@ def test_divergence_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_
 
 
 # ---------------------------------------------------------------------------- bad input
-def corrupt(path, how):
-    """A checkpoint as disks and people leave them."""
-    raw = open(path, "rb").read()
-    if how == "flipped":  # 4 bytes inside the tensor data
-        raw = raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:-96]) + raw[-96:]
-    open(path, "wb").write({"flipped": raw, "truncated": raw[:len(raw) // 2], "empty": b"",
-                            "random": random.Random(0).randbytes(len(raw))}[how])
-
-
 class Payload:
     """Unpickling this runs code: it creates the file named."""
 
@@ -175,309 +167,125 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def bad_inputs(toy, tmp):
-    """(name, script, flags, what the message must say): each must exit non-zero with that one
-    message, before any oracle call, leaving a run directory it was pointed at as it was."""
-    flags, t = toy
-    model, prompts = f"--model={t.model}", f"--prompts={t.train}"
-    (tmp / "prefs_copy.jsonl").write_text(open(t.prefs).read())  # changed after the base run
-    selm_flags = [model, f"--prefs={tmp / 'prefs_copy.jsonl'}", f"--heldout={t.heldout}", *SELM, "--max_pairs=8"]
+def fill(text, places):
+    """text with each {name} of places (a path) written out."""
+    for name, path in places.items():
+        text = text.replace("{" + name + "}", path)
+    return text
 
-    def model_copy(name, edit):
-        path = tmp / name
-        shutil.copytree(t.model, path)
-        edit(path)
-        return f"--model={path}"
 
-    def set_json(file, key, value):
-        config = json.loads(file.read_text()) if file.exists() else {}
-        config[key] = value
-        file.write_text(json.dumps(config))
+def edit_json(path, key, value):
+    config = json.loads(open(path).read()) if os.path.exists(path) else {}
+    config[key] = value
+    open(path, "w").write(json.dumps(config))
 
-    def prompt_file(name, text):
-        (tmp / name).write_bytes(text if isinstance(text, bytes) else text.encode())
-        return f"--prompts={tmp / name}"
 
-    def smaller_vocab(path):  # config.json and the weights agree on 300 tokens; the tokenizer has more
-        set_json(path / "config.json", "vocab_size", 300)
-        weights = load_file(path / "model.safetensors")
-        weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:300].clone()
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+def edit_weights(folder, name, edit):
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
 
-    def other_tokenizer(path):  # two tokens swap ids: the same text, other ids
-        tokenizer = json.loads((path / "tokenizer.json").read_text())
-        vocab = tokenizer["model"]["vocab"]
-        (a, i), (b, j) = sorted(vocab.items(), key=lambda kv: kv[1])[-2:]
-        vocab[a], vocab[b] = j, i
-        (path / "tokenizer.json").write_text(json.dumps(tokenizer))
 
-    def index_only(path):
-        os.remove(path / "model.safetensors")
-        (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
-
-    def run_dir(name, base, edit=lambda d: None):
-        shutil.copytree(base, tmp / name)
-        edit(tmp / name)
-        return f"--out_dir={tmp / name}"
-
-    def weights(path, name, edit):  # one tensor of the model's weights changed
-        tensors = load_file(path / "model.safetensors")
-        tensors[name] = edit(tensors[name])
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-
-    def planted_link(name):  # a run directory's own file, a symbolic link to a file outside it
-        (tmp / "outside.txt").write_text("not the run's\n")
-        return lambda d: [os.remove(d / name) if os.path.exists(d / name) else None,
-                          os.symlink(tmp / "outside.txt", d / name)]
-
-    def store_edit(edit):
-        def apply(d):
-            lines = (d / "preferences.jsonl").read_text().splitlines(keepends=True)
-            (d / "preferences.jsonl").write_text("".join(edit(lines)))
-        return apply
-
-    def flip_label(lines):  # PbPO's label, or SELM's chosen and rejected swapped
-        record = json.loads(lines[3])
+def edit_lines(path, what, args):
+    """A JSONL file edited line by line; line numbers count from 1, as error messages do."""
+    lines = open(path).read().splitlines(keepends=True)
+    if what == "keep_lines":
+        lines = lines[:args[0]]
+    elif what == "drop_last_line":
+        lines = lines[:-1]
+    elif what == "append_line":
+        lines.append(args[0] + "\n")
+    elif what == "insert_line":
+        lines.insert(args[0] - 1, args[1] + "\n")
+    elif what == "flip_label":
+        record = json.loads(lines[args[0] - 1])
         if "label" in record:
             record["label"] = 1 - record["label"]
         else:
             record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
-        return lines[:3] + [json.dumps(record) + "\n"] + lines[4:]
-
-    pbpo_run, selm_run = tmp / "base_pbpo", tmp / "base_selm"  # finished runs, to resume
-    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={pbpo_run}")
-    run("train_selm.py", *selm_flags, f"--out_dir={selm_run}")
-    online_flags = [model, f"--prompts={t.train}", *SELM, "--online", "--online_prompts=8"]
-    online_run = tmp / "base_online"
-    run("train_selm.py", *online_flags, f"--out_dir={online_run}")
-    # a run on copies of its inputs, which then change at the same paths
-    inputs_model, inputs_prompts = model_copy("inputs_model", lambda p: None), prompt_file("inputs.jsonl", open(t.train).read())
-    inputs_run = tmp / "base_inputs"
-    run("train_pbpo.py", inputs_model, inputs_prompts, *PBPO[1:], "--episodes=1", f"--out_dir={inputs_run}")
-    weights(tmp / "inputs_model", "model.norm.weight", lambda w: w * 1.01)
-    prompt_file("inputs.jsonl", "".join(open(t.train).readlines()[:3]))
-    (tmp / "prefs_copy.jsonl").write_text("".join(open(t.prefs).readlines()[:-1]))
-    no_answer_17 = "".join(line if i != 16 else json.dumps({"prompt": json.loads(line)["question"]}) + "\n"
-                           for i, line in enumerate(open(t.train)))
-    pbpo_resume = [*flags, *PBPO, "--resume"]
-    ckpt = lambda how: lambda d: corrupt(d / R.CHECKPOINT, how)
-    (tmp / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
-    (tmp / "run").mkdir()
-    (tmp / "run" / "checkpoint.pt").write_bytes(b"")
-    (tmp / "empty_model").mkdir()
-    os.mkfifo(tmp / "fifo.jsonl")
-    fifo_in_model = model_copy("fifo_model", lambda p: os.mkfifo(p / "generation_config.json"))
-    return [
-        ("missing model dir", "train_pbpo.py", ["--model=/no/such/model", prompts], "/no/such/model: no such directory"),
-        ("model dir without files", "train_pbpo.py", [f"--model={tmp / 'empty_model'}", prompts], "no loadable tokenizer"),
-        ("unsupported architecture", "train_pbpo.py", [model_copy("gpt2", lambda p: set_json(p / "config.json", "model_type", "gpt2")), prompts],
-         "model_type 'gpt2' is not supported"),
-        ("config.json not JSON", "train_pbpo.py", [model_copy("badcfg", lambda p: (p / "config.json").write_text("{")), prompts], "config.json"),
-        ("weights missing", "train_pbpo.py", [model_copy("noweights", lambda p: os.remove(p / "model.safetensors")), prompts],
-         "neither model.safetensors nor model.safetensors.index.json"),
-        ("tokenizer without EOS", "train_pbpo.py", [model_copy("noeos", lambda p: set_json(p / "tokenizer_config.json", "eos_token", None)), prompts],
-         "the tokenizer has no EOS token"),
-        ("missing prompt file", "train_pbpo.py", [model, "--prompts=/no/such.jsonl"], "/no/such.jsonl"),
-        ("empty prompt file", "train_pbpo.py", [model, prompt_file("empty.jsonl", "")], "empty.jsonl"),
-        ("malformed JSONL", "train_pbpo.py", [model, prompt_file("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n')], "bad.jsonl:2"),
-        ("wrong field type", "train_pbpo.py", [model, prompt_file("type.jsonl", '{"prompt": 5}\n')], "type.jsonl:1: field 'prompt'"),
-        ("missing field", "train_pbpo.py", [model, prompt_file("field.jsonl", '{"text": "hi"}\n')], "field.jsonl:1: missing field 'prompt'"),
-        ("prompts longer than the context", "train_pbpo.py", [model, prompts, "--max_prompt_len=3"], "longer than max_prompt_len=3"),
-        ("no answer for the gold oracle", "train_pbpo.py", [model, prompt_file("noanswer.jsonl", '{"prompt": "hi"}\n')],
-         "--oracle=gold needs an 'answer' field"),
-        ("max_new_tokens 0", "train_pbpo.py", [model, prompts, "--max_new_tokens=0"], "--max_new_tokens=0: expected at least 1"),
-        ("NaN learning rate", "train_pbpo.py", [model, prompts, "--lr=nan"], "--lr=nan: expected a finite number >= 0"),
-        ("negative KL weight", "train_pbpo.py", [model, prompts, "--kl_coef=-1"], "--kl_coef=-1.0: expected a finite number >= 0"),
-        ("infinite bound", "train_pbpo.py", [model, prompts, "--bound=inf"], "--bound=inf: expected a finite number >= 0"),
-        ("group of one", "train_pbpo.py", [model, prompts, "--group=1"], "--group=1: expected at least 2"),
-        ("greedy leader", "train_pbpo.py", [model, prompts, "--temperature=0"],
-         "--temperature=0.0: expected at least 1e-06 (T: the leader scores its samples' log-probs at T)"),
-        ("not an integer", "train_pbpo.py", [model, prompts, "--episodes=two"], "--episodes: invalid int value"),
-        ("unknown level", "train_pbpo.py", [model, prompts, "--level=word"], "--level='word': expected one of seq, token"),
-        ("unknown oracle", "train_pbpo.py", [model, prompts, "--oracle=magic"], "--oracle='magic': expected gold, gsm8k or rm:PATH"),
-        ("missing reward model", "train_pbpo.py", [model, prompts, "--oracle=rm:/no/rm"], "expected a local HF reward model directory"),
-        ("--resume without a checkpoint", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'nothing'}", "--resume"],
-         "--resume: no checkpoint at"),
-        ("fresh run over a previous one", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'run'}"], "holds a previous run"),
-        ("pair without 'rejected'", "train_selm.py", [model, f"--prefs={tmp / 'pairs.jsonl'}"], "pairs.jsonl:1: missing field 'rejected'"),
-        ("SELM with max_new_tokens 0", "train_selm.py", [model, f"--prefs={t.prefs}", "--max_new_tokens=0"], "expected at least 1"),
-        # flags whose range was never checked
-        ("no follower steps", "train_pbpo.py", [model, prompts, "--t_in=0"], "--t_in=0: expected at least 1"),
-        ("max_new_tokens past the context", "train_pbpo.py", [model, prompts, "--max_new_tokens=1000000"],
-         "--max_new_tokens=1000000 is more than the model's context, max_position_embeddings=256"),
-        ("nothing to evaluate", "train_pbpo.py", [model, prompts, "--eval_max=0"], "--eval_max=0: expected at least 1"),
-        ("SELM, nothing to evaluate", "train_selm.py", [model, f"--prefs={t.prefs}", "--eval_max=0"], "--eval_max=0: expected at least 1"),
-        ("a bool flag neither on nor off", "train_pbpo.py", [model, prompts, "--normalize=maybe"],
-         "argument --normalize: invalid boolean value: 'maybe'"),
-        # files
-        ("JSON nested too deep", "train_pbpo.py", [model, prompt_file("deep.jsonl", "[" * 100000 + "\n")],
-         "deep.jsonl:1: bad JSON (maximum recursion depth exceeded"),
-        ("a 5000-digit number", "train_pbpo.py", [model, prompt_file("digits.jsonl", '{"prompt": "a", "answer": ' + "9" * 5000 + "}\n")],
-         "digits.jsonl:1: bad JSON (Exceeds the limit (4300 digits)"),
-        ("text that is not Unicode", "train_pbpo.py", [model, prompt_file("surrogate.jsonl", '{"prompt": "\\ud800"}\n')],
-         "surrogate.jsonl:1: bad JSON ('utf-8' codec can't encode character"),
-        ("text that is not UTF-8", "train_pbpo.py", [model, prompt_file("latin1.jsonl", b'{"prompt": "caf\xe9"}\n')],
-         "latin1.jsonl: not UTF-8 text (byte 15: invalid continuation byte)"),
-        ("prompt file that never ends (FIFO)", "train_pbpo.py", [model, f"--prompts={tmp / 'fifo.jsonl'}"],
-         "fifo.jsonl: not a regular file"),
-        ("prompt file that never ends (/dev/zero)", "train_pbpo.py", [model, "--prompts=/dev/zero"], "/dev/zero: not a regular file"),
-        ("model file that never ends (FIFO)", "train_pbpo.py", [fifo_in_model, prompts], "generation_config.json: not a regular file"),
-        ("truncated safetensors", "train_pbpo.py",
-         [model_copy("truncated", lambda p: os.truncate(p / "model.safetensors", os.path.getsize(p / "model.safetensors") // 2)), prompts],
-         "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete metadata"),
-        ("index without a weight map", "train_pbpo.py", [model_copy("index", index_only), prompts],
-         "model.safetensors.index.json: expected a 'weight_map' of tensor names to files"),
-        ("config.json: a size that is no number", "train_pbpo.py",
-         [model_copy("strsize", lambda p: set_json(p / "config.json", "hidden_size", "32")), prompts],
-         "Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str (value: '32')"),
-        ("config.json: a negative size", "train_pbpo.py",
-         [model_copy("negsize", lambda p: set_json(p / "config.json", "hidden_size", -32)), prompts],
-         "config.json: hidden_size must be a positive integer to build a llama model, got -32"),
-        ("config.json disagrees with the weights", "train_pbpo.py",
-         [model_copy("heads", lambda p: set_json(p / "config.json", "intermediate_size", 48)), prompts], "config.json implies (32, 48)"),
-        ("config.json disagrees with the tokenizer", "train_pbpo.py", [model_copy("vocab", smaller_vocab), prompts],
-         "must be ids below the vocab_size=300"),
-        ("EOS id outside the vocabulary", "train_pbpo.py",
-         [model_copy("geneos", lambda p: set_json(p / "generation_config.json", "eos_token_id", [2, 100000])), prompts],
-         "generation_config.json: eos_token_id [2, 100000] and the tokenizer"),
-        ("broken tokenizer.json", "train_pbpo.py",
-         [model_copy("badtok", lambda p: (p / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')), prompts], "no loadable tokenizer"),
-        ("reward backbone with another tokenizer", "train_pbpo.py",
-         [model, prompts, model_copy("othertok", other_tokenizer).replace("--model", "--rm_backbone")], "its tokenizer is not"),
-        # run directories: checkpoints, flags, scripts
-        ("checkpoint with 4 bytes flipped", "train_pbpo.py", [*pbpo_resume, run_dir("flipped", pbpo_run, ckpt("flipped"))],
-         "checksum mismatch: the file is corrupt"),
-        ("checkpoint truncated", "train_pbpo.py", [*pbpo_resume, run_dir("truncated_ckpt", pbpo_run, ckpt("truncated"))],
-         "not a readable checkpoint (Error while deserializing header"),
-        ("checkpoint empty", "train_pbpo.py", [*pbpo_resume, run_dir("empty_ckpt", pbpo_run, ckpt("empty"))],
-         "not a readable checkpoint (Error while deserializing header: header too small)"),
-        ("checkpoint of random bytes", "train_pbpo.py", [*pbpo_resume, run_dir("random_ckpt", pbpo_run, ckpt("random"))],
-         "not a readable checkpoint (Error while deserializing header"),
-        ("checkpoint crafted to run code", "train_pbpo.py",
-         [*pbpo_resume, run_dir("pickle", pbpo_run, lambda d: torch.save(Payload(tmp / "MARKER"), d / R.CHECKPOINT))],
-         "not a readable checkpoint"),
-        ("checkpoint lost", "train_pbpo.py", [*pbpo_resume, run_dir("lost", pbpo_run, lambda d: os.remove(d / R.CHECKPOINT))],
-         "checkpoints.log shows the run had one: refusing to start it over"),
-        ("only a checkpoint of an older version", "train_pbpo.py",
-         [*pbpo_resume, run_dir("legacy", pbpo_run, lambda d: [os.rename(d / R.CHECKPOINT, d / "checkpoint.pt"), os.remove(d / R.HISTORY)])],
-         "checkpoint.pt shows the run had one: refusing to start it over"),
-        ("resume with another learning rate", "train_pbpo.py", [*pbpo_resume, run_dir("lr", pbpo_run), "--lr=0.5"],
-         "is a run with other flags (--lr 0.0001 -> 0.5); only episodes, micro_batch, on_nonfinite, dist_timeout may change"),
-        ("resume with another G, level and seed", "train_pbpo.py",
-         [*pbpo_resume, run_dir("glevel", pbpo_run), "--group=4", "--level=token", "--seed=1"],
-         "(--group 2 -> 4; --level 'seq' -> 'token'; --seed 0 -> 1)"),
-        ("resume with another model", "train_pbpo.py", [*pbpo_resume, run_dir("model", pbpo_run), model_copy("same_arch", lambda p: None)],
-         f"(--model '{t.model}' -> '{tmp / 'same_arch'}')"),
-        ("resume with fewer episodes than done", "train_pbpo.py", [*pbpo_resume, run_dir("fewer", pbpo_run), "--episodes=1"],
-         "--episodes=1: the run is past episode 2 already"),
-        ("SELM resume with more iterations", "train_selm.py", [*selm_flags, "--resume", run_dir("iterations", selm_run), "--iterations=2"],
-         "(--iterations 1 -> 2); only micro_batch, on_nonfinite, dist_timeout may change"),
-        ("PbPO resume in a SELM run", "train_pbpo.py", [*pbpo_resume, run_dir("selm", selm_run)],
-         "checkpoint.safetensors was written by train_selm.py, not train_pbpo.py"),
-        # eval.py
-        ("eval: negative limit", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--limit=-3"], "--limit=-3: expected a finite number >= 0"),
-        ("eval: unknown device", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--device=gpu"], "--device=gpu: expected cpu"),
-        ("eval: truncated safetensors", "eval.py", ["generation", f"--model={tmp / 'truncated'}", f"--prompts={t.heldout}"],
-         "model.safetensors: not a readable safetensors file"),
-        ("eval: max_new_tokens past the context", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--max_new_tokens=1000000"],
-         "is more than the model's context"),
-        ("eval: reference with another tokenizer", "eval.py", ["winrate", model, f"--ref={tmp / 'othertok'}", f"--prompts={t.heldout}"],
-         "its tokenizer is not"),
-        ("eval: pass@k at temperature 0", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--k=2"],
-         "pass@2 needs k samples at a temperature > 0"),
-        ("eval: data file that never ends", "eval.py", ["choice", model, f"--data={tmp / 'fifo.jsonl'}"], "fifo.jsonl: not a regular file"),
-        # run directories that cannot hurt: planted links, changed inputs, a store that is not the checkpoint's
-        ("a planted lock link", "train_pbpo.py", [model, prompts, run_dir("lock_link", tmp / "empty_model", planted_link("lock"))],
-         "lock: not a regular file in the run directory (a symbolic link, a FIFO?)"),
-        ("a planted metrics link on resume", "train_pbpo.py", [*pbpo_resume, run_dir("metrics_link", pbpo_run, planted_link("metrics.jsonl"))],
-         "metrics.jsonl: not a regular file in the run directory"),
-        ("a planted link in the export", "train_pbpo.py",
-         [*pbpo_resume, "--episodes=3", run_dir("final_link", pbpo_run, planted_link("final/model.safetensors"))],
-         "final/model.safetensors: not a regular file in the run directory"),
-        ("a FIFO for the preference store", "train_pbpo.py",
-         [*pbpo_resume, run_dir("store_fifo", pbpo_run, lambda d: [os.remove(d / "preferences.jsonl"),
-                                                                   os.mkfifo(d / "preferences.jsonl")])],
-         "preferences.jsonl: not a regular file in the run directory (a symbolic link, a FIFO?)"),
-        ("a checkpoint whose document is a list", "train_pbpo.py",
-         [*pbpo_resume, run_dir("ckpt_list", pbpo_run, lambda d: save_file(
-             {}, d / R.CHECKPOINT, metadata={"state": "[]", "sha256": R._checksum("[]", {})}))],
-         "not a readable checkpoint"),
-        ("an empty --out_dir", "train_pbpo.py", [model, prompts, "--out_dir="], "--out_dir='': expected the path of the run directory"),
-        ("resume on changed inputs at the same paths", "train_pbpo.py",
-         [inputs_model, inputs_prompts, *PBPO[1:], "--resume", run_dir("inputs", inputs_run)],
-         f"--resume: {inputs_model}, {inputs_prompts}: other contents than the run in"),
-        ("checkpoint lost with its log, pairs of episode 2 kept", "train_pbpo.py",
-         [*pbpo_resume, run_dir("lost_all", pbpo_run, lambda d: [os.remove(d / R.CHECKPOINT), os.remove(d / R.HISTORY)])],
-         "yet preferences.jsonl (pairs of episode 2) shows the run had one: refusing to start it over"),
-        ("a store line that is no record", "train_pbpo.py",
-         [*pbpo_resume, run_dir("store_shape", pbpo_run, store_edit(lambda lines: lines + ['{"prompt": "x"}\n']))],
-         "preferences.jsonl:17: expected a preference record (a JSON object with an integer 'episode')"),
-        ("a store line that is a list", "train_pbpo.py",
-         [*pbpo_resume, run_dir("store_list", pbpo_run, store_edit(lambda lines: lines[:5] + ["[1, 2]\n"] + lines[5:]))],
-         "preferences.jsonl:6: expected a preference record"),
-        ("a store one pair short", "train_pbpo.py", [*pbpo_resume, run_dir("store_short", pbpo_run, store_edit(lambda lines: lines[:-1]))],
-         "preferences.jsonl: its 15 pairs up to episode 2 are not the 16 pairs"),
-        ("a store with an edited label", "train_pbpo.py", [*pbpo_resume, run_dir("store_label", pbpo_run, store_edit(flip_label))],
-         "are not the 16 pairs"),
-        ("SELM: a store with an edited label", "train_selm.py",
-         [*online_flags, "--resume", run_dir("online_label", online_run, store_edit(flip_label))], "are not the"),
-        ("SELM: a planted metrics link", "train_selm.py",
-         [*selm_flags, "--resume", run_dir("selm_link", selm_run, planted_link("metrics.jsonl"))], "metrics.jsonl: not a regular file in the run directory"),
-        ("SELM: resume on changed inputs", "train_selm.py", [*selm_flags, "--resume", run_dir("selm_inputs", selm_run)],
-         f"--resume: --prefs={tmp / 'prefs_copy.jsonl'}: other contents"),
-        # remote code and chat templates: a model directory is data, never code
-        ("auto_map in config.json", "train_pbpo.py",
-         [model_copy("automap", lambda p: [set_json(p / "config.json", "auto_map", {"AutoModel": "evil.Model"}),
-                                           (p / "evil.py").write_text(f"open({str(tmp / 'EVIL')!r}, 'w')")]), prompts],
-         "config.json: 'auto_map' names Python code to run; no code of a model directory is ever run"),
-        ("auto_map in tokenizer_config.json", "train_pbpo.py",
-         [model_copy("automap_tok", lambda p: set_json(p / "tokenizer_config.json", "auto_map", {"AutoTokenizer": ["evil.Tok", None]})),
-          prompts], "tokenizer_config.json: 'auto_map' names Python code"),
-        ("auto_map in a reward model", "train_pbpo.py", [model, prompts, f"--oracle=rm:{tmp / 'automap'}"], "'auto_map' names Python code"),
-        ("a chat template that never ends", "train_pbpo.py",
-         [model_copy("slow_template", lambda p: set_json(p / "tokenizer_config.json", "chat_template",
-                                                         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")),
-          prompts], "its chat template ran for more than 10 s on"),
-        ("a chat template that raises", "train_pbpo.py",
-         [model_copy("raising_template", lambda p: set_json(p / "tokenizer_config.json", "chat_template", "{{ raise_exception('no') }}")),
-          prompts], "its chat template failed on"),
-        ("a chat template that does not parse", "train_pbpo.py",
-         [model_copy("bad_template", lambda p: set_json(p / "tokenizer_config.json", "chat_template", "{% for %}")), prompts],
-         "its chat template failed on"),
-        # inputs checked before the first oracle call
-        ("no answer in record 17", "train_pbpo.py", [model, prompt_file("noanswer17.jsonl", no_answer_17)],
-         "noanswer17.jsonl:17: --oracle=gold needs an 'answer' field"),
-        ("SELM online, no answer in record 17", "train_selm.py",
-         [model, prompt_file("noanswer17s.jsonl", no_answer_17), *SELM, "--online"], "noanswer17s.jsonl:17: --oracle=gold needs"),
-        ("NaN weights", "train_pbpo.py",
-         [model_copy("nan", lambda p: weights(p, "model.norm.weight", lambda w: w * float("nan"))), prompts],
-         "tensor 'model.norm.weight' (torch.float32): expected finite floating-point weights, no NaN or inf"),
-        ("bool weights", "train_pbpo.py", [model_copy("bool", lambda p: weights(p, "model.norm.weight", lambda w: w > 0)), prompts],
-         "tensor 'model.norm.weight' (torch.bool): expected finite floating-point weights"),
-        ("int8 weights", "train_pbpo.py",
-         [model_copy("int8", lambda p: weights(p, "model.norm.weight", lambda w: w.to(torch.int8))), prompts], "(torch.int8): expected finite floating-point weights"),
-        ("eval: NaN weights", "eval.py", ["generation", f"--model={tmp / 'nan'}", f"--prompts={t.heldout}"], "no NaN or inf"),
-        ("an enhancer temperature of 1e-300", "train_pbpo.py", [model, prompts, "--enh_temp=1e-300"],
-         "--enh_temp=1e-300: expected at least 1e-06"),
-        ("2e9 exploration prompts", "train_pbpo.py", [model, prompts, "--explore_prompts=2000000000"],
-         "--explore_prompts=2000000000 × --n_candidates=4: 8000000000 rows a rank need at least"),
-        ("a group of 1e8", "train_pbpo.py", [model, prompts, "--group=100000000"], "--leader_prompts=16 × --group=100000000: 1600000000 rows a rank need"),
-        ("SELM online, 2e9 prompts", "train_selm.py", [model, f"--prompts={t.train}", "--online", "--online_prompts=2000000000"],
-         "--online_prompts=2000000000: 4000000000 rows a rank need at least"),
-    ]
+        lines[args[0] - 1] = json.dumps(record) + "\n"
+    elif what == "no_answer":
+        question = json.loads(lines[args[0] - 1])["question"]
+        lines[args[0] - 1] = json.dumps({"prompt": question}) + "\n"
+    else:
+        raise ValueError(f"no step {what!r}")
+    open(path, "w").write("".join(lines))
 
 
-def snapshot(out_dir):
-    """{file: bytes} of a run directory (its lock's holder line apart), None if there is none."""
-    if not os.path.isdir(out_dir):
+def make(step, places):
+    """Carry out one setup step of a bad-input case (tests/bad_input_cases.py lists them)."""
+    what, path, *args = [fill(a, places) if isinstance(a, str) else a for a in step]
+    if what == "copy" and os.path.isdir(path):
+        shutil.copytree(path, args[0])
+    elif what == "copy":
+        shutil.copyfile(path, args[0])
+    elif what == "mkdir":
+        os.makedirs(path)
+    elif what == "write":
+        open(path, "wb").write(args[0].encode() if isinstance(args[0], str) else args[0])
+    elif what == "set_json":
+        edit_json(path, *args)
+    elif what == "remove":
+        os.remove(path)
+    elif what == "rename":
+        os.rename(path, args[0])
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "link":
+        if os.path.exists(path):
+            os.remove(path)
+        os.symlink(args[0], path)
+    elif what == "halve":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif what == "flip_bytes":  # 4 bytes inside the tensor data
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:-96]) + raw[-96:])
+    elif what == "random_bytes":
+        open(path, "wb").write(random.Random(0).randbytes(os.path.getsize(path)))
+    elif what == "weights":
+        changes = {"nan": lambda w: w * float("nan"), "bool": lambda w: w > 0,
+                   "int8": lambda w: w.to(torch.int8), "grown": lambda w: w * 1.01}
+        edit_weights(path, args[0], changes[args[1]])
+    elif what == "vocab":  # config.json and the weights agree on fewer tokens than the tokenizer
+        edit_json(os.path.join(path, "config.json"), "vocab_size", args[0])
+        edit_weights(path, "model.embed_tokens.weight", lambda w: w[:args[0]].clone())
+    elif what == "swap_ids":
+        tokenizer = json.loads(open(os.path.join(path, "tokenizer.json")).read())
+        vocab = tokenizer["model"]["vocab"]
+        (a, i), (b, j) = sorted(vocab.items(), key=lambda kv: kv[1])[-2:]
+        vocab[a], vocab[b] = j, i
+        open(os.path.join(path, "tokenizer.json"), "w").write(json.dumps(tokenizer))
+    elif what == "pickle":
+        torch.save(Payload(args[0]), path)
+    elif what == "document":
+        save_file({}, path, metadata={"state": args[0], "sha256": R._checksum(args[0], {})})
+    else:
+        edit_lines(path, what, args)
+
+
+def snapshot(path):
+    """What is at path: {file: bytes} of a directory tree (a lock's holder line apart, FIFOs
+    skipped: reading one never ends), a file's bytes, or None where there is nothing."""
+    if os.path.isfile(path):
+        return open(path, "rb").read()
+    if not os.path.isdir(path):
         return None
-    return {f: b"" if f == "lock" else open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir))
-            if os.path.isfile(os.path.join(out_dir, f))}
+    found = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            file = os.path.join(folder, name)
+            if os.path.isfile(file) and name == "lock":
+                found[os.path.relpath(file, path)] = b""
+            elif os.path.isfile(file):
+                found[os.path.relpath(file, path)] = open(file, "rb").read()
+    return found
 
 
 def run_in_this_fork(script, flags, stderr_path):
-    """The child's side of run_forked: `python script flags` as a user types it, its `__main__` block unchanged,
-    in a process that imported torch and transformers before the fork. Never returns."""
+    """The child's side of run_forked: `python script flags` as a user types it, its `__main__`
+    block unchanged, in a process that imported torch and transformers before the fork. Never
+    returns."""
     code = 1
     try:
         sys.stdout = open(os.devnull, "w")
@@ -497,8 +305,9 @@ def run_in_this_fork(script, flags, stderr_path):
 
 
 def run_forked(jobs, folder, at_once=2, timeout=120):
-    """[(exit code, stderr)] of each (script, flags), two at a time, each in a fork of this process: a new
-    interpreter would spend seconds importing torch and transformers before it reached the input it refuses."""
+    """[(exit code, stderr)] of each (script, flags), two at a time, each in a fork of this
+    process: a new interpreter would spend seconds importing torch and transformers before it
+    reached the input it refuses."""
     results, running, todo = [None] * len(jobs), {}, list(enumerate(jobs))
     while todo or running:
         if todo and len(running) < at_once:
@@ -522,33 +331,60 @@ def run_forked(jobs, folder, at_once=2, timeout=120):
 
 
 def test_bad_inputs_give_one_clear_message(toy, tmp_path):
-    cases = bad_inputs(toy, tmp_path)
-    assert len(cases) >= 60
-    jobs, out_dirs = [], []
-    for name, script, flags, expected in cases:
-        given = [f.split("=", 1)[1] for f in flags if f.startswith("--out_dir=")]
-        out_dir = given[-1] if given else str(tmp_path / "out" / name)
-        flags = flags if given or script == "eval.py" else [*flags, f"--out_dir={out_dir}"]
-        jobs.append((script, flags))
-        out_dirs.append(out_dir)
-    before = [snapshot(d) for d in out_dirs]
+    """Each case of tests/bad_input_cases.py exits non-zero with its one message, before any
+    oracle call, leaving what it names unchanged on disk: a run directory it was pointed at as it
+    was, a fresh one with at most its lock."""
+    flags, t = toy
+    places = {"tmp": str(tmp_path), "model": t.model, "train": t.train, "heldout": t.heldout,
+              "prefs": t.prefs}
+    flag_sets = {"{toy}": flags, "{PBPO}": PBPO, "{SELM}": SELM}
+
+    def command_line(text):  # -> (script, flags)
+        words = [w for word in text.split() for w in flag_sets.get(word, [fill(word, places)])]
+        return words[0], words[1:]
+
+    for base in BASE_RUNS:
+        for step in base.setup:
+            make(step, places)
+        script, base_flags = command_line(base.command)
+        run(script, *base_flags, f"--out_dir={fill(base.out_dir, places)}")
+    for case in CASES:
+        for step in case.setup:
+            make(step, places)
+    assert len(CASES) >= 99 and len({case.name for case in CASES}) == len(CASES)
+    jobs, kept = [], []
+    for case in CASES:
+        script, case_flags = command_line(case.command)
+        given = [f.split("=", 1)[1] for f in case_flags if f.startswith("--out_dir=")]
+        out_dir = given[-1] if given else str(tmp_path / "out" / re.sub(r"\W+", "_", case.name))
+        if not given and script != "eval.py":
+            case_flags.append(f"--out_dir={out_dir}")
+        jobs.append((script, case_flags))
+        kept.append([fill(path, {**places, "out_dir": out_dir}) for path in case.unchanged])
+    before = [[snapshot(path) for path in paths] for paths in kept]
     (tmp_path / "stderr").mkdir()
     failures = []
-    for case, out_dir, was, (code, stderr) in zip(cases, out_dirs, before, run_forked(jobs, tmp_path / "stderr")):
-        name, script, flags, expected = case
+    for case, paths, was, (code, stderr) in zip(CASES, kept, before,
+                                                run_forked(jobs, tmp_path / "stderr")):
         message = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-        print(f"{name:40} {message}")  # the table for the notes: pytest -s
-        after = snapshot(out_dir)
+        print(f"{case.name:40} {message}")  # the table for the notes: pytest -s
+        expected = fill(case.expect, places)
         if code == 0 or expected not in message or "Traceback" in stderr:
-            failures.append(f"{name}: rc={code}, last stderr line {message!r}, expected {expected!r}")
-        elif was is not None and after != was:  # nothing lost, nothing left behind
-            failures.append(f"{name}: {out_dir} changed: {sorted(was)} -> {sorted(after)}")
-        elif was is None and after and set(after) - {"lock"}:  # a refused fresh run leaves its lock alone
-            failures.append(f"{name}: a refused run left files behind: {sorted(after)}")
+            failures.append(f"{case.name}: rc={code}, last stderr line {message!r}, "
+                            f"expected {expected!r}")
+        for path, then in zip(paths, was):
+            now = snapshot(path)
+            fresh_lock = then is None and isinstance(now, dict) and set(now) <= {"lock"}
+            if now != then and not fresh_lock:  # nothing lost, nothing left behind
+                failures.append(f"{case.name}: {path} changed: {describe(then)} -> {describe(now)}")
     assert not failures, "\n".join(failures)
-    assert not os.path.exists(tmp_path / "MARKER")  # the crafted checkpoint ran nothing
-    assert not os.path.exists(tmp_path / "EVIL")  # nor did the model directory's code
-    assert (tmp_path / "outside.txt").read_text() == "not the run's\n"  # no write went through a planted link
+
+
+def describe(found):
+    """What snapshot found, for a failure message."""
+    if isinstance(found, dict):
+        return sorted(found)
+    return "nothing" if found is None else f"a file of {len(found)} bytes"
 
 
 # ---------------------------------------------------------------------------- checkpoints and run directories
