@@ -1,7 +1,10 @@
-"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node=2` (CPU, gloo): FSDP2 against the unsharded model.
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node=2` (CPU, gloo): FSDP2 against the
+unsharded model.
 
-    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR            # training, sampling, saving
-    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR --compile  # the compiled decode step
+    # training, sampling, saving
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR
+    # the compiled decode step
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR --compile
 """
 import os
 import sys
@@ -31,7 +34,8 @@ def finish():
     os._exit(0)
 
 
-if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses, rank 1 two short ones
+# PbPO's leader step: rank 0 holds 3 long responses, rank 1 two short ones
+if "--leader" in sys.argv:
     from train_pbpo import leader_loss
     sharded = run.shard_model(M.from_pretrained(ckpt))
     g = torch.Generator().manual_seed(0)
@@ -49,7 +53,8 @@ if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses,
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
     print(f"rank {rank}: leader step OK with {int(resp[mine].sum())} response tokens")
     finish()
-if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
+# torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
+if "--compile" in sys.argv:
     sharded = run.shard_model(M.from_pretrained(ckpt))
     prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
     for _ in range(2):  # the second call reuses the compiled step
@@ -72,18 +77,21 @@ resp = attn.clone()
 resp[:, :6] = False
 mine = slice(2 * rank, 2 * rank + 2)
 
-lr = 1.0  # optimizers first: after a forward the root's registered parameters are its unsharded ones
-opt_s, opt_r = torch.optim.SGD(sharded.parameters(), lr=lr), torch.optim.SGD(ref.parameters(), lr=lr)
+# optimizers first: after a forward the root's registered parameters are its unsharded ones
+opt_s = torch.optim.SGD(sharded.parameters(), lr=1.0)
+opt_r = torch.optim.SGD(ref.parameters(), lr=1.0)
 loss_s = loss_fn(sharded, ids[mine], attn[mine], resp[mine])
 loss_p = loss_fn(plain, ids[mine], attn[mine], resp[mine])
 loss_r = loss_fn(ref, ids[mine], attn[mine], resp[mine])
 torch.testing.assert_close(loss_s, loss_r, rtol=0, atol=1e-5)
 torch.testing.assert_close(loss_p, loss_r, rtol=0, atol=1e-5)
 
-# one SGD step: FSDP averages gradients over ranks, so the reference steps on the mean of both ranks' losses
+# one SGD step: FSDP averages gradients over ranks, so the reference steps on the mean of both
+# ranks' losses
 loss_s.backward()
 opt_s.step()
-sum(loss_fn(ref, ids[2 * r:2 * r + 2], attn[2 * r:2 * r + 2], resp[2 * r:2 * r + 2]) for r in range(world)).div(world).backward()
+halves = [slice(2 * r, 2 * r + 2) for r in range(world)]
+sum(loss_fn(ref, ids[h], attn[h], resp[h]) for h in halves).div(world).backward()
 opt_r.step()
 full = run.full_state_dict(sharded)
 if rank == 0:
@@ -96,7 +104,8 @@ if rank == 0:
 else:
     assert full == {}
 
-# generate on the sharded model: unshard once, sample, reshard; same greedy tokens as the unsharded model
+# generate on the sharded model: unshard once, sample, reshard; same greedy tokens as the unsharded
+# model
 prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
 gen_s = M.generate(sharded, prompts, 6, temperature=0)
 gen_r = M.generate(ref, prompts, 6, temperature=0)

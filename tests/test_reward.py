@@ -47,14 +47,17 @@ def test_follower_step_lowers_policy_reward_when_rho_positive():
         head = LinearHead(w0)
         opt = torch.optim.SGD(head.parameters(), lr=0.1)
         loss, fit, gap_before = follower_loss(head, phi0, phi1, labels, phi_pi, phi_ref, rho)
-        opt.zero_grad(); loss.backward(); opt.step()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
         gaps[rho] = (head(phi_pi).mean() - head(phi_ref).mean()).item()
-        # the step direction equals −η ∇[L_BT + ρ gap], with ∇ gap = mean Φ_π − mean Φ_ref
+        # the step is −η ∇[L_BT + ρ gap], with ∇ gap = mean Φ_π − mean Φ_ref
         head_bt = LinearHead(w0)
         bt_loss(head_bt(phi0), head_bt(phi1), labels).backward()
         expected = w0 - 0.1 * (head_bt.w.grad + rho * (phi_pi.mean(0) - phi_ref.mean(0)))
         torch.testing.assert_close(head.w.data, expected)
-    assert gaps[1.0] < gaps[0.0]  # pessimism: lower reward on policy samples than the plain MLE step
+    # pessimism: lower reward on policy samples than the plain MLE step
+    assert gaps[1.0] < gaps[0.0]
 
 
 def test_oracle_labels_counts_and_nan():
@@ -67,7 +70,8 @@ def test_oracle_labels_counts_and_nan():
     ties = oracle.label(torch.zeros(2000), torch.zeros(2000), torch.Generator().manual_seed(0))
     assert 0.45 < ties.float().mean() < 0.55
     # temp > 0 follows σ(Δ / temp)
-    soft = Oracle(None, temp=2.0).label(torch.zeros(20000), torch.ones(20000), torch.Generator().manual_seed(0))
+    soft = Oracle(None, temp=2.0).label(torch.zeros(20000), torch.ones(20000),
+                                        torch.Generator().manual_seed(0))
     assert abs(soft.float().mean().item() - 1 / (1 + math.exp(-0.5))) < 0.015
     bad = Oracle(lambda prompts, responses: [1.0, float("nan")])
     with pytest.raises(ValueError, match="pair item 1.*'q2'"):

@@ -175,9 +175,11 @@ def test_toy_marker_unreadable_or_of_another_shape_means_no_finished_build(tmp_p
     assert T.built_key(str(marker)) == [0, True]
 
 
-def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, monkeypatch, capsys):
-    """A build stopped while writing build.json (a full disk, say) leaves no marker, not half of one;
-    an empty build.json, as one was left before, is rebuilt with a message, not a JSON error."""
+def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A build stopped while writing build.json (a full disk, say) leaves no marker, not half of
+    one; an empty build.json, as one was left before, is rebuilt with a message, not a JSON
+    error."""
     built, out = os.path.dirname(toy[1].model), tmp_path / "toy"
     shutil.copytree(built, out)
     os.remove(out / "build.json")  # an unfinished build: the next build() redoes it
@@ -204,8 +206,9 @@ def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, 
     assert digests(str(out)) == digests(built)
 
 
+EXPERIMENTS = ("bench", "compare", "diagnose", "regret", "tune")
 ENTRY_POINTS = ["toy.py", "train_pbpo.py", "train_selm.py", "eval.py", "eval.py choice",
-                *(f"-m experiments.{m}" for m in ("bench", "compare", "diagnose", "regret", "tune"))]
+                *(f"-m experiments.{m}" for m in EXPERIMENTS)]
 
 
 @pytest.mark.filterwarnings("ignore:'experiments.*' found in sys.modules")
