@@ -1,4 +1,5 @@
-"""The experiment harnesses: the regret check on the synthetic linear task and the comparison (quick mode)."""
+"""The experiment harnesses: the regret check on the synthetic linear task and the comparison
+(quick mode)."""
 import contextlib
 import fcntl
 import glob
@@ -23,13 +24,14 @@ from conftest import ROOT
 
 # ---------------------------------------------------------------- the theory check
 def test_uncertainty_guided_pairs_have_lower_regret_than_random():
-    """On the synthetic linear task (informative comparisons rare), select_pair's Σ⁻¹-uncertainty arm must
-    accumulate clearly less regret than uniformly random pairs. Random selection, or a Σ that never learns
-    (Euclidean ‖Δφ‖), both give a ratio near 1 here."""
+    """On the synthetic linear task (informative comparisons rare), select_pair's Σ⁻¹-uncertainty
+    arm must accumulate clearly less regret than uniformly random pairs. Random selection, or a Σ
+    that never learns (Euclidean ‖Δφ‖), both give a ratio near 1 here."""
     res = R.regret(K=30, M=4, seeds=10)
     u, r = res["uncertainty"]["cum_mean"][-1], res["random"]["cum_mean"][-1]
     assert u < 0.75 * r, (u, r)
-    assert all(b >= a for a, b in zip(res["uncertainty"]["cum_mean"], res["uncertainty"]["cum_mean"][1:]))
+    cumulative = res["uncertainty"]["cum_mean"]
+    assert all(b >= a for a, b in zip(cumulative, cumulative[1:]))
 
 
 def test_loglog_slope_recovers_a_power_law():
@@ -57,9 +59,9 @@ def test_compare_refuses_an_untuned_first_setting(tmp_path):
 
 
 def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
-    """experiments.compare --quick end to end on the quick toy: every arm is tuned on the validation split, runs at
-    both budgets within them, is evaluated on the held-out split, and every claim between arms gets a paired
-    difference; a second call reuses every run."""
+    """experiments.compare --quick end to end on the quick toy: every arm is tuned on the
+    validation split, runs at both budgets within them, is evaluated on the held-out split, and
+    every claim between arms gets a paired difference; a second call reuses every run."""
     arms = "sft,dpo,dpo_online,selm,pbpo"
     cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True)
     res = C.compare(cfg)["settings"]["standard"]
@@ -71,16 +73,20 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
             sampled = ("expected_reward", "kl_sft") if budget == budgets[-1] or arm == "sft" else ()
             assert all(math.isfinite(row[k]) for k in ("accuracy", "reward", *sampled))
             assert 0 < row["calls"] <= budget or arm == "sft"
-    assert res["table"]["pbpo"][32][0]["calls"] <= 32 < res["table"]["pbpo"][64][0]["calls"]  # one run, continued
-    assert set(res["tuned"]) >= {"dpo", "selm", "pbpo"} and all(res["tuning_calls"][a] > 0 for a in ("dpo", "pbpo"))
+    pbpo = res["table"]["pbpo"]
+    assert pbpo[32][0]["calls"] <= 32 < pbpo[64][0]["calls"]  # one run, continued
+    assert set(res["tuned"]) >= {"dpo", "selm", "pbpo"}
+    assert all(res["tuning_calls"][a] > 0 for a in ("dpo", "pbpo"))
     claims = {(c["claim"], c["budget"], c["metric"]) for c in res["claims"]}
-    assert ("PbPO ≥ SELM", 32, "reward") in claims and ("iterative DPO ≥ SFT", 64, "expected_reward") in claims
-    assert ("iterative DPO ≥ SFT", 32, "expected_reward") not in claims  # sampled: top budget only
+    assert ("PbPO ≥ SELM", 32, "reward") in claims
+    assert ("iterative DPO ≥ SFT", 64, "expected_reward") in claims
+    # sampled metrics: at the top budget only
+    assert ("iterative DPO ≥ SFT", 32, "expected_reward") not in claims
     assert "| pbpo | 64 |" in (tmp_path / "compare.md").read_text()
-    runs = sorted(os.listdir(tmp_path / "standard" / "runs"))
-    stamps = {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs}
+    runs_dir = tmp_path / "standard" / "runs"
+    stamps = {r: os.path.getmtime(runs_dir / r / "command.json") for r in os.listdir(runs_dir)}
     C.compare(cfg)  # everything finished is reused
-    assert {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs} == stamps
+    assert {r: os.path.getmtime(runs_dir / r / "command.json") for r in stamps} == stamps
 
 
 # ---------------------------------------------------------------- drivers: bad flags, stops, kills

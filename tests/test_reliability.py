@@ -1,6 +1,7 @@
-"""Reliability: runs killed at random points resume to the same result, bad input gets one clear message, NaN/inf
-never trains silently, a full disk or a dead rank leaves the last good checkpoint intact; a run directory is one run's
-(a lock, its flags), its checkpoint runs no code and is refused when corrupt, what was labelled is never wiped."""
+"""Reliability: runs killed at random points resume to the same result, bad input gets one clear
+message (the table in tests/bad_input_cases.py), NaN/inf never trains silently, a full disk or a
+dead rank leaves the last good checkpoint intact; a run directory is one run's (a lock, its flags),
+its checkpoint runs no code and is refused when corrupt, what was labelled is never wiped."""
 import collections
 import json
 import os
@@ -30,8 +31,8 @@ TRACES = (R.CHECKPOINT, "preferences.jsonl", "metrics.jsonl")
 
 def killed_then_resumed(script, flags, out, events, leftovers=lambda: None):
     """SIGKILL the run at each event, (file, n): the moment out/file has n lines (a metrics line, a
-    checkpoint write), plus a random few ms; restart it with --resume as a user would after a preemption, and
-    let the last restart finish. leftovers() runs before it."""
+    checkpoint write), plus a random few ms; restart it with --resume as a user would after a
+    preemption, and let the last restart finish. leftovers() runs before it."""
     rng = random.Random(0)
     for name, lines in events:
         resume = ["--resume"] if any(os.path.exists(os.path.join(out, f)) for f in TRACES) else []
@@ -46,7 +47,7 @@ def killed_then_resumed(script, flags, out, events, leftovers=lambda: None):
 
 
 def same_weights(a, b):
-    a, b = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final", "model.safetensors"))
+    a, b = (load_file(os.path.join(d, "final", "model.safetensors")) for d in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -55,20 +56,23 @@ def test_pbpo_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run("train_pbpo.py", *flags, *PBPO, f"--out_dir={full}")
 
-    def leftovers():  # what a kill leaves that timing may not hit: half a checkpoint write, a torn store line
+    # what a kill leaves that timing may not hit: half a checkpoint write, a torn store line
+    def leftovers():
         (part / f"{R.CHECKPOINT}.tmp").write_bytes(b"\x10\x00\x00\x00 half a checkpoint")
         with open(part / "preferences.jsonl", "ab") as f:
             f.write(b'{"episode": 2, "prompt": "Tom has')
 
-    # mid-episode 1 (labelled, no checkpoint yet), right after checkpoint 1, mid-episode 2 (metrics lines: sft_eval,
-    # explore, 2 steps, episode per episode)
+    # mid-episode 1 (labelled, no checkpoint yet), right after checkpoint 1, mid-episode 2 (metrics
+    # lines: sft_eval, explore, 2 steps, episode per episode)
     events = [("metrics.jsonl", 2), (R.HISTORY, 1), ("metrics.jsonl", 7)]
     killed_then_resumed("train_pbpo.py", [*flags, *PBPO], part, events, leftovers)
     assert without_timings(metrics(part)) == without_timings(metrics(full))
-    store, ref = (data.PreferenceStore(os.path.join(d, "preferences.jsonl")).records for d in (part, full))
+    store, ref = (data.PreferenceStore(os.path.join(d, "preferences.jsonl")).records
+                  for d in (part, full))
     assert store == ref and len(store) == 16  # nothing lost, nothing twice
     dropped = data.PreferenceStore(os.path.join(part, "preferences.dropped.jsonl")).records
-    assert dropped and all(r in ref for r in dropped)  # set aside, never deleted, and labelled again alike
+    # set aside, never deleted, and labelled again alike
+    assert dropped and all(r in ref for r in dropped)
     assert same_weights(part, full)
 
 
@@ -77,9 +81,11 @@ def test_selm_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
     flags = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
     flags += [*SELM, "--iterations=2", "--max_pairs=16"]
     run("train_selm.py", *flags, f"--out_dir={tmp_path / 'full'}")
-    events = [("metrics.jsonl", 2), (R.HISTORY, 1), ("metrics.jsonl", 6)]  # sft_eval, 2 steps, iteration each
+    # metrics lines: sft_eval, 2 steps, iteration per iteration
+    events = [("metrics.jsonl", 2), (R.HISTORY, 1), ("metrics.jsonl", 6)]
     killed_then_resumed("train_selm.py", flags, tmp_path / "part", events)
-    assert without_timings(metrics(tmp_path / "part")) == without_timings(metrics(tmp_path / "full"))
+    part, full = (without_timings(metrics(tmp_path / d)) for d in ("part", "full"))
+    assert part == full
     assert same_weights(tmp_path / "part", tmp_path / "full")
 
 
@@ -90,11 +96,15 @@ def test_resume_on_fewer_ranks_keeps_every_pair_once(toy, tmp_path):
     store = tmp_path / "preferences.jsonl"
     lines = store.read_bytes()
     store.write_bytes(lines + b"[1, 2]\n")
-    proc = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume", ranks=2, ok=False)
-    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]  # then torchrun's own report
-    assert proc.returncode != 0 and len(ranks) == 2, proc.stderr[-3000:]  # one line each, no traceback
-    assert all("train_pbpo.py: error: " in line and "preferences.jsonl:9: expected a preference record" in line
-               for line in ranks)
+    proc = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume", ranks=2,
+               ok=False)
+    # the ranks' lines, then torchrun's own report
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]
+    # one line each, no traceback
+    assert proc.returncode != 0 and len(ranks) == 2, proc.stderr[-3000:]
+    for line in ranks:
+        assert "train_pbpo.py: error: " in line, line
+        assert "preferences.jsonl:9: expected a preference record" in line, line
     store.write_bytes(lines)
     run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # 2 ranks -> 1
     records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
@@ -109,9 +119,10 @@ def test_runs_with_the_same_seed_are_identical_and_ranks_sample_differently(toy,
     assert without_timings(metrics(tmp_path / "a")) == without_timings(metrics(tmp_path / "b"))
     # 2 ranks, every prompt the same: each rank samples its own rows, so their responses differ
     same = tmp_path / "same.jsonl"
-    same.write_text(2 * (json.dumps({"question": "Tom has 5 pens and buys 3. How many pens does Tom have now?",
-                                     "answer": "8"}) + "\n"))
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--prompts={same}", f"--out_dir={tmp_path / 'ranks'}", ranks=2)
+    question = "Tom has 5 pens and buys 3. How many pens does Tom have now?"
+    same.write_text(2 * (json.dumps({"question": question, "answer": "8"}) + "\n"))
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--prompts={same}",
+        f"--out_dir={tmp_path / 'ranks'}", ranks=2)
     records = data.PreferenceStore(os.path.join(tmp_path / "ranks", "preferences.jsonl")).records
     by_rank = [[r["response1_ids"] for r in records[i * 4:(i + 1) * 4]] for i in range(2)]
     assert by_rank[0] != by_rank[1]
@@ -119,41 +130,51 @@ def test_runs_with_the_same_seed_are_identical_and_ranks_sample_differently(toy,
 
 # ---------------------------------------------------------------------------- numerical guards
 def test_nonfinite_update_is_skipped_and_logged_and_divergence_ends_in_an_error(toy, tmp_path):
-    """lr 1e30: leader step 0 is finite and blows the weights up (logged as diverged: it cannot be undone), later
-    steps' gradients are NaN or inf (skipped). The run goes on (--on_nonfinite=skip), then exits with an error."""
+    """lr 1e30: leader step 0 is finite and blows the weights up (logged as diverged: it cannot be
+    undone), later steps' gradients are NaN or inf (skipped). The run goes on
+    (--on_nonfinite=skip), then exits with an error."""
     flags, _ = toy
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e30", f"--out_dir={tmp_path}",
-               ok=False)
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e30",
+               f"--out_dir={tmp_path}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"the policy diverged \(‖θ‖ = \S+, ‖θ⁰‖ = [\d.]+\) at episode 1, leader step 0; it was trained and "
-                     r"exported all the same \(--on_nonfinite=skip\)", proc.stderr.strip().splitlines()[-1])
+    assert re.search(r"the policy diverged \(‖θ‖ = \S+, ‖θ⁰‖ = [\d.]+\) at episode 1, leader step "
+                     r"0; it was trained and exported all the same \(--on_nonfinite=skip\)",
+                     proc.stderr.strip().splitlines()[-1])
     bad = [r for r in metrics(tmp_path) if r["kind"] == "nonfinite"]
     assert (bad[0]["what"], bad[0]["step"]) == ("policy weights", 0)
     assert bad[1:] and all(r["what"] == "policy gradient" and r["episode"] == 1 for r in bad[1:])
     assert {r["step"] for r in bad[1:]} <= {1, 2}
     assert os.path.exists(tmp_path / "final" / "model.safetensors")
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=2", "--t_out=3", "--lr=1e30", f"--out_dir={tmp_path}",
-               "--resume", ok=False)  # the checkpoint holds the diverged policy: resumed, it is still an error
+    # the checkpoint holds the diverged policy: resumed, it is still an error
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=2", "--t_out=3", "--lr=1e30",
+               f"--out_dir={tmp_path}", "--resume", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_divergence_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_path):
-    """lr 1e6 (finite gradients, weights driven far from the start): with --on_nonfinite=stop the step that diverges
-    ends the run, naming it; episode 1's labelled pairs stay in the store. SELM does the same."""
+    """lr 1e6 (finite gradients, weights driven far from the start): with --on_nonfinite=stop the
+    step that diverges ends the run, naming it; episode 1's labelled pairs stay in the store. SELM
+    does the same."""
     flags, t = toy
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e6", "--on_nonfinite=stop",
-               f"--out_dir={tmp_path / 'out'}", ok=False)
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e6",
+               "--on_nonfinite=stop", f"--out_dir={tmp_path / 'out'}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"the policy diverged \(‖θ‖ = [\d.e+]+, ‖θ⁰‖ = [\d.]+\) at episode 1, leader step 0; stopped "
-                     r"\(--on_nonfinite=stop\), no checkpoint yet", proc.stderr), proc.stderr[-2000:]
-    bad = [(r["episode"], r["step"], r["what"]) for r in metrics(tmp_path / "out") if r["kind"] == "nonfinite"]
+    assert re.search(r"the policy diverged \(‖θ‖ = [\d.e+]+, ‖θ⁰‖ = [\d.]+\) at episode 1, "
+                     r"leader step 0; stopped \(--on_nonfinite=stop\), no checkpoint yet",
+                     proc.stderr), proc.stderr[-2000:]
+    bad = [(r["episode"], r["step"], r["what"]) for r in metrics(tmp_path / "out")
+           if r["kind"] == "nonfinite"]
     assert bad == [(1, 0, "policy weights")]
-    assert len(data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records) == 8
+    store = data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl"))
+    assert len(store.records) == 8
     selm = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
-    proc = run("train_selm.py", *selm, *SELM, "--max_pairs=8", "--lr=1e6", f"--out_dir={tmp_path / 'selm'}", ok=False)
+    proc = run("train_selm.py", *selm, *SELM, "--max_pairs=8", "--lr=1e6",
+               f"--out_dir={tmp_path / 'selm'}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "the policy diverged (‖θ‖ = " in proc.stderr and "at iteration 1, step 0" in proc.stderr, proc.stderr[-2000:]
-    assert [r["what"] for r in metrics(tmp_path / "selm") if r["kind"] == "nonfinite"] == ["policy weights"]
+    assert "the policy diverged (‖θ‖ = " in proc.stderr, proc.stderr[-2000:]
+    assert "at iteration 1, step 0" in proc.stderr, proc.stderr[-2000:]
+    bad = [r["what"] for r in metrics(tmp_path / "selm") if r["kind"] == "nonfinite"]
+    assert bad == ["policy weights"]
 
 
 # ---------------------------------------------------------------------------- bad input
@@ -387,11 +408,12 @@ def describe(found):
     return "nothing" if found is None else f"a file of {len(found)} bytes"
 
 
-# ---------------------------------------------------------------------------- checkpoints and run directories
+# ------------------------------------------------------------------ checkpoints and run directories
 def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     marker = tmp_path / "MARKER"
     torch.save({"policy": Payload(marker)}, tmp_path / "payload")
-    torch.load(tmp_path / "payload", weights_only=False)  # the payload is live: unpickling it runs it
+    # the payload is live: unpickling it runs it
+    torch.load(tmp_path / "payload", weights_only=False)
     assert marker.exists()
     marker.unlink()
     for load in (lambda p: R.read_checkpoint(p), lambda p: R.read_checkpoint(p, tensors=False),
@@ -417,24 +439,29 @@ def test_checkpoint_round_trip_is_exact_and_a_changed_byte_is_refused(tmp_path):
     model(torch.tensor([[1, 2]])).sum().backward()
     opt.step()
     rows = torch.randn(3, 5)
-    extra = {"rows": [rows[0], rows[1]], "nested": {"a": [1, 2.5, None, "x", True], "b": {"c": torch.tensor(7)}},
+    extra = {"rows": [rows[0], rows[1]],
+             "nested": {"a": [1, 2.5, None, "x", True], "b": {"c": torch.tensor(7)}},
              "bf16": torch.randn(4).bfloat16(), "empty": [], "pair": (1, 2), "inf": float("inf")}
     path = str(tmp_path / R.CHECKPOINT)
     R.save_checkpoint(path, {"model": (model, opt)}, **extra)
     copy = tied()
     copy_opt = torch.optim.AdamW(copy.parameters(), lr=1e-3)
     out = R.load_checkpoint(path, {"model": (copy, copy_opt)})
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+    pairs = zip(model.state_dict().values(), copy.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     state, copy_state = opt.state_dict()["state"], copy_opt.state_dict()["state"]
     assert all(torch.equal(state[i][k], copy_state[i][k]) for i in state for k in state[i])
     assert copy_opt.param_groups[0]["betas"] == [0.8, 0.9]  # tuples come back as lists
     assert [torch.equal(a, b) for a, b in zip(out["rows"], extra["rows"])] == [True, True]
-    assert out["nested"]["a"] == [1, 2.5, None, "x", True] and out["nested"]["b"]["c"].item() == 7
+    assert out["nested"]["a"] == [1, 2.5, None, "x", True]
+    assert out["nested"]["b"]["c"].item() == 7
     assert out["bf16"].dtype == torch.bfloat16 and torch.equal(out["bf16"], extra["bf16"])
-    assert out["empty"] == [] and out["pair"] == [1, 2] and out["inf"] == float("inf") and out["script"]
+    assert out["empty"] == [] and out["pair"] == [1, 2] and out["inf"] == float("inf")
+    assert out["script"]
     assert sorted(os.listdir(tmp_path)) == sorted([R.CHECKPOINT, R.HISTORY])  # no temp file left
     raw = bytearray(open(path, "rb").read())
-    at = raw.index(b'\\"x\\"')  # the string "x" in the JSON document: the header still parses, the sum differs
+    # the string "x" in the JSON document: the header still parses, the sum differs
+    at = raw.index(b'\\"x\\"')
     raw[at + 2] = ord("y")
     open(path, "wb").write(raw)
     try:
@@ -451,10 +478,11 @@ class Flags:
 
 
 def test_bool_flags_take_the_usual_spellings():
-    for text, value in [("on", True), ("yes", True), ("TRUE", True), ("1", True), ("off", False), ("no", False),
-                        ("False", False), ("0", False)]:
+    for text, value in [("on", True), ("yes", True), ("TRUE", True), ("1", True), ("off", False),
+                        ("no", False), ("False", False), ("0", False)]:
         assert R.parse_flags(Flags, "", [f"--on={text}"]).on is value, text
-    assert R.parse_flags(Flags, "", ["--on"]).on is True and R.parse_flags(Flags, "", []).on is False
+    assert R.parse_flags(Flags, "", ["--on"]).on is True
+    assert R.parse_flags(Flags, "", []).on is False
 
 
 def test_a_percent_sign_in_a_flag_comment_is_help_text_not_a_format(capsys):
@@ -468,24 +496,27 @@ def test_a_percent_sign_in_a_flag_comment_is_help_text_not_a_format(capsys):
 
 
 def test_metrics_log_is_strict_json(tmp_path):
-    """A NaN metric (a correlation of constants, a spread of one value) is written as null, which every
-    JSON reader takes; `json.dumps` alone would write NaN."""
+    """A NaN metric (a correlation of constants, a spread of one value) is written as null, which
+    every JSON reader takes; `json.dumps` alone would write NaN."""
     log = R.MetricsLog(str(tmp_path / "metrics.jsonl"), True)
     log.write(kind="step", rm_gold_corr=float("nan"), kl=float("inf"), gold=0.5, n=3)
     line = open(tmp_path / "metrics.jsonl").read()
-    assert json.loads(line, parse_constant=lambda c: 1 / 0) == {"kind": "step", "rm_gold_corr": None, "kl": None,
-                                                               "gold": 0.5, "n": 3}
+    strict = json.loads(line, parse_constant=lambda c: 1 / 0)
+    assert strict == {"kind": "step", "rm_gold_corr": None, "kl": None, "gold": 0.5, "n": 3}
 
 
 def test_selm_batch_not_a_multiple_of_the_ranks_is_refused(toy, tmp_path):
     flags, _ = toy
-    proc = run("train_selm.py", *flags, "--batch_size=3", f"--out_dir={tmp_path}", ranks=2, ok=False)
-    assert proc.returncode != 0 and "--batch_size=3 must be a multiple of the world size 2" in proc.stderr
+    proc = run("train_selm.py", *flags, "--batch_size=3", f"--out_dir={tmp_path}", ranks=2,
+               ok=False)
+    assert proc.returncode != 0
+    assert "--batch_size=3 must be a multiple of the world size 2" in proc.stderr
 
 
 def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
-    """A second run in a directory in use (here --resume while the run is still going: both would label and
-    checkpoint into it) is refused, naming the holder, and the running one keeps its labelled pairs."""
+    """A second run in a directory in use (here --resume while the run is still going: both would
+    label and checkpoint into it) is refused, naming the holder, and the running one keeps its
+    labelled pairs."""
     flags, _ = toy
     longer = [*flags, *PBPO[1:], "--episodes=500", f"--out_dir={tmp_path}"]
     first = subprocess.Popen(command("train_pbpo.py", *longer), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -497,43 +528,52 @@ def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
         second = run("train_pbpo.py", *longer, "--resume", ok=False)
         assert first.poll() is None, "the first run ended before the second was tried"
         assert second.returncode == 1 and "Traceback" not in second.stderr
-        assert f"{tmp_path} is in use by pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
+        refusal = second.stderr.strip().splitlines()[-1]
+        assert f"{tmp_path} is in use by pid {first.pid} on " in refusal
         time.sleep(3)  # the first run goes on labelling
-        assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) >= 8
+        store = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl"))
+        assert len(store.records) >= 8
     finally:
         first.kill()
         first.wait()
 
 
-def default_signals():  # a terminal's: pytest itself may run with SIGINT and SIGHUP ignored (nohup ... &)
+# a terminal's: pytest itself may run with SIGINT and SIGHUP ignored (nohup ... &)
+def default_signals():
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
 
 
-def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_their_log(toy, tmp_path):
-    """Ctrl-C (three times, as an impatient user does) before the first checkpoint, SIGTERM and SIGHUP (a closed
-    terminal) after one: one line each, no traceback, no .tmp file. The second run resumes with its metrics.jsonl
-    deleted: the log restarts from there, never padded with NUL bytes."""
+def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_their_log(toy,
+                                                                                      tmp_path):
+    """Ctrl-C (three times, as an impatient user does) before the first checkpoint, SIGTERM and
+    SIGHUP (a closed terminal) after one: one line each, no traceback, no .tmp file. The second run
+    resumes with its metrics.jsonl deleted: the log restarts from there, never padded with NUL
+    bytes."""
     flags, _ = toy
-    cases = ((signal.SIGINT, tmp_path / "a", "metrics.jsonl"), (signal.SIGTERM, tmp_path / "b", R.CHECKPOINT),
+    cases = ((signal.SIGINT, tmp_path / "a", "metrics.jsonl"),
+             (signal.SIGTERM, tmp_path / "b", R.CHECKPOINT),
              (signal.SIGHUP, tmp_path / "c", R.CHECKPOINT))
     for sig, out, wait_for in cases:
-        proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={out}"), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,  # SIGINT as in a terminal,
-                                preexec_fn=default_signals)  # even under nohup ... &
+        argv = command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={out}")
+        # SIGINT as in a terminal, even under nohup ... &
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=default_signals)
         while not os.path.exists(out / wait_for) and proc.poll() is None:
             time.sleep(0.02)
         for _ in range(3 if sig == signal.SIGINT else 1):
             proc.send_signal(sig)
             time.sleep(0.05)
         _, err = proc.communicate(timeout=120)
-        where = (f"stopped; --resume continues from {out / R.CHECKPOINT}" if sig != signal.SIGINT else
-                 "stopped; no checkpoint yet, --resume starts over")
-        assert proc.returncode != 0 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+        where = (f"stopped; --resume continues from {out / R.CHECKPOINT}" if sig != signal.SIGINT
+                 else "stopped; no checkpoint yet, --resume starts over")
+        assert proc.returncode != 0, err[-3000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
         assert err.strip().splitlines()[-1] == f"train_pbpo.py: {where}"
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     os.remove(tmp_path / "b" / "metrics.jsonl")
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={tmp_path / 'b'}", "--resume")
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={tmp_path / 'b'}",
+               "--resume")
     assert "metrics.jsonl is shorter than its checkpoint saw (0 <" in proc.stdout
     log = open(tmp_path / "b" / "metrics.jsonl", "rb").read()
     assert b"\0" not in log and metrics(tmp_path / "b")[-1]["kind"] == "final_eval"
@@ -541,31 +581,37 @@ def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_thei
     assert [r["episode"] for r in records] == [1] * 8 + [2] * 8 + [3] * 8
 
 
-# ---------------------------------------------------------------------------- inputs as users have them
+# ----------------------------------------------------------------------- inputs as users have them
 def test_responses_end_on_every_eos_id_of_generation_config(toy, tmp_path):
-    """An instruct checkpoint ends a turn on more than one token: generation_config.json lists them. The sampler
-    stops on any of them in training (here the 3 tokens the toy policy writes most, besides its EOS)."""
+    """An instruct checkpoint ends a turn on more than one token: generation_config.json lists them.
+    The sampler stops on any of them in training (here the 3 tokens the toy policy writes most,
+    besides its EOS)."""
     flags, t = toy
     tok, policy = data.load_tokenizer(t.model), M.from_pretrained(t.model)
     prompts = [p["prompt_ids"] for p in data.load_prompts(t.train, tok, 256)]
-    written = collections.Counter(x for y in M.sample(policy, prompts, 16, 1.0, n=4, eos_ids=[tok.eos_token_id]) for x in y)
+    samples = M.sample(policy, prompts, 16, 1.0, n=4, eos_ids=[tok.eos_token_id])
+    written = collections.Counter(x for y in samples for x in y)
     extra = [x for x, _ in written.most_common(4) if x != tok.eos_token_id][:3]
     shutil.copytree(t.model, tmp_path / "model")
-    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, *extra]}))
+    generation_config = {"eos_token_id": [tok.eos_token_id, *extra]}
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(generation_config))
     assert M.stop_ids(str(tmp_path / "model"), tok) == sorted({tok.eos_token_id, *extra})
-    assert M.stop_ids(t.model, tok) == [tok.eos_token_id]  # no generation_config.json: config.json's, the same
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--model={tmp_path / 'model'}", f"--out_dir={tmp_path / 'out'}")
-    responses = [r[k] for r in data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records
-                 for k in ("response0_ids", "response1_ids")]
+    # no generation_config.json: config.json's, the same
+    assert M.stop_ids(t.model, tok) == [tok.eos_token_id]
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--model={tmp_path / 'model'}",
+        f"--out_dir={tmp_path / 'out'}")
+    records = data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records
+    responses = [r[k] for r in records for k in ("response0_ids", "response1_ids")]
     assert not [y for y in responses if set(y[:-1]) & set(extra)]  # nothing after the first stop id
     assert sum(y[-1] in extra for y in responses) >= 2  # and responses did stop there
 
 
 def reward_model(path, tok_dir, nan=False):
-    """A real HF sequence-classification checkpoint; nan=True: one whose scores are NaN, an oracle gone wrong."""
+    """A real HF sequence-classification checkpoint; nan=True: one whose scores are NaN, an oracle
+    gone wrong."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(config)
     if nan:
@@ -576,13 +622,14 @@ def reward_model(path, tok_dir, nan=False):
 
 
 def test_oracle_returning_nan_names_the_pair_and_a_changed_oracle_is_refused(toy, tmp_path):
-    """An oracle gone wrong (NaN scores) stops the run naming the pair, nothing stored for it; the same oracle
-    path with other weights between two episodes is another oracle: --resume refuses it, the store kept."""
+    """An oracle gone wrong (NaN scores) stops the run naming the pair, nothing stored for it; the
+    same oracle path with other weights between two episodes is another oracle: --resume refuses
+    it, the store kept."""
     flags, t = toy
     oracle, out = f"--oracle=rm:{tmp_path / 'rm'}", f"--out_dir={tmp_path / 'out'}"
     reward_model(tmp_path / "nan_rm", t.model, nan=True)
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], f"--oracle=rm:{tmp_path / 'nan_rm'}", f"--out_dir={tmp_path / 'nan'}",
-               ok=False)
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], f"--oracle=rm:{tmp_path / 'nan_rm'}",
+               f"--out_dir={tmp_path / 'nan'}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "oracle returned nan for pair item 0" in proc.stderr
     assert not data.PreferenceStore(os.path.join(tmp_path / "nan", "preferences.jsonl")).records
@@ -592,7 +639,8 @@ def test_oracle_returning_nan_names_the_pair_and_a_changed_oracle_is_refused(toy
     proc = run("train_pbpo.py", *flags, *PBPO, oracle, out, "--resume", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"--resume: {oracle}: other contents than the run in" in proc.stderr
-    assert len(data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records) == 8
+    store = data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl"))
+    assert len(store.records) == 8
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
@@ -600,23 +648,28 @@ def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
     run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
     size = os.path.getsize(tmp_path / R.CHECKPOINT)
 
-    def small_disk():  # files may grow to half a checkpoint: the write of the next one fails as on a full disk
+    # files may grow to half a checkpoint: the write of the next one fails as on a full disk
+    def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
-                          capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    resume = command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")
+    proc = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk,
+                          timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the previous checkpoint is intact" in proc.stderr
     assert R.read_checkpoint(str(tmp_path / R.CHECKPOINT), tensors=False)["episode"] == 1
     assert not os.path.exists(tmp_path / f"{R.CHECKPOINT}.tmp")
-    assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 16  # episode 2's pairs kept
+    store = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl"))
+    assert len(store.records) == 16  # episode 2's pairs kept
     # space again: it continues; here on 2 threads, which it says will change the last bits
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"warning: \S+checkpoint.safetensors was written by torch \S+ on 1 threads, this is torch \S+ on 2: "
-                     r"the resumed run will differ from an unbroken one in the last bits", proc.stderr), proc.stderr[-3000:]
-    assert [r["episode"] for r in data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records] == [1] * 8 + [2] * 8
+    assert re.search(r"warning: \S+checkpoint.safetensors was written by torch \S+ on 1 threads, "
+                     r"this is torch \S+ on 2: the resumed run will differ from an unbroken one in "
+                     r"the last bits", proc.stderr), proc.stderr[-3000:]
+    records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
+    assert [r["episode"] for r in records] == [1] * 8 + [2] * 8
 
 
 def test_a_write_past_the_file_size_limit_names_its_file_and_keeps_the_pairs(toy, tmp_path):
@@ -625,26 +678,36 @@ def test_a_write_past_the_file_size_limit_names_its_file_and_keeps_the_pairs(toy
     def small_files():  # a file may not grow past 3000 bytes: a few labelled pairs
         resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
 
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}"), cwd=ROOT,
-                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}"),
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files,
+                          timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     kept = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
-    assert proc.stderr.strip().splitlines()[-1] == (f"train_pbpo.py: error: {tmp_path / 'preferences.jsonl'}: writing "
-                                                    "failed (File too large); earlier lines kept")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"train_pbpo.py: error: {tmp_path / 'preferences.jsonl'}: writing failed (File too large); "
+        "earlier lines kept")
     assert kept
 
 
 # ---------------------------------------------------------------------------- distributed faults
+def is_rank_1_of_pbpo(pid):
+    """Whether the process is rank 1 of a torchrun job of train_pbpo.py; the environment is read
+    only of processes running train_pbpo.py."""
+    if b"train_pbpo.py" not in open(f"/proc/{pid}/cmdline", "rb").read():
+        return False
+    return b"LOCAL_RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+
+
 def test_a_dead_rank_takes_the_job_down_and_the_checkpoint_survives(toy, tmp_path):
     flags, _ = toy
-    proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=50", "--dist_timeout=60",
-                                    f"--out_dir={tmp_path}", ranks=2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    argv = command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=50", "--dist_timeout=60",
+                   f"--out_dir={tmp_path}", ranks=2)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.time() + 240
     while not os.path.exists(tmp_path / R.CHECKPOINT) and time.time() < deadline:
         time.sleep(0.2)
-    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"train_pbpo.py" in open(f"/proc/{p}/cmdline", "rb").read()
-               and b"LOCAL_RANK=1" in open(f"/proc/{p}/environ", "rb").read().split(b"\0")]
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and is_rank_1_of_pbpo(p)]
     assert workers, "rank 1 not found"
     os.kill(workers[0], signal.SIGKILL)
     started = time.time()
