@@ -150,7 +150,8 @@ def test_pass_at_k_known_answer(tiny, tmp_path):
     def score(prompts, texts):
         return [float(data.is_correct(t, p["answer"])) for p, t in zip(prompts, texts)]
 
-    V, k = len(tok), 200
+    V = len(tok)
+    k = 200
     assert (1 - 1 / V) ** k < 1e-4  # P(item a has no '#### 7' among its k samples)
     res = E.generation(Oracle(score), policy, tok, items, max_new_tokens=1, temperature=1.0, k=k,
                        seed=0)
@@ -199,7 +200,8 @@ def inputs(toy, tmp_path_factory):
     """What eval.py reads, where a test can watch it: a copy of the quick toy's policy (twice:
     policy and reference), its held-out prompts, a link to them, a multiple-choice file and two bad
     files."""
-    root, t = tmp_path_factory.mktemp("inputs"), toy[1]
+    root = tmp_path_factory.mktemp("inputs")
+    t = toy[1]
     for name in ("model", "ref"):
         shutil.copytree(t.model, root / name)
     shutil.copy(t.heldout, root / "heldout.jsonl")

@@ -311,7 +311,8 @@ def test_an_evaluator_ends_with_a_killed_driver(tmp_path):
 def test_a_run_directory_in_use_is_never_deleted(tmp_path):
     """run_arm starts an unfinished run over by deleting its directory, unless a run holds it (its
     lock): then it refuses, naming the holder, and the files stay. Once the holder ends, it runs."""
-    fake, out = fake_run(tmp_path), tmp_path / "run"
+    fake = fake_run(tmp_path)
+    out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, fake, f"--out_dir={out}", "--hold=1"])
     try:
@@ -332,7 +333,8 @@ def test_a_run_directory_in_use_is_never_deleted(tmp_path):
 def test_an_interrupted_run_is_continued_with_resume_and_keeps_its_pairs(tmp_path):
     """A run of the same command that began and did not finish (a killed driver) is continued with
     --resume, never deleted: the pairs it labelled stay. A run of another command starts over."""
-    fake, out = fake_run(tmp_path), tmp_path / "run"
+    fake = fake_run(tmp_path)
+    out = tmp_path / "run"
     out.mkdir()
     (out / "command.begun.json").write_text(json.dumps([fake, "--hold=0", f"--out_dir={out}"]))
     (out / "preferences.jsonl").write_text('{"episode": 1, "label": 1}\n')  # labelled, paid for

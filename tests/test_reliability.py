@@ -329,7 +329,9 @@ def run_forked(jobs, folder, at_once=2, timeout=120):
     """[(exit code, stderr)] of each (script, flags), two at a time, each in a fork of this
     process: a new interpreter would spend seconds importing torch and transformers before it
     reached the input it refuses."""
-    results, running, todo = [None] * len(jobs), {}, list(enumerate(jobs))
+    results = [None] * len(jobs)
+    running = {}  # pid: (job, its stderr file, when it started)
+    todo = list(enumerate(jobs))
     while todo or running:
         if todo and len(running) < at_once:
             i, (script, flags) = todo.pop(0)
