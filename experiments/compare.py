@@ -69,20 +69,24 @@ ARMS = [
     Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
     Arm("selm", "train_selm.py", (), ("alpha=0.001,0.01,0.1,1,3,10",), like="dpo"),  # DPO + α
     Arm("pbpo", "train_pbpo.py", (),
-        ("kl_coef=0.2,0.5,1 anchor=sft,ref", "adv_coef=0.1,1 t_out=4,8")),
+        ("kl_coef=0.2,0.5,1 anchor=sft,ref", "beta=0.01,0.04,0.1 t_out=4,8")),
     Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", settings=("standard",)),
-    Arm("pbpo_n1", "train_pbpo.py", ("--n_candidates=1",), like="pbpo", seeds=5),
-    *[Arm(f"pbpo_rho{rho}", "train_pbpo.py", (f"--adv_coef={rho}",), like="pbpo", seeds=5,
-          settings=("standard",)) for rho in ("0", "0.1", "1", "10", "25")],
+    Arm("pbpo_best_of_n", "train_pbpo.py", ("--enhancer=best_of_n",), like="pbpo", seeds=5),
+    Arm("pbpo_no_enhancer", "train_pbpo.py", ("--enhancer=none",), like="pbpo", seeds=5),
+    Arm("pbpo_mle", "train_pbpo.py", ("--beta_form=mle",), like="pbpo", seeds=5),
+    *[Arm(f"pbpo_beta{beta}", "train_pbpo.py", (f"--beta={beta}",), like="pbpo", seeds=5,
+          settings=("standard",)) for beta in ("0", "0.01", "0.02", "0.04", "0.1")],
 ]
 MAIN = ("sft", "dpo", "dpo_online", "selm", "pbpo", "pbpo_token")
 CLAIMS = [  # (claim, arm a, arm b): holds when a − b > 0, its 95% interval above 0
     ("PbPO ≥ SELM", "pbpo", "selm"), ("SELM ≥ iterative DPO", "selm", "dpo"),
     ("iterative DPO ≥ SFT", "dpo", "sft"), ("PbPO ≥ online iterative DPO", "pbpo", "dpo_online"),
     ("token-level PbPO ≥ PbPO", "pbpo_token", "pbpo"),
-    ("N = 1 hurts (PbPO ≥ N = 1)", "pbpo", "pbpo_n1"),
-    ("ρ = 0 hurts (PbPO ≥ ρ = 0)", "pbpo", "pbpo_rho0"),
-    *[(f"ρ = {r} beats ρ = 0", f"pbpo_rho{r}", "pbpo_rho0") for r in ("0.1", "1", "10", "25")],
+    ("the enhancer helps (PbPO ≥ no enhancer)", "pbpo", "pbpo_no_enhancer"),
+    ("the enhancer policy ≥ best-of-N", "pbpo", "pbpo_best_of_n"),
+    ("reward-aware exploration helps (PbPO ≥ MLE RM)", "pbpo", "pbpo_mle"),
+    *[(f"β = {b} beats β = 0", f"pbpo_beta{b}", "pbpo_beta0") for b in ("0.01", "0.02", "0.04",
+                                                                       "0.1")],
 ]
 
 

@@ -1,4 +1,5 @@
-"""Shared by the end-to-end tests: the quick toy task (built once a session) and running a script as a user would."""
+"""Shared by the end-to-end tests: the quick toy task (built once a session) and running a script
+as a user would."""
 import json
 import os
 import socket
@@ -14,9 +15,11 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import toy as T  # noqa: E402  (torch reads OMP_NUM_THREADS when it starts)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PBPO = ["--episodes=2", "--explore_prompts=8", "--n_candidates=3", "--t_out=2", "--t_in=2", "--group=2",
-        "--ref_samples=2", "--leader_prompts=4", "--max_new_tokens=16", "--eval_max=16"]
-SELM = ["--iterations=1", "--batch_size=4", "--micro_batch=4", "--max_new_tokens=16", "--eval_max=16", "--lr=1e-4"]
+PBPO = ["--episodes=2", "--explore_prompts=8", "--n_candidates=3", "--t_out=2", "--t_in=2",
+        "--group=2", "--ref_samples=2", "--leader_prompts=4", "--max_new_tokens=16",
+        "--eval_max=16"]
+SELM = ["--iterations=1", "--batch_size=4", "--micro_batch=4", "--max_new_tokens=16",
+        "--eval_max=16", "--lr=1e-4"]
 
 
 @pytest.fixture(scope="session")
@@ -32,20 +35,21 @@ def command(script, *flags, ranks=0):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
-            f"--master_port={port}", os.path.join(ROOT, script), *flags]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}",
+            "--master_addr=127.0.0.1", f"--master_port={port}", os.path.join(ROOT, script), *flags]
 
 
 def run(script, *flags, ranks=0, timeout=300, ok=True):
-    proc = subprocess.run(command(script, *flags, ranks=ranks), capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+    proc = subprocess.run(command(script, *flags, ranks=ranks), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
     if ok:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return proc
 
 
 def wait_for_lines(path, lines, proc, timeout=300):
-    """Until the file at path has `lines` lines (an event of the run, whatever the machine's speed)."""
+    """Until the file at path has `lines` lines (an event of the run, whatever the machine's
+    speed)."""
     deadline = time.time() + timeout
     while not (os.path.exists(path) and open(path, "rb").read().count(b"\n") >= lines):
         assert proc.poll() is None, f"the run ended before {path} had {lines} lines"

@@ -1,17 +1,21 @@
-"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node=2` (CPU, gloo): FSDP2 against the unsharded model.
+"""Run by tests/test_fsdp.py under `torchrun --nproc_per_node=2` (CPU, gloo): FSDP2 against the
+unsharded model.
 
-    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR            # training, sampling, saving
-    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR --compile  # the compiled decode step
+    # training, sampling, saving
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR
+    # the compiled decode step
+    torchrun --nproc_per_node=2 tests/fsdp_worker.py CKPT_DIR OUT_DIR --compile
 """
 import os
 import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
 import model as M
-import run
 
 
 def loss_fn(model, ids, attn, resp):  # mean -logp over response tokens
@@ -19,7 +23,14 @@ def loss_fn(model, ids, attn, resp):  # mean -logp over response tokens
 
 
 ckpt, out = sys.argv[1], sys.argv[2]
-rank, world, device = run.init_distributed(timeout_s=120)
+FP32 = MixedPrecisionPolicy()  # as the trainers shard on CPU ranks
+
+
+def shard(model, activation_checkpointing=False):  # as the trainers set FSDP2 up
+    return M.shard(model, init_device_mesh("cpu", (2,)), FP32, activation_checkpointing)
+
+
+rank, world, device = ranks.init_distributed(timeout_s=120)
 assert world == 2 and device.type == "cpu"
 ref = M.from_pretrained(ckpt)
 def finish():
@@ -31,9 +42,10 @@ def finish():
     os._exit(0)
 
 
-if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses, rank 1 two short ones
+# PbPO's leader step: rank 0 holds 3 long responses, rank 1 two short ones
+if "--leader" in sys.argv:
     from train_pbpo import leader_loss
-    sharded = run.shard_model(M.from_pretrained(ckpt))
+    sharded = shard(M.from_pretrained(ckpt))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(1, ref.config.vocab_size, (5, 14), generator=g)
     attn = torch.ones(5, 14, dtype=torch.bool)
@@ -49,8 +61,9 @@ if "--leader" in sys.argv:  # PbPO's leader step: rank 0 holds 3 long responses,
         torch.testing.assert_close(p.grad.full_tensor(), q.grad, rtol=1e-5, atol=1e-6, msg=name)
     print(f"rank {rank}: leader step OK with {int(resp[mine].sum())} response tokens")
     finish()
-if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
-    sharded = run.shard_model(M.from_pretrained(ckpt))
+# torch.compile traces the step through FSDP2's hooks; nothing is gathered per token
+if "--compile" in sys.argv:
+    sharded = shard(M.from_pretrained(ckpt))
     prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
     for _ in range(2):  # the second call reuses the compiled step
         gen = M.generate(sharded, prompts, 8, temperature=0.8, seed=rank, compile=True)
@@ -59,8 +72,8 @@ if "--compile" in sys.argv:  # torch.compile traces the step through FSDP2's hoo
         torch.testing.assert_close(gen.logprobs, gen_r.logprobs, rtol=0, atol=1e-5)
     print(f"rank {rank}: FSDP compiled generate OK")
     finish()
-sharded = run.shard_model(M.from_pretrained(ckpt), activation_checkpointing=True)
-plain = run.shard_model(M.from_pretrained(ckpt))  # no activation checkpointing
+sharded = shard(M.from_pretrained(ckpt), activation_checkpointing=True)
+plain = shard(M.from_pretrained(ckpt))  # no activation checkpointing
 assert isinstance(sharded.lm_head.weight, DTensor)
 
 # one batch for all ranks, each rank takes its own half: prompts left-padded, responses right-padded
@@ -72,20 +85,23 @@ resp = attn.clone()
 resp[:, :6] = False
 mine = slice(2 * rank, 2 * rank + 2)
 
-lr = 1.0  # optimizers first: after a forward the root's registered parameters are its unsharded ones
-opt_s, opt_r = torch.optim.SGD(sharded.parameters(), lr=lr), torch.optim.SGD(ref.parameters(), lr=lr)
+# optimizers first: after a forward the root's registered parameters are its unsharded ones
+opt_s = torch.optim.SGD(sharded.parameters(), lr=1.0)
+opt_r = torch.optim.SGD(ref.parameters(), lr=1.0)
 loss_s = loss_fn(sharded, ids[mine], attn[mine], resp[mine])
 loss_p = loss_fn(plain, ids[mine], attn[mine], resp[mine])
 loss_r = loss_fn(ref, ids[mine], attn[mine], resp[mine])
 torch.testing.assert_close(loss_s, loss_r, rtol=0, atol=1e-5)
 torch.testing.assert_close(loss_p, loss_r, rtol=0, atol=1e-5)
 
-# one SGD step: FSDP averages gradients over ranks, so the reference steps on the mean of both ranks' losses
+# one SGD step: FSDP averages gradients over ranks, so the reference steps on the mean of both
+# ranks' losses
 loss_s.backward()
 opt_s.step()
-sum(loss_fn(ref, ids[2 * r:2 * r + 2], attn[2 * r:2 * r + 2], resp[2 * r:2 * r + 2]) for r in range(world)).div(world).backward()
+halves = [slice(2 * r, 2 * r + 2) for r in range(world)]
+sum(loss_fn(ref, ids[h], attn[h], resp[h]) for h in halves).div(world).backward()
 opt_r.step()
-full = run.full_state_dict(sharded)
+full = checkpoint.full_state_dict(sharded)
 if rank == 0:
     start = M.from_pretrained(ckpt).state_dict()
     assert set(full) == set(ref.state_dict()), (sorted(full), sorted(ref.state_dict()))
@@ -96,7 +112,8 @@ if rank == 0:
 else:
     assert full == {}
 
-# generate on the sharded model: unshard once, sample, reshard; same greedy tokens as the unsharded model
+# generate on the sharded model: unshard once, sample, reshard; same greedy tokens as the unsharded
+# model
 prompts = [[3, 4, 5, 6, 7], [8, 9]] if rank == 0 else [[10, 11, 12], [13]]
 gen_s = M.generate(sharded, prompts, 6, temperature=0)
 gen_r = M.generate(ref, prompts, 6, temperature=0)

@@ -1,8 +1,7 @@
-"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe store and answers."""
-import hashlib
+"""data.py: loaders on good and broken files, chat template, sharding, batching, the crash-safe
+store, and answers: the `#### N` extraction and the correctness check the gold oracle uses."""
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -29,26 +28,31 @@ def dumps(*records):
     return [json.dumps(r) for r in records]
 
 
-# ---------------------------------------------------------------------------- tokenizer and chat template
+# ---------------------------------------------------------------------- tokenizer and chat template
 
 
 def test_chat_template_round_trip(tok):
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tom has 37 apples."}]
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Tom has 37 apples."}]
     ids = data.encode_prompt(tok, messages)
     assert tok.decode(ids) == "<|bos|><|system|>Be brief.<|user|>Tom has 37 apples.<|assistant|>"
-    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1  # the template's BOS, not a second one
-    assert data.encode_prompt(tok, "Tom has 37 apples.") == data.encode_prompt(tok, messages[1:])  # str = one user turn
+    # the template's BOS, not a second one
+    assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1
+    # a str is one user turn
+    assert data.encode_prompt(tok, "Tom has 37 apples.") == data.encode_prompt(tok, messages[1:])
     assert data.decode(tok, ids) == "Be brief.Tom has 37 apples."  # specials skipped
     response = data.encode_response(tok, "37 + 48 = 85.\n#### 85")
-    assert response[-1] == tok.eos_token_id and data.decode(tok, response) == "37 + 48 = 85.\n#### 85"
+    assert response[-1] == tok.eos_token_id
+    assert data.decode(tok, response) == "37 + 48 = 85.\n#### 85"
 
 
 def test_chat_template_renders_off_the_main_thread_and_keeps_a_callers_timer(tok):
-    """The template's time bound uses SIGALRM, which only the main thread may set: elsewhere it renders unbounded;
-    on the main thread a timer the caller had set is given back."""
+    """The template's time bound uses SIGALRM, which only the main thread may set: elsewhere it
+    renders unbounded; on the main thread a timer the caller had set is given back."""
     from concurrent.futures import ThreadPoolExecutor
     with ThreadPoolExecutor(1) as pool:
-        assert pool.submit(data.encode_prompt, tok, "Tom has 37 apples.").result() == data.encode_prompt(tok, "Tom has 37 apples.")
+        off_main = pool.submit(data.encode_prompt, tok, "Tom has 37 apples.").result()
+    assert off_main == data.encode_prompt(tok, "Tom has 37 apples.")
     signal.setitimer(signal.ITIMER_REAL, 1000)
     try:
         data.encode_prompt(tok, "Tom has 37 apples.")
@@ -60,7 +64,8 @@ def test_chat_template_renders_off_the_main_thread_and_keeps_a_callers_timer(tok
 def test_plain_prompt_without_chat_template(toy):
     plain = data.load_tokenizer(toy[1].model)
     plain.chat_template = None
-    ids = data.encode_prompt(plain, [{"role": "user", "content": "Hello"}, {"role": "user", "content": "again"}])
+    turns = [{"role": "user", "content": "Hello"}, {"role": "user", "content": "again"}]
+    ids = data.encode_prompt(plain, turns)
     assert plain.decode(ids, skip_special_tokens=True) == "Hello\n\nagain"
 
 
@@ -84,15 +89,20 @@ def test_load_prompts_formats(tok, tmp_path):
         {"question": "How many?", "answer": "2 + 2 = 4.\n#### 1,234"},
         {"prompt": "Sum?", "answer": 70}) + [""])  # a blank line is not a record
     items = data.load_prompts(path, tok, 64)
-    assert [i["prompt"] for i in items] == ["Hi", [{"role": "user", "content": "Yo"}], "How many?", "Sum?"]
+    prompts = [i["prompt"] for i in items]
+    assert prompts == ["Hi", [{"role": "user", "content": "Yo"}], "How many?", "Sum?"]
     assert [i["answer"] for i in items] == [None, None, "1234", "70"]
     assert items[2]["prompt_ids"] == data.encode_prompt(tok, "How many?")
     array = tmp_path / "p.json"
-    array.write_text(json.dumps([{"prompt": "Hi"}, {"question": "Q", "answer": "#### -5"}], indent=2))
+    records = [{"prompt": "Hi"}, {"question": "Q", "answer": "#### -5"}]
+    array.write_text(json.dumps(records, indent=2))
     assert [i["answer"] for i in data.load_prompts(str(array), tok, 64)] == [None, "-5"]
-    # a JSON string may hold U+2028 (a line separator to str.splitlines, not to JSONL) and CRLF line ends
-    (tmp_path / "sep.jsonl").write_text(json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\r\n", newline="")
-    assert [i["prompt"] for i in data.load_prompts(str(tmp_path / "sep.jsonl"), tok, 64)] == ["a\u2028b"]
+    # a JSON string may hold U+2028 (a line separator to str.splitlines, not to JSONL), and a
+    # line may end in CRLF
+    separated = tmp_path / "sep.jsonl"
+    line = json.dumps({"prompt": "a\u2028b"}, ensure_ascii=False) + "\r\n"
+    separated.write_text(line, newline="")
+    assert [i["prompt"] for i in data.load_prompts(str(separated), tok, 64)] == ["a\u2028b"]
 
 
 @pytest.mark.parametrize("lines, error", [
@@ -101,7 +111,8 @@ def test_load_prompts_formats(tok, tmp_path):
     (['{"prompt": 5}'], r"p.jsonl:1: field 'prompt' must be a string or a non-empty list"),
     (['{"messages": [{"role": "user"}]}'], r"p.jsonl:1: field 'messages' must be"),
     (['{"messages": []}'], r"p.jsonl:1: field 'messages' must be"),
-    (['{"question": ["x"], "answer": "#### 1"}'], r"p.jsonl:1: field 'question' must be a string, got list"),
+    (['{"question": ["x"], "answer": "#### 1"}'],
+     r"p.jsonl:1: field 'question' must be a string, got list"),
     (['{"question": "Q"}'], r"p.jsonl:1: missing field 'answer'"),
     (['{"question": "Q", "answer": "####"}'], r"p.jsonl:1: field 'answer' has no value"),
     (['{"prompt": "Q", "answer": [1]}'], r"p.jsonl:1: field 'answer' must be a string or a number"),
@@ -129,7 +140,8 @@ def test_load_json_array_errors(tok, tmp_path, text, error):
 
 
 def test_long_prompts_dropped_with_count_or_an_error_if_none_is_left(tok, tmp_path, capsys):
-    path = write(tmp_path / "p.jsonl", dumps({"prompt": "short"}, {"prompt": "long " * 50}, {"prompt": "ok"}))
+    path = write(tmp_path / "p.jsonl",
+                 dumps({"prompt": "short"}, {"prompt": "long " * 50}, {"prompt": "ok"}))
     items = data.load_prompts(path, tok, 20)
     assert [i["prompt"] for i in items] == ["short", "ok"]
     assert "dropped 1 of 3 records whose prompt is longer than 20 tokens" in capsys.readouterr().out
@@ -145,30 +157,39 @@ def test_load_preferences_trl_layouts(tok, tmp_path):
     good, bad = {"role": "assistant", "content": "good"}, {"role": "assistant", "content": "bad"}
     path = write(tmp_path / "prefs.jsonl", dumps(
         {"prompt": "Q?", "chosen": "good", "rejected": "bad", "answer": "#### 3"},  # standard
-        {"prompt": [system, user], "chosen": [good], "rejected": [bad]},  # conversational, explicit prompt
-        {"chosen": [system, user, good], "rejected": [system, user, bad]},  # implicit prompt: the shared prefix
+        # conversational, explicit prompt
+        {"prompt": [system, user], "chosen": [good], "rejected": [bad]},
+        # implicit prompt: the shared prefix
+        {"chosen": [system, user, good], "rejected": [system, user, bad]},
         {"prompt": "Q?", "chosen": [good], "rejected": [bad]}))  # a string prompt is one user turn
     items = load_preferences(path, tok, 64)
     assert items[0]["answer"] == "3" and items[1]["answer"] is None
     assert items[1]["prompt"] == items[2]["prompt"] == [system, user]
-    assert items[1]["prompt_ids"] == items[2]["prompt_ids"] == data.encode_prompt(tok, [system, user])
+    assert items[1]["prompt_ids"] == items[2]["prompt_ids"]
+    assert items[1]["prompt_ids"] == data.encode_prompt(tok, [system, user])
     assert items[3]["prompt_ids"] == items[0]["prompt_ids"] == data.encode_prompt(tok, "Q?")
     for item in items:
         assert (item["chosen"], item["rejected"]) == ("good", "bad")
-        assert item["chosen_ids"] == data.encode_response(tok, "good") and item["chosen_ids"][-1] == tok.eos_token_id
+        assert item["chosen_ids"] == data.encode_response(tok, "good")
+        assert item["chosen_ids"][-1] == tok.eos_token_id
         assert data.decode(tok, item["rejected_ids"]) == "bad"
+
+
+def turn(role, content):
+    return {"role": role, "content": content}
 
 
 @pytest.mark.parametrize("record, error", [
     ({"prompt": "Q", "chosen": "a"}, r"prefs.jsonl:1: missing field 'rejected'"),
     ({"chosen": "a", "rejected": "b"}, r"prefs.jsonl:1: missing field 'prompt'"),
     ({"prompt": "Q", "chosen": "a", "rejected": 3}, r"prefs.jsonl:1: field 'rejected' must be"),
-    ({"prompt": "Q", "chosen": "a", "rejected": [{"role": "assistant", "content": "b"}]}, r"must both be strings or both message lists"),
-    ({"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
-      "rejected": [{"role": "user", "content": "R"}, {"role": "assistant", "content": "b"}]}, r"differ before"),
-    ({"prompt": "Q", "chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]},
+    ({"prompt": "Q", "chosen": "a", "rejected": [turn("assistant", "b")]},
+     r"must both be strings or both message lists"),
+    ({"chosen": [turn("user", "Q"), turn("assistant", "a")],
+      "rejected": [turn("user", "R"), turn("assistant", "b")]}, r"differ before"),
+    ({"prompt": "Q", "chosen": [turn("user", "a")], "rejected": [turn("user", "b")]},
      r"must end in an assistant turn"),
-    ({"chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]},
+    ({"chosen": [turn("assistant", "a")], "rejected": [turn("assistant", "b")]},
      r"prefs.jsonl:1: missing field 'prompt'"),
 ])
 def test_load_preferences_errors(tok, tmp_path, record, error):
@@ -189,11 +210,13 @@ def test_shards_are_disjoint_and_cover(n, world):
 
 
 def test_collate_layout():
-    input_ids, attention_mask, response_mask = data.collate([[5, 6, 7], [8]], [[1], [2, 3, 4]], pad_id=0)
+    input_ids, attention_mask, response_mask = data.collate([[5, 6, 7], [8]], [[1], [2, 3, 4]],
+                                                            pad_id=0)
     assert input_ids.tolist() == [[5, 6, 7, 1, 0, 0], [0, 0, 8, 2, 3, 4]]
     assert attention_mask.tolist() == [[1, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 1]]
     assert response_mask.tolist() == [[0, 0, 0, 1, 0, 0], [0, 0, 0, 1, 1, 1]]
-    assert attention_mask.dtype == response_mask.dtype == torch.bool and input_ids.dtype == torch.long
+    assert attention_mask.dtype == response_mask.dtype == torch.bool
+    assert input_ids.dtype == torch.long
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     assert positions[1, 2:].tolist() == [0, 1, 2, 3]  # a left-padded row starts at position 0
 
@@ -206,8 +229,8 @@ CHILD = textwrap.dedent("""
     import data
     store = data.PreferenceStore({path!r}, "episode")
     for i in range(len(store), 10**6):
-        store.append({{"episode": i, "prompt": "Q" * (i % 97), "chosen_ids": list(range(i % 50)), "label": i % 2,
-                      "scores": [0.5, -1.25]}})
+        store.append({{"episode": i, "prompt": "Q" * (i % 97), "chosen_ids": list(range(i % 50)),
+                      "label": i % 2, "scores": [0.5, -1.25]}})
         print(i, flush=True)  # printed only once the append (flush + fsync) has returned
 """)
 
@@ -215,7 +238,8 @@ CHILD = textwrap.dedent("""
 def check_store(path, at_least):
     records = data.PreferenceStore(path, "episode").records
     assert len(records) >= at_least
-    assert [r["episode"] for r in records] == list(range(len(records)))  # in order, none lost, none garbled
+    # in order, none lost, none garbled
+    assert [r["episode"] for r in records] == list(range(len(records)))
     assert all(r["chosen_ids"] == list(range(r["episode"] % 50)) for r in records)
     return len(records)
 
@@ -225,9 +249,10 @@ def test_store_survives_kill_mid_run(tmp_path):
     path = str(tmp_path / "store" / "prefs.jsonl")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = 0
-    for run in range(3):  # kill, reopen and keep appending: each run resumes after the last completed record
-        child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, path=path)], stdout=subprocess.PIPE,
-                                 text=True)
+    # kill, reopen and keep appending: each run resumes after the last completed record
+    for run in range(3):
+        child = subprocess.Popen([sys.executable, "-c", CHILD.format(root=root, path=path)],
+                                 stdout=subprocess.PIPE, text=True)
         target = done + 30 + 17 * run
         for line in child.stdout:
             done = int(line) + 1
@@ -252,8 +277,10 @@ def test_store_torn_last_line_is_dropped_and_appends_continue(tmp_path):
     store.append({"episode": 3, "chosen_ids": [0, 1, 2]})
     store.close()
     with open(path, "ab") as f:
-        f.write(json.dumps({"episode": 4, "chosen_ids": [0, 1, 2, 3]}).encode())  # cut just before its newline
-    with pytest.warns(UserWarning, match=r"prefs.jsonl:5: ignoring a torn last line"):  # its episode is redone
+        # cut just before its newline
+        f.write(json.dumps({"episode": 4, "chosen_ids": [0, 1, 2, 3]}).encode())
+    # its episode is redone
+    with pytest.warns(UserWarning, match=r"prefs.jsonl:5: ignoring a torn last line"):
         store = data.PreferenceStore(path, "episode")
     store.append({"episode": 4, "chosen_ids": [0, 1, 2, 3]})
     store.close()
@@ -266,8 +293,9 @@ def test_store_corruption_inside_the_file_is_an_error(tmp_path):
         data.PreferenceStore(path, "episode")
     for line in ('{"prompt": "x"}', "[1, 2]", '{"episode": "2"}'):  # JSON, but not a record of ours
         path = write(tmp_path / "shape.jsonl", ['{"episode": 1}', line])
-        with pytest.raises(ValueError, match=r"shape.jsonl:2: expected a preference record \(a JSON object with an "
-                                             r"integer 'episode'\)"):
+        expected = (r"shape.jsonl:2: expected a preference record "
+                    r"\(a JSON object with an integer 'episode'\)")
+        with pytest.raises(ValueError, match=expected):
             data.PreferenceStore(path, "episode")
 
 
@@ -279,9 +307,10 @@ def test_store_set_aside_keeps_every_pair_and_refuses_a_planted_link(tmp_path):
     store.keep_before(2)
     store.append({"episode": 2, "again": True})  # into the new file, not the replaced one
     store.close()
-    assert data.PreferenceStore(path, "episode").records == [{"episode": 1}] * 2 + [{"episode": 2, "again": True}]
-    assert data.PreferenceStore(str(tmp_path / "prefs.dropped.jsonl"), "episode").records == [{"episode": 2},
-                                                                                              {"episode": 3}]
+    kept = data.PreferenceStore(path, "episode").records
+    assert kept == [{"episode": 1}] * 2 + [{"episode": 2, "again": True}]
+    dropped = data.PreferenceStore(str(tmp_path / "prefs.dropped.jsonl"), "episode").records
+    assert dropped == [{"episode": 2}, {"episode": 3}]
     outside = tmp_path / "outside.txt"
     outside.write_text("not the run's\n")
     os.symlink(outside, tmp_path / "link.jsonl")
@@ -290,36 +319,35 @@ def test_store_set_aside_keeps_every_pair_and_refuses_a_planted_link(tmp_path):
     assert outside.read_text() == "not the run's\n"
 
 
-# ---------------------------------------------------------------------------- answers and the gold reward
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("37 + 48 = 85. 85 - 15 = 70.\n#### 70", "70"),
-    ("#### 1,234", "1234"),
-    ("so the loss is\n#### -15", "-15"),
-    ("####70", "70"),
-    ("#### $1,000.", "1000"),
-    ("#### 70.0", "70"),
-    ("#### 3.5 kg", "3.5"),
-    ("#### 70 apples, and then #### 12", "70"),  # the first '####' is the answer
-    ("#### 70.\nThat is all.", "70"),
-    ("The answer is 70.", None),  # no '####': no answer
-    ("#### seventy", None),
-    ("", None),
+# ---------------------------------------------------------------------------- answers
+@pytest.mark.parametrize("text, extracted, gold, correct", [
+    ("37 + 48 = 85. 85 - 15 = 70.\n#### 70", "70", "70", True),
+    ("####70", "70", "70", True),  # no space
+    ("#### 1,234", "1234", "1234", True),  # thousands separator
+    ("#### 1234", "1234", "1,234", True),  # ... in the gold answer
+    ("#### 1,000,000", "1000000", "1,000,000", True),  # ... on both sides
+    ("so the loss is\n#### -15", "-15", "-15", True),
+    ("#### -5", "-5", "5", False),  # the sign counts
+    ("#### 5", "5", "-5", False),
+    ("#### 70.0", "70", "70", True),  # an integer written as a decimal
+    ("#### -0.5", "-0.5", "-0.5", True),
+    ("#### 3.50", "3.5", "3.5", True),  # trailing zeros
+    ("#### $18", "18", "18", True),  # a currency sign before the number
+    ("#### $1,000.", "1000", "1000", True),  # ... with a separator and a period
+    ("#### 007", "7", "7", True),  # leading zeros
+    ("so 7. #### 7.", "7", "7", True),  # a sentence-ending period
+    ("#### 70.\nThat is all.", "70", "70", True),
+    ("#### 5 apples", "5", "5", True),  # a unit after the number
+    ("#### 3.5 kg", "3.5", "3.5", True),
+    ("#### 70 apples", "70", 70, True),  # a gold answer given as a number
+    ("#### 700", "700", "70", False),
+    ("#### 12\n#### 13", "12", "13", False),  # the first '####' is the answer
+    ("#### 70 apples, and then #### 12", "70", "70", True),
+    ("The answer is 70", None, "70", False),  # no '####': no answer, even if the number is right
+    ("####", None, "0", False),
+    ("#### seventy", None, "70", False),
+    ("", None, "0", False),
 ])
-def test_extract_answer(text, expected):
-    assert data.extract_answer(text) == expected
-
-
-@pytest.mark.parametrize("text, answer, correct", [
-    ("85 - 15 = 70.\n#### 70", "70", True),
-    ("#### 1,234", "1234", True),
-    ("#### 1234", "1,234", True),
-    ("#### -5", "-5", True),
-    ("#### 5", "-5", False),
-    ("#### 70 apples", 70, True),
-    ("The answer is 70", "70", False),
-    ("#### 700", "70", False),
-])
-def test_is_correct(text, answer, correct):
-    assert data.is_correct(text, answer) is correct
+def test_answer_extraction_table(text, extracted, gold, correct):
+    assert data.extract_answer(text) == extracted
+    assert data.is_correct(text, gold) is correct

@@ -1,4 +1,5 @@
-"""The experiment harnesses: the regret check on the synthetic linear task and the comparison (quick mode)."""
+"""The experiment harnesses: the regret check on the synthetic linear task and the comparison
+(quick mode)."""
 import contextlib
 import fcntl
 import glob
@@ -23,13 +24,14 @@ from conftest import ROOT
 
 # ---------------------------------------------------------------- the theory check
 def test_uncertainty_guided_pairs_have_lower_regret_than_random():
-    """On the synthetic linear task (informative comparisons rare), select_pair's Σ⁻¹-uncertainty arm must
-    accumulate clearly less regret than uniformly random pairs. Random selection, or a Σ that never learns
-    (Euclidean ‖Δφ‖), both give a ratio near 1 here."""
+    """On the synthetic linear task (informative comparisons rare), select_pair's Σ⁻¹-uncertainty
+    arm must accumulate clearly less regret than uniformly random pairs. Random selection, or a Σ
+    that never learns (Euclidean ‖Δφ‖), both give a ratio near 1 here."""
     res = R.regret(K=30, M=4, seeds=10)
     u, r = res["uncertainty"]["cum_mean"][-1], res["random"]["cum_mean"][-1]
     assert u < 0.75 * r, (u, r)
-    assert all(b >= a for a, b in zip(res["uncertainty"]["cum_mean"], res["uncertainty"]["cum_mean"][1:]))
+    cumulative = res["uncertainty"]["cum_mean"]
+    assert all(b >= a for a, b in zip(cumulative, cumulative[1:]))
 
 
 def test_loglog_slope_recovers_a_power_law():
@@ -57,9 +59,9 @@ def test_compare_refuses_an_untuned_first_setting(tmp_path):
 
 
 def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
-    """experiments.compare --quick end to end on the quick toy: every arm is tuned on the validation split, runs at
-    both budgets within them, is evaluated on the held-out split, and every claim between arms gets a paired
-    difference; a second call reuses every run."""
+    """experiments.compare --quick end to end on the quick toy: every arm is tuned on the
+    validation split, runs at both budgets within them, is evaluated on the held-out split, and
+    every claim between arms gets a paired difference; a second call reuses every run."""
     arms = "sft,dpo,dpo_online,selm,pbpo"
     cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True)
     res = C.compare(cfg)["settings"]["standard"]
@@ -71,16 +73,20 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
             sampled = ("expected_reward", "kl_sft") if budget == budgets[-1] or arm == "sft" else ()
             assert all(math.isfinite(row[k]) for k in ("accuracy", "reward", *sampled))
             assert 0 < row["calls"] <= budget or arm == "sft"
-    assert res["table"]["pbpo"][32][0]["calls"] <= 32 < res["table"]["pbpo"][64][0]["calls"]  # one run, continued
-    assert set(res["tuned"]) >= {"dpo", "selm", "pbpo"} and all(res["tuning_calls"][a] > 0 for a in ("dpo", "pbpo"))
+    pbpo = res["table"]["pbpo"]
+    assert pbpo[32][0]["calls"] <= 32 < pbpo[64][0]["calls"]  # one run, continued
+    assert set(res["tuned"]) >= {"dpo", "selm", "pbpo"}
+    assert all(res["tuning_calls"][a] > 0 for a in ("dpo", "pbpo"))
     claims = {(c["claim"], c["budget"], c["metric"]) for c in res["claims"]}
-    assert ("PbPO ≥ SELM", 32, "reward") in claims and ("iterative DPO ≥ SFT", 64, "expected_reward") in claims
-    assert ("iterative DPO ≥ SFT", 32, "expected_reward") not in claims  # sampled: top budget only
+    assert ("PbPO ≥ SELM", 32, "reward") in claims
+    assert ("iterative DPO ≥ SFT", 64, "expected_reward") in claims
+    # sampled metrics: at the top budget only
+    assert ("iterative DPO ≥ SFT", 32, "expected_reward") not in claims
     assert "| pbpo | 64 |" in (tmp_path / "compare.md").read_text()
-    runs = sorted(os.listdir(tmp_path / "standard" / "runs"))
-    stamps = {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs}
+    runs_dir = tmp_path / "standard" / "runs"
+    stamps = {r: os.path.getmtime(runs_dir / r / "command.json") for r in os.listdir(runs_dir)}
     C.compare(cfg)  # everything finished is reused
-    assert {r: os.path.getmtime(tmp_path / "standard" / "runs" / r / "command.json") for r in runs} == stamps
+    assert {r: os.path.getmtime(runs_dir / r / "command.json") for r in stamps} == stamps
 
 
 # ---------------------------------------------------------------- drivers: bad flags, stops, kills
@@ -94,8 +100,8 @@ BAD_FLAGS = [  # (driver, flag, what it says after "error: ")
     ("compare", "--budgets=abc",
      "--budgets=abc: expected comma-separated integers >= 1, increasing"),
     ("compare", "--arms=sft,bogus", "--arms=sft,bogus: expected comma-separated names, each "
-     "once, of sft, dpo, dpo_online, selm, pbpo, pbpo_token, pbpo_n1, pbpo_rho0, pbpo_rho0.1, "
-     "pbpo_rho1, pbpo_rho10, pbpo_rho25"),
+     "once, of sft, dpo, dpo_online, selm, pbpo, pbpo_token, pbpo_best_of_n, pbpo_no_enhancer, "
+     "pbpo_mle, pbpo_beta0, pbpo_beta0.01, pbpo_beta0.02, pbpo_beta0.04, pbpo_beta0.1"),
     ("compare", "--settings=standard,bogus",
      "--settings=standard,bogus: expected comma-separated names, each once, of standard, rare"),
 ]
@@ -159,15 +165,16 @@ import run
 import toy
 
 driver, fake, out = sys.argv[1:]
-run.friendly_errors(f"experiments/{driver}.py")
 toy.build = lambda *args, **kwargs: types.SimpleNamespace(model="m", train="t", valid="v",
                                                           heldout="h", prefs="p")
-if driver == "tune":  # 3 runs, 2 at a time
-    T.SCRIPTS[fake] = dataclasses.make_dataclass("Config", [("lr", float), ("hold", int)])
-    T.tune(fake, ["--hold=1"], "lr=1,2,3", [0], out, jobs=2)
-else:  # 6 tuning runs (3 points, 2 seeds), 2 at a time
-    C.ARMS[:] = [C.Arm("sft"), C.Arm("fake", fake, ("--online", "--hold=1"), ("lr=1,2,3",))]
-    C.compare(C.Config(out=out, settings="standard", jobs=2))
+with run.friendly_errors(f"experiments/{driver}.py"):
+    if driver == "tune":  # 3 runs, 2 at a time
+        fields = [("lr", float, run.knob(0.0, "")), ("hold", int, run.knob(0, ""))]
+        T.SCRIPTS[fake] = dataclasses.make_dataclass("Config", fields)
+        T.tune(fake, ["--hold=1"], "lr=1,2,3", [0], out, jobs=2)
+    else:  # 6 tuning runs (3 points, 2 seeds), 2 at a time
+        C.ARMS[:] = [C.Arm("sft"), C.Arm("fake", fake, ("--online", "--hold=1"), ("lr=1,2,3",))]
+        C.compare(C.Config(out=out, settings="standard", jobs=2))
 '''
 
 
@@ -305,7 +312,8 @@ def test_an_evaluator_ends_with_a_killed_driver(tmp_path):
 def test_a_run_directory_in_use_is_never_deleted(tmp_path):
     """run_arm starts an unfinished run over by deleting its directory, unless a run holds it (its
     lock): then it refuses, naming the holder, and the files stay. Once the holder ends, it runs."""
-    fake, out = fake_run(tmp_path), tmp_path / "run"
+    fake = fake_run(tmp_path)
+    out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, fake, f"--out_dir={out}", "--hold=1"])
     try:
@@ -326,7 +334,8 @@ def test_a_run_directory_in_use_is_never_deleted(tmp_path):
 def test_an_interrupted_run_is_continued_with_resume_and_keeps_its_pairs(tmp_path):
     """A run of the same command that began and did not finish (a killed driver) is continued with
     --resume, never deleted: the pairs it labelled stay. A run of another command starts over."""
-    fake, out = fake_run(tmp_path), tmp_path / "run"
+    fake = fake_run(tmp_path)
+    out = tmp_path / "run"
     out.mkdir()
     (out / "command.begun.json").write_text(json.dumps([fake, "--hold=0", f"--out_dir={out}"]))
     (out / "preferences.jsonl").write_text('{"episode": 1, "label": 1}\n')  # labelled, paid for

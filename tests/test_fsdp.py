@@ -1,4 +1,5 @@
-"""FSDP2 on CPU: `torchrun --nproc_per_node=2` with gloo runs tests/fsdp_worker.py against the unsharded model.
+"""FSDP2 on CPU: `torchrun --nproc_per_node=2` with gloo runs tests/fsdp_worker.py against the
+unsharded model.
 
     python -m pytest -q tests/test_fsdp.py
 """
@@ -22,7 +23,8 @@ def torchrun(*args, timeout=240):
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                            "--master_addr=127.0.0.1", f"--master_port={port}",
                            os.path.join(ROOT, "tests", "fsdp_worker.py"), *map(str, args)],
@@ -33,17 +35,20 @@ def torchrun(*args, timeout=240):
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return hf_checkpoint("qwen2", tmp_path_factory.mktemp("qwen2"))[1]  # tied embeddings: the tricky case
+    # tied embeddings: the tricky case
+    return hf_checkpoint("qwen2", tmp_path_factory.mktemp("qwen2"))[1]
 
 
 def test_fsdp_matches_unsharded_and_saves(ckpt, tmp_path):
     out = torchrun(ckpt, tmp_path / "export")
     assert "rank 0: FSDP OK" in out and "rank 1: FSDP OK" in out
-    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager").float()
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "export", attn_implementation="eager")
+    hf = hf.float()
     ours = M.from_pretrained(tmp_path / "export")
     ids, attn = left_padded()
     with torch.no_grad():
-        ref = hf(ids, attention_mask=attn.long(), position_ids=(attn.cumsum(-1) - 1).clamp(min=0)).logits
+        positions = (attn.cumsum(-1) - 1).clamp(min=0)
+        ref = hf(ids, attention_mask=attn.long(), position_ids=positions).logits
         assert (ours.lm_head(ours(ids, attn)) - ref)[attn].abs().max() <= 1e-4
 
 

@@ -203,7 +203,8 @@ def test_sampled_logprobs_are_those_of_the_sampling_distribution(ckpts):
 
     gen = M.generate(model, PROMPTS, 8, temperature=0.7, seed=2)  # at another temperature
     ids, attn, Lp = collate(PROMPTS, gen)
-    assert (M.token_logprobs(model, ids, attn, 0.7)[:, Lp:] - gen.logprobs)[gen.mask].abs().max() <= 1e-4
+    scored = M.token_logprobs(model, ids, attn, 0.7)[:, Lp:]
+    assert (scored - gen.logprobs)[gen.mask].abs().max() <= 1e-4
 
 
 @torch.no_grad()

@@ -11,18 +11,21 @@ set, closer to ŵ as D grows.
 """
 import itertools
 import math
+import os
 
 import pytest
 import torch
 from conftest import PBPO, metrics, run
+from safetensors.torch import load_file
 
 import data
 import model as M
 import toy
+from checkpoint import read_checkpoint
 from explore import Covariance, enhancer_rewards, trajectory_features
 from reward import bt_loss
-from train_pbpo import (advantages, dual_ascent, fit_mle, follower_loss, follower_step_size, leader_loss,
-                        on_response, zeta)
+from train_pbpo import (advantages, dual_ascent, fit_mle, follower_loss, follower_step_size,
+                        leader_loss, on_response, zeta)
 
 V, H, PROMPT = 4, 2, [1, 2, 3]  # vocab, response length, the prompt: V**H responses in all
 
@@ -95,10 +98,12 @@ def test_leader_logprobs_at_the_sampling_temperature_are_the_samplers(toy):
 
 
 def test_two_ranks_run_the_same_run_as_one(toy, tmp_path):
-    """Prompts and samples are keyed by prompt and row, not by rank, and every loss is normalised by counts over
-    all ranks: a 2-rank run at seed s draws the same prompts and responses as a 1-rank run and its metrics agree
-    to float tolerance, although the ranks hold different numbers of tokens."""
-    flags, _ = toy
+    """Prompts and samples are keyed by prompt and row, not by rank, and every loss is normalised by
+    counts over all ranks: a 2-rank run at seed s draws the same prompts and responses as a 1-rank
+    run, labels the same pairs into one store (each pair once, 2 oracle calls a pair), ends with
+    the same Σ and w, and its metrics and final weights agree to float tolerance, although the
+    ranks hold different numbers of tokens."""
+    flags, t = toy
     one, two = tmp_path / "one", tmp_path / "two"
     run("train_pbpo.py", *flags, *PBPO, "--seed=3", f"--out_dir={one}")
     run("train_pbpo.py", *flags, *PBPO, "--seed=3", f"--out_dir={two}", ranks=2)
@@ -110,14 +115,32 @@ def test_two_ranks_run_the_same_run_as_one(toy, tmp_path):
             if key.endswith(("_s", "_hash")):
                 continue
             if isinstance(value, float):
-                assert math.isclose(value, y[key], rel_tol=1e-3, abs_tol=1e-5), (x["kind"], key, value, y[key])
+                close = math.isclose(value, y[key], rel_tol=1e-3, abs_tol=1e-5)
+                assert close, (x["kind"], key, value, y[key])
                 compared += 1
             else:
                 assert value == y[key], (x["kind"], key, value, y[key])
     assert compared > 50
+    explore = [r for r in b if r["kind"] == "explore"]
+    assert [(r["pairs"], r["oracle_calls"]) for r in explore] == [(8, 16), (16, 32)]
+
     records = [data.PreferenceStore(str(d / "preferences.jsonl")).records for d in (one, two)]
     strip = lambda rs: [(r["response0_ids"], r["response1_ids"], r["label"]) for r in rs]
-    assert strip(records[0]) == strip(records[1])
+    assert strip(records[0]) == strip(records[1]) and len(records[1]) == 16
+    # Σ and w as rank 0 saved them (rank 1 chose its pairs above with its own Σ: the same)
+    saved = [read_checkpoint(str(d / "checkpoint.safetensors")) for d in (one, two)]
+    for name in ("sigma", "sigma_inv"):
+        torch.testing.assert_close(saved[1]["cov"][name], saved[0]["cov"][name],
+                                   rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(saved[1]["w"], saved[0]["w"], rtol=1e-3, atol=1e-5)
+    # the weights: what training changed, θ − θ⁰, the same up to float noise (θ⁰: the SFT policy)
+    sft = load_file(os.path.join(t.model, "model.safetensors"))
+    updates = []
+    for d in (one, two):
+        final = load_file(str(d / "final" / "model.safetensors"))
+        assert final.keys() == sft.keys()
+        updates.append(torch.cat([(final[k] - sft[k]).flatten() for k in sorted(sft)]))
+    assert (updates[1] - updates[0]).norm() < 1e-2 * updates[0].norm()
 
 
 def test_health_signals_are_logged(toy, tmp_path):

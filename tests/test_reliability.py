@@ -1,6 +1,7 @@
-"""Reliability: runs killed at random points resume to the same result, bad input gets one clear message, NaN/inf
-never trains silently, a full disk or a dead rank leaves the last good checkpoint intact; a run directory is one run's
-(a lock, its flags), its checkpoint runs no code and is refused when corrupt, what was labelled is never wiped."""
+"""Reliability: runs killed at random points resume to the same result, bad input gets one clear
+message (the table in tests/bad_input_cases.py), NaN/inf never trains silently, a full disk or a
+dead rank leaves the last good checkpoint intact; a run directory is one run's (a lock, its flags),
+its checkpoint runs no code and is refused when corrupt, what was labelled is never wiped."""
 import collections
 import json
 import os
@@ -17,20 +18,22 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from bad_input_cases import BASE_RUNS, CASES
 from conftest import PBPO, ROOT, SELM, command, metrics, run, wait_for_lines, without_timings
 from safetensors.torch import load_file, save_file
 
 import data
 import model as M
+import checkpoint as C
 import run as R
 
-TRACES = (R.CHECKPOINT, "preferences.jsonl", "metrics.jsonl")
+TRACES = (C.CHECKPOINT, "preferences.jsonl", "metrics.jsonl")
 
 
 def killed_then_resumed(script, flags, out, events, leftovers=lambda: None):
     """SIGKILL the run at each event, (file, n): the moment out/file has n lines (a metrics line, a
-    checkpoint write), plus a random few ms; restart it with --resume as a user would after a preemption, and
-    let the last restart finish. leftovers() runs before it."""
+    checkpoint write), plus a random few ms; restart it with --resume as a user would after a
+    preemption, and let the last restart finish. leftovers() runs before it."""
     rng = random.Random(0)
     for name, lines in events:
         resume = ["--resume"] if any(os.path.exists(os.path.join(out, f)) for f in TRACES) else []
@@ -45,7 +48,7 @@ def killed_then_resumed(script, flags, out, events, leftovers=lambda: None):
 
 
 def same_weights(a, b):
-    a, b = load_file(os.path.join(a, "final", "model.safetensors")), load_file(os.path.join(b, "final", "model.safetensors"))
+    a, b = (load_file(os.path.join(d, "final", "model.safetensors")) for d in (a, b))
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -54,20 +57,23 @@ def test_pbpo_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
     run("train_pbpo.py", *flags, *PBPO, f"--out_dir={full}")
 
-    def leftovers():  # what a kill leaves that timing may not hit: half a checkpoint write, a torn store line
-        (part / f"{R.CHECKPOINT}.tmp").write_bytes(b"\x10\x00\x00\x00 half a checkpoint")
+    # what a kill leaves that timing may not hit: half a checkpoint write, a torn store line
+    def leftovers():
+        (part / f"{C.CHECKPOINT}.tmp").write_bytes(b"\x10\x00\x00\x00 half a checkpoint")
         with open(part / "preferences.jsonl", "ab") as f:
             f.write(b'{"episode": 2, "prompt": "Tom has')
 
-    # mid-episode 1 (labelled, no checkpoint yet), right after checkpoint 1, mid-episode 2 (metrics lines: sft_eval,
-    # explore, 2 steps, episode per episode)
-    events = [("metrics.jsonl", 2), (R.HISTORY, 1), ("metrics.jsonl", 7)]
+    # mid-episode 1 (labelled, no checkpoint yet), right after checkpoint 1, mid-episode 2 (metrics
+    # lines: sft_eval, explore, 2 steps, episode per episode)
+    events = [("metrics.jsonl", 2), (C.HISTORY, 1), ("metrics.jsonl", 7)]
     killed_then_resumed("train_pbpo.py", [*flags, *PBPO], part, events, leftovers)
     assert without_timings(metrics(part)) == without_timings(metrics(full))
-    store, ref = (data.PreferenceStore(os.path.join(d, "preferences.jsonl")).records for d in (part, full))
+    store, ref = (data.PreferenceStore(os.path.join(d, "preferences.jsonl")).records
+                  for d in (part, full))
     assert store == ref and len(store) == 16  # nothing lost, nothing twice
     dropped = data.PreferenceStore(os.path.join(part, "preferences.dropped.jsonl")).records
-    assert dropped and all(r in ref for r in dropped)  # set aside, never deleted, and labelled again alike
+    # set aside, never deleted, and labelled again alike
+    assert dropped and all(r in ref for r in dropped)
     assert same_weights(part, full)
 
 
@@ -76,9 +82,11 @@ def test_selm_killed_at_random_points_resumes_to_the_same_result(toy, tmp_path):
     flags = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
     flags += [*SELM, "--iterations=2", "--max_pairs=16"]
     run("train_selm.py", *flags, f"--out_dir={tmp_path / 'full'}")
-    events = [("metrics.jsonl", 2), (R.HISTORY, 1), ("metrics.jsonl", 6)]  # sft_eval, 2 steps, iteration each
+    # metrics lines: sft_eval, 2 steps, iteration per iteration
+    events = [("metrics.jsonl", 2), (C.HISTORY, 1), ("metrics.jsonl", 6)]
     killed_then_resumed("train_selm.py", flags, tmp_path / "part", events)
-    assert without_timings(metrics(tmp_path / "part")) == without_timings(metrics(tmp_path / "full"))
+    part, full = (without_timings(metrics(tmp_path / d)) for d in ("part", "full"))
+    assert part == full
     assert same_weights(tmp_path / "part", tmp_path / "full")
 
 
@@ -89,11 +97,15 @@ def test_resume_on_fewer_ranks_keeps_every_pair_once(toy, tmp_path):
     store = tmp_path / "preferences.jsonl"
     lines = store.read_bytes()
     store.write_bytes(lines + b"[1, 2]\n")
-    proc = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume", ranks=2, ok=False)
-    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]  # then torchrun's own report
-    assert proc.returncode != 0 and len(ranks) == 2, proc.stderr[-3000:]  # one line each, no traceback
-    assert all("train_pbpo.py: error: " in line and "preferences.jsonl:9: expected a preference record" in line
-               for line in ranks)
+    proc = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume", ranks=2,
+               ok=False)
+    # the ranks' lines, then torchrun's own report
+    ranks = [line for line in proc.stderr.splitlines() if line.startswith("[rank")]
+    # one line each, no traceback
+    assert proc.returncode != 0 and len(ranks) == 2, proc.stderr[-3000:]
+    for line in ranks:
+        assert "train_pbpo.py: error: " in line, line
+        assert "preferences.jsonl:9: expected a preference record" in line, line
     store.write_bytes(lines)
     run("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")  # 2 ranks -> 1
     records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
@@ -108,9 +120,10 @@ def test_runs_with_the_same_seed_are_identical_and_ranks_sample_differently(toy,
     assert without_timings(metrics(tmp_path / "a")) == without_timings(metrics(tmp_path / "b"))
     # 2 ranks, every prompt the same: each rank samples its own rows, so their responses differ
     same = tmp_path / "same.jsonl"
-    same.write_text(2 * (json.dumps({"question": "Tom has 5 pens and buys 3. How many pens does Tom have now?",
-                                     "answer": "8"}) + "\n"))
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--prompts={same}", f"--out_dir={tmp_path / 'ranks'}", ranks=2)
+    question = "Tom has 5 pens and buys 3. How many pens does Tom have now?"
+    same.write_text(2 * (json.dumps({"question": question, "answer": "8"}) + "\n"))
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--prompts={same}",
+        f"--out_dir={tmp_path / 'ranks'}", ranks=2)
     records = data.PreferenceStore(os.path.join(tmp_path / "ranks", "preferences.jsonl")).records
     by_rank = [[r["response1_ids"] for r in records[i * 4:(i + 1) * 4]] for i in range(2)]
     assert by_rank[0] != by_rank[1]
@@ -118,53 +131,54 @@ def test_runs_with_the_same_seed_are_identical_and_ranks_sample_differently(toy,
 
 # ---------------------------------------------------------------------------- numerical guards
 def test_nonfinite_update_is_skipped_and_logged_and_divergence_ends_in_an_error(toy, tmp_path):
-    """lr 1e30: leader step 0 is finite and blows the weights up (logged as diverged: it cannot be undone), later
-    steps' gradients are NaN or inf (skipped). The run goes on (--on_nonfinite=skip), then exits with an error."""
+    """lr 1e30: leader step 0 is finite and blows the weights up (logged as diverged: it cannot be
+    undone), later steps' gradients are NaN or inf (skipped). The run goes on
+    (--on_nonfinite=skip), then exits with an error."""
     flags, _ = toy
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e30", f"--out_dir={tmp_path}",
-               ok=False)
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e30",
+               f"--out_dir={tmp_path}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"the policy diverged \(‖θ‖ = \S+, ‖θ⁰‖ = [\d.]+\) at episode 1, leader step 0; it was trained and "
-                     r"exported all the same \(--on_nonfinite=skip\)", proc.stderr.strip().splitlines()[-1])
+    assert re.search(r"the policy diverged \(‖θ‖ = \S+, ‖θ⁰‖ = [\d.]+\) at episode 1, leader step "
+                     r"0; it was trained and exported all the same \(--on_nonfinite=skip\)",
+                     proc.stderr.strip().splitlines()[-1])
     bad = [r for r in metrics(tmp_path) if r["kind"] == "nonfinite"]
     assert (bad[0]["what"], bad[0]["step"]) == ("policy weights", 0)
     assert bad[1:] and all(r["what"] == "policy gradient" and r["episode"] == 1 for r in bad[1:])
     assert {r["step"] for r in bad[1:]} <= {1, 2}
     assert os.path.exists(tmp_path / "final" / "model.safetensors")
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=2", "--t_out=3", "--lr=1e30", f"--out_dir={tmp_path}",
-               "--resume", ok=False)  # the checkpoint holds the diverged policy: resumed, it is still an error
+    # the checkpoint holds the diverged policy: resumed, it is still an error
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=2", "--t_out=3", "--lr=1e30",
+               f"--out_dir={tmp_path}", "--resume", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_divergence_with_stop_ends_the_run_and_keeps_what_was_labelled(toy, tmp_path):
-    """lr 1e6 (finite gradients, weights driven far from the start): with --on_nonfinite=stop the step that diverges
-    ends the run, naming it; episode 1's labelled pairs stay in the store. SELM does the same."""
+    """lr 1e6 (finite gradients, weights driven far from the start): with --on_nonfinite=stop the
+    step that diverges ends the run, naming it; episode 1's labelled pairs stay in the store. SELM
+    does the same."""
     flags, t = toy
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e6", "--on_nonfinite=stop",
-               f"--out_dir={tmp_path / 'out'}", ok=False)
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--t_out=3", "--lr=1e6",
+               "--on_nonfinite=stop", f"--out_dir={tmp_path / 'out'}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert re.search(r"the policy diverged \(‖θ‖ = [\d.e+]+, ‖θ⁰‖ = [\d.]+\) at episode 1, leader step 0; stopped "
-                     r"\(--on_nonfinite=stop\), no checkpoint yet", proc.stderr), proc.stderr[-2000:]
-    bad = [(r["episode"], r["step"], r["what"]) for r in metrics(tmp_path / "out") if r["kind"] == "nonfinite"]
+    assert re.search(r"the policy diverged \(‖θ‖ = [\d.e+]+, ‖θ⁰‖ = [\d.]+\) at episode 1, "
+                     r"leader step 0; stopped \(--on_nonfinite=stop\), no checkpoint yet",
+                     proc.stderr), proc.stderr[-2000:]
+    bad = [(r["episode"], r["step"], r["what"]) for r in metrics(tmp_path / "out")
+           if r["kind"] == "nonfinite"]
     assert bad == [(1, 0, "policy weights")]
-    assert len(data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records) == 8
+    store = data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl"))
+    assert len(store.records) == 8
     selm = [f.replace("--prompts=", "--prefs=").replace(t.train, t.prefs) for f in flags]
-    proc = run("train_selm.py", *selm, *SELM, "--max_pairs=8", "--lr=1e6", f"--out_dir={tmp_path / 'selm'}", ok=False)
+    proc = run("train_selm.py", *selm, *SELM, "--max_pairs=8", "--lr=1e6",
+               f"--out_dir={tmp_path / 'selm'}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "the policy diverged (‖θ‖ = " in proc.stderr and "at iteration 1, step 0" in proc.stderr, proc.stderr[-2000:]
-    assert [r["what"] for r in metrics(tmp_path / "selm") if r["kind"] == "nonfinite"] == ["policy weights"]
+    assert "the policy diverged (‖θ‖ = " in proc.stderr, proc.stderr[-2000:]
+    assert "at iteration 1, step 0" in proc.stderr, proc.stderr[-2000:]
+    bad = [r["what"] for r in metrics(tmp_path / "selm") if r["kind"] == "nonfinite"]
+    assert bad == ["policy weights"]
 
 
 # ---------------------------------------------------------------------------- bad input
-def corrupt(path, how):
-    """A checkpoint as disks and people leave them."""
-    raw = open(path, "rb").read()
-    if how == "flipped":  # 4 bytes inside the tensor data
-        raw = raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:-96]) + raw[-96:]
-    open(path, "wb").write({"flipped": raw, "truncated": raw[:len(raw) // 2], "empty": b"",
-                            "random": random.Random(0).randbytes(len(raw))}[how])
-
-
 class Payload:
     """Unpickling this runs code: it creates the file named."""
 
@@ -175,309 +189,125 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def bad_inputs(toy, tmp):
-    """(name, script, flags, what the message must say): each must exit non-zero with that one
-    message, before any oracle call, leaving a run directory it was pointed at as it was."""
-    flags, t = toy
-    model, prompts = f"--model={t.model}", f"--prompts={t.train}"
-    (tmp / "prefs_copy.jsonl").write_text(open(t.prefs).read())  # changed after the base run
-    selm_flags = [model, f"--prefs={tmp / 'prefs_copy.jsonl'}", f"--heldout={t.heldout}", *SELM, "--max_pairs=8"]
+def fill(text, places):
+    """text with each {name} of places (a path) written out."""
+    for name, path in places.items():
+        text = text.replace("{" + name + "}", path)
+    return text
 
-    def model_copy(name, edit):
-        path = tmp / name
-        shutil.copytree(t.model, path)
-        edit(path)
-        return f"--model={path}"
 
-    def set_json(file, key, value):
-        config = json.loads(file.read_text()) if file.exists() else {}
-        config[key] = value
-        file.write_text(json.dumps(config))
+def edit_json(path, key, value):
+    config = json.loads(open(path).read()) if os.path.exists(path) else {}
+    config[key] = value
+    open(path, "w").write(json.dumps(config))
 
-    def prompt_file(name, text):
-        (tmp / name).write_bytes(text if isinstance(text, bytes) else text.encode())
-        return f"--prompts={tmp / name}"
 
-    def smaller_vocab(path):  # config.json and the weights agree on 300 tokens; the tokenizer has more
-        set_json(path / "config.json", "vocab_size", 300)
-        weights = load_file(path / "model.safetensors")
-        weights["model.embed_tokens.weight"] = weights["model.embed_tokens.weight"][:300].clone()
-        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+def edit_weights(folder, name, edit):
+    path = os.path.join(folder, "model.safetensors")
+    tensors = load_file(path)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, path, metadata={"format": "pt"})
 
-    def other_tokenizer(path):  # two tokens swap ids: the same text, other ids
-        tokenizer = json.loads((path / "tokenizer.json").read_text())
-        vocab = tokenizer["model"]["vocab"]
-        (a, i), (b, j) = sorted(vocab.items(), key=lambda kv: kv[1])[-2:]
-        vocab[a], vocab[b] = j, i
-        (path / "tokenizer.json").write_text(json.dumps(tokenizer))
 
-    def index_only(path):
-        os.remove(path / "model.safetensors")
-        (path / "model.safetensors.index.json").write_text('{"metadata": {}}')
-
-    def run_dir(name, base, edit=lambda d: None):
-        shutil.copytree(base, tmp / name)
-        edit(tmp / name)
-        return f"--out_dir={tmp / name}"
-
-    def weights(path, name, edit):  # one tensor of the model's weights changed
-        tensors = load_file(path / "model.safetensors")
-        tensors[name] = edit(tensors[name])
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-
-    def planted_link(name):  # a run directory's own file, a symbolic link to a file outside it
-        (tmp / "outside.txt").write_text("not the run's\n")
-        return lambda d: [os.remove(d / name) if os.path.exists(d / name) else None,
-                          os.symlink(tmp / "outside.txt", d / name)]
-
-    def store_edit(edit):
-        def apply(d):
-            lines = (d / "preferences.jsonl").read_text().splitlines(keepends=True)
-            (d / "preferences.jsonl").write_text("".join(edit(lines)))
-        return apply
-
-    def flip_label(lines):  # PbPO's label, or SELM's chosen and rejected swapped
-        record = json.loads(lines[3])
+def edit_lines(path, what, args):
+    """A JSONL file edited line by line; line numbers count from 1, as error messages do."""
+    lines = open(path).read().splitlines(keepends=True)
+    if what == "keep_lines":
+        lines = lines[:args[0]]
+    elif what == "drop_last_line":
+        lines = lines[:-1]
+    elif what == "append_line":
+        lines.append(args[0] + "\n")
+    elif what == "insert_line":
+        lines.insert(args[0] - 1, args[1] + "\n")
+    elif what == "flip_label":
+        record = json.loads(lines[args[0] - 1])
         if "label" in record:
             record["label"] = 1 - record["label"]
         else:
             record["chosen"], record["rejected"] = record["rejected"], record["chosen"]
-        return lines[:3] + [json.dumps(record) + "\n"] + lines[4:]
-
-    pbpo_run, selm_run = tmp / "base_pbpo", tmp / "base_selm"  # finished runs, to resume
-    run("train_pbpo.py", *flags, *PBPO, f"--out_dir={pbpo_run}")
-    run("train_selm.py", *selm_flags, f"--out_dir={selm_run}")
-    online_flags = [model, f"--prompts={t.train}", *SELM, "--online", "--online_prompts=8"]
-    online_run = tmp / "base_online"
-    run("train_selm.py", *online_flags, f"--out_dir={online_run}")
-    # a run on copies of its inputs, which then change at the same paths
-    inputs_model, inputs_prompts = model_copy("inputs_model", lambda p: None), prompt_file("inputs.jsonl", open(t.train).read())
-    inputs_run = tmp / "base_inputs"
-    run("train_pbpo.py", inputs_model, inputs_prompts, *PBPO[1:], "--episodes=1", f"--out_dir={inputs_run}")
-    weights(tmp / "inputs_model", "model.norm.weight", lambda w: w * 1.01)
-    prompt_file("inputs.jsonl", "".join(open(t.train).readlines()[:3]))
-    (tmp / "prefs_copy.jsonl").write_text("".join(open(t.prefs).readlines()[:-1]))
-    no_answer_17 = "".join(line if i != 16 else json.dumps({"prompt": json.loads(line)["question"]}) + "\n"
-                           for i, line in enumerate(open(t.train)))
-    pbpo_resume = [*flags, *PBPO, "--resume"]
-    ckpt = lambda how: lambda d: corrupt(d / R.CHECKPOINT, how)
-    (tmp / "pairs.jsonl").write_text('{"prompt": "a", "chosen": "b"}\n')
-    (tmp / "run").mkdir()
-    (tmp / "run" / "checkpoint.pt").write_bytes(b"")
-    (tmp / "empty_model").mkdir()
-    os.mkfifo(tmp / "fifo.jsonl")
-    fifo_in_model = model_copy("fifo_model", lambda p: os.mkfifo(p / "generation_config.json"))
-    return [
-        ("missing model dir", "train_pbpo.py", ["--model=/no/such/model", prompts], "/no/such/model: no such directory"),
-        ("model dir without files", "train_pbpo.py", [f"--model={tmp / 'empty_model'}", prompts], "no loadable tokenizer"),
-        ("unsupported architecture", "train_pbpo.py", [model_copy("gpt2", lambda p: set_json(p / "config.json", "model_type", "gpt2")), prompts],
-         "model_type 'gpt2' is not supported"),
-        ("config.json not JSON", "train_pbpo.py", [model_copy("badcfg", lambda p: (p / "config.json").write_text("{")), prompts], "config.json"),
-        ("weights missing", "train_pbpo.py", [model_copy("noweights", lambda p: os.remove(p / "model.safetensors")), prompts],
-         "neither model.safetensors nor model.safetensors.index.json"),
-        ("tokenizer without EOS", "train_pbpo.py", [model_copy("noeos", lambda p: set_json(p / "tokenizer_config.json", "eos_token", None)), prompts],
-         "the tokenizer has no EOS token"),
-        ("missing prompt file", "train_pbpo.py", [model, "--prompts=/no/such.jsonl"], "/no/such.jsonl"),
-        ("empty prompt file", "train_pbpo.py", [model, prompt_file("empty.jsonl", "")], "empty.jsonl"),
-        ("malformed JSONL", "train_pbpo.py", [model, prompt_file("bad.jsonl", '{"prompt": "a"}\n{"prompt": \n')], "bad.jsonl:2"),
-        ("wrong field type", "train_pbpo.py", [model, prompt_file("type.jsonl", '{"prompt": 5}\n')], "type.jsonl:1: field 'prompt'"),
-        ("missing field", "train_pbpo.py", [model, prompt_file("field.jsonl", '{"text": "hi"}\n')], "field.jsonl:1: missing field 'prompt'"),
-        ("prompts longer than the context", "train_pbpo.py", [model, prompts, "--max_prompt_len=3"], "longer than max_prompt_len=3"),
-        ("no answer for the gold oracle", "train_pbpo.py", [model, prompt_file("noanswer.jsonl", '{"prompt": "hi"}\n')],
-         "--oracle=gold needs an 'answer' field"),
-        ("max_new_tokens 0", "train_pbpo.py", [model, prompts, "--max_new_tokens=0"], "--max_new_tokens=0: expected at least 1"),
-        ("NaN learning rate", "train_pbpo.py", [model, prompts, "--lr=nan"], "--lr=nan: expected a finite number >= 0"),
-        ("negative KL weight", "train_pbpo.py", [model, prompts, "--kl_coef=-1"], "--kl_coef=-1.0: expected a finite number >= 0"),
-        ("infinite bound", "train_pbpo.py", [model, prompts, "--bound=inf"], "--bound=inf: expected a finite number >= 0"),
-        ("group of one", "train_pbpo.py", [model, prompts, "--group=1"], "--group=1: expected at least 2"),
-        ("greedy leader", "train_pbpo.py", [model, prompts, "--temperature=0"],
-         "--temperature=0.0: expected at least 1e-06 (T: the leader scores its samples' log-probs at T)"),
-        ("not an integer", "train_pbpo.py", [model, prompts, "--episodes=two"], "--episodes: invalid int value"),
-        ("unknown level", "train_pbpo.py", [model, prompts, "--level=word"], "--level='word': expected one of seq, token"),
-        ("unknown oracle", "train_pbpo.py", [model, prompts, "--oracle=magic"], "--oracle='magic': expected gold, gsm8k or rm:PATH"),
-        ("missing reward model", "train_pbpo.py", [model, prompts, "--oracle=rm:/no/rm"], "expected a local HF reward model directory"),
-        ("--resume without a checkpoint", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'nothing'}", "--resume"],
-         "--resume: no checkpoint at"),
-        ("fresh run over a previous one", "train_pbpo.py", [model, prompts, f"--out_dir={tmp / 'run'}"], "holds a previous run"),
-        ("pair without 'rejected'", "train_selm.py", [model, f"--prefs={tmp / 'pairs.jsonl'}"], "pairs.jsonl:1: missing field 'rejected'"),
-        ("SELM with max_new_tokens 0", "train_selm.py", [model, f"--prefs={t.prefs}", "--max_new_tokens=0"], "expected at least 1"),
-        # flags whose range was never checked
-        ("no follower steps", "train_pbpo.py", [model, prompts, "--t_in=0"], "--t_in=0: expected at least 1"),
-        ("max_new_tokens past the context", "train_pbpo.py", [model, prompts, "--max_new_tokens=1000000"],
-         "--max_new_tokens=1000000 is more than the model's context, max_position_embeddings=256"),
-        ("nothing to evaluate", "train_pbpo.py", [model, prompts, "--eval_max=0"], "--eval_max=0: expected at least 1"),
-        ("SELM, nothing to evaluate", "train_selm.py", [model, f"--prefs={t.prefs}", "--eval_max=0"], "--eval_max=0: expected at least 1"),
-        ("a bool flag neither on nor off", "train_pbpo.py", [model, prompts, "--normalize=maybe"],
-         "argument --normalize: invalid boolean value: 'maybe'"),
-        # files
-        ("JSON nested too deep", "train_pbpo.py", [model, prompt_file("deep.jsonl", "[" * 100000 + "\n")],
-         "deep.jsonl:1: bad JSON (maximum recursion depth exceeded"),
-        ("a 5000-digit number", "train_pbpo.py", [model, prompt_file("digits.jsonl", '{"prompt": "a", "answer": ' + "9" * 5000 + "}\n")],
-         "digits.jsonl:1: bad JSON (Exceeds the limit (4300 digits)"),
-        ("text that is not Unicode", "train_pbpo.py", [model, prompt_file("surrogate.jsonl", '{"prompt": "\\ud800"}\n')],
-         "surrogate.jsonl:1: bad JSON ('utf-8' codec can't encode character"),
-        ("text that is not UTF-8", "train_pbpo.py", [model, prompt_file("latin1.jsonl", b'{"prompt": "caf\xe9"}\n')],
-         "latin1.jsonl: not UTF-8 text (byte 15: invalid continuation byte)"),
-        ("prompt file that never ends (FIFO)", "train_pbpo.py", [model, f"--prompts={tmp / 'fifo.jsonl'}"],
-         "fifo.jsonl: not a regular file"),
-        ("prompt file that never ends (/dev/zero)", "train_pbpo.py", [model, "--prompts=/dev/zero"], "/dev/zero: not a regular file"),
-        ("model file that never ends (FIFO)", "train_pbpo.py", [fifo_in_model, prompts], "generation_config.json: not a regular file"),
-        ("truncated safetensors", "train_pbpo.py",
-         [model_copy("truncated", lambda p: os.truncate(p / "model.safetensors", os.path.getsize(p / "model.safetensors") // 2)), prompts],
-         "model.safetensors: not a readable safetensors file (Error while deserializing header: incomplete metadata"),
-        ("index without a weight map", "train_pbpo.py", [model_copy("index", index_only), prompts],
-         "model.safetensors.index.json: expected a 'weight_map' of tensor names to files"),
-        ("config.json: a size that is no number", "train_pbpo.py",
-         [model_copy("strsize", lambda p: set_json(p / "config.json", "hidden_size", "32")), prompts],
-         "Validation error for field 'hidden_size': TypeError: Field 'hidden_size' expected int, got str (value: '32')"),
-        ("config.json: a negative size", "train_pbpo.py",
-         [model_copy("negsize", lambda p: set_json(p / "config.json", "hidden_size", -32)), prompts],
-         "config.json: hidden_size must be a positive integer to build a llama model, got -32"),
-        ("config.json disagrees with the weights", "train_pbpo.py",
-         [model_copy("heads", lambda p: set_json(p / "config.json", "intermediate_size", 48)), prompts], "config.json implies (32, 48)"),
-        ("config.json disagrees with the tokenizer", "train_pbpo.py", [model_copy("vocab", smaller_vocab), prompts],
-         "must be ids below the vocab_size=300"),
-        ("EOS id outside the vocabulary", "train_pbpo.py",
-         [model_copy("geneos", lambda p: set_json(p / "generation_config.json", "eos_token_id", [2, 100000])), prompts],
-         "generation_config.json: eos_token_id [2, 100000] and the tokenizer"),
-        ("broken tokenizer.json", "train_pbpo.py",
-         [model_copy("badtok", lambda p: (p / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')), prompts], "no loadable tokenizer"),
-        ("reward backbone with another tokenizer", "train_pbpo.py",
-         [model, prompts, model_copy("othertok", other_tokenizer).replace("--model", "--rm_backbone")], "its tokenizer is not"),
-        # run directories: checkpoints, flags, scripts
-        ("checkpoint with 4 bytes flipped", "train_pbpo.py", [*pbpo_resume, run_dir("flipped", pbpo_run, ckpt("flipped"))],
-         "checksum mismatch: the file is corrupt"),
-        ("checkpoint truncated", "train_pbpo.py", [*pbpo_resume, run_dir("truncated_ckpt", pbpo_run, ckpt("truncated"))],
-         "not a readable checkpoint (Error while deserializing header"),
-        ("checkpoint empty", "train_pbpo.py", [*pbpo_resume, run_dir("empty_ckpt", pbpo_run, ckpt("empty"))],
-         "not a readable checkpoint (Error while deserializing header: header too small)"),
-        ("checkpoint of random bytes", "train_pbpo.py", [*pbpo_resume, run_dir("random_ckpt", pbpo_run, ckpt("random"))],
-         "not a readable checkpoint (Error while deserializing header"),
-        ("checkpoint crafted to run code", "train_pbpo.py",
-         [*pbpo_resume, run_dir("pickle", pbpo_run, lambda d: torch.save(Payload(tmp / "MARKER"), d / R.CHECKPOINT))],
-         "not a readable checkpoint"),
-        ("checkpoint lost", "train_pbpo.py", [*pbpo_resume, run_dir("lost", pbpo_run, lambda d: os.remove(d / R.CHECKPOINT))],
-         "checkpoints.log shows the run had one: refusing to start it over"),
-        ("only a checkpoint of an older version", "train_pbpo.py",
-         [*pbpo_resume, run_dir("legacy", pbpo_run, lambda d: [os.rename(d / R.CHECKPOINT, d / "checkpoint.pt"), os.remove(d / R.HISTORY)])],
-         "checkpoint.pt shows the run had one: refusing to start it over"),
-        ("resume with another learning rate", "train_pbpo.py", [*pbpo_resume, run_dir("lr", pbpo_run), "--lr=0.5"],
-         "is a run with other flags (--lr 0.0001 -> 0.5); only episodes, micro_batch, on_nonfinite, dist_timeout may change"),
-        ("resume with another G, level and seed", "train_pbpo.py",
-         [*pbpo_resume, run_dir("glevel", pbpo_run), "--group=4", "--level=token", "--seed=1"],
-         "(--group 2 -> 4; --level 'seq' -> 'token'; --seed 0 -> 1)"),
-        ("resume with another model", "train_pbpo.py", [*pbpo_resume, run_dir("model", pbpo_run), model_copy("same_arch", lambda p: None)],
-         f"(--model '{t.model}' -> '{tmp / 'same_arch'}')"),
-        ("resume with fewer episodes than done", "train_pbpo.py", [*pbpo_resume, run_dir("fewer", pbpo_run), "--episodes=1"],
-         "--episodes=1: the run is past episode 2 already"),
-        ("SELM resume with more iterations", "train_selm.py", [*selm_flags, "--resume", run_dir("iterations", selm_run), "--iterations=2"],
-         "(--iterations 1 -> 2); only micro_batch, on_nonfinite, dist_timeout may change"),
-        ("PbPO resume in a SELM run", "train_pbpo.py", [*pbpo_resume, run_dir("selm", selm_run)],
-         "checkpoint.safetensors was written by train_selm.py, not train_pbpo.py"),
-        # eval.py
-        ("eval: negative limit", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--limit=-3"], "--limit=-3: expected a finite number >= 0"),
-        ("eval: unknown device", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--device=gpu"], "--device=gpu: expected cpu"),
-        ("eval: truncated safetensors", "eval.py", ["generation", f"--model={tmp / 'truncated'}", f"--prompts={t.heldout}"],
-         "model.safetensors: not a readable safetensors file"),
-        ("eval: max_new_tokens past the context", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--max_new_tokens=1000000"],
-         "is more than the model's context"),
-        ("eval: reference with another tokenizer", "eval.py", ["winrate", model, f"--ref={tmp / 'othertok'}", f"--prompts={t.heldout}"],
-         "its tokenizer is not"),
-        ("eval: pass@k at temperature 0", "eval.py", ["generation", model, f"--prompts={t.heldout}", "--k=2"],
-         "pass@2 needs k samples at a temperature > 0"),
-        ("eval: data file that never ends", "eval.py", ["choice", model, f"--data={tmp / 'fifo.jsonl'}"], "fifo.jsonl: not a regular file"),
-        # run directories that cannot hurt: planted links, changed inputs, a store that is not the checkpoint's
-        ("a planted lock link", "train_pbpo.py", [model, prompts, run_dir("lock_link", tmp / "empty_model", planted_link("lock"))],
-         "lock: not a regular file in the run directory (a symbolic link, a FIFO?)"),
-        ("a planted metrics link on resume", "train_pbpo.py", [*pbpo_resume, run_dir("metrics_link", pbpo_run, planted_link("metrics.jsonl"))],
-         "metrics.jsonl: not a regular file in the run directory"),
-        ("a planted link in the export", "train_pbpo.py",
-         [*pbpo_resume, "--episodes=3", run_dir("final_link", pbpo_run, planted_link("final/model.safetensors"))],
-         "final/model.safetensors: not a regular file in the run directory"),
-        ("a FIFO for the preference store", "train_pbpo.py",
-         [*pbpo_resume, run_dir("store_fifo", pbpo_run, lambda d: [os.remove(d / "preferences.jsonl"),
-                                                                   os.mkfifo(d / "preferences.jsonl")])],
-         "preferences.jsonl: not a regular file in the run directory (a symbolic link, a FIFO?)"),
-        ("a checkpoint whose document is a list", "train_pbpo.py",
-         [*pbpo_resume, run_dir("ckpt_list", pbpo_run, lambda d: save_file(
-             {}, d / R.CHECKPOINT, metadata={"state": "[]", "sha256": R._checksum("[]", {})}))],
-         "not a readable checkpoint"),
-        ("an empty --out_dir", "train_pbpo.py", [model, prompts, "--out_dir="], "--out_dir='': expected the path of the run directory"),
-        ("resume on changed inputs at the same paths", "train_pbpo.py",
-         [inputs_model, inputs_prompts, *PBPO[1:], "--resume", run_dir("inputs", inputs_run)],
-         f"--resume: {inputs_model}, {inputs_prompts}: other contents than the run in"),
-        ("checkpoint lost with its log, pairs of episode 2 kept", "train_pbpo.py",
-         [*pbpo_resume, run_dir("lost_all", pbpo_run, lambda d: [os.remove(d / R.CHECKPOINT), os.remove(d / R.HISTORY)])],
-         "yet preferences.jsonl (pairs of episode 2) shows the run had one: refusing to start it over"),
-        ("a store line that is no record", "train_pbpo.py",
-         [*pbpo_resume, run_dir("store_shape", pbpo_run, store_edit(lambda lines: lines + ['{"prompt": "x"}\n']))],
-         "preferences.jsonl:17: expected a preference record (a JSON object with an integer 'episode')"),
-        ("a store line that is a list", "train_pbpo.py",
-         [*pbpo_resume, run_dir("store_list", pbpo_run, store_edit(lambda lines: lines[:5] + ["[1, 2]\n"] + lines[5:]))],
-         "preferences.jsonl:6: expected a preference record"),
-        ("a store one pair short", "train_pbpo.py", [*pbpo_resume, run_dir("store_short", pbpo_run, store_edit(lambda lines: lines[:-1]))],
-         "preferences.jsonl: its 15 pairs up to episode 2 are not the 16 pairs"),
-        ("a store with an edited label", "train_pbpo.py", [*pbpo_resume, run_dir("store_label", pbpo_run, store_edit(flip_label))],
-         "are not the 16 pairs"),
-        ("SELM: a store with an edited label", "train_selm.py",
-         [*online_flags, "--resume", run_dir("online_label", online_run, store_edit(flip_label))], "are not the"),
-        ("SELM: a planted metrics link", "train_selm.py",
-         [*selm_flags, "--resume", run_dir("selm_link", selm_run, planted_link("metrics.jsonl"))], "metrics.jsonl: not a regular file in the run directory"),
-        ("SELM: resume on changed inputs", "train_selm.py", [*selm_flags, "--resume", run_dir("selm_inputs", selm_run)],
-         f"--resume: --prefs={tmp / 'prefs_copy.jsonl'}: other contents"),
-        # remote code and chat templates: a model directory is data, never code
-        ("auto_map in config.json", "train_pbpo.py",
-         [model_copy("automap", lambda p: [set_json(p / "config.json", "auto_map", {"AutoModel": "evil.Model"}),
-                                           (p / "evil.py").write_text(f"open({str(tmp / 'EVIL')!r}, 'w')")]), prompts],
-         "config.json: 'auto_map' names Python code to run; no code of a model directory is ever run"),
-        ("auto_map in tokenizer_config.json", "train_pbpo.py",
-         [model_copy("automap_tok", lambda p: set_json(p / "tokenizer_config.json", "auto_map", {"AutoTokenizer": ["evil.Tok", None]})),
-          prompts], "tokenizer_config.json: 'auto_map' names Python code"),
-        ("auto_map in a reward model", "train_pbpo.py", [model, prompts, f"--oracle=rm:{tmp / 'automap'}"], "'auto_map' names Python code"),
-        ("a chat template that never ends", "train_pbpo.py",
-         [model_copy("slow_template", lambda p: set_json(p / "tokenizer_config.json", "chat_template",
-                                                         "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")),
-          prompts], "its chat template ran for more than 10 s on"),
-        ("a chat template that raises", "train_pbpo.py",
-         [model_copy("raising_template", lambda p: set_json(p / "tokenizer_config.json", "chat_template", "{{ raise_exception('no') }}")),
-          prompts], "its chat template failed on"),
-        ("a chat template that does not parse", "train_pbpo.py",
-         [model_copy("bad_template", lambda p: set_json(p / "tokenizer_config.json", "chat_template", "{% for %}")), prompts],
-         "its chat template failed on"),
-        # inputs checked before the first oracle call
-        ("no answer in record 17", "train_pbpo.py", [model, prompt_file("noanswer17.jsonl", no_answer_17)],
-         "noanswer17.jsonl:17: --oracle=gold needs an 'answer' field"),
-        ("SELM online, no answer in record 17", "train_selm.py",
-         [model, prompt_file("noanswer17s.jsonl", no_answer_17), *SELM, "--online"], "noanswer17s.jsonl:17: --oracle=gold needs"),
-        ("NaN weights", "train_pbpo.py",
-         [model_copy("nan", lambda p: weights(p, "model.norm.weight", lambda w: w * float("nan"))), prompts],
-         "tensor 'model.norm.weight' (torch.float32): expected finite floating-point weights, no NaN or inf"),
-        ("bool weights", "train_pbpo.py", [model_copy("bool", lambda p: weights(p, "model.norm.weight", lambda w: w > 0)), prompts],
-         "tensor 'model.norm.weight' (torch.bool): expected finite floating-point weights"),
-        ("int8 weights", "train_pbpo.py",
-         [model_copy("int8", lambda p: weights(p, "model.norm.weight", lambda w: w.to(torch.int8))), prompts], "(torch.int8): expected finite floating-point weights"),
-        ("eval: NaN weights", "eval.py", ["generation", f"--model={tmp / 'nan'}", f"--prompts={t.heldout}"], "no NaN or inf"),
-        ("an enhancer temperature of 1e-300", "train_pbpo.py", [model, prompts, "--enh_temp=1e-300"],
-         "--enh_temp=1e-300: expected at least 1e-06"),
-        ("2e9 exploration prompts", "train_pbpo.py", [model, prompts, "--explore_prompts=2000000000"],
-         "--explore_prompts=2000000000 × --n_candidates=4: 8000000000 rows a rank need at least"),
-        ("a group of 1e8", "train_pbpo.py", [model, prompts, "--group=100000000"], "--leader_prompts=16 × --group=100000000: 1600000000 rows a rank need"),
-        ("SELM online, 2e9 prompts", "train_selm.py", [model, f"--prompts={t.train}", "--online", "--online_prompts=2000000000"],
-         "--online_prompts=2000000000: 4000000000 rows a rank need at least"),
-    ]
+        lines[args[0] - 1] = json.dumps(record) + "\n"
+    elif what == "no_answer":
+        question = json.loads(lines[args[0] - 1])["question"]
+        lines[args[0] - 1] = json.dumps({"prompt": question}) + "\n"
+    else:
+        raise ValueError(f"no step {what!r}")
+    open(path, "w").write("".join(lines))
 
 
-def snapshot(out_dir):
-    """{file: bytes} of a run directory (its lock's holder line apart), None if there is none."""
-    if not os.path.isdir(out_dir):
+def make(step, places):
+    """Carry out one setup step of a bad-input case (tests/bad_input_cases.py lists them)."""
+    what, path, *args = [fill(a, places) if isinstance(a, str) else a for a in step]
+    if what == "copy" and os.path.isdir(path):
+        shutil.copytree(path, args[0])
+    elif what == "copy":
+        shutil.copyfile(path, args[0])
+    elif what == "mkdir":
+        os.makedirs(path)
+    elif what == "write":
+        open(path, "wb").write(args[0].encode() if isinstance(args[0], str) else args[0])
+    elif what == "set_json":
+        edit_json(path, *args)
+    elif what == "remove":
+        os.remove(path)
+    elif what == "rename":
+        os.rename(path, args[0])
+    elif what == "fifo":
+        os.mkfifo(path)
+    elif what == "link":
+        if os.path.exists(path):
+            os.remove(path)
+        os.symlink(args[0], path)
+    elif what == "halve":
+        os.truncate(path, os.path.getsize(path) // 2)
+    elif what == "flip_bytes":  # 4 bytes inside the tensor data
+        raw = open(path, "rb").read()
+        open(path, "wb").write(raw[:-100] + bytes(b ^ 0xFF for b in raw[-100:-96]) + raw[-96:])
+    elif what == "random_bytes":
+        open(path, "wb").write(random.Random(0).randbytes(os.path.getsize(path)))
+    elif what == "weights":
+        changes = {"nan": lambda w: w * float("nan"), "bool": lambda w: w > 0,
+                   "int8": lambda w: w.to(torch.int8), "grown": lambda w: w * 1.01}
+        edit_weights(path, args[0], changes[args[1]])
+    elif what == "vocab":  # config.json and the weights agree on fewer tokens than the tokenizer
+        edit_json(os.path.join(path, "config.json"), "vocab_size", args[0])
+        edit_weights(path, "model.embed_tokens.weight", lambda w: w[:args[0]].clone())
+    elif what == "swap_ids":
+        tokenizer = json.loads(open(os.path.join(path, "tokenizer.json")).read())
+        vocab = tokenizer["model"]["vocab"]
+        (a, i), (b, j) = sorted(vocab.items(), key=lambda kv: kv[1])[-2:]
+        vocab[a], vocab[b] = j, i
+        open(os.path.join(path, "tokenizer.json"), "w").write(json.dumps(tokenizer))
+    elif what == "pickle":
+        torch.save(Payload(args[0]), path)
+    elif what == "document":
+        save_file({}, path, metadata={"state": args[0], "sha256": C._checksum(args[0], {})})
+    else:
+        edit_lines(path, what, args)
+
+
+def snapshot(path):
+    """What is at path: {file: bytes} of a directory tree (a lock's holder line apart, FIFOs
+    skipped: reading one never ends), a file's bytes, or None where there is nothing."""
+    if os.path.isfile(path):
+        return open(path, "rb").read()
+    if not os.path.isdir(path):
         return None
-    return {f: b"" if f == "lock" else open(os.path.join(out_dir, f), "rb").read() for f in sorted(os.listdir(out_dir))
-            if os.path.isfile(os.path.join(out_dir, f))}
+    found = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            file = os.path.join(folder, name)
+            if os.path.isfile(file) and name == "lock":
+                found[os.path.relpath(file, path)] = b""
+            elif os.path.isfile(file):
+                found[os.path.relpath(file, path)] = open(file, "rb").read()
+    return found
 
 
 def run_in_this_fork(script, flags, stderr_path):
-    """The child's side of run_forked: `python script flags` as a user types it, its `__main__` block unchanged,
-    in a process that imported torch and transformers before the fork. Never returns."""
+    """The child's side of run_forked: `python script flags` as a user types it, its `__main__`
+    block unchanged, in a process that imported torch and transformers before the fork. Never
+    returns."""
     code = 1
     try:
         sys.stdout = open(os.devnull, "w")
@@ -497,9 +327,12 @@ def run_in_this_fork(script, flags, stderr_path):
 
 
 def run_forked(jobs, folder, at_once=2, timeout=120):
-    """[(exit code, stderr)] of each (script, flags), two at a time, each in a fork of this process: a new
-    interpreter would spend seconds importing torch and transformers before it reached the input it refuses."""
-    results, running, todo = [None] * len(jobs), {}, list(enumerate(jobs))
+    """[(exit code, stderr)] of each (script, flags), two at a time, each in a fork of this
+    process: a new interpreter would spend seconds importing torch and transformers before it
+    reached the input it refuses."""
+    results = [None] * len(jobs)
+    running = {}  # pid: (job, its stderr file, when it started)
+    todo = list(enumerate(jobs))
     while todo or running:
         if todo and len(running) < at_once:
             i, (script, flags) = todo.pop(0)
@@ -522,44 +355,72 @@ def run_forked(jobs, folder, at_once=2, timeout=120):
 
 
 def test_bad_inputs_give_one_clear_message(toy, tmp_path):
-    cases = bad_inputs(toy, tmp_path)
-    assert len(cases) >= 60
-    jobs, out_dirs = [], []
-    for name, script, flags, expected in cases:
-        given = [f.split("=", 1)[1] for f in flags if f.startswith("--out_dir=")]
-        out_dir = given[-1] if given else str(tmp_path / "out" / name)
-        flags = flags if given or script == "eval.py" else [*flags, f"--out_dir={out_dir}"]
-        jobs.append((script, flags))
-        out_dirs.append(out_dir)
-    before = [snapshot(d) for d in out_dirs]
+    """Each case of tests/bad_input_cases.py exits non-zero with its one message, before any
+    oracle call, leaving what it names unchanged on disk: a run directory it was pointed at as it
+    was, a fresh one with at most its lock."""
+    flags, t = toy
+    places = {"tmp": str(tmp_path), "model": t.model, "train": t.train, "heldout": t.heldout,
+              "prefs": t.prefs}
+    flag_sets = {"{toy}": flags, "{PBPO}": PBPO, "{SELM}": SELM}
+
+    def command_line(text):  # -> (script, flags)
+        words = [w for word in text.split() for w in flag_sets.get(word, [fill(word, places)])]
+        return words[0], words[1:]
+
+    for base in BASE_RUNS:
+        for step in base.setup:
+            make(step, places)
+        script, base_flags = command_line(base.command)
+        run(script, *base_flags, f"--out_dir={fill(base.out_dir, places)}")
+    for case in CASES:
+        for step in case.setup:
+            make(step, places)
+    assert len(CASES) >= 99 and len({case.name for case in CASES}) == len(CASES)
+    jobs, kept = [], []
+    for case in CASES:
+        script, case_flags = command_line(case.command)
+        given = [f.split("=", 1)[1] for f in case_flags if f.startswith("--out_dir=")]
+        out_dir = given[-1] if given else str(tmp_path / "out" / re.sub(r"\W+", "_", case.name))
+        if not given and script != "eval.py":
+            case_flags.append(f"--out_dir={out_dir}")
+        jobs.append((script, case_flags))
+        kept.append([fill(path, {**places, "out_dir": out_dir}) for path in case.unchanged])
+    before = [[snapshot(path) for path in paths] for paths in kept]
     (tmp_path / "stderr").mkdir()
     failures = []
-    for case, out_dir, was, (code, stderr) in zip(cases, out_dirs, before, run_forked(jobs, tmp_path / "stderr")):
-        name, script, flags, expected = case
+    for case, paths, was, (code, stderr) in zip(CASES, kept, before,
+                                                run_forked(jobs, tmp_path / "stderr")):
         message = stderr.strip().splitlines()[-1] if stderr.strip() else ""
-        print(f"{name:40} {message}")  # the table for the notes: pytest -s
-        after = snapshot(out_dir)
+        print(f"{case.name:40} {message}")  # the table for the notes: pytest -s
+        expected = fill(case.expect, places)
         if code == 0 or expected not in message or "Traceback" in stderr:
-            failures.append(f"{name}: rc={code}, last stderr line {message!r}, expected {expected!r}")
-        elif was is not None and after != was:  # nothing lost, nothing left behind
-            failures.append(f"{name}: {out_dir} changed: {sorted(was)} -> {sorted(after)}")
-        elif was is None and after and set(after) - {"lock"}:  # a refused fresh run leaves its lock alone
-            failures.append(f"{name}: a refused run left files behind: {sorted(after)}")
+            failures.append(f"{case.name}: rc={code}, last stderr line {message!r}, "
+                            f"expected {expected!r}")
+        for path, then in zip(paths, was):
+            now = snapshot(path)
+            fresh_lock = then is None and isinstance(now, dict) and set(now) <= {"lock"}
+            if now != then and not fresh_lock:  # nothing lost, nothing left behind
+                failures.append(f"{case.name}: {path} changed: {describe(then)} -> {describe(now)}")
     assert not failures, "\n".join(failures)
-    assert not os.path.exists(tmp_path / "MARKER")  # the crafted checkpoint ran nothing
-    assert not os.path.exists(tmp_path / "EVIL")  # nor did the model directory's code
-    assert (tmp_path / "outside.txt").read_text() == "not the run's\n"  # no write went through a planted link
 
 
-# ---------------------------------------------------------------------------- checkpoints and run directories
+def describe(found):
+    """What snapshot found, for a failure message."""
+    if isinstance(found, dict):
+        return sorted(found)
+    return "nothing" if found is None else f"a file of {len(found)} bytes"
+
+
+# ------------------------------------------------------------------ checkpoints and run directories
 def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     marker = tmp_path / "MARKER"
     torch.save({"policy": Payload(marker)}, tmp_path / "payload")
-    torch.load(tmp_path / "payload", weights_only=False)  # the payload is live: unpickling it runs it
+    # the payload is live: unpickling it runs it
+    torch.load(tmp_path / "payload", weights_only=False)
     assert marker.exists()
     marker.unlink()
-    for load in (lambda p: R.read_checkpoint(p), lambda p: R.read_checkpoint(p, tensors=False),
-                 lambda p: R.load_checkpoint(p, {})):
+    for load in (lambda p: C.read_checkpoint(p), lambda p: C.read_checkpoint(p, tensors=False),
+                 lambda p: C.load(p, {})):
         try:
             load(str(tmp_path / "payload"))
         except ValueError as e:
@@ -581,28 +442,33 @@ def test_checkpoint_round_trip_is_exact_and_a_changed_byte_is_refused(tmp_path):
     model(torch.tensor([[1, 2]])).sum().backward()
     opt.step()
     rows = torch.randn(3, 5)
-    extra = {"rows": [rows[0], rows[1]], "nested": {"a": [1, 2.5, None, "x", True], "b": {"c": torch.tensor(7)}},
+    extra = {"rows": [rows[0], rows[1]],
+             "nested": {"a": [1, 2.5, None, "x", True], "b": {"c": torch.tensor(7)}},
              "bf16": torch.randn(4).bfloat16(), "empty": [], "pair": (1, 2), "inf": float("inf")}
-    path = str(tmp_path / R.CHECKPOINT)
-    R.save_checkpoint(path, {"model": (model, opt)}, **extra)
+    path = str(tmp_path / C.CHECKPOINT)
+    C.save(path, {"model": (model, opt)}, **extra)
     copy = tied()
     copy_opt = torch.optim.AdamW(copy.parameters(), lr=1e-3)
-    out = R.load_checkpoint(path, {"model": (copy, copy_opt)})
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
+    out = C.load(path, {"model": (copy, copy_opt)})
+    pairs = zip(model.state_dict().values(), copy.state_dict().values())
+    assert all(torch.equal(a, b) for a, b in pairs)
     state, copy_state = opt.state_dict()["state"], copy_opt.state_dict()["state"]
     assert all(torch.equal(state[i][k], copy_state[i][k]) for i in state for k in state[i])
     assert copy_opt.param_groups[0]["betas"] == [0.8, 0.9]  # tuples come back as lists
     assert [torch.equal(a, b) for a, b in zip(out["rows"], extra["rows"])] == [True, True]
-    assert out["nested"]["a"] == [1, 2.5, None, "x", True] and out["nested"]["b"]["c"].item() == 7
+    assert out["nested"]["a"] == [1, 2.5, None, "x", True]
+    assert out["nested"]["b"]["c"].item() == 7
     assert out["bf16"].dtype == torch.bfloat16 and torch.equal(out["bf16"], extra["bf16"])
-    assert out["empty"] == [] and out["pair"] == [1, 2] and out["inf"] == float("inf") and out["script"]
-    assert sorted(os.listdir(tmp_path)) == sorted([R.CHECKPOINT, R.HISTORY])  # no temp file left
+    assert out["empty"] == [] and out["pair"] == [1, 2] and out["inf"] == float("inf")
+    assert out["script"]
+    assert sorted(os.listdir(tmp_path)) == sorted([C.CHECKPOINT, C.HISTORY])  # no temp file left
     raw = bytearray(open(path, "rb").read())
-    at = raw.index(b'\\"x\\"')  # the string "x" in the JSON document: the header still parses, the sum differs
+    # the string "x" in the JSON document: the header still parses, the sum differs
+    at = raw.index(b'\\"x\\"')
     raw[at + 2] = ord("y")
     open(path, "wb").write(raw)
     try:
-        R.load_checkpoint(path, {})
+        C.load(path, {})
     except ValueError as e:
         assert "checksum mismatch" in str(e)
     else:
@@ -615,10 +481,11 @@ class Flags:
 
 
 def test_bool_flags_take_the_usual_spellings():
-    for text, value in [("on", True), ("yes", True), ("TRUE", True), ("1", True), ("off", False), ("no", False),
-                        ("False", False), ("0", False)]:
+    for text, value in [("on", True), ("yes", True), ("TRUE", True), ("1", True), ("off", False),
+                        ("no", False), ("False", False), ("0", False)]:
         assert R.parse_flags(Flags, "", [f"--on={text}"]).on is value, text
-    assert R.parse_flags(Flags, "", ["--on"]).on is True and R.parse_flags(Flags, "", []).on is False
+    assert R.parse_flags(Flags, "", ["--on"]).on is True
+    assert R.parse_flags(Flags, "", []).on is False
 
 
 def test_a_percent_sign_in_a_flag_comment_is_help_text_not_a_format(capsys):
@@ -632,24 +499,27 @@ def test_a_percent_sign_in_a_flag_comment_is_help_text_not_a_format(capsys):
 
 
 def test_metrics_log_is_strict_json(tmp_path):
-    """A NaN metric (a correlation of constants, a spread of one value) is written as null, which every
-    JSON reader takes; `json.dumps` alone would write NaN."""
+    """A NaN metric (a correlation of constants, a spread of one value) is written as null, which
+    every JSON reader takes; `json.dumps` alone would write NaN."""
     log = R.MetricsLog(str(tmp_path / "metrics.jsonl"), True)
     log.write(kind="step", rm_gold_corr=float("nan"), kl=float("inf"), gold=0.5, n=3)
     line = open(tmp_path / "metrics.jsonl").read()
-    assert json.loads(line, parse_constant=lambda c: 1 / 0) == {"kind": "step", "rm_gold_corr": None, "kl": None,
-                                                               "gold": 0.5, "n": 3}
+    strict = json.loads(line, parse_constant=lambda c: 1 / 0)
+    assert strict == {"kind": "step", "rm_gold_corr": None, "kl": None, "gold": 0.5, "n": 3}
 
 
 def test_selm_batch_not_a_multiple_of_the_ranks_is_refused(toy, tmp_path):
     flags, _ = toy
-    proc = run("train_selm.py", *flags, "--batch_size=3", f"--out_dir={tmp_path}", ranks=2, ok=False)
-    assert proc.returncode != 0 and "--batch_size=3 must be a multiple of the world size 2" in proc.stderr
+    proc = run("train_selm.py", *flags, "--batch_size=3", f"--out_dir={tmp_path}", ranks=2,
+               ok=False)
+    assert proc.returncode != 0
+    assert "--batch_size=3 must be a multiple of the world size 2" in proc.stderr
 
 
 def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
-    """A second run in a directory in use (here --resume while the run is still going: both would label and
-    checkpoint into it) is refused, naming the holder, and the running one keeps its labelled pairs."""
+    """A second run in a directory in use (here --resume while the run is still going: both would
+    label and checkpoint into it) is refused, naming the holder, and the running one keeps its
+    labelled pairs."""
     flags, _ = toy
     longer = [*flags, *PBPO[1:], "--episodes=500", f"--out_dir={tmp_path}"]
     first = subprocess.Popen(command("train_pbpo.py", *longer), cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -661,43 +531,52 @@ def test_one_run_in_a_directory_at_a_time(toy, tmp_path):
         second = run("train_pbpo.py", *longer, "--resume", ok=False)
         assert first.poll() is None, "the first run ended before the second was tried"
         assert second.returncode == 1 and "Traceback" not in second.stderr
-        assert f"{tmp_path} is in use by pid {first.pid} on " in second.stderr.strip().splitlines()[-1]
+        refusal = second.stderr.strip().splitlines()[-1]
+        assert f"{tmp_path} is in use by pid {first.pid} on " in refusal
         time.sleep(3)  # the first run goes on labelling
-        assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) >= 8
+        store = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl"))
+        assert len(store.records) >= 8
     finally:
         first.kill()
         first.wait()
 
 
-def default_signals():  # a terminal's: pytest itself may run with SIGINT and SIGHUP ignored (nohup ... &)
+# a terminal's: pytest itself may run with SIGINT and SIGHUP ignored (nohup ... &)
+def default_signals():
     for sig in (signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_DFL)
 
 
-def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_their_log(toy, tmp_path):
-    """Ctrl-C (three times, as an impatient user does) before the first checkpoint, SIGTERM and SIGHUP (a closed
-    terminal) after one: one line each, no traceback, no .tmp file. The second run resumes with its metrics.jsonl
-    deleted: the log restarts from there, never padded with NUL bytes."""
+def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_their_log(toy,
+                                                                                      tmp_path):
+    """Ctrl-C (three times, as an impatient user does) before the first checkpoint, SIGTERM and
+    SIGHUP (a closed terminal) after one: one line each, no traceback, no .tmp file. The second run
+    resumes with its metrics.jsonl deleted: the log restarts from there, never padded with NUL
+    bytes."""
     flags, _ = toy
-    cases = ((signal.SIGINT, tmp_path / "a", "metrics.jsonl"), (signal.SIGTERM, tmp_path / "b", R.CHECKPOINT),
-             (signal.SIGHUP, tmp_path / "c", R.CHECKPOINT))
+    cases = ((signal.SIGINT, tmp_path / "a", "metrics.jsonl"),
+             (signal.SIGTERM, tmp_path / "b", C.CHECKPOINT),
+             (signal.SIGHUP, tmp_path / "c", C.CHECKPOINT))
     for sig, out, wait_for in cases:
-        proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={out}"), cwd=ROOT,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,  # SIGINT as in a terminal,
-                                preexec_fn=default_signals)  # even under nohup ... &
+        argv = command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={out}")
+        # SIGINT as in a terminal, even under nohup ... &
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True, preexec_fn=default_signals)
         while not os.path.exists(out / wait_for) and proc.poll() is None:
             time.sleep(0.02)
         for _ in range(3 if sig == signal.SIGINT else 1):
             proc.send_signal(sig)
             time.sleep(0.05)
         _, err = proc.communicate(timeout=120)
-        where = (f"stopped; --resume continues from {out / R.CHECKPOINT}" if sig != signal.SIGINT else
-                 "stopped; no checkpoint yet, --resume starts over")
-        assert proc.returncode != 0 and "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
+        where = (f"stopped; --resume continues from {out / C.CHECKPOINT}" if sig != signal.SIGINT
+                 else "stopped; no checkpoint yet, --resume starts over")
+        assert proc.returncode != 0, err[-3000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-3000:]
         assert err.strip().splitlines()[-1] == f"train_pbpo.py: {where}"
         assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
     os.remove(tmp_path / "b" / "metrics.jsonl")
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={tmp_path / 'b'}", "--resume")
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=3", f"--out_dir={tmp_path / 'b'}",
+               "--resume")
     assert "metrics.jsonl is shorter than its checkpoint saw (0 <" in proc.stdout
     log = open(tmp_path / "b" / "metrics.jsonl", "rb").read()
     assert b"\0" not in log and metrics(tmp_path / "b")[-1]["kind"] == "final_eval"
@@ -705,31 +584,37 @@ def test_stopped_runs_say_where_they_resume_leave_no_tmp_and_resume_without_thei
     assert [r["episode"] for r in records] == [1] * 8 + [2] * 8 + [3] * 8
 
 
-# ---------------------------------------------------------------------------- inputs as users have them
+# ----------------------------------------------------------------------- inputs as users have them
 def test_responses_end_on_every_eos_id_of_generation_config(toy, tmp_path):
-    """An instruct checkpoint ends a turn on more than one token: generation_config.json lists them. The sampler
-    stops on any of them in training (here the 3 tokens the toy policy writes most, besides its EOS)."""
+    """An instruct checkpoint ends a turn on more than one token: generation_config.json lists them.
+    The sampler stops on any of them in training (here the 3 tokens the toy policy writes most,
+    besides its EOS)."""
     flags, t = toy
     tok, policy = data.load_tokenizer(t.model), M.from_pretrained(t.model)
     prompts = [p["prompt_ids"] for p in data.load_prompts(t.train, tok, 256)]
-    written = collections.Counter(x for y in M.sample(policy, prompts, 16, 1.0, n=4, eos_ids=[tok.eos_token_id]) for x in y)
+    samples = M.sample(policy, prompts, 16, 1.0, n=4, eos_ids=[tok.eos_token_id])
+    written = collections.Counter(x for y in samples for x in y)
     extra = [x for x, _ in written.most_common(4) if x != tok.eos_token_id][:3]
     shutil.copytree(t.model, tmp_path / "model")
-    (tmp_path / "model" / "generation_config.json").write_text(json.dumps({"eos_token_id": [tok.eos_token_id, *extra]}))
+    generation_config = {"eos_token_id": [tok.eos_token_id, *extra]}
+    (tmp_path / "model" / "generation_config.json").write_text(json.dumps(generation_config))
     assert M.stop_ids(str(tmp_path / "model"), tok) == sorted({tok.eos_token_id, *extra})
-    assert M.stop_ids(t.model, tok) == [tok.eos_token_id]  # no generation_config.json: config.json's, the same
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--model={tmp_path / 'model'}", f"--out_dir={tmp_path / 'out'}")
-    responses = [r[k] for r in data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records
-                 for k in ("response0_ids", "response1_ids")]
+    # no generation_config.json: config.json's, the same
+    assert M.stop_ids(t.model, tok) == [tok.eos_token_id]
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--model={tmp_path / 'model'}",
+        f"--out_dir={tmp_path / 'out'}")
+    records = data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records
+    responses = [r[k] for r in records for k in ("response0_ids", "response1_ids")]
     assert not [y for y in responses if set(y[:-1]) & set(extra)]  # nothing after the first stop id
     assert sum(y[-1] in extra for y in responses) >= 2  # and responses did stop there
 
 
 def reward_model(path, tok_dir, nan=False):
-    """A real HF sequence-classification checkpoint; nan=True: one whose scores are NaN, an oracle gone wrong."""
+    """A real HF sequence-classification checkpoint; nan=True: one whose scores are NaN, an oracle
+    gone wrong."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
-    config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, num_labels=1, pad_token_id=0)
+    config = LlamaConfig(vocab_size=512, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, num_labels=1, pad_token_id=0)
     torch.manual_seed(0)
     rm = LlamaForSequenceClassification(config)
     if nan:
@@ -740,13 +625,14 @@ def reward_model(path, tok_dir, nan=False):
 
 
 def test_oracle_returning_nan_names_the_pair_and_a_changed_oracle_is_refused(toy, tmp_path):
-    """An oracle gone wrong (NaN scores) stops the run naming the pair, nothing stored for it; the same oracle
-    path with other weights between two episodes is another oracle: --resume refuses it, the store kept."""
+    """An oracle gone wrong (NaN scores) stops the run naming the pair, nothing stored for it; the
+    same oracle path with other weights between two episodes is another oracle: --resume refuses
+    it, the store kept."""
     flags, t = toy
     oracle, out = f"--oracle=rm:{tmp_path / 'rm'}", f"--out_dir={tmp_path / 'out'}"
     reward_model(tmp_path / "nan_rm", t.model, nan=True)
-    proc = run("train_pbpo.py", *flags, *PBPO[1:], f"--oracle=rm:{tmp_path / 'nan_rm'}", f"--out_dir={tmp_path / 'nan'}",
-               ok=False)
+    proc = run("train_pbpo.py", *flags, *PBPO[1:], f"--oracle=rm:{tmp_path / 'nan_rm'}",
+               f"--out_dir={tmp_path / 'nan'}", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "oracle returned nan for pair item 0" in proc.stderr
     assert not data.PreferenceStore(os.path.join(tmp_path / "nan", "preferences.jsonl")).records
@@ -756,31 +642,37 @@ def test_oracle_returning_nan_names_the_pair_and_a_changed_oracle_is_refused(toy
     proc = run("train_pbpo.py", *flags, *PBPO, oracle, out, "--resume", ok=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert f"--resume: {oracle}: other contents than the run in" in proc.stderr
-    assert len(data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl")).records) == 8
+    store = data.PreferenceStore(os.path.join(tmp_path / "out", "preferences.jsonl"))
+    assert len(store.records) == 8
 
 
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(toy, tmp_path):
     flags, _ = toy
     run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", f"--out_dir={tmp_path}")
-    size = os.path.getsize(tmp_path / R.CHECKPOINT)
+    size = os.path.getsize(tmp_path / C.CHECKPOINT)
 
-    def small_disk():  # files may grow to half a checkpoint: the write of the next one fails as on a full disk
+    # files may grow to half a checkpoint: the write of the next one fails as on a full disk
+    def small_disk():
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
-                          capture_output=True, text=True, preexec_fn=small_disk, timeout=300)
+    resume = command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume")
+    proc = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, preexec_fn=small_disk,
+                          timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "the previous checkpoint is intact" in proc.stderr
-    assert R.read_checkpoint(str(tmp_path / R.CHECKPOINT), tensors=False)["episode"] == 1
-    assert not os.path.exists(tmp_path / f"{R.CHECKPOINT}.tmp")
-    assert len(data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records) == 16  # episode 2's pairs kept
+    assert C.read_checkpoint(str(tmp_path / C.CHECKPOINT), tensors=False)["episode"] == 1
+    assert not os.path.exists(tmp_path / f"{C.CHECKPOINT}.tmp")
+    store = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl"))
+    assert len(store.records) == 16  # episode 2's pairs kept
     # space again: it continues; here on 2 threads, which it says will change the last bits
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}", "--resume"), cwd=ROOT,
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    proc = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert re.search(r"warning: \S+checkpoint.safetensors was written by torch \S+ on 1 threads, this is torch \S+ on 2: "
-                     r"the resumed run will differ from an unbroken one in the last bits", proc.stderr), proc.stderr[-3000:]
-    assert [r["episode"] for r in data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records] == [1] * 8 + [2] * 8
+    assert re.search(r"warning: \S+checkpoint.safetensors was written by torch \S+ on 1 threads, "
+                     r"this is torch \S+ on 2: the resumed run will differ from an unbroken one in "
+                     r"the last bits", proc.stderr), proc.stderr[-3000:]
+    records = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
+    assert [r["episode"] for r in records] == [1] * 8 + [2] * 8
 
 
 def test_a_write_past_the_file_size_limit_names_its_file_and_keeps_the_pairs(toy, tmp_path):
@@ -789,30 +681,40 @@ def test_a_write_past_the_file_size_limit_names_its_file_and_keeps_the_pairs(toy
     def small_files():  # a file may not grow past 3000 bytes: a few labelled pairs
         resource.setrlimit(resource.RLIMIT_FSIZE, (3000, 3000))
 
-    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}"), cwd=ROOT,
-                          capture_output=True, text=True, preexec_fn=small_files, timeout=300)
+    proc = subprocess.run(command("train_pbpo.py", *flags, *PBPO, f"--out_dir={tmp_path}"),
+                          cwd=ROOT, capture_output=True, text=True, preexec_fn=small_files,
+                          timeout=300)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     kept = data.PreferenceStore(os.path.join(tmp_path, "preferences.jsonl")).records
-    assert proc.stderr.strip().splitlines()[-1] == (f"train_pbpo.py: error: {tmp_path / 'preferences.jsonl'}: writing "
-                                                    "failed (File too large); earlier lines kept")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"train_pbpo.py: error: {tmp_path / 'preferences.jsonl'}: writing failed (File too large); "
+        "earlier lines kept")
     assert kept
 
 
 # ---------------------------------------------------------------------------- distributed faults
+def is_rank_1_of_pbpo(pid):
+    """Whether the process is rank 1 of a torchrun job of train_pbpo.py; the environment is read
+    only of processes running train_pbpo.py."""
+    if b"train_pbpo.py" not in open(f"/proc/{pid}/cmdline", "rb").read():
+        return False
+    return b"LOCAL_RANK=1" in open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+
+
 def test_a_dead_rank_takes_the_job_down_and_the_checkpoint_survives(toy, tmp_path):
     flags, _ = toy
-    proc = subprocess.Popen(command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=50", "--dist_timeout=60",
-                                    f"--out_dir={tmp_path}", ranks=2), cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    argv = command("train_pbpo.py", *flags, *PBPO[1:], "--episodes=50", "--dist_timeout=60",
+                   f"--out_dir={tmp_path}", ranks=2)
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
     deadline = time.time() + 240
-    while not os.path.exists(tmp_path / R.CHECKPOINT) and time.time() < deadline:
+    while not os.path.exists(tmp_path / C.CHECKPOINT) and time.time() < deadline:
         time.sleep(0.2)
-    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"train_pbpo.py" in open(f"/proc/{p}/cmdline", "rb").read()
-               and b"LOCAL_RANK=1" in open(f"/proc/{p}/environ", "rb").read().split(b"\0")]
+    workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and is_rank_1_of_pbpo(p)]
     assert workers, "rank 1 not found"
     os.kill(workers[0], signal.SIGKILL)
     started = time.time()
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode != 0 and time.time() - started < 120, out[-3000:]
     assert "train_pbpo.py FAILED" in out or "ChildFailedError" in out, out[-3000:]
-    assert R.read_checkpoint(str(tmp_path / R.CHECKPOINT))["episode"] >= 1
+    assert C.read_checkpoint(str(tmp_path / C.CHECKPOINT))["episode"] >= 1

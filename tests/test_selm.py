@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 import data
 import model as M
 import toy as T
-from run import generator, read_checkpoint, seed_of
+from checkpoint import read_checkpoint
+from ranks import generator, seed_of
 from train_selm import best_and_worst, load_preferences, selm_loss
 
 

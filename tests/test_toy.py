@@ -1,6 +1,7 @@
 """toy.py: the gold reward's shape, consistent problems, and a quick build (deterministic, reused,
 rebuilt over a bad build.json, loads in transformers, its tokenizer round-trips); the rare setting;
 every entry point's --help."""
+import contextlib
 import hashlib
 import json
 import os
@@ -31,8 +32,8 @@ def test_gold_reward_is_shaped():
         "no idea", ""]}
     assert rewards["85 - 15 = 70.\n#### 70"] == 1.0
     assert all(0.0 <= r < 1.0 for t, r in rewards.items() if t != "85 - 15 = 70.\n#### 70")
-    assert rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"] > \
-        rewards["no idea"]
+    assert (rewards["#### 71"] > rewards["#### 60"] > rewards["#### 7"] > rewards["#### -70"]
+            > rewards["no idea"])
     # the format earns credit; so does the number
     assert rewards["#### 71"] > rewards["the answer is 71"] > 0.2
     assert rewards["no idea"] == rewards[""] == 0.0
@@ -137,7 +138,8 @@ def test_toy_rare_setting_guesses_far_more_often():
 def test_toy_default_demonstrations_are_unchanged():
     """The default crowd's demonstrations, pinned as they were before the rare setting existed:
     the default build's texts (and so its tokenizer and SFT data) are the same byte for byte."""
-    rng, demos = random.Random(0), []
+    rng = random.Random(0)
+    demos = []
     for _ in range(500):
         _, start, ops = T.toy_problem(rng)
         demos.append(T.noisy_demo(start, ops, rng))
@@ -175,10 +177,13 @@ def test_toy_marker_unreadable_or_of_another_shape_means_no_finished_build(tmp_p
     assert T.built_key(str(marker)) == [0, True]
 
 
-def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, monkeypatch, capsys):
-    """A build stopped while writing build.json (a full disk, say) leaves no marker, not half of one;
-    an empty build.json, as one was left before, is rebuilt with a message, not a JSON error."""
-    built, out = os.path.dirname(toy[1].model), tmp_path / "toy"
+def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, monkeypatch,
+                                                                 capsys):
+    """A build stopped while writing build.json (a full disk, say) leaves no marker, not half of
+    one; an empty build.json, as one was left before, is rebuilt with a message, not a JSON
+    error."""
+    built = os.path.dirname(toy[1].model)
+    out = tmp_path / "toy"
     shutil.copytree(built, out)
     os.remove(out / "build.json")  # an unfinished build: the next build() redoes it
     dump = json.dump
@@ -204,8 +209,9 @@ def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, 
     assert digests(str(out)) == digests(built)
 
 
+EXPERIMENTS = ("bench", "compare", "diagnose", "regret", "tune")
 ENTRY_POINTS = ["toy.py", "train_pbpo.py", "train_selm.py", "eval.py", "eval.py choice",
-                *(f"-m experiments.{m}" for m in ("bench", "compare", "diagnose", "regret", "tune"))]
+                *(f"-m experiments.{m}" for m in EXPERIMENTS)]
 
 
 @pytest.mark.filterwarnings("ignore:'experiments.*' found in sys.modules")
@@ -216,7 +222,8 @@ def test_every_entry_point_prints_its_help(entry, monkeypatch, capsys):
     this process: one torch import for all of them, not one each."""
     script, *args = entry.split()
     monkeypatch.setattr(sys, "argv", [script, *args, "--help"])
-    monkeypatch.setattr(run, "friendly_errors", lambda script: None)  # pytest's hooks stay
+    # pytest's signal handlers stay
+    monkeypatch.setattr(run, "friendly_errors", lambda *args: contextlib.nullcontext())
     code = 0
     try:
         if script == "-m":
