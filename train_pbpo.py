@@ -45,15 +45,14 @@ class Config:
     # PbPO's symbols (ALGORITHMS.md)
     episodes: int = knob(6, "K, episodes", at_least=1)
     explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)", at_least=1)
-    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref), best_of_n (its "
-                         "cheaper stand-in), none (y¹ ~ π_ref: no reward-agnostic exploration)",
-                         choices=("policy", "best_of_n", "none"))
+    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref) or best_of_n (its "
+                         "cheaper stand-in)", choices=("policy", "best_of_n"))
     enh_steps: int = knob(2, "the enhancer's policy-gradient steps an episode")
     enh_samples: int = knob(4, "samples of π̂ (and of π_ref) per prompt in an enhancer step",
                             at_least=2)
     enh_kl: float = knob(0.1, "weight of KL(π̂ ‖ π_ref), per sequence")
     enh_lr: float = knob(1e-4, "the enhancer's AdamW learning rate")
-    n_candidates: int = knob(4, "N, best_of_n's samples of π_ref per prompt", at_least=1)
+    n_candidates: int = knob(4, "N, best_of_n's samples of π_ref (1: no exploration)", at_least=1)
     enh_temp: float = knob(1.2, "T_enh, best_of_n's sampling temperature", at_least=1e-6)
     lam: float = knob(1.0, "λ, Σ = λI + Σ_i Δφ_i Δφ_iᵀ (must be invertible)", at_least=1e-8)
     t_out: int = knob(8, "T_out, leader steps per episode", at_least=1)
@@ -181,10 +180,10 @@ def on_response(values, response_mask):  # per-row token values at a batch's res
 @dataclass
 class Pair:  # one comparison of D: (x, y⁰, y¹, o), with its features
     item: dict  # the prompt record x
-    response0: list  # y⁰'s token ids, π_ref's sample
-    response1: list  # y¹'s token ids, the enhancer's
-    text0: str
-    text1: str
+    response0_ids: list  # y⁰, π_ref's sample
+    response1_ids: list  # y¹, the enhancer's
+    response0: str  # y⁰ decoded
+    response1: str
     phi0: torch.Tensor  # Φ(x, y⁰) (d,)
     phi1: torch.Tensor  # Φ(x, y¹) (d,)
     uncertainty: float  # ‖Δφ‖_{Σ⁻¹} before Σ took Δφ
@@ -193,10 +192,9 @@ class Pair:  # one comparison of D: (x, y⁰, y¹, o), with its features
     label: int = 0  # o: 1 where y¹ won
 
     def record(self, episode):  # the line of preferences.jsonl
+        kept = {k: v for k, v in vars(self).items() if k not in ("item", "phi0", "phi1")}
         return dict(episode=episode, prompt=self.item["prompt"], prompt_ids=self.item["prompt_ids"],
-                    response0=self.text0, response1=self.text1, response0_ids=self.response0,
-                    response1_ids=self.response1, label=self.label, score0=self.score0,
-                    score1=self.score1, uncertainty=self.uncertainty)
+                    **kept)
 
 
 def main(cfg):
@@ -338,11 +336,9 @@ def main(cfg):
         if cfg.enhancer == "policy":
             metrics = fit_enhancer(episode, items, offset)
             candidates = sample(enh, items, 1, cfg.temperature, offset, "y1", episode)
-        elif cfg.enhancer == "best_of_n":  # keep the most uncertain of N samples at T_enh
+        else:  # best_of_n: the most uncertain of N samples of π_ref at T_enh
             candidates = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
                                 episode)
-        else:  # none: y¹ ~ π_ref, the ablation
-            candidates = sample(ref, items, 1, cfg.temperature, offset, "y1", episode)
         n = len(candidates.responses) // len(items)  # candidates per prompt
         phi0 = features(response0).cpu()  # (m, d)
         phi1 = features(candidates).cpu().view(len(items), n, -1)  # (m, n, d)
@@ -367,8 +363,8 @@ def main(cfg):
         holds every score and draws the same labels."""
         mine = new[ranks.block(len(new), rank, world)]
         items = [p.item for p in mine]
-        score0 = oracle.score(items, [p.text0 for p in mine])
-        score1 = oracle.score(items, [p.text1 for p in mine])
+        score0 = oracle.score(items, [p.response0 for p in mine])
+        score1 = oracle.score(items, [p.response1 for p in mine])
         scores = torch.tensor(ranks.gather(list(zip(score0.tolist(), score1.tolist()))))
         labels = oracle.label(scores[:, 0], scores[:, 1],
                               ranks.generator(cfg.seed, "oracle", episode))
@@ -478,7 +474,7 @@ def main(cfg):
             new, explore_metrics = explore(episode)
         if not new and not pairs["label"]:
             raise ValueError(f"episode {episode}: every y¹ repeated y⁰, so there is no pair to "
-                             "label; raise --enh_temp or --n_candidates, or use the enhancer")
+                             "label; raise --temperature, --enh_temp or --n_candidates")
         label(new, episode)
         accuracy = fresh_accuracy(new)
         for pair in new:  # every rank keeps all of D
