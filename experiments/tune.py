@@ -232,7 +232,7 @@ def check_flag(script, name, text, where):
         value = run.boolean(text) if field.type is bool else field.type(text)
     except ValueError:
         raise ValueError(f"{where}: --{name}={text}: expected {TYPE_NAMES[field.type]}") from None
-    low = field.metadata.get("at_least", 0)
+    low = field.metadata.get("at_least") or 0
     if field.type in (int, float) and not low <= value < math.inf:
         raise ValueError(f"{where}: --{name}={text}: expected a finite number >= {low} "
                          f"({field.metadata['help']})")
