@@ -55,8 +55,8 @@ def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
     m_x = E_π̂ Φ(x, y¹) − E_π_ref Φ(x, y⁰) from the samples and v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held
     constant (shrinking with m_x below 1e-6: m_x = 0 gets reward 0). phi_enh (P·G, [T,] d) of π̂,
     phi_ref (P·R, [T,] d) of π_ref, a prompt's rows together -> (P·G,) ⟨v_x, Φ⟩, or per token
-    (P·G, T) ⟨v_x, φ_h⟩ summing to it (Φ = Σ_h φ_h): the rewards train_pbpo.advantages takes."""
+    (P·G, S) ⟨v_x, φ_h⟩ summing to it (Φ = Σ_h φ_h): the rewards train_pbpo.advantages takes."""
     m = (trajectory_features(phi_enh).unflatten(0, (-1, group)).mean(1)
          - trajectory_features(phi_ref).unflatten(0, (-1, ref_group)).mean(1))  # (P, d) m_x
     v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric
-    return torch.einsum("n...d,nd->n...", phi_enh, v.repeat_interleave(group, 0))  # (n,) | (n, T)
+    return torch.einsum("n...d,nd->n...", phi_enh, v.repeat_interleave(group, 0))  # (n,) | (n, S)

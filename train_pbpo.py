@@ -156,19 +156,19 @@ def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each p
 
 def advantages(rewards, log_ratio, response_mask, kl_coef, group):
     """The leave-one-out advantage of the KL-regularised reward r̃ = r_w − κ log(π_θ / π_anchor),
-    the sampled tokens' log-ratio held constant -> (n, T), 0 off the response. log_ratio and
-    response_mask (n, T); rewards (n,) r_w(τ) at the sequence level, one advantage for all of τ's
-    tokens, or (n, T) ⟨w, φ_h⟩ at the token level: R_h = Σ_{h'≥h} r̃_h' against h's baseline."""
+    the sampled tokens' log-ratio held constant -> (n, S), 0 off the response. log_ratio and
+    response_mask (n, S); rewards (n,) r_w(τ) at the sequence level, one advantage for all of τ's
+    tokens, or (n, S) ⟨w, φ_h⟩ at the token level: R_h = Σ_{h'≥h} r̃_h' against h's baseline."""
     if rewards.dim() == 1:
         shaped = rewards - kl_coef * log_ratio.sum(-1)  # (n,)
         return leave_one_out(shaped, group)[:, None] * response_mask
-    returns = (rewards - kl_coef * log_ratio).flip(-1).cumsum(-1).flip(-1)  # (n, T)
+    returns = (rewards - kl_coef * log_ratio).flip(-1).cumsum(-1).flip(-1)  # (n, S)
     return leave_one_out(returns, group) * response_mask
 
 
 def leader_loss(logp, advantage, n_samples):
     """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h), whose gradient over samples of π_θ estimates
-    −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage (b, T); n_samples: all ranks' samples."""
+    −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage (b, S); n_samples: all ranks' samples."""
     return -(advantage * logp).sum() / n_samples
 
 
@@ -261,7 +261,7 @@ def main(cfg):
         return ranks.sample(model, items, n, temperature, offset, (cfg.seed, *purpose),
                             cfg.max_new_tokens, eos_ids, tok.pad_token_id)
 
-    def batch(samples):  # -> input ids, attention mask, response mask, each (n, T), on device
+    def batch(samples):  # -> input ids, attention mask, response mask, each (n, S), on device
         padded = data.collate(samples.prompt_ids, samples.responses, tok.pad_token_id)
         return [t.to(device) for t in padded]
 
@@ -283,7 +283,7 @@ def main(cfg):
         """One clipped AdamW step on leader_loss over micro-batches -> the gradient norm. The loss
         divides by all ranks' sample count and FSDP averages over ranks: hence · world."""
         for rows in micro(len(ids)):
-            logp_theta = M.token_logprobs(model, ids[rows], attn[rows], cfg.temperature)  # (b, T)
+            logp_theta = M.token_logprobs(model, ids[rows], attn[rows], cfg.temperature)  # (b, S)
             (leader_loss(logp_theta, advantage[rows], n_samples) * world).backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
         if guard.finite(grad_norm, "policy gradient", where, **fields):
@@ -295,12 +295,12 @@ def main(cfg):
 
     @torch.no_grad()
     def kl_folded(rewards, samples, resp, anchor, kl_coef, group, ids, attn):
-        """The leave-one-out advantage of r̃ = r − κ log(π / π_anchor) -> (advantage (n, T), the
-        log-ratio (n, T), the sampler's log π (n, T))."""
-        logp = on_response(samples.logp, resp)  # (n, T), the sampler's log π, a constant
+        """The leave-one-out advantage of r̃ = r − κ log(π / π_anchor) -> (advantage (n, S), the
+        log-ratio (n, S), the sampler's log π (n, S))."""
+        logp = on_response(samples.logp, resp)  # (n, S), the sampler's log π, a constant
         logp_anchor = M.token_logprobs(anchor, ids, attn, cfg.temperature,
-                                       micro_batch=cfg.micro_batch)  # (n, T)
-        log_ratio = (logp - logp_anchor) * resp  # (n, T)
+                                       micro_batch=cfg.micro_batch)  # (n, S)
+        log_ratio = (logp - logp_anchor) * resp  # (n, S)
         return advantages(rewards, log_ratio, resp, kl_coef, group), log_ratio, logp
 
     # ---------------------------------------------------------------- (I) exploration
@@ -410,7 +410,7 @@ def main(cfg):
     def leader(on_policy, phi, ids, attn, resp, episode, step):
         """One AdamW step of REINFORCE on r̃ = r_w − κ log(π_θ / π_anchor), at temperature T."""
         with torch.no_grad():
-            rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, T) ⟨w, φ_h⟩ per response token
+            rewards = phi @ rm.w  # (n,) r_w(τ) seq, (n, S) ⟨w, φ_h⟩ per response token
         anchor = sft if cfg.anchor == "sft" else ref
         advantage, log_ratio, logp = kl_folded(rewards, on_policy, resp, anchor, cfg.kl_coef,
                                                cfg.group, ids, attn)
@@ -508,8 +508,8 @@ def main(cfg):
                 baseline = sample(ref, items, cfg.ref_samples, cfg.temperature, offset, "ref",
                                   episode, step)
             with seconds("train"):
-                ids, attn, resp = batch(on_policy)  # (n, T)
-                with torch.no_grad():  # φ (n, [T,] d) for the leader's rewards
+                ids, attn, resp = batch(on_policy)  # (n, S)
+                with torch.no_grad():  # φ (n, [S,] d) for the leader's rewards
                     phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro(len(ids))])
                 phi_pi = on_all_ranks(trajectory_features(phi))  # (P·G, d)
                 phi_base = on_all_ranks(features(baseline))  # (P·R, d)

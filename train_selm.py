@@ -1,8 +1,8 @@
 """
 SELM: self-exploring language models, with iterative DPO as its α = 0 case (ALGORITHMS.md, "SELM").
-The preference set is split into T equal parts D_1..D_T; iteration t trains π_θ from π^{t-1}:
+The preference set is split into I equal parts D_1..D_I; iteration t trains π_θ from π^{t-1}:
 
-  for iteration t = 1..T:
+  for iteration t = 1..I:
     y_ref ~ π_ref(·|x) for each prompt of D_t (greedy by default)
     the oracle ranks {y_ref, chosen, rejected}: chosen ← the best (argmax), rejected ← the worst
     minimise over θ, on D_t, as a fresh run (a new AdamW; warm-up, then linear decay to 0):

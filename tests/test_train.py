@@ -42,3 +42,12 @@ def test_pbpo_token_level_and_no_exploration_ablation(toy, tmp_path):
     rows = metrics(tmp_path)
     assert rows[-1]["kind"] == "final_eval"
     assert all(r["rm_reward"] == r["rm_reward"] for r in rows if r["kind"] == "step")
+
+
+def test_help_lists_the_papers_knobs():
+    """--help names β, its two forms, the enhancer and its stand-in, each with what it means."""
+    out = run("train_pbpo.py", "--help").stdout
+    for flag in ("--beta ", "--beta_form", "--zeta_coef", "--dual_lr", "--enhancer", "--enh_steps",
+                 "--enh_samples", "--enh_kl", "--n_candidates"):
+        assert flag in out, flag
+    assert "best_of_n" in out and "weight of the summed preference likelihood" in out
