@@ -289,8 +289,8 @@ class Config:
     out_dir: str = knob("out/toy", "where the task is built")
     seed: int = knob(0, "problems, demonstrations and SFT initialisation")
     quick: bool = knob(False, "the reduced build the tests use")
-    rare: bool = knob(False, "the rare setting: the crowd guesses on 2- / 1-step problems at 0.97 / "
-                             "0.9")
+    rare: bool = knob(False, "the rare setting: the crowd guesses on 2- and 1-step problems at "
+                             "0.97 and 0.9")
 
 
 if __name__ == "__main__":

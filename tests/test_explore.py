@@ -13,9 +13,11 @@ def test_sherman_morrison_inverse_matches_direct_inverse():
         potential += cov.update(chunk)
     direct = lam * torch.eye(d, dtype=torch.float64) + dphis.double().T @ dphis.double()
     torch.testing.assert_close(cov.sigma.double(), direct, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cov.sigma_inv.double(), torch.linalg.inv(direct), rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(cov.sigma_inv.double(), torch.linalg.inv(direct), rtol=1e-3,
+                               atol=1e-5)
     # elliptical potential telescopes: Σ log(1 + ‖Δφ‖²_{Σ⁻¹}) = log det Σ_n − log det λI
-    logdet = torch.linalg.slogdet(direct).logabsdet - d * torch.log(torch.tensor(lam, dtype=torch.float64))
+    log_lam = torch.log(torch.tensor(lam, dtype=torch.float64))
+    logdet = torch.linalg.slogdet(direct).logabsdet - d * log_lam
     assert abs(potential - logdet.item()) < 1e-2 * logdet.item()
 
 
@@ -30,7 +32,8 @@ def test_uncertainty_is_mahalanobis_norm():
 
 def test_select_pair_picks_the_most_uncertain_candidate():
     cov = Covariance(3, 1.0)
-    # data so far covers direction e0 heavily: a candidate differing along e2 is the most informative
+    # data so far covers direction e0 heavily: a candidate differing along e2 is the most
+    # informative
     cov.update(torch.tensor([[3.0, 0, 0], [3.0, 0, 0], [0, 1.0, 0]]))
     ref = torch.zeros(3)
     cands = torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0], [0.5, 0.5, 0]])

@@ -32,14 +32,16 @@ V, H, PROMPT = 4, 2, [1, 2, 3]  # vocab, response length, the prompt: V**H respo
 
 def tiny_policy(seed):
     cfg = M.ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=V, hidden_size=16,
-                                          intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2,
                                           initializer_range=0.5))
     torch.manual_seed(seed)
     return toy.init_weights(M.build(cfg))
 
 
 def every_response(model, temperature):
-    """(ids (V**H, 3 + H), attention mask, response mask, log π(y) per token (V**H, 3 + H)) for every y."""
+    """(ids (V**H, 3 + H), attention mask, response mask, log π(y) per token (V**H, 3 + H)) for
+    every y."""
     ids = torch.tensor([PROMPT + list(y) for y in itertools.product(range(V), repeat=H)])
     attn = torch.ones_like(ids, dtype=torch.bool)
     resp = torch.zeros_like(attn)
@@ -49,9 +51,10 @@ def every_response(model, temperature):
 
 @pytest.mark.parametrize("level", ["seq", "token"])
 def test_folded_kl_gradient_is_the_gradient_of_kl_to_the_anchor(level):
-    """E over groups of G = 2 samples of ∇ leader_loss, with r_w = 0 and the KL folded into the reward, equals
-    κ ∇_θ KL(π_θ ‖ π_anchor), both computed exactly by enumerating every response and every pair. The k3 estimate
-    used directly as a loss, as before, gives the gradient of the other direction: it fails this check."""
+    """E over groups of G = 2 samples of ∇ leader_loss, with r_w = 0 and the KL folded into the
+    reward, equals κ ∇_θ KL(π_θ ‖ π_anchor), both computed exactly by enumerating every response and
+    every pair. The k3 estimate used directly as a loss, as before, gives the gradient of the other
+    direction: it fails this check."""
     kappa, temperature = 0.3, 0.8
     policy, anchor = tiny_policy(0), tiny_policy(1)
     ids, attn, resp, logp = every_response(policy, temperature)
@@ -82,14 +85,15 @@ def test_folded_kl_gradient_is_the_gradient_of_kl_to_the_anchor(level):
 
 
 def test_leader_logprobs_at_the_sampling_temperature_are_the_samplers(toy):
-    """The leader scores its samples at --temperature: token_logprobs at T ≠ 1 gives back the log-prob the
-    sampler recorded for each token it drew, and at T = 1 it does not."""
+    """The leader scores its samples at --temperature: token_logprobs at T ≠ 1 gives back the
+    log-prob the sampler recorded for each token it drew, and at T = 1 it does not."""
     _, t = toy
     policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
     prompts = [p["prompt_ids"] for p in data.load_prompts(t.train, tok, 256)[:6]]
     responses, sampled = M.sample(policy, prompts, 12, temperature=0.7, n=2, seed=3, logprobs=True,
                                   eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
-    ids, attn, resp = data.collate([p for p in prompts for _ in range(2)], responses, tok.pad_token_id)
+    rows = [p for p in prompts for _ in range(2)]
+    ids, attn, resp = data.collate(rows, responses, tok.pad_token_id)
     recorded = on_response(sampled, resp)  # (n, T)
     with torch.no_grad():
         at_t, at_1 = (M.token_logprobs(policy, ids, attn, T) * resp for T in (0.7, 1.0))

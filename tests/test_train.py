@@ -37,7 +37,8 @@ def test_pbpo_runs_and_resumes_to_the_same_result(toy, tmp_path):
 
 def test_pbpo_token_level_and_no_exploration_ablation(toy, tmp_path):
     flags, _ = toy
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--level=token", "--enhancer=best_of_n", "--n_candidates=1",
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--level=token",
+        "--enhancer=best_of_n", "--n_candidates=1",
         "--beta_form=mle", f"--out_dir={tmp_path}")
     rows = metrics(tmp_path)
     assert rows[-1]["kind"] == "final_eval"
