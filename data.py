@@ -53,7 +53,7 @@ TEMPLATE_SECONDS = 10  # a chat template renders a prompt in milliseconds; an en
 
 def render_chat(tokenizer, messages, where, **options):  # model directory code, bounded in time
     def too_long(signum, frame):
-        raise TimeoutError
+        raise TimeoutError(f"ran for more than {TEMPLATE_SECONDS} s")
 
     timed = threading.current_thread() is threading.main_thread()  # only it may take SIGALRM
     if timed:
@@ -61,10 +61,7 @@ def render_chat(tokenizer, messages, where, **options):  # model directory code,
         previous_timer = signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
-    except TimeoutError:
-        raise ValueError(f"{tokenizer.name_or_path}: its chat template ran for more than "
-                         f"{TEMPLATE_SECONDS} s on {where}") from None
-    except Exception as e:  # jinja2 raises many kinds (syntax, undefined, raise_exception)
+    except Exception as e:  # jinja2 raises many kinds (syntax, undefined, ...); too_long one
         raise ValueError(f"{tokenizer.name_or_path}: its chat template failed on {where} "
                          f"({type(e).__name__}: {e})") from None
     finally:
