@@ -115,8 +115,7 @@ def read_json(path):
     return expect(parse_json(read_text(path), path), dict, path, "a JSON object")
 
 
-def records(path):
-    """[(where, record)]: where is 'file:line' in JSONL, 'file[i]' (item index) in a .json array."""
+def records(path):  # [(where, record)], where 'file:line' (JSONL) or 'file[i]' (.json array)
     text = read_text(path)
     if path.endswith(".json"):
         array = expect(parse_json(text, path) if text.strip() else [], list, f"{path}:1",
@@ -176,8 +175,7 @@ def report_dropped(path, kept, total, max_prompt_len):
         raise ValueError(f"{path}: every prompt is longer than max_prompt_len={max_prompt_len}")
 
 
-def load_prompts(path, tokenizer, max_prompt_len):
-    """Items {prompt, prompt_ids, answer, where} from {"prompt"}, {"messages"} or GSM8K records."""
+def load_prompts(path, tokenizer, max_prompt_len):  # items {prompt, prompt_ids, answer, where}
     rows = records(path)
     items = []
     for where, rec in rows:
@@ -307,8 +305,7 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 FINAL = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
 
 
-def normalize_number(text):
-    """'1,234' -> '1234', '70.0' -> '70', '3.50' -> '3.5'; text that is no number: stripped."""
+def normalize_number(text):  # '1,234' -> '1234', '70.0' -> '70', '3.50' -> '3.5'; else stripped
     s = text.strip().replace(",", "").rstrip(".")
     if not NUMBER.fullmatch(s):
         return text.strip()
