@@ -59,7 +59,7 @@ class Oracle:
         self.device = device  # where the count is summed over ranks (nccl: a GPU)
         self.calls = 0  # of the whole job, all ranks; a resumed run restores it
 
-    def check(self, items):  # before the first call: a record this oracle cannot score, named
+    def check(self, items):  # refused before the first call: a record this oracle cannot score
         missing = [item.get("where", "a prompt") for item in items if item.get("answer") is None]
         if missing and self.spec in ("gold", "gsm8k"):
             raise ValueError(f"{missing[0]}: --oracle={self.spec} needs an 'answer' field for "
@@ -94,7 +94,7 @@ class Oracle:
         return {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
 
 
-def hf_reward_scorer(path, device="cpu", batch_size=16):  # a local HF reward model, its template
+def hf_reward_scorer(path, device="cpu", batch_size=16):  # r* by a local HF reward model
     from transformers import AutoModelForSequenceClassification
 
     if not os.path.isfile(os.path.join(path, "config.json")):
