@@ -1,6 +1,5 @@
-"""Data: the tokenizer, the reader of researchers' files (JSONL or .json arrays, every error naming
-the file and line), the prompt loader (train_selm.py holds the pair loader), batching in the layout
-every file shares, the crash-safe preference store, and GSM8K's '#### N' answers.
+"""Data: the tokenizer, the reader of JSONL and .json files (every error names the file and line),
+the prompt loader, batching, the crash-safe preference store, and GSM8K's '#### N' answers.
 
 Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py"""
 import hashlib
@@ -15,7 +14,6 @@ import torch
 
 # ---------------------------------------------------------------- tokenizer and encoding
 def load_tokenizer(path):
-    """A local HF tokenizer with an EOS (pad falls back to it)."""
     from transformers import AutoTokenizer
     refuse_remote_code(path)
     try:  # no remote code: a model directory is untrusted input
@@ -37,8 +35,7 @@ def check_same_tokenizer(path, tok):  # a model at path is fed tok's token ids: 
                          "would be given")
 
 
-def refuse_remote_code(path):
-    """A model or tokenizer directory is data, never code: regular files only, no `auto_map`."""
+def refuse_remote_code(path):  # a model directory is data, never code: no FIFO, no `auto_map`
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such directory (expected a local HF model or "
                                 "tokenizer directory)")
@@ -54,10 +51,9 @@ def refuse_remote_code(path):
 TEMPLATE_SECONDS = 10  # a chat template renders a prompt in milliseconds; an endless one is refused
 
 
-def render_chat(tokenizer, messages, where, **options):
-    """The chat template (code from the model directory) on messages, as text, bounded in time."""
+def render_chat(tokenizer, messages, where, **options):  # model directory code, bounded in time
     def too_long(signum, frame):
-        raise TimeoutError
+        raise TimeoutError(f"ran for more than {TEMPLATE_SECONDS} s")
 
     timed = threading.current_thread() is threading.main_thread()  # only it may take SIGALRM
     if timed:
@@ -65,10 +61,7 @@ def render_chat(tokenizer, messages, where, **options):
         previous_timer = signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
-    except TimeoutError:
-        raise ValueError(f"{tokenizer.name_or_path}: its chat template ran for more than "
-                         f"{TEMPLATE_SECONDS} s on {where}") from None
-    except Exception as e:  # jinja2 raises many kinds (syntax, undefined, raise_exception)
+    except Exception as e:  # jinja2 raises many kinds (syntax, undefined, ...); too_long one
         raise ValueError(f"{tokenizer.name_or_path}: its chat template failed on {where} "
                          f"({type(e).__name__}: {e})") from None
     finally:
@@ -78,17 +71,12 @@ def render_chat(tokenizer, messages, where, **options):
 
 
 def encode_prompt(tokenizer, prompt, where="a prompt"):
-    """Prompt ids: the tokenizer's chat template with its generation prompt, else the plain text."""
+    """Prompt ids: the chat template with its generation prompt, else the turns' text joined."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer.chat_template:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         text = render_chat(tokenizer, messages, where, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False).input_ids  # the template wrote any BOS
-    text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
-    return tokenizer(text).input_ids
-
-
-def encode_response(tokenizer, text):  # response ids, ending in EOS as a finished sample does
-    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    return tokenizer("\n\n".join(m["content"] for m in messages)).input_ids
 
 
 def decode(tokenizer, ids):
@@ -96,8 +84,7 @@ def decode(tokenizer, ids):
 
 
 # ---------------------------------------------------------------- loaders
-def read_text(path):
-    """A regular file's UTF-8 text, else one error naming it (a FIFO or a device never ends)."""
+def read_text(path):  # a regular file's UTF-8 text: a FIFO or a device never ends
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
                                                "no such file"))
@@ -108,8 +95,7 @@ def read_text(path):
         raise ValueError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def parse_json(text, path, line=1):
-    """json.loads; bad JSON (syntax, 4300+ digits, deep nesting, lone surrogates) is one error."""
+def parse_json(text, path, line=1):  # bad JSON (4300+ digits, deep nesting, ...) is one error
     try:
         value = json.loads(text)
         json.dumps(value, ensure_ascii=False).encode()  # a lone surrogate fails here
@@ -119,31 +105,28 @@ def parse_json(text, path, line=1):
         raise ValueError(f"{path}:{line}: bad JSON ({getattr(e, 'msg', e)})") from None
 
 
-def read_json(path):  # a file's JSON object, else one error naming the file
-    value = parse_json(read_text(path), path)
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: expected a JSON object, got a {type(value).__name__}")
+def expect(value, kind, where, what):  # value if it is a `kind`, else one error naming `where`
+    if not isinstance(value, kind):
+        raise ValueError(f"{where}: expected {what}, got a {type(value).__name__}")
     return value
 
 
-def records(path):
-    """[(where, record)]: where is 'file:line' in JSONL, 'file[i]' (item index) in a .json array."""
+def read_json(path):
+    return expect(parse_json(read_text(path), path), dict, path, "a JSON object")
+
+
+def records(path):  # [(where, record)], where 'file:line' (JSONL) or 'file[i]' (.json array)
     text = read_text(path)
     if path.endswith(".json"):
-        rows = parse_json(text, path) if text.strip() else []
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}:1: expected a JSON array of records, got a "
-                             f"{type(rows).__name__}")
-        rows = [(f"{path}[{i}]", r) for i, r in enumerate(rows)]
+        array = expect(parse_json(text, path) if text.strip() else [], list, f"{path}:1",
+                       "a JSON array of records")
+        rows = [(f"{path}[{i}]", r) for i, r in enumerate(array)]
     else:  # lines end at \n only: JSON strings may hold U+2028 and the like
         rows = [(f"{path}:{i}", parse_json(line, path, i))
                 for i, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not rows:
         raise ValueError(f"{path}:1: empty file, no records")
-    for where, r in rows:
-        if not isinstance(r, dict):
-            raise ValueError(f"{where}: expected a JSON object, got a {type(r).__name__}")
-    return rows
+    return [(where, expect(r, dict, where, "a JSON object")) for where, r in rows]
 
 
 def _is_messages(v):
@@ -153,7 +136,6 @@ def _is_messages(v):
 
 
 def field(where, record, name, messages_ok=True):
-    """record[name], checked: a string, or (messages_ok) a list of {"role": str, "content": str}."""
     if name not in record:
         raise ValueError(f"{where}: missing field '{name}'")
     v = record[name]
@@ -165,8 +147,7 @@ def field(where, record, name, messages_ok=True):
                      f"{str(v)[:40]!r}")
 
 
-def answer_of(where, record):
-    """The verifiable answer: a GSM8K solution's '#### N' value, or a bare value; None if absent."""
+def answer_of(where, record):  # a GSM8K solution's '#### N' value, or a bare value; else None
     if "answer" not in record:
         return None
     answer = record["answer"]
@@ -194,8 +175,7 @@ def report_dropped(path, kept, total, max_prompt_len):
         raise ValueError(f"{path}: every prompt is longer than max_prompt_len={max_prompt_len}")
 
 
-def load_prompts(path, tokenizer, max_prompt_len):
-    """Items {prompt, prompt_ids, answer, where} from {"prompt"}, {"messages"} or GSM8K records."""
+def load_prompts(path, tokenizer, max_prompt_len):  # items {prompt, prompt_ids, answer, where}
     rows = records(path)
     items = []
     for where, rec in rows:
@@ -254,9 +234,8 @@ def write_lines(file, records):  # whole lines, on disk before this returns
 
 
 class PreferenceStore:
-    """Append-only JSONL of labelled pairs stamped with an integer `key` (episode, iteration), each
-    append flushed and fsynced. A torn last line (a kill mid-write) is ignored with a warning, cut
-    before the next append; reading changes nothing; keep_before sets pairs aside, never deletes."""
+    """Append-only JSONL of pairs stamped with an integer `key` (episode, iteration). A torn last
+    line (a kill mid-write) is ignored with a warning, cut before the next append, never on read."""
 
     def __init__(self, path, key="episode"):
         self.path = path
@@ -326,8 +305,7 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 FINAL = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
 
 
-def normalize_number(text):
-    """'1,234' -> '1234', '70.0' -> '70', '3.50' -> '3.5'; text that is no number: stripped."""
+def normalize_number(text):  # '1,234' -> '1234', '70.0' -> '70', '3.50' -> '3.5'; else stripped
     s = text.strip().replace(",", "").rstrip(".")
     if not NUMBER.fullmatch(s):
         return text.strip()
@@ -342,6 +320,5 @@ def extract_answer(text):  # GSM8K's final answer: the number after the first '#
     return normalize_number(m.group(1)) if m else None
 
 
-def is_correct(text, answer):
-    pred = extract_answer(text)
-    return pred is not None and pred == normalize_number(str(answer))
+def is_correct(text, answer):  # no '####' (None) is never correct: normalize_number gives a str
+    return extract_answer(text) == normalize_number(str(answer))

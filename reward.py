@@ -59,8 +59,7 @@ class Oracle:
         self.device = device  # where the count is summed over ranks (nccl: a GPU)
         self.calls = 0  # of the whole job, all ranks; a resumed run restores it
 
-    def check(self, items):
-        """Refuse, before the first call, a record this oracle cannot score, naming it."""
+    def check(self, items):  # refused before the first call: a record this oracle cannot score
         missing = [item.get("where", "a prompt") for item in items if item.get("answer") is None]
         if missing and self.spec in ("gold", "gsm8k"):
             raise ValueError(f"{missing[0]}: --oracle={self.spec} needs an 'answer' field for "
@@ -80,13 +79,13 @@ class Oracle:
         p = torch.sigmoid((s1 - s0) / self.temp) if self.temp > 0 else (1 + torch.sign(s1 - s0)) / 2
         return (torch.rand(p.shape, generator=generator) < p).long()  # (n,)
 
-    def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, **sampling):
-        """The policy judged on held-out items (calls not counted), greedy unless sampling says
-        otherwise (model.sample's temperature, seed, batch_size): exact-match accuracy of the final
-        '#### N' over the items with an answer, and the mean score, over the shares of all ranks."""
-        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens,
+    def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, temperature=0.0,
+                 **sampling):
+        """The policy on held-out items, all ranks' shares (calls not counted): the exact-match
+        accuracy of the final '#### N' where an item has an answer, and the mean score."""
+        responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature,
                              pad_id=tok.pad_token_id, eos_ids=eos_ids or [tok.eos_token_id],
-                             **{"temperature": 0.0, **sampling})
+                             **sampling)
         texts = [data.decode(tok, y) for y in responses]
         reward = sum(map(float, self.score_fn(items, texts)))
         correct = sum(data.is_correct(t, p["answer"]) for t, p in zip(texts, items)
@@ -95,8 +94,7 @@ class Oracle:
         return {"accuracy": correct / max(n, 1.0), "reward": reward / max(n, 1.0), "n": int(n)}
 
 
-def hf_reward_scorer(path, device="cpu", batch_size=16):
-    """Score with a local HF sequence-classification reward model on its own chat template."""
+def hf_reward_scorer(path, device="cpu", batch_size=16):  # r* by a local HF reward model
     from transformers import AutoModelForSequenceClassification
 
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -129,12 +127,10 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):
 
 def make_oracle(spec, temp=0.0, device="cpu"):
     """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model)."""
-    if spec == "gold":
+    if spec in ("gold", "gsm8k"):  # both score a response against its prompt's answer
         from toy import gold_reward
-        fn = lambda prompts, texts: [gold_reward(t, p["answer"]) for p, t in zip(prompts, texts)]
-    elif spec == "gsm8k":
-        fn = lambda prompts, texts: [float(data.is_correct(t, p["answer"]))
-                                     for p, t in zip(prompts, texts)]
+        reward_of = gold_reward if spec == "gold" else data.is_correct
+        fn = lambda items, texts: [float(reward_of(t, i["answer"])) for i, t in zip(items, texts)]
     elif spec.startswith("rm:"):
         fn = hf_reward_scorer(spec[3:], device)
     else:

@@ -205,7 +205,8 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     answers = [noisy_demo(*problems[q], rng, rare) for q in demo_questions]
     texts = [f"{q} {a}" for q, a in zip(demo_questions, answers)]
     tok = build_tokenizer(texts, 320 if quick else 384, paths.model)
-    demos = [(data.encode_prompt(tok, q), data.encode_response(tok, a))
+    eos = [tok.eos_token_id]  # a demonstration ends as a finished sample does
+    demos = [(data.encode_prompt(tok, q), tok(a, add_special_tokens=False).input_ids + eos)
              for q, a in zip(demo_questions, answers)]
     hf_config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
                  "vocab_size": len(tok),

@@ -85,6 +85,10 @@ class Config:
 
 
 # ---------------------------------------------------------------- the pairs and the objective
+def encode_response(tokenizer, text):  # response ids, ending in EOS as a finished sample does
+    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+
+
 def load_preferences(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
     TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
@@ -116,8 +120,8 @@ def load_preferences(path, tokenizer, max_prompt_len):
         if data.fits(where, ids, max_prompt_len):
             items.append({"prompt": prompt, "prompt_ids": ids, "chosen": chosen,
                           "rejected": rejected,
-                          "chosen_ids": data.encode_response(tokenizer, chosen),
-                          "rejected_ids": data.encode_response(tokenizer, rejected),
+                          "chosen_ids": encode_response(tokenizer, chosen),
+                          "rejected_ids": encode_response(tokenizer, rejected),
                           "answer": data.answer_of(where, rec), "where": where})
     data.report_dropped(path, len(items), len(rows), max_prompt_len)
     return items

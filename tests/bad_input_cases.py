@@ -412,7 +412,7 @@ CASES = [
          unchanged=("{out_dir}", "{tmp}/EVIL_RM")),
     Case("a chat template that never ends",
          "train_pbpo.py --model={tmp}/slow_template --prompts={train}",
-         "its chat template ran for more than 10 s on",
+         "(TimeoutError: ran for more than 10 s)",
          setup=model_copy("slow_template", (
              "set_json", "{tmp}/slow_template/tokenizer_config.json", "chat_template",
              "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"))),

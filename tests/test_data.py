@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-from train_selm import load_preferences
+from train_selm import encode_response, load_preferences
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_chat_template_round_trip(tok):
     # a str is one user turn
     assert data.encode_prompt(tok, "Tom has 37 apples.") == data.encode_prompt(tok, messages[1:])
     assert data.decode(tok, ids) == "Be brief.Tom has 37 apples."  # specials skipped
-    response = data.encode_response(tok, "37 + 48 = 85.\n#### 85")
+    response = encode_response(tok, "37 + 48 = 85.\n#### 85")
     assert response[-1] == tok.eos_token_id
     assert data.decode(tok, response) == "37 + 48 = 85.\n#### 85"
 
@@ -170,7 +170,7 @@ def test_load_preferences_trl_layouts(tok, tmp_path):
     assert items[3]["prompt_ids"] == items[0]["prompt_ids"] == data.encode_prompt(tok, "Q?")
     for item in items:
         assert (item["chosen"], item["rejected"]) == ("good", "bad")
-        assert item["chosen_ids"] == data.encode_response(tok, "good")
+        assert item["chosen_ids"] == encode_response(tok, "good")
         assert item["chosen_ids"][-1] == tok.eos_token_id
         assert data.decode(tok, item["rejected_ids"]) == "bad"
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from reward import Oracle, bt_loss
+from reward import Oracle, bt_loss, make_oracle
 
 
 class LinearHead(torch.nn.Module):
@@ -50,3 +50,15 @@ def test_oracle_labels_counts_and_nan():
     bad = Oracle(lambda prompts, responses: [1.0, float("nan")])
     with pytest.raises(ValueError, match="pair item 1.*'q2'"):
         bad.score([{"prompt": "q1"}, {"prompt": "q2"}], ["x", "y"])
+
+
+def test_answer_oracles_score_against_each_prompts_answer():
+    items = [{"prompt": "q", "answer": "70"}, {"prompt": "q", "answer": "1,234"}]
+    texts = ["35 + 35 = 70.\n#### 70", "#### 1235"]
+    assert make_oracle("gsm8k").score(items, texts).tolist() == [1.0, 0.0]  # exact match
+    # gold: 1 when right, else 0.2 for the '#### N' format and 0.6 / (1 + error in tenths)
+    near_miss = 0.2 + 0.6 / (1 + 1 / 123.4)
+    torch.testing.assert_close(make_oracle("gold").score(items, texts),
+                               torch.tensor([1.0, near_miss]))
+    with pytest.raises(ValueError, match="--oracle='magic': expected gold, gsm8k or rm:PATH"):
+        make_oracle("magic")

@@ -21,7 +21,7 @@ import model as M
 import toy as T
 from checkpoint import read_checkpoint
 from ranks import generator, seed_of
-from train_selm import best_and_worst, load_preferences, selm_loss
+from train_selm import best_and_worst, encode_response, load_preferences, selm_loss
 
 
 def offline(toy):
@@ -87,8 +87,8 @@ def test_selm_optimism_gradient_lowers_logp_of_y_ref(toy):
     policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
     question = "Tom has 5 pens and buys 3. How many pens does Tom have now?"
     prompts = [data.encode_prompt(tok, question)] * 2
-    responses = [data.encode_response(tok, "5 + 3 = 8.\n#### 8"),
-                 data.encode_response(tok, "5 + 3 = 9.\n#### 9")]
+    responses = [encode_response(tok, "5 + 3 = 8.\n#### 8"),
+                 encode_response(tok, "5 + 3 = 9.\n#### 9")]
 
     def seq_logp():
         ids, attn, resp = data.collate(prompts, responses, tok.pad_token_id)
