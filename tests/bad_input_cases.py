@@ -148,7 +148,7 @@ CASES = [
     Case("group of one", PBPO_FRESH + " --group=1", "--group=1: expected at least 2"),
     Case("greedy leader", PBPO_FRESH + " --temperature=0",
          "--temperature=0.0: expected at least 1e-06 "
-         "(T: the leader scores its samples' log-probs at T)"),
+         "(T: y⁰, the leader's samples and its log-probs are at T)"),
     Case("not an integer", PBPO_FRESH + " --episodes=two", "--episodes: invalid int value"),
     Case("unknown level", PBPO_FRESH + " --level=word",
          "--level='word': expected one of seq, token"),
