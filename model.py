@@ -46,7 +46,6 @@ class ModelConfig:
     mlp_bias: bool
     qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE
     windows: list  # per layer: sliding-window length, or None for full causal attention
-    initializer_range: float = 0.02  # only for weights drawn from scratch (toy.init_weights)
     raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
 
     @classmethod
@@ -83,10 +82,9 @@ class ModelConfig:
         return cls(mt, d["vocab_size"], d["hidden_size"], d["intermediate_size"], L, heads,
                    d.get("num_key_value_heads") or heads,
                    d.get("head_dim") or d["hidden_size"] // heads, d.get("rms_norm_eps", 1e-6),
-                   rope, d.get("tie_word_embeddings", True),
+                   rope, d.get("tie_word_embeddings", True), raw=dict(d),
                    qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                   mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", windows=windows,
-                   initializer_range=d.get("initializer_range", 0.02), raw=dict(d))
+                   mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", windows=windows)
 
 
 # ---------------------------------------------------------------- transformer
