@@ -284,28 +284,26 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     tied = cfg.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
     loaded = set()
-    with torch.no_grad():
-        for file in files:
-            try:  # truncated, or not safetensors: the header says so at once
-                f = safe_open(file, "pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-            with f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
-                        continue  # recomputed / the embedding itself
-                    if key not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {key!r} for a "
-                                         f"{cfg.model_type} model as described by {cfg_path}")
-                    t = f.get_tensor(key)
-                    if not t.is_floating_point() or not torch.isfinite(t).all():
-                        raise ValueError(f"{file}: tensor {key!r} ({t.dtype}): expected finite "
-                                         "floating-point weights, no NaN or inf")
-                    if t.shape != expected[key].shape:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                         f"{cfg_path} implies {tuple(expected[key].shape)}")
-                    expected[key].copy_(t)
-                    loaded.add(key)
+    for file in files:
+        try:  # truncated, or not safetensors: the header says so at once
+            f = safe_open(file, "pt", device="cpu")  # read a tensor at a time, closed when dropped
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        for key in f.keys():
+            if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+                continue  # recomputed / the embedding itself
+            if key not in expected:
+                raise ValueError(f"{file}: unexpected tensor {key!r} for a {cfg.model_type} "
+                                 f"model as described by {cfg_path}")
+            t = f.get_tensor(key)
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"{file}: tensor {key!r} ({t.dtype}): expected finite "
+                                 "floating-point weights, no NaN or inf")
+            if t.shape != expected[key].shape:
+                raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                 f"{cfg_path} implies {tuple(expected[key].shape)}")
+            expected[key].copy_(t)  # state_dict()'s tensors are detached: no autograd to mind
+            loaded.add(key)
     missing = sorted(set(expected) - loaded)
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing "
