@@ -206,17 +206,17 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
-                logprobs=False, temperature=1.0):
+    def forward(self, input_ids, attention_mask=None, cache_index=None, logprobs=False,
+                temperature=1.0):
         """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
         marks real keys, S = T or, with cache_index (T,) (these tokens' slots), the cache length.
         logprobs=True: token_logprobs' output, the lm_head run here, with FSDP2's root unsharded."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if position_ids is None:  # (B, T): left-padded rows start at 0
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         q_idx = cache_index if cache_index is not None else torch.arange(T, device=input_ids.device)
+        # a token's position: the real keys up to its slot, less one (left-padded rows start at 0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T)
         masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
@@ -430,27 +430,26 @@ class Generation:
 
 
 def _sample(logits, u, temperature):
-    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob at the
+    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B, 1) and its log-prob at the
     temperature, the distribution token_logprobs scores (no top-k or top-p: the leader's gradient
     needs it). Temperature 0: greedy, with temperature 1's log-prob."""
+    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V)
     if temperature == 0:
-        tok = logits.argmax(-1)  # (B,)
-        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    z = logits / temperature  # (B, V)
-    logp = z.log_softmax(-1)  # (B, V)
-    cdf = logp.exp().cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # inverse CDF
-    tok = tok.clamp(max=z.shape[-1] - 1)[:, 0]  # (B,)
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
+        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
+    else:  # inverse CDF
+        cdf = logp.exp().cumsum(-1)  # (B, V)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
+    return tok, logp.gather(-1, tok)
 
 
-def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature):
-    """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token (finished
-    rows: pad, log-prob 0). Static shapes, state on the device, no host sync: CUDA-graph safe."""
-    h = model(tok[:, None], key_valid, pos[:, None], cache_index=idx)  # (B, 1, D)
-    new, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)
-    new, logp = new.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
-    return new, logp, done | torch.isin(new, eos), pos + 1, idx + 1
+def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature):
+    """Feed ids (B, T) into cache slots (T,) and sample each row's next token (B, 1) (finished
+    rows: pad, log-prob 0). The prefill is this step over the whole prompt; a decode step (T = 1)
+    has static shapes, state on the device, no host sync: CUDA-graph safe."""
+    h = model(ids, key_valid, cache_index=slots)  # (B, T, D)
+    tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)  # (B, 1) each
+    tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
+    return tok, logp, done | torch.isin(tok, eos), slots[-1:] + 1
 
 
 @torch.no_grad()
@@ -458,66 +457,59 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
              compile=None):
     """Sample up to max_new_tokens after each prompt (id lists): a prefill into a static KV cache,
     then one decode step per token until every row is done; an FSDP2 model is unsharded once.
-    compile: the step in CUDA graphs (None: on CUDA). Row i's seed: seed + i in any batch."""
+    compile: the decode step in CUDA graphs (None: on CUDA). Row i's seed: seed + i in any batch."""
     if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, temperature >= 0")
-    check_context(model, max_new_tokens)
     device = model.inv_freq.device
     prompt_batch = data.collate(prompts, [[]] * len(prompts), pad_id)  # left-padded, no response
     ids, prompt_mask, _ = (t.to(device) for t in prompt_batch)  # (B, Lp) each
     B, Lp = ids.shape
+    check_fits(model, B, Lp, max_new_tokens, "generate")
     S = -(-(Lp + max_new_tokens) // 64) * 64  # cache length, rounded: fewer shapes to compile
     key_valid = F.pad(prompt_mask, (0, S - Lp), value=True)  # (B, S): slots with real tokens
-    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp)
+    slots = torch.arange(Lp, device=device)  # (Lp,) the same for every row
+    done = torch.zeros(B, 1, dtype=torch.bool, device=device)  # (B, 1)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # -1 never matches
     streams = [torch.Generator().manual_seed(seed + i) for i in range(B)]  # one a row
     uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in streams]).to(device)
     compiled = device.type == "cuda" if compile is None else compile
-    step = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
+    decode = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
     for m in fsdp:  # all-gather every block once; forwards must not reshard until we are done
         m.set_reshard_after_forward(False, recurse=False)
         m.unshard()
+    out = []  # per step, (B, 1) each: the token, its log-prob, whether the row was still running
     try:
-        h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
-        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), uniforms[:, :1], temperature)
-        done = torch.isin(tok, eos)  # (B,)
-        out = [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
-        pos = pos[:, -1] + 1  # (B,) the next token's position
-        idx = torch.tensor([Lp], device=device)  # (1,) its cache slot, the same for every row
-        for t in range(1, max_new_tokens):
+        for t in range(max_new_tokens):
             if t % 8 == 0 and done.all():  # the only host sync, every 8 steps
                 break
+            step = decode if t > 0 else _decode_step  # the prefill eager: its shape varies
             alive = ~done
-            u = uniforms[:, t:t + 1]  # (B, 1)
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
-            new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature)
-            tok, logp, done, pos, idx = (x.clone() for x in new)  # a graph replay overwrites them
-            out.append((tok, logp, alive))
+            new = step(model, ids, done, slots, key_valid, uniforms[:, t:t + 1], eos, pad_id,
+                       temperature)
+            ids, logp, done, slots = (x.clone() for x in new)  # a graph replay overwrites them
+            out.append((ids, logp, alive))
     finally:
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.k_cache = m.v_cache = None
+        for block in model.model.layers:
+            block.self_attn.k_cache = block.self_attn.v_cache = None
         for m in fsdp:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params
-    tokens, logprobs, mask = (torch.stack(x, 1) for x in zip(*out))  # (B, n)
+    tokens, logprobs, mask = (torch.cat(x, 1) for x in zip(*out))  # (B, n)
     if logprobs.isnan().any():  # NaN logits: the weights are no longer numbers
         raise FloatingPointError("generate: the model's log-probs are NaN (its weights diverged?)")
     n = int(mask.sum(1).max())
     return Generation(tokens[:, :n], logprobs[:, :n], mask[:, :n])
 
 
-def check_context(model, max_new_tokens):
+def check_fits(model, rows, prompt_len, max_new_tokens, what):
+    """Refuse a generate() of `rows` rows that cannot fit: past the model's context, or a KV cache
+    and 3 (rows, V) fp32 buffers beyond the device's memory."""
     context = model.config.raw.get("max_position_embeddings") or math.inf
     if max_new_tokens > context:  # the static cache would outgrow what the model attends to
         raise ValueError(f"--max_new_tokens={max_new_tokens} is more than the model's context, "
                          f"max_position_embeddings={context}")
-
-
-def check_fits(model, rows, prompt_len, max_new_tokens, what):
-    """Refuse a generate() of `rows` rows that cannot fit: a KV cache, 3 (rows, V) fp32 buffers."""
-    check_context(model, max_new_tokens)
     cfg = model.config
     device = model.inv_freq.device
     element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU
