@@ -121,9 +121,7 @@ def attn_mask(key_valid, q_idx, window=None):
     """(B, 1, T, S) bool, True where query i may see key j: causal over cache slots, real keys
     only, inside the sliding window if any. Each query sees itself, so no row is all False (NaN)."""
     rel = q_idx[:, None] - torch.arange(key_valid.shape[1], device=key_valid.device)  # (T, S)
-    ok = (rel >= 0) & key_valid[:, None, :]  # (B, T, S)
-    if window is not None:
-        ok = ok & (rel < window)
+    ok = (rel >= 0) & (rel < (window or math.inf)) & key_valid[:, None, :]  # (B, T, S)
     return (ok | (rel == 0))[:, None]
 
 
@@ -139,9 +137,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        # the sampler's static KV cache; buffers, so a CUDA graph sees fixed addresses (never saved)
-        self.register_buffer("k_cache", None, persistent=False)
-        self.register_buffer("v_cache", None, persistent=False)
+        # the sampler's static KV cache, (2, B, K, S, hd); a buffer: a CUDA graph sees one address
+        self.register_buffer("kv_cache", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, cache_index=None):
         B, T, _ = x.shape
@@ -153,12 +150,10 @@ class Attention(nn.Module):
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, hd)
         if cache_index is not None:  # write these T steps into their slots, attend over the cache
-            if self.k_cache is None:
-                self.k_cache = k.new_zeros(B, self.n_kv, mask.shape[-1], self.hd)  # (B, K, S, hd)
-                self.v_cache = torch.zeros_like(self.k_cache)
-            self.k_cache.index_copy_(2, cache_index, k)
-            self.v_cache.index_copy_(2, cache_index, v)
-            k, v = self.k_cache, self.v_cache
+            if self.kv_cache is None:
+                self.kv_cache = k.new_zeros(2, B, self.n_kv, mask.shape[-1], self.hd)
+            self.kv_cache.index_copy_(3, cache_index, torch.stack([k, v]))
+            k, v = self.kv_cache  # (B, K, S, hd) each
         gqa = self.n_kv != self.n_head
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
@@ -234,8 +229,7 @@ class Transformer(nn.Module):
 
 
 def build(cfg, device="cpu", dtype=torch.float32):
-    """Made on the meta device (no memory), then on `device` uninitialised: the caller loads weights
-    (from_pretrained) or draws them (toy.init_weights)."""
+    """On meta (no memory), then uninitialised on `device`: the caller loads or draws weights."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
@@ -492,7 +486,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
             out.append((ids, logp, alive))
     finally:
         for block in model.model.layers:
-            block.self_attn.k_cache = block.self_attn.v_cache = None
+            block.self_attn.kv_cache = None
         for m in fsdp:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params
