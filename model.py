@@ -94,10 +94,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        xf = x.float()  # statistics in fp32, scaled in the compute dtype (as HF does)
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+    def forward(self, x):  # statistics in fp32, scaled in the compute dtype (as HF does)
+        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg):
@@ -171,22 +169,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, window):
+    def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.window = window
         self.checkpoint = False  # recompute the activations in backward (shard sets it)
 
-    def forward(self, x, cos, sin, masks, cache_index=None):
+    def forward(self, x, cos, sin, mask, cache_index=None):
         if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, masks, cache_index, use_reentrant=False)
-        return self._forward(x, cos, sin, masks, cache_index)
+            return checkpoint(self._forward, x, cos, sin, mask, cache_index, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache_index)
 
-    def _forward(self, x, cos, sin, masks, cache_index):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache_index)
+    def _forward(self, x, cos, sin, mask, cache_index):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -196,7 +193,7 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = nn.Module()  # HF's names: model.embed_tokens, model.layers.i.*, model.norm
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
@@ -216,8 +213,8 @@ class Transformer(nn.Module):
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        for block in self.model.layers:
-            x = block(x, cos, sin, masks, cache_index)
+        for block, window in zip(self.model.layers, self.config.windows):
+            x = block(x, cos, sin, masks[window], cache_index)
         x = self.model.norm(x)  # (B, T, D)
         if not logprobs:
             return x
@@ -277,7 +274,6 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     model = build(cfg, device, dtype)
     tied = cfg.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    loaded = set()
     for file in files:
         try:  # truncated, or not safetensors: the header says so at once
             f = safe_open(file, "pt", device="cpu")  # read a tensor at a time, closed when dropped
@@ -296,9 +292,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
             if t.shape != expected[key].shape:
                 raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
                                  f"{cfg_path} implies {tuple(expected[key].shape)}")
-            expected[key].copy_(t)  # state_dict()'s tensors are detached: no autograd to mind
-            loaded.add(key)
-    missing = sorted(set(expected) - loaded)
+            expected.pop(key).copy_(t)  # state_dict()'s tensors are detached: no autograd to mind
+    missing = sorted(expected)  # what no file held
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing "
                          f"from {', '.join(map(os.path.basename, files))}: "
