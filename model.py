@@ -207,8 +207,7 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         q_idx = cache_index if cache_index is not None else torch.arange(T, device=input_ids.device)
-        # a token's position: the real keys up to its slot, less one (left-padded rows start at 0)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T) at q's slots
         masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
@@ -432,9 +431,8 @@ def _sample(logits, u, temperature):
 
 
 def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature):
-    """Feed ids (B, T) into cache slots (T,) and sample each row's next token (B, 1) (finished
-    rows: pad, log-prob 0). The prefill is this step over the whole prompt; a decode step (T = 1)
-    has static shapes, state on the device, no host sync: CUDA-graph safe."""
+    """Feed ids (B, T) into cache slots (T,), sample each row's next token (B, 1) (done rows: pad,
+    log-prob 0). T = 1: static shapes, state on the device, no host sync: CUDA-graph safe."""
     h = model(ids, key_valid, cache_index=slots)  # (B, T, D)
     tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)  # (B, 1) each
     tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
@@ -464,9 +462,8 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
     compiled = device.type == "cuda" if compile is None else compile
     decode = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp:  # all-gather every block once; forwards must not reshard until we are done
+    for m in fsdp:  # the prefill all-gathers each block; later forwards find them gathered
         m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
     out = []  # per step, (B, 1) each: the token, its log-prob, whether the row was still running
     try:
         for t in range(max_new_tokens):
