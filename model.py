@@ -88,14 +88,9 @@ class ModelConfig:
 
 
 # ---------------------------------------------------------------- transformer
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
+class RMSNorm(nn.RMSNorm):
     def forward(self, x):  # statistics in fp32, scaled in the compute dtype (as HF does)
-        return self.weight * F.rms_norm(x.float(), x.shape[-1:], eps=self.eps).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg):
