@@ -520,8 +520,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
 
 # ---------------------------------------------------------------- FSDP2
 def shard(model, mesh, mp_policy, activation_checkpointing=False):
-    """FSDP2 (fully_shard): each block a unit of its own, its weights gathered just before its
-    forward and freed after, then the root (embedding, final norm, lm_head)."""
+    """FSDP2: a unit for each block (gathered for its forward, freed after), then the root."""
     for block in model.model.layers:
         block.checkpoint = activation_checkpointing  # recompute the block's activations in backward
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
