@@ -44,7 +44,7 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE
+    qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE (else identity)
     windows: list  # per layer: sliding-window length, or None for full causal attention
     raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
 
@@ -127,19 +127,16 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         # the sampler's static KV cache, (2, B, K, S, hd); a buffer: a CUDA graph sees one address
         self.register_buffer("kv_cache", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, cache_index=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, K, hd)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.hd))  # (B, T, H, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd))  # (B, T, K, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, hd)
         if cache_index is not None:  # write these T steps into their slots, attend over the cache
