@@ -199,7 +199,7 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         q_idx = cache_index if cache_index is not None else torch.arange(T, device=input_ids.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T) at q's slots
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T) at their slots
         masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
@@ -461,7 +461,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
         for t in range(max_new_tokens):
             if t % 8 == 0 and done.all():  # the only host sync, every 8 steps
                 break
-            step = decode if t > 0 else _decode_step  # the prefill eager: its shape varies
+            step = decode if t > 0 else _decode_step  # an eager prefill: its shape varies
             alive = ~done
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
             new = step(model, ids, done, slots, key_valid, uniforms[:, t:t + 1], eos, pad_id,
