@@ -199,7 +199,7 @@ class Transformer(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         q_idx = cache_index if cache_index is not None else torch.arange(T, device=input_ids.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T) at their slots
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T)
         masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
