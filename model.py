@@ -44,9 +44,8 @@ class ModelConfig:
     qkv_bias: bool
     o_bias: bool
     mlp_bias: bool
-    qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE
+    qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE (else identity)
     windows: list  # per layer: sliding-window length, or None for full causal attention
-    initializer_range: float = 0.02  # only for weights drawn from scratch (toy.init_weights)
     raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
 
     @classmethod
@@ -83,23 +82,15 @@ class ModelConfig:
         return cls(mt, d["vocab_size"], d["hidden_size"], d["intermediate_size"], L, heads,
                    d.get("num_key_value_heads") or heads,
                    d.get("head_dim") or d["hidden_size"] // heads, d.get("rms_norm_eps", 1e-6),
-                   rope, d.get("tie_word_embeddings", True),
+                   rope, d.get("tie_word_embeddings", True), raw=dict(d),
                    qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                   mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", windows=windows,
-                   initializer_range=d.get("initializer_range", 0.02), raw=dict(d))
+                   mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", windows=windows)
 
 
 # ---------------------------------------------------------------- transformer
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        xf = x.float()  # statistics in fp32, scaled in the compute dtype (as HF does)
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+class RMSNorm(nn.RMSNorm):
+    def forward(self, x):  # statistics in fp32, scaled in the compute dtype (as HF does)
+        return self.weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inv_freq(cfg):
@@ -123,9 +114,7 @@ def attn_mask(key_valid, q_idx, window=None):
     """(B, 1, T, S) bool, True where query i may see key j: causal over cache slots, real keys
     only, inside the sliding window if any. Each query sees itself, so no row is all False (NaN)."""
     rel = q_idx[:, None] - torch.arange(key_valid.shape[1], device=key_valid.device)  # (T, S)
-    ok = (rel >= 0) & key_valid[:, None, :]  # (B, T, S)
-    if window is not None:
-        ok = ok & (rel < window)
+    ok = (rel >= 0) & (rel < (window or math.inf)) & key_valid[:, None, :]  # (B, T, S)
     return (ok | (rel == 0))[:, None]
 
 
@@ -138,29 +127,23 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.n_head * self.hd, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps)
-        # the sampler's static KV cache; buffers, so a CUDA graph sees fixed addresses (never saved)
-        self.register_buffer("k_cache", None, persistent=False)
-        self.register_buffer("v_cache", None, persistent=False)
+        self.q_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        # the sampler's static KV cache, (2, B, K, S, hd); a buffer: a CUDA graph sees one address
+        self.register_buffer("kv_cache", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, cache_index=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.hd)  # (B, T, H, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd)  # (B, T, K, hd)
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_head, self.hd))  # (B, T, H, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv, self.hd))  # (B, T, K, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, K, T, hd)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)  # (B, H, T, hd)
         k = apply_rope(k.transpose(1, 2), cos, sin)  # (B, K, T, hd)
         if cache_index is not None:  # write these T steps into their slots, attend over the cache
-            if self.k_cache is None:
-                self.k_cache = k.new_zeros(B, self.n_kv, mask.shape[-1], self.hd)  # (B, K, S, hd)
-                self.v_cache = torch.zeros_like(self.k_cache)
-            self.k_cache.index_copy_(2, cache_index, k)
-            self.v_cache.index_copy_(2, cache_index, v)
-            k, v = self.k_cache, self.v_cache
+            if self.kv_cache is None:
+                self.kv_cache = k.new_zeros(2, B, self.n_kv, mask.shape[-1], self.hd)
+            self.kv_cache.index_copy_(3, cache_index, torch.stack([k, v]))
+            k, v = self.kv_cache  # (B, K, S, hd) each
         gqa = self.n_kv != self.n_head
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
@@ -178,22 +161,21 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, window):
+    def __init__(self, cfg):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.window = window
         self.checkpoint = False  # recompute the activations in backward (shard sets it)
 
-    def forward(self, x, cos, sin, masks, cache_index=None):
+    def forward(self, x, cos, sin, mask, cache_index=None):
         if self.checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, masks, cache_index, use_reentrant=False)
-        return self._forward(x, cos, sin, masks, cache_index)
+            return checkpoint(self._forward, x, cos, sin, mask, cache_index, use_reentrant=False)
+        return self._forward(x, cos, sin, mask, cache_index)
 
-    def _forward(self, x, cos, sin, masks, cache_index):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, masks[self.window], cache_index)
+    def _forward(self, x, cos, sin, mask, cache_index):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache_index)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -203,28 +185,27 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = nn.Module()  # HF's names: model.embed_tokens, model.layers.i.*, model.norm
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.model.layers = nn.ModuleList(Block(cfg, w) for w in cfg.windows)
+        self.model.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache_index=None,
-                logprobs=False, temperature=1.0):
+    def forward(self, input_ids, attention_mask=None, cache_index=None, logprobs=False,
+                temperature=1.0):
         """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
         marks real keys, S = T or, with cache_index (T,) (these tokens' slots), the cache length.
         logprobs=True: token_logprobs' output, the lm_head run here, with FSDP2's root unsharded."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        if position_ids is None:  # (B, T): left-padded rows start at 0
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         q_idx = cache_index if cache_index is not None else torch.arange(T, device=input_ids.device)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, q_idx]  # (B, T)
         masks = {w: attn_mask(attention_mask, q_idx, w) for w in set(self.config.windows)}
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2) RoPE angles, fp32
         cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, T, hd/2)
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        for block in self.model.layers:
-            x = block(x, cos, sin, masks, cache_index)
+        for block, window in zip(self.model.layers, self.config.windows):
+            x = block(x, cos, sin, masks[window], cache_index)
         x = self.model.norm(x)  # (B, T, D)
         if not logprobs:
             return x
@@ -236,8 +217,7 @@ class Transformer(nn.Module):
 
 
 def build(cfg, device="cpu", dtype=torch.float32):
-    """Made on the meta device (no memory), then on `device` uninitialised: the caller loads weights
-    (from_pretrained) or draws them (toy.init_weights)."""
+    """On meta (no memory), then uninitialised on `device`: the caller loads or draws weights."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
@@ -285,30 +265,26 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     model = build(cfg, device, dtype)
     tied = cfg.tie_word_embeddings
     expected = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
-    loaded = set()
-    with torch.no_grad():
-        for file in files:
-            try:  # truncated, or not safetensors: the header says so at once
-                f = safe_open(file, "pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-            with f:
-                for key in f.keys():
-                    if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
-                        continue  # recomputed / the embedding itself
-                    if key not in expected:
-                        raise ValueError(f"{file}: unexpected tensor {key!r} for a "
-                                         f"{cfg.model_type} model as described by {cfg_path}")
-                    t = f.get_tensor(key)
-                    if not t.is_floating_point() or not torch.isfinite(t).all():
-                        raise ValueError(f"{file}: tensor {key!r} ({t.dtype}): expected finite "
-                                         "floating-point weights, no NaN or inf")
-                    if t.shape != expected[key].shape:
-                        raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
-                                         f"{cfg_path} implies {tuple(expected[key].shape)}")
-                    expected[key].copy_(t)
-                    loaded.add(key)
-    missing = sorted(set(expected) - loaded)
+    for file in files:
+        try:  # truncated, or not safetensors: the header says so at once
+            f = safe_open(file, "pt", device="cpu")  # read a tensor at a time, closed when dropped
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        for key in f.keys():
+            if key.endswith("rotary_emb.inv_freq") or (tied and key == "lm_head.weight"):
+                continue  # recomputed / the embedding itself
+            if key not in expected:
+                raise ValueError(f"{file}: unexpected tensor {key!r} for a {cfg.model_type} "
+                                 f"model as described by {cfg_path}")
+            t = f.get_tensor(key)
+            if not t.is_floating_point() or not torch.isfinite(t).all():
+                raise ValueError(f"{file}: tensor {key!r} ({t.dtype}): expected finite "
+                                 "floating-point weights, no NaN or inf")
+            if t.shape != expected[key].shape:
+                raise ValueError(f"{file}: tensor {key!r} has shape {tuple(t.shape)}, "
+                                 f"{cfg_path} implies {tuple(expected[key].shape)}")
+            expected.pop(key).copy_(t)  # state_dict()'s tensors are detached: no autograd to mind
+    missing = sorted(expected)  # what no file held
     if missing:
         raise ValueError(f"{path}: {len(missing)} tensor(s) expected from {cfg_path} are missing "
                          f"from {', '.join(map(os.path.basename, files))}: "
@@ -434,27 +410,25 @@ class Generation:
 
 
 def _sample(logits, u, temperature):
-    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B,) and its log-prob at the
+    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B, 1) and its log-prob at the
     temperature, the distribution token_logprobs scores (no top-k or top-p: the leader's gradient
     needs it). Temperature 0: greedy, with temperature 1's log-prob."""
+    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V)
     if temperature == 0:
-        tok = logits.argmax(-1)  # (B,)
-        return tok, logits.log_softmax(-1).gather(-1, tok[:, None])[:, 0]
-    z = logits / temperature  # (B, V)
-    logp = z.log_softmax(-1)  # (B, V)
-    cdf = logp.exp().cumsum(-1)  # (B, V)
-    tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # inverse CDF
-    tok = tok.clamp(max=z.shape[-1] - 1)[:, 0]  # (B,)
-    return tok, logp.gather(-1, tok[:, None])[:, 0]
+        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
+    else:  # inverse CDF
+        cdf = logp.exp().cumsum(-1)  # (B, V)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
+    return tok, logp.gather(-1, tok)
 
 
-def _decode_step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature):
-    """Feed tok (B,) at positions pos (B,), cache slot idx (1,); sample the next token (finished
-    rows: pad, log-prob 0). Static shapes, state on the device, no host sync: CUDA-graph safe."""
-    h = model(tok[:, None], key_valid, pos[:, None], cache_index=idx)  # (B, 1, D)
-    new, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)
-    new, logp = new.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
-    return new, logp, done | torch.isin(new, eos), pos + 1, idx + 1
+def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature):
+    """Feed ids (B, T) into cache slots (T,), sample each row's next token (B, 1) (done rows: pad,
+    log-prob 0). T = 1: static shapes, state on the device, no host sync: CUDA-graph safe."""
+    h = model(ids, key_valid, cache_index=slots)  # (B, T, D)
+    tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)  # (B, 1) each
+    tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
+    return tok, logp, done | torch.isin(tok, eos), slots[-1:] + 1
 
 
 @torch.no_grad()
@@ -462,66 +436,58 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
              compile=None):
     """Sample up to max_new_tokens after each prompt (id lists): a prefill into a static KV cache,
     then one decode step per token until every row is done; an FSDP2 model is unsharded once.
-    compile: the step in CUDA graphs (None: on CUDA). Row i's seed: seed + i in any batch."""
+    compile: the decode step in CUDA graphs (None: on CUDA). Row i's seed: seed + i in any batch."""
     if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, temperature >= 0")
-    check_context(model, max_new_tokens)
     device = model.inv_freq.device
     prompt_batch = data.collate(prompts, [[]] * len(prompts), pad_id)  # left-padded, no response
     ids, prompt_mask, _ = (t.to(device) for t in prompt_batch)  # (B, Lp) each
     B, Lp = ids.shape
+    check_fits(model, B, Lp, max_new_tokens, "generate")
     S = -(-(Lp + max_new_tokens) // 64) * 64  # cache length, rounded: fewer shapes to compile
     key_valid = F.pad(prompt_mask, (0, S - Lp), value=True)  # (B, S): slots with real tokens
-    pos = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, Lp)
+    slots = torch.arange(Lp, device=device)  # (Lp,) the same for every row
+    done = torch.zeros(B, 1, dtype=torch.bool, device=device)  # (B, 1)
     eos = torch.tensor(list(eos_ids) or [-1], device=device)  # -1 never matches
     streams = [torch.Generator().manual_seed(seed + i) for i in range(B)]  # one a row
     uniforms = torch.stack([torch.rand(max_new_tokens, generator=g) for g in streams]).to(device)
     compiled = device.type == "cuda" if compile is None else compile
-    step = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
+    decode = _compiled(_decode_step, "reduce-overhead") if compiled else _decode_step
     fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in fsdp:  # all-gather every block once; forwards must not reshard until we are done
+    for m in fsdp:  # the prefill all-gathers each block; later forwards find them gathered
         m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
+    out = []  # per step, (B, 1) each: the token, its log-prob, whether the row was still running
     try:
-        h = model(ids, key_valid, pos, cache_index=torch.arange(Lp, device=device))  # fills cache
-        tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), uniforms[:, :1], temperature)
-        done = torch.isin(tok, eos)  # (B,)
-        out = [(tok, logp, torch.ones_like(tok, dtype=torch.bool))]
-        pos = pos[:, -1] + 1  # (B,) the next token's position
-        idx = torch.tensor([Lp], device=device)  # (1,) its cache slot, the same for every row
-        for t in range(1, max_new_tokens):
+        for t in range(max_new_tokens):
             if t % 8 == 0 and done.all():  # the only host sync, every 8 steps
                 break
+            step = decode if t > 0 else _decode_step  # an eager prefill: its shape varies
             alive = ~done
-            u = uniforms[:, t:t + 1]  # (B, 1)
             torch.compiler.cudagraph_mark_step_begin()  # the last step's outputs are cloned below
-            new = step(model, tok, done, pos, idx, key_valid, u, eos, pad_id, temperature)
-            tok, logp, done, pos, idx = (x.clone() for x in new)  # a graph replay overwrites them
-            out.append((tok, logp, alive))
+            new = step(model, ids, done, slots, key_valid, uniforms[:, t:t + 1], eos, pad_id,
+                       temperature)
+            ids, logp, done, slots = (x.clone() for x in new)  # a graph replay overwrites them
+            out.append((ids, logp, alive))
     finally:
-        for m in model.modules():
-            if isinstance(m, Attention):
-                m.k_cache = m.v_cache = None
+        for block in model.model.layers:
+            block.self_attn.kv_cache = None
         for m in fsdp:
             m.reshard()
             m.set_reshard_after_forward(m is not model, recurse=False)  # the root keeps its params
-    tokens, logprobs, mask = (torch.stack(x, 1) for x in zip(*out))  # (B, n)
+    tokens, logprobs, mask = (torch.cat(x, 1) for x in zip(*out))  # (B, n)
     if logprobs.isnan().any():  # NaN logits: the weights are no longer numbers
         raise FloatingPointError("generate: the model's log-probs are NaN (its weights diverged?)")
     n = int(mask.sum(1).max())
     return Generation(tokens[:, :n], logprobs[:, :n], mask[:, :n])
 
 
-def check_context(model, max_new_tokens):
+def check_fits(model, rows, prompt_len, max_new_tokens, what):
+    """Refuse a generate() of `rows` rows that cannot fit: past the model's context, or a KV cache
+    and 3 (rows, V) fp32 buffers beyond the device's memory."""
     context = model.config.raw.get("max_position_embeddings") or math.inf
     if max_new_tokens > context:  # the static cache would outgrow what the model attends to
         raise ValueError(f"--max_new_tokens={max_new_tokens} is more than the model's context, "
                          f"max_position_embeddings={context}")
-
-
-def check_fits(model, rows, prompt_len, max_new_tokens, what):
-    """Refuse a generate() of `rows` rows that cannot fit: a KV cache, 3 (rows, V) fp32 buffers."""
-    check_context(model, max_new_tokens)
     cfg = model.config
     device = model.inv_freq.device
     element = 2 if device.type == "cuda" else 4  # bf16 compute on GPU
@@ -551,8 +517,7 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
 
 # ---------------------------------------------------------------- FSDP2
 def shard(model, mesh, mp_policy, activation_checkpointing=False):
-    """FSDP2 (fully_shard): each block a unit of its own, its weights gathered just before its
-    forward and freed after, then the root (embedding, final norm, lm_head)."""
+    """FSDP2: a unit for each block (gathered for its forward, freed after), then the root."""
     for block in model.model.layers:
         block.checkpoint = activation_checkpointing  # recompute the block's activations in backward
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)

@@ -136,7 +136,7 @@ def init_weights(model):
         elif name.endswith("bias"):
             p.zero_()
         else:
-            p.normal_(0.0, model.config.initializer_range)
+            p.normal_(0.0, model.config.raw.get("initializer_range", 0.02))
     return model
 
 

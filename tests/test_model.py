@@ -231,6 +231,18 @@ def test_a_rows_sample_does_not_depend_on_its_batch(ckpts):
     assert [lp[m].tolist() for lp, m in zip(gen.logprobs, gen.mask)] == logps
 
 
+def test_generate_refuses_what_cannot_fit(ckpts):
+    model = M.from_pretrained(ckpts["llama"][1])  # max_position_embeddings=256
+    assert M.generate(model, PROMPTS, 256, temperature=0).tokens.shape == (3, 256)  # at the limit
+    with pytest.raises(ValueError, match="--max_new_tokens=257 is more than the model's context, "
+                                         "max_position_embeddings=256"):
+        M.generate(model, PROMPTS, 257)
+    # a KV cache of 10^12 rows: more than any machine's memory
+    with pytest.raises(ValueError, match=r"^generate: 1000000000000 rows a rank need at least "
+                                         r"[0-9.]+ GiB, more than the [0-9.]+ GiB of cpu memory"):
+        M.check_fits(model, 10 ** 12, 7, 8, "generate")
+
+
 # -------------------------------------------------------------------------------- fused log-probs
 def plain_logprobs(hidden, weight, targets, temperature):
     logp_all = (hidden @ weight.t() / temperature).log_softmax(-1)
