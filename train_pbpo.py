@@ -45,8 +45,8 @@ class Config:
     # PbPO's symbols (ALGORITHMS.md)
     episodes: int = knob(6, "K, episodes", at_least=1)
     explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)", at_least=1)
-    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref) or best_of_n (its "
-                         "cheaper stand-in)", choices=("policy", "best_of_n"))
+    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref) or best_of_n "
+                         "(its cheaper stand-in)", choices=("policy", "best_of_n"))
     enh_steps: int = knob(2, "the enhancer's policy-gradient steps an episode")
     enh_samples: int = knob(4, "samples of π̂ (and of π_ref) per prompt in an enhancer step",
                             at_least=2)
@@ -280,8 +280,8 @@ def main(cfg):
         return torch.cat(ranks.gather([phi.cpu()])).to(device)
 
     def policy_gradient_step(model, optimizer, ids, attn, advantage, n_samples, where, **fields):
-        """One clipped AdamW step on leader_loss over micro-batches -> the gradient norm. The loss
-        divides by all ranks' sample count and FSDP averages over ranks: hence · world."""
+        """One clipped AdamW step on leader_loss -> the gradient norm (the loss divides by all
+        ranks' samples, and FSDP averages over ranks: hence · world)."""
         for rows in micro(len(ids)):
             logp_theta = M.token_logprobs(model, ids[rows], attn[rows], cfg.temperature)  # (b, S)
             (leader_loss(logp_theta, advantage[rows], n_samples) * world).backward()
@@ -295,8 +295,7 @@ def main(cfg):
 
     @torch.no_grad()
     def kl_folded(rewards, samples, resp, anchor, kl_coef, group, ids, attn):
-        """The leave-one-out advantage of r̃ = r − κ log(π / π_anchor) -> (advantage (n, S), the
-        log-ratio (n, S), the sampler's log π (n, S))."""
+        """advantages of r̃ = r − κ log(π / π_anchor) -> (A, log-ratio, the sampled log π) (n, S)"""
         logp = on_response(samples.logp, resp)  # (n, S), the sampler's log π, a constant
         logp_anchor = M.token_logprobs(anchor, ids, attn, cfg.temperature,
                                        micro_batch=cfg.micro_batch)  # (n, S)
@@ -327,8 +326,8 @@ def main(cfg):
         return {"enh_reward": ranks.mean_all(rewards), "enh_kl": ranks.mean_all(log_ratio.sum(-1))}
 
     def explore(episode):
-        """(I): y⁰ ~ π_ref and y¹ from the enhancer on M prompts; Σ ← Σ + ΔφΔφᵀ -> (the pairs of two
-        different responses, every rank holding all in the global order, and metrics)."""
+        """(I): y⁰ ~ π_ref, y¹ ~ the enhancer on M prompts; Σ ← Σ + ΔφΔφᵀ -> (the pairs of two
+        different responses, all ranks' in order, on every rank; metrics)."""
         items, offset = ranks.draw(prompts, cfg.explore_prompts, rank, world, cfg.seed, "explore",
                                    episode)
         response0 = sample(ref, items, 1, cfg.temperature, offset, "y0", episode)
@@ -358,9 +357,7 @@ def main(cfg):
         metrics.update(new_pairs=len(new), identical=len(everyone) - len(new), potential=potential)
         return new, metrics
 
-    def label(new, episode):
-        """o for each new pair: each rank has the oracle score its block of them, then every rank
-        holds every score and draws the same labels."""
+    def label(new, episode):  # o of each new pair: each rank scores its block, all draw the labels
         mine = new[ranks.block(len(new), rank, world)]
         items = [p.item for p in mine]
         score0 = oracle.score(items, [p.response0 for p in mine])
@@ -384,8 +381,7 @@ def main(cfg):
 
     # ---------------------------------------------------------------- (II) exploitation
     def follower(beta, phi_pi, phi_base, D, episode, step):
-        """T_in projected gradient steps on F(w) = gap(w) + β |D| mean_batch ℓ(w) (follower_loss),
-        at follower_step_size -> the last batch's mean BT loss."""
+        """T_in projected gradient steps on F(w) = gap(w) + β ℓ_D(w) -> the last batch's mean ℓ."""
         n_pairs = len(D["label"])
         curvature = (D["phi1"] - D["phi0"]).norm(dim=-1).max().item() ** 2 / 4  # ≥ ∇²ℓ_i, L
         step_size = follower_step_size(cfg.rm_lr, beta, n_pairs, curvature)
@@ -403,10 +399,6 @@ def main(cfg):
                 rm.project()
         return nll.item()
 
-    @torch.no_grad()
-    def summed_nll(D):  # ℓ_D(w) on all of D: one product with the cached features
-        return len(D["label"]) * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"]).item()
-
     def leader(on_policy, phi, ids, attn, resp, episode, step):
         """One AdamW step of REINFORCE on r̃ = r_w − κ log(π_θ / π_anchor), at temperature T."""
         with torch.no_grad():
@@ -421,9 +413,12 @@ def main(cfg):
         return grad_norm, log_ratio, logp
 
     @torch.no_grad()
-    def health(items, on_policy, phi, logp, log_ratio, ids, attn, resp):
+    def health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn, resp):
         """What over-optimisation of r_w looks like, over all ranks: r_w against the gold r* on the
-        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length."""
+        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length; the gap
+        prompt by prompt, whose spread gives its standard error."""
+        gap = (rm(phi_pi).view(-1, cfg.group).mean(1)
+               - rm(phi_base).view(-1, cfg.ref_samples).mean(1))  # (P,)
         responses = [data.decode(tok, y) for y in on_policy.responses]
         gold = oracle.score_fn([p for p in items for _ in range(cfg.group)], responses)
         rm_and_gold = ranks.gather(list(zip(rm(phi).tolist(), map(float, gold))))
@@ -433,7 +428,8 @@ def main(cfg):
                     rm_gold_corr=torch.corrcoef(both)[0, 1].item(),
                     kl_anchor=ranks.mean_all(log_ratio.sum(-1)),
                     kl_sft=ranks.mean_all(((logp - logp_sft) * resp).sum(-1)),
-                    length=ranks.mean_all(resp.sum(-1).float()))
+                    length=ranks.mean_all(resp.sum(-1).float()), rm_gap=gap.mean().item(),
+                    rm_gap_se=(gap.std() / len(gap) ** 0.5).item())
 
     # ---------------------------------------------------------------- resume
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
@@ -516,23 +512,18 @@ def main(cfg):
                 nll = None  # mle: no follower steps, w = ŵ
                 if cfg.beta_form != "mle":
                     nll = follower(beta, phi_pi, phi_base, D, episode, step)
-                nll_sum = summed_nll(D)
+                with torch.no_grad():  # ℓ_D(w) on all of D: one product with the cached features
+                    nll_sum = len(D["label"]) * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"])
                 if cfg.beta_form == "dual":
-                    beta = dual_ascent(beta, nll_sum, nll_mle, zeta_k, cfg.dual_lr)
+                    beta = dual_ascent(beta, nll_sum.item(), nll_mle, zeta_k, cfg.dual_lr)
                 grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode,
                                                     step)
-            with torch.no_grad():  # the gap prompt by prompt: its spread gives its standard error
-                gap_by_prompt = (rm(phi_pi).view(-1, cfg.group).mean(1)
-                                 - rm(phi_base).view(-1, cfg.ref_samples).mean(1))  # (P,)
-            slack = None  # ℓ_D(ŵ) + ζ_k − ℓ_D(w): the confidence set's room left
-            if nll_mle is not None:
-                slack = nll_mle + zeta_k - nll_sum
-            metrics = health(items, on_policy, phi, logp, log_ratio, ids, attn, resp)
-            log.write("step", episode=episode, step=step, rm_bt=nll, rm_nll_sum=nll_sum, beta=beta,
-                      slack=slack,
-                      rm_gap=gap_by_prompt.mean().item(),
-                      rm_gap_se=(gap_by_prompt.std() / len(gap_by_prompt) ** 0.5).item(),
-                      grad_norm=grad_norm, w_norm=rm.w.norm().item(), **metrics)
+            metrics = health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn,
+                             resp)
+            if nll_mle is not None:  # the confidence set's room left, ℓ_D(ŵ) + ζ_k − ℓ_D(w)
+                metrics["slack"] = nll_mle + zeta_k - nll_sum.item()
+            log.write("step", episode=episode, step=step, rm_bt=nll, rm_nll_sum=nll_sum.item(),
+                      beta=beta, grad_norm=grad_norm, w_norm=rm.w.norm().item(), **metrics)
             bar.set_postfix(gold=f"{metrics['gold_reward']:.3f}", kl_sft=f"{metrics['kl_sft']:.2f}")
 
         log.write("episode", episode=episode, gen_s=seconds.total["gen"],
