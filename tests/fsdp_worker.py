@@ -15,7 +15,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy
 from torch.distributed.tensor import DTensor
 
+import checkpoint
 import model as M
+import ranks
 
 
 def loss_fn(model, ids, attn, resp):  # mean -logp over response tokens
