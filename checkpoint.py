@@ -1,11 +1,10 @@
 """Checkpoints and resume: a run's state as safetensors with a JSON header (never pickle), written
-atomically; what a resume checks (the same script, flags, input contents and labelled pairs); an
-FSDP2 model's full state dict for export. Tests: tests/test_reliability.py"""
+atomically; the digests of a run's inputs, which a resume checks; an FSDP2 model's full state dict
+for export. Tests: tests/test_reliability.py"""
 import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -46,42 +45,6 @@ def input_digests(cfg):  # {flag: {file: SHA-256}} of the files (or directories)
     return digests
 
 
-def check_same_run(cfg, inputs, pairs):
-    """A resume continues the same run: the script, the flags (but RESUME_MAY_CHANGE) and, where
-    `inputs` (input_digests) are given, the inputs' contents and the labelled `pairs` it saw."""
-    out = cfg.out_dir
-    ckpt = os.path.join(out, CHECKPOINT)
-    doc = read_checkpoint(ckpt, tensors=False)
-    script = os.path.basename(sys.argv[0])
-    if doc.get("script") != script:
-        raise ValueError(f"--resume: {ckpt} was written by {doc.get('script')}, not {script}: "
-                         "choose another --out_dir")
-    old, new = doc.get("config", {}), asdict(cfg)
-    may = ("resume", "out_dir", *cfg.RESUME_MAY_CHANGE)
-    changed = [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-               if k not in may and old.get(k) != new.get(k)]
-    if changed:
-        raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
-                         f"only {', '.join(may[2:])} may change")
-    if inputs is None:
-        return
-    saved = doc.get("inputs") or inputs  # an older version's checkpoint has none
-    changed = [f"--{k}={getattr(cfg, k)}" for k in inputs if saved.get(k, inputs[k]) != inputs[k]]
-    if changed:
-        raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
-                         "read (a resume is the same run, on the same inputs)")
-    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # of the episodes it had finished
-    count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
-    if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
-        raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
-                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw")
-    threads, version = doc.get("threads"), doc.get("torch")
-    if (threads, version) != (torch.get_num_threads(), torch.__version__):
-        print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
-              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ "
-              "from an unbroken one in the last bits", file=sys.stderr)
-
-
 def full_state_dict(model):  # rank 0's on CPU ({} elsewhere), for save_pretrained; collective
     return get_model_state_dict(model, options=FULL_ON_CPU)
 
@@ -98,9 +61,8 @@ def save(path, modules, **extra):
     """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
     tensors, plain values) as safetensors: the tensors, and in the header a JSON of the rest and a
     SHA-256 of both (no pickle). Rank 0 writes it atomically, logged in HISTORY. Collective."""
-    # what a resume checks: the script, and what a bit-identical resume needs
     state = dict(extra, script=os.path.basename(sys.argv[0]), threads=torch.get_num_threads(),
-                 torch=torch.__version__)
+                 torch=torch.__version__)  # a resume checks them: the same script, the same bits
     for name, (m, opt) in modules.items():
         state[name], state[name + "_opt"] = get_state_dict(m, opt, options=FULL_ON_CPU)
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -1,5 +1,6 @@
 """The life of a run, for every entry point: flags, one line for bad input or a stop, the out_dir
-(checked, locked), the metrics log, the non-finite guard, the final evaluation and export."""
+(checked, locked), the metrics log, the non-finite guard, the final evaluation and export.
+Tests: tests/test_reliability.py"""
 import argparse
 import collections
 import contextlib
@@ -93,9 +94,10 @@ def friendly_errors(script, out_dir=None):
 
 # ---------------------------------------------------------------- the out_dir
 def check_out_dir(cfg, inputs=None):
-    """-> 'resume' (a checkpoint of the same run: checkpoint.check_same_run), 'restart' (--resume
-    before the first checkpoint) or 'fresh'. Never over a previous run, nor a lost checkpoint's
-    run, nor through a link or FIFO planted in out_dir. Reads only."""
+    """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run: its
+    script, flags but RESUME_MAY_CHANGE and, given `inputs` (checkpoint.input_digests), its inputs'
+    contents and labelled pairs. Never over a previous run or a lost checkpoint's run, nor through
+    a link or FIFO planted in out_dir. Reads only."""
     out = cfg.out_dir
     if not out:
         raise ValueError("--out_dir='': expected the path of the run directory")
@@ -129,7 +131,35 @@ def check_out_dir(cfg, inputs=None):
                                 "(restore the checkpoint, or choose a new --out_dir)")
     if checkpoint.CHECKPOINT not in traces:
         return "restart" if cfg.resume else "fresh"
-    checkpoint.check_same_run(cfg, inputs, pairs)
+    doc = checkpoint.read_checkpoint(ckpt, tensors=False)
+    script = os.path.basename(sys.argv[0])
+    if doc.get("script") != script:
+        raise ValueError(f"--resume: {ckpt} was written by {doc.get('script')}, not {script}: "
+                         "choose another --out_dir")
+    old, new = doc.get("config", {}), asdict(cfg)
+    may = ("resume", "out_dir", *cfg.RESUME_MAY_CHANGE)
+    changed = [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if k not in may and old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
+                         f"only {', '.join(may[2:])} may change")
+    if inputs is None:  # the look before the lock
+        return "resume"
+    saved = doc.get("inputs") or inputs  # an older version's checkpoint has none
+    changed = [f"--{k}={getattr(cfg, k)}" for k in inputs if saved.get(k, inputs[k]) != inputs[k]]
+    if changed:
+        raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
+                         "read (a resume is the same run, on the same inputs)")
+    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # of the episodes it had finished
+    count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
+    if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
+        raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
+                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw")
+    threads, version = doc.get("threads"), doc.get("torch")
+    if (threads, version) != (torch.get_num_threads(), torch.__version__):
+        print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
+              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ "
+              "from an unbroken one in the last bits", file=sys.stderr)
     return "resume"
 
 
@@ -238,7 +268,7 @@ class Guard:
     def check_weights(self, model, where, **fields):  # after an update
         norm = param_norm(model)
         if norm <= DIVERGED * self.norm0 or (self.diverged and self.on_nonfinite == "skip"):
-            return  # a NaN norm goes on: it diverged
+            return  # a NaN norm fails the <=: it diverged
         self.diverged = (f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {self.norm0:.4g}) at "
                          f"{where}")
         self.failed(self.diverged, "; the run goes on (--on_nonfinite=skip)",
