@@ -1,6 +1,6 @@
 """Ranks: the process group, sums and gathers across ranks, and the seeding rule that makes a run on
 N ranks the run on one: every draw and every sampled row is keyed by what it is for, never by the
-rank that happens to hold it. Tests: tests/test_fsdp.py, and each trainer's 2-rank test."""
+rank that happens to hold it. Tests: tests/test_ranks.py, tests/test_fsdp.py"""
 import hashlib
 import os
 from dataclasses import dataclass

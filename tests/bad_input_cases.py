@@ -144,7 +144,7 @@ CASES = [
     Case("negative KL weight", PBPO_FRESH + " --kl_coef=-1",
          "--kl_coef=-1.0: expected a finite number >= 0"),
     Case("infinite bound", PBPO_FRESH + " --bound=inf",
-         "--bound=inf: expected a finite number >= 0"),
+         "--bound=inf: expected a finite number >= 1e-08"),
     Case("group of one", PBPO_FRESH + " --group=1", "--group=1: expected a finite number >= 2"),
     Case("greedy leader", PBPO_FRESH + " --temperature=0",
          "--temperature=0.0: expected a finite number >= 1e-06 "
