@@ -94,10 +94,9 @@ def friendly_errors(script, out_dir=None):
 
 # ---------------------------------------------------------------- the out_dir
 def check_out_dir(cfg, inputs=None):
-    """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run: its
-    script, flags but RESUME_MAY_CHANGE and, given `inputs` (checkpoint.input_digests), its inputs'
-    contents and labelled pairs. Never over a previous run or a lost checkpoint's run, nor through
-    a link or FIFO planted in out_dir. Reads only."""
+    """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run (its
+    script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and labelled pairs); never
+    over a previous or lost-checkpoint run, nor through a link or FIFO in out_dir. Reads only."""
     out = cfg.out_dir
     if not out:
         raise ValueError("--out_dir='': expected the path of the run directory")
@@ -164,9 +163,8 @@ def check_out_dir(cfg, inputs=None):
 
 
 def start(cfg, rank, world):
-    """-> (rank 0's mode, the inputs' digests), on every rank. Rank 0 checks the out_dir before
-    writing, locks it (out_dir/lock, its fd never closed: held till the process ends, kill -9
-    included), checks input digests. A refusal stops every rank with the same one line."""
+    """-> (mode, input digests) on every rank. Rank 0 checks out_dir, locks it (out_dir/lock, held
+    till the process ends, kill -9 included), checks it again; a refusal stops every rank alike."""
     verdict = ["", None, None]  # rank 0's refusal, mode and digests, as broadcast_object_list takes
     try:
         if rank == 0:
@@ -185,7 +183,7 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # `lock` is never closed: held till exit
     except BlockingIOError:
         holder = os.read(lock, 4096).decode(errors="replace") or "another run"
         raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
