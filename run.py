@@ -289,8 +289,8 @@ class Guard:
 
 # ---------------------------------------------------------------- the end of a run
 def finish(cfg, policy, tok, oracle, heldout, eos_ids, log, sft_eval, name):
-    """The final gold evaluation on the held-out prompts, the policy exported to out_dir/final as an
-    HF checkpoint with its tokenizer, and one line comparing it with the SFT policy."""
+    """The final gold evaluation on the held-out prompts, the policy exported to out_dir/final as
+    an HF checkpoint (with the tokenizer), and one line comparing it with the SFT policy."""
     final_eval = {}
     if heldout:
         final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
