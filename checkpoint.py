@@ -59,8 +59,8 @@ def _checksum(doc, tensors):  # SHA-256 of the document and each tensor's name, 
 
 def save(path, modules, **extra):
     """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
-    tensors, plain values) as safetensors: the tensors, and in the header a JSON of the rest and a
-    SHA-256 of both (no pickle). Rank 0 writes it atomically, logged in HISTORY. Collective."""
+    tensors, plain values) as safetensors: the tensors, plus a header JSON of the rest and a SHA-256
+    of both (no pickle). Rank 0 writes it atomically, logged in checkpoints.log. Collective."""
     state = dict(extra, script=os.path.basename(sys.argv[0]), threads=torch.get_num_threads(),
                  torch=torch.__version__)  # a resume checks them: the same script, the same bits
     for name, (m, opt) in modules.items():
@@ -114,14 +114,14 @@ def read_checkpoint(path, tensors=True):
             raise ValueError("its document is not a JSON object")
         return doc
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
-        raise ValueError(f"{path}: not a readable checkpoint ({e}); refusing to resume from "
-                         "it") from None
+        problem = f"{path}: not a readable checkpoint ({e}); refusing to resume from it"
+        raise ValueError(problem) from None
 
 
 def load(path, modules):  # save's file into modules {name: (model, optimizer)} -> the extra state
     state = read_checkpoint(path)
+    options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():
         set_state_dict(m, opt, model_state_dict=state.pop(name),
-                       optim_state_dict=state.pop(name + "_opt"),
-                       options=StateDictOptions(full_state_dict=True))
+                       optim_state_dict=state.pop(name + "_opt"), options=options)
     return state
