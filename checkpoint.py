@@ -1,11 +1,10 @@
 """Checkpoints and resume: a run's state as safetensors with a JSON header (never pickle), written
-atomically; what a resume checks first (the same script, flags, input contents and labelled
-pairs); the full state dict of an FSDP2 model for export. Tests: tests/test_reliability.py"""
+atomically; the digests of a run's inputs, which a resume checks; an FSDP2 model's full state dict
+for export. Tests: tests/test_reliability.py"""
 import hashlib
 import json
 import os
 import sys
-from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -13,7 +12,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_state_dict, set_state_dict)
-from torch.distributed.fsdp import FSDPModule
 
 import data
 
@@ -23,17 +21,14 @@ LOADED = (".json", ".safetensors", ".model", ".jinja", ".txt", ".tiktoken")  # w
 FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)  # all of it, on rank 0's CPU
 
 
-# ---------------------------------------------------------------- the inputs a run read
-def sha256_of(path):
-    """SHA-256 of a file; past 256 MiB (weights), of its size and 64 MiB spread over it."""
+def sha256_of(path):  # of a file; past 256 MiB (weights), of its size and 64 MiB spread over it
     size = os.path.getsize(path)
     h = hashlib.sha256(str(size).encode())
-    whole = size <= 2**28
-    offsets = [0] if whole else range(0, size, size // 64 + 1)
+    chunk = size if size <= 2**28 else 2**20  # the whole file, or 1 MiB at each of 64 offsets
     with open(path, "rb") as f:
-        for offset in offsets:
+        for offset in range(0, size, max(chunk, size // 64 + 1)):
             f.seek(offset)
-            h.update(f.read(size if whole else 2**20))
+            h.update(f.read(chunk))
     return h.hexdigest()
 
 
@@ -50,48 +45,7 @@ def input_digests(cfg):  # {flag: {file: SHA-256}} of the files (or directories)
     return digests
 
 
-def check_same_run(cfg, inputs, pairs):
-    """A resume continues the same run: the same script, flags (but RESUME_MAY_CHANGE), and where
-    `inputs` (input_digests) are given, input contents and the labelled `pairs` the checkpoint saw;
-    anything else is refused by name. Reads only."""
-    out = cfg.out_dir
-    ckpt = os.path.join(out, CHECKPOINT)
-    doc = read_checkpoint(ckpt, tensors=False)
-    script = os.path.basename(sys.argv[0])
-    if doc.get("script") != script:
-        raise ValueError(f"--resume: {ckpt} was written by {doc.get('script')}, not {script}: "
-                         "choose another --out_dir")
-    old, new = doc.get("config", {}), asdict(cfg)
-    may = ("resume", "out_dir", *getattr(cfg, "RESUME_MAY_CHANGE", ()))
-    changed = [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-               if k not in may and old.get(k) != new.get(k)]
-    if changed:
-        raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
-                         f"only {', '.join(may[2:])} may change")
-    if inputs is None:
-        return
-    saved = doc.get("inputs") or inputs  # an older version's checkpoint has none
-    changed = [f"--{k}={getattr(cfg, k)}" for k in inputs if saved.get(k, inputs[k]) != inputs[k]]
-    if changed:
-        raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
-                         "read (a resume is the same run, on the same inputs)")
-    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # of the episodes it had finished
-    count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
-    if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
-        raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
-                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw")
-    threads, version = doc.get("threads"), doc.get("torch")
-    if (threads, version) != (torch.get_num_threads(), torch.__version__):
-        print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
-              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ "
-              "from an unbroken one in the last bits", file=sys.stderr)
-
-
-# ---------------------------------------------------------------- save and load
-def full_state_dict(model):
-    """Rank 0's full state dict on CPU ({} elsewhere) for save_pretrained; collective under FSDP."""
-    if not isinstance(model, FSDPModule):
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def full_state_dict(model):  # rank 0's on CPU ({} elsewhere), for save_pretrained; collective
     return get_model_state_dict(model, options=FULL_ON_CPU)
 
 
@@ -107,24 +61,23 @@ def save(path, modules, **extra):
     """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
     tensors, plain values) as safetensors: the tensors, plus a header JSON of the rest and a SHA-256
     of both (no pickle). Rank 0 writes it atomically, logged in checkpoints.log. Collective."""
-    state = dict(extra)
+    state = dict(extra, script=os.path.basename(sys.argv[0]), threads=torch.get_num_threads(),
+                 torch=torch.__version__)  # a resume checks them: the same script, the same bits
     for name, (m, opt) in modules.items():
         state[name], state[name + "_opt"] = get_state_dict(m, opt, options=FULL_ON_CPU)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        tensors, storages = {}, set()
+        tensors = {}
+        storages = set()  # safetensors refuses two tensors on one storage (tied weights)
 
-        def put(t):  # json.dumps' call for each tensor: into `tensors`, one storage each (tied
-            t = t.detach().cpu().contiguous()  # weights share one, which safetensors refuses)
+        def put(t):  # json.dumps' call for each tensor: into `tensors`, a storage each
+            t = t.detach().cpu().contiguous()
             if t.untyped_storage().data_ptr() in storages:
                 t = t.clone()
             storages.add(t.untyped_storage().data_ptr())
             tensors[f"t{len(tensors)}"] = t
             return {"__tensor__": f"t{len(tensors) - 1}"}
 
-        # what a resume checks: the script, and what bit-identical needs
-        provenance = {"script": os.path.basename(sys.argv[0]), "threads": torch.get_num_threads(),
-                      "torch": torch.__version__}
-        doc = json.dumps({**state, **provenance}, default=put)
+        doc = json.dumps(state, default=put)
         checksum = _checksum(doc, tensors)
         tmp = f"{path}.tmp"
         try:
@@ -147,8 +100,8 @@ def save(path, modules, **extra):
 
 
 def read_checkpoint(path, tensors=True):
-    """What save wrote, its checksum verified; tensors=False: the document alone (flags, script,
-    counters), from the header. Anything else (truncated, corrupt, crafted) is refused."""
+    """What save wrote, its checksum verified; tensors=False: the document alone, from the header.
+    Anything else (truncated, corrupt, crafted) is refused."""
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
@@ -165,8 +118,7 @@ def read_checkpoint(path, tensors=True):
         raise ValueError(problem) from None
 
 
-def load(path, modules):
-    """Load save's file into modules {name: (model, optimizer)} -> the extra state."""
+def load(path, modules):  # save's file into modules {name: (model, optimizer)} -> the extra state
     state = read_checkpoint(path)
     options = StateDictOptions(full_state_dict=True)
     for name, (m, opt) in modules.items():

@@ -1,6 +1,6 @@
 """Ranks: the process group, sums and gathers across ranks, and the seeding rule that makes a run on
 N ranks the run on one: every draw and every sampled row is keyed by what it is for, never by the
-rank that happens to hold it. Tests: tests/test_fsdp.py, and each trainer's 2-rank test."""
+rank that happens to hold it. Tests: tests/test_ranks.py, tests/test_fsdp.py"""
 import hashlib
 import os
 from dataclasses import dataclass
@@ -15,23 +15,17 @@ import model as M
 def init_distributed(timeout_s=1800):
     """-> (rank, world_size, device). torchrun: nccl (GPU) or gloo (CPU), timed out so a dead rank
     fails the others; plain python: rank 0 of 1, on GPU a one-rank group (FSDP2's bf16 needs it)."""
-    timeout = timedelta(seconds=timeout_s)
-    if "RANK" not in os.environ:
-        if not torch.cuda.is_available():
-            return 0, 1, torch.device("cpu")
-        device = torch.device("cuda", 0)
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                timeout=timeout, device_id=device)
-        torch.cuda.set_device(device)
-        return 0, 1, device
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
     device = torch.device("cpu")
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, timeout=timeout,
+    if device.type == "cpu" and "RANK" not in os.environ:
+        return rank, world, device
+    store = None if "RANK" in os.environ else dist.HashStore()  # plain python on GPU: in memory
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world, timeout=timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     return rank, world, device
 
@@ -60,7 +54,6 @@ def block(count, rank, world):  # this rank's contiguous share of `count` things
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
-# ---------------------------------------------------------------- the seeding rule
 def seed_of(*keys):
     """One seed per purpose, keyed by (seed, purpose, episode, ...), the same on every rank. A
     resumed run needs no saved RNG state, and no two purposes share a stream."""
@@ -72,9 +65,8 @@ def generator(*keys):  # a torch.Generator seeded by the rule
 
 
 def draw(items, count, rank, world, *keys):
-    """`count` items drawn with replacement for the purpose `keys` -> (this rank's block, the
-    block's offset in the whole draw). Any world size draws the same items (and, by sample, the
-    same responses to them)."""
+    """`count` items drawn with replacement for the purpose `keys` -> (this rank's block, its offset
+    in the whole draw): any world size draws the same items (and, by sample, the same responses)."""
     picked = torch.randint(len(items), (count,), generator=generator(*keys)).tolist()
     share = block(count, rank, world)
     return [items[i] for i in picked[share]], share.start
@@ -91,7 +83,6 @@ def sample(model, items, n, temperature, offset, keys, max_new_tokens, eos_ids, 
     """n responses to each of this rank's prompts (its block of a draw, at `offset`). Row j of the
     whole draw, all ranks', is seeded seed_of(*keys) + j: any world size samples the same rows."""
     prompt_ids = [p["prompt_ids"] for p in items]
-    responses, logp = M.sample(model, prompt_ids, max_new_tokens, temperature, n=n,
-                               seed=seed_of(*keys) + offset * n, logprobs=True, eos_ids=eos_ids,
-                               pad_id=pad_id)
+    responses, logp = M.sample(model, prompt_ids, max_new_tokens, temperature, n=n, logprobs=True,
+                               seed=seed_of(*keys) + offset * n, eos_ids=eos_ids, pad_id=pad_id)
     return Samples([p for p in prompt_ids for _ in range(n)], responses, logp)

@@ -1,6 +1,5 @@
-"""The run directory and the life of a run, shared by every entry point: flags, one clear line for
-bad input and for a stop, the out_dir (checked, locked), the metrics log, the non-finite guard, and
-the final evaluation and export. Checkpoints: checkpoint.py; ranks: ranks.py.
+"""The life of a run, for every entry point: flags, one line for bad input or a stop, the out_dir
+(checked, locked), the metrics log, the non-finite guard, the final evaluation and export.
 Tests: tests/test_reliability.py"""
 import argparse
 import collections
@@ -25,11 +24,8 @@ import model as M
 
 
 # ---------------------------------------------------------------- flags
-def knob(default, help, at_least=None, choices=None):
-    """A Config field: its default, its --help text, and the values it accepts (no knob of ours
-    means anything below zero, so every number is at least 0)."""
-    limits = {"help": help, "at_least": at_least, "choices": choices}
-    return field(default=default, metadata=limits)
+def knob(default, help, at_least=0, choices=None):  # a Config field, its --help and its limits
+    return field(default=default, metadata=dict(help=help, at_least=at_least, choices=choices))
 
 
 def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a ValueError argparse names
@@ -37,37 +33,32 @@ def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a Value
 
 
 def parse_flags(cls, doc, argv=None):
-    """A dataclass of knobs -> one --flag each. NaN, infinities, negative numbers and values outside
-    a knob's limits are refused by name."""
+    """A dataclass of knobs -> one --flag each. NaN, infinities, numbers below a knob's at_least
+    (no knob of ours means anything below zero) and values not among its choices are refused."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, spec in cls.__dataclass_fields__.items():
         help_text = spec.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
-        if spec.type is bool:
-            parser.add_argument(f"--{name}", type=boolean, default=spec.default, help=help_text,
-                                nargs="?", const=True)
-        else:
-            parser.add_argument(f"--{name}", type=spec.type, default=spec.default,
-                                help=help_text)
+        parse = {"type": spec.type}
+        if spec.type is bool:  # --flag alone is on
+            parse = {"type": boolean, "nargs": "?", "const": True}
+        parser.add_argument(f"--{name}", default=spec.default, help=help_text, **parse)
     cfg = cls(**vars(parser.parse_args(argv)))
     for name, spec in cls.__dataclass_fields__.items():
         value = getattr(cfg, name)
-        low = spec.metadata.get("at_least") or 0
+        low = spec.metadata.get("at_least", 0)
         choices = spec.metadata.get("choices")
+        why = f" ({spec.metadata['help']})" if spec.metadata.get("help") else ""
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if number and not 0 <= value < math.inf:
-            parser.error(f"--{name}={value}: expected a finite number >= 0")
-        if number and value < low:
-            why = spec.metadata.get("help")
-            parser.error(f"--{name}={value}: expected at least {low}" + (f" ({why})" if why else ""))
+        if number and not low <= value < math.inf:
+            parser.error(f"--{name}={value}: expected a finite number >= {low}{why}")
         if choices and value not in choices:
             parser.error(f"--{name}={value!r}: expected one of {', '.join(choices)}")
     return cfg
 
 
 # ---------------------------------------------------------------- errors and stops
-def stop(signum, frame):
-    """SIGTERM, SIGHUP (a closed terminal), Ctrl-C: a stop; later ones wait for its clean-up."""
+def stop(signum, frame):  # SIGTERM, SIGHUP, Ctrl-C: a stop; later ones wait for its clean-up
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
@@ -92,10 +83,9 @@ def friendly_errors(script, out_dir=None):
             message = "stopped"
         if stopped and out_dir:
             ckpt = os.path.join(out_dir, checkpoint.CHECKPOINT)
+            message = "stopped; no checkpoint yet, --resume starts over"
             if os.path.isfile(ckpt):
-                message += f"; --resume continues from {ckpt}"
-            else:
-                message += "; no checkpoint yet, --resume starts over"
+                message = f"stopped; --resume continues from {ckpt}"
         if not stopped or os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
             with contextlib.suppress(OSError):  # the terminal is gone (SIGHUP): nobody to tell
                 print(f"{script}: {message}", file=sys.stderr)
@@ -103,7 +93,11 @@ def friendly_errors(script, out_dir=None):
 
 
 # ---------------------------------------------------------------- the out_dir
-def own_files(out):  # the run directory's entries; a link planted there or in final/ is refused
+def check_out_dir(cfg, inputs=None):
+    """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run (its
+    script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and labelled pairs); never
+    over a previous or lost-checkpoint run, nor through a link or FIFO in out_dir. Reads only."""
+    out = cfg.out_dir
     if not out:
         raise ValueError("--out_dir='': expected the path of the run directory")
     if os.path.lexists(out) and not os.path.isdir(out):
@@ -114,18 +108,10 @@ def own_files(out):  # the run directory's entries; a link planted there or in f
                 raise ValueError(f"{path}: not a regular file in the run directory (a symbolic "
                                  "link, a FIFO?): a run never reads or writes through one; remove "
                                  "it, or choose another --out_dir")
-    return set(os.listdir(out)) if os.path.isdir(out) else set()
-
-
-def check_out_dir(cfg, inputs=None):
-    """-> 'resume' (a checkpoint to continue), 'restart' (--resume before the first checkpoint) or
-    'fresh' (never over a previous run). A resume continues the same run (checkpoint.
-    check_same_run); a lost checkpoint's run is refused. Reads only."""
-    out = cfg.out_dir
     ckpt = os.path.join(out, checkpoint.CHECKPOINT)
     traces = [f for f in (checkpoint.CHECKPOINT, checkpoint.HISTORY, "checkpoint.pt",
                           "preferences.jsonl", "preferences.dropped.jsonl", "metrics.jsonl")
-              if f in own_files(out)]
+              if os.path.exists(os.path.join(out, f))]
     if not cfg.resume and traces:
         raise FileExistsError(f"{out} holds a previous run ({', '.join(traces)}): pass --resume "
                               "to continue it, or choose a new --out_dir")
@@ -144,14 +130,41 @@ def check_out_dir(cfg, inputs=None):
                                 "(restore the checkpoint, or choose a new --out_dir)")
     if checkpoint.CHECKPOINT not in traces:
         return "restart" if cfg.resume else "fresh"
-    checkpoint.check_same_run(cfg, inputs, pairs)
+    doc = checkpoint.read_checkpoint(ckpt, tensors=False)
+    script = os.path.basename(sys.argv[0])
+    if doc.get("script") != script:
+        raise ValueError(f"--resume: {ckpt} was written by {doc.get('script')}, not {script}: "
+                         "choose another --out_dir")
+    old, new = doc.get("config", {}), asdict(cfg)
+    may = ("resume", "out_dir", *cfg.RESUME_MAY_CHANGE)
+    changed = [f"--{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if k not in may and old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {ckpt} is a run with other flags ({'; '.join(changed)}); "
+                         f"only {', '.join(may[2:])} may change")
+    if inputs is None:  # the look before the lock
+        return "resume"
+    saved = doc.get("inputs") or inputs  # an older version's checkpoint has none
+    changed = [f"--{k}={getattr(cfg, k)}" for k in inputs if saved.get(k, inputs[k]) != inputs[k]]
+    if changed:
+        raise ValueError(f"--resume: {', '.join(changed)}: other contents than the run in {out} "
+                         "read (a resume is the same run, on the same inputs)")
+    pairs = [r for r in pairs if r[cfg.UNIT] <= doc[cfg.UNIT]]  # of the episodes it had finished
+    count = doc.get("store_pairs")  # None: no store (offline SELM), or an older version
+    if count is not None and (len(pairs), data.digest(pairs)) != (count, doc["store_sha256"]):
+        raise ValueError(f"--resume: {out}/preferences.jsonl: its {len(pairs)} pairs up to "
+                         f"{cfg.UNIT} {doc[cfg.UNIT]} are not the {count} pairs {ckpt} saw")
+    threads, version = doc.get("threads"), doc.get("torch")
+    if (threads, version) != (torch.get_num_threads(), torch.__version__):
+        print(f"warning: {ckpt} was written by torch {version} on {threads} threads, this is torch "
+              f"{torch.__version__} on {torch.get_num_threads()}: the resumed run will differ "
+              "from an unbroken one in the last bits", file=sys.stderr)
     return "resume"
 
 
 def start(cfg, rank, world):
-    """-> (rank 0's mode, the inputs' digests), on every rank. Rank 0 checks the out_dir before
-    writing, locks it (out_dir/lock, its fd never closed: held till the process ends, kill -9
-    included), checks input digests. A refusal stops every rank with the same one line."""
+    """-> (mode, input digests) on every rank. Rank 0 checks out_dir, locks it (out_dir/lock, held
+    till the process ends, kill -9 included), checks it again; a refusal stops every rank alike."""
     verdict = ["", None, None]  # rank 0's refusal, mode and digests, as broadcast_object_list takes
     try:
         if rank == 0:
@@ -170,7 +183,7 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # `lock` is never closed: held till exit
     except BlockingIOError:
         holder = os.read(lock, 4096).decode(errors="replace") or "another run"
         raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
@@ -184,9 +197,8 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
 
 # ---------------------------------------------------------------- metrics
 class MetricsLog:
-    """The JSONL a user plots: one object a line, flushed at once, by rank 0 only, each stamped
-    with the oracle calls of the whole job so far. Resume cuts it back to the size the checkpoint
-    saw: an interrupted episode's lines never appear twice."""
+    """The JSONL a user plots: one object a line, flushed at once, by rank 0, stamped with the job's
+    oracle calls so far. A resume cuts it to the checkpoint's size: no episode's lines twice."""
 
     def __init__(self, path, enabled, oracle=None):
         self.path = path
@@ -194,14 +206,12 @@ class MetricsLog:
         self.oracle = oracle  # its calls, all ranks', stamp every line
 
     def write(self, kind, **metrics):
-        stamp = {"kind": kind}
         if self.oracle is not None:
-            stamp["oracle_calls"] = self.oracle.calls
-        metrics = {**stamp, **metrics}
+            metrics = {"oracle_calls": self.oracle.calls, **metrics}
         if self.file:  # a NaN (e.g. a correlation of constants) is written as null: strict JSON
-            metrics = {k: None if isinstance(v, float) and not math.isfinite(v) else v
-                       for k, v in metrics.items()}
-            data.write_lines(self.file, [metrics])
+            line = {k: None if isinstance(v, float) and not math.isfinite(v) else v
+                    for k, v in {"kind": kind, **metrics}.items()}
+            data.write_lines(self.file, [line])
 
     def size(self):
         return self.file.tell() if self.file else 0
@@ -215,19 +225,15 @@ class MetricsLog:
             self.file.seek(size)
 
 
-class Stopwatch:
-    """Seconds spent per kind of work: `with watch("gen"): ...` adds to watch.total["gen"]."""
-
+class Stopwatch:  # seconds per kind of work: `with watch("gen"): ...` adds to watch.total["gen"]
     def __init__(self):
         self.total = collections.defaultdict(float)
 
     @contextlib.contextmanager
-    def __call__(self, kind):
+    def __call__(self, kind):  # a block that raises ends the run: its time is not needed
         started = time.time()
-        try:
-            yield
-        finally:
-            self.total[kind] += time.time() - started
+        yield
+        self.total[kind] += time.time() - started
 
 
 # ---------------------------------------------------------------- the non-finite guard
@@ -252,16 +258,15 @@ class Guard:
         self.diverged = None  # what diverged where; a checkpoint keeps it
 
     def finite(self, value, what, where, **fields):  # False: the caller skips the update
-        if math.isfinite(value):
-            return True
-        self.failed(f"{what} is {value} at {where}", ": update skipped", what=what,
-                    value=str(value), **fields)
-        return False
+        if not math.isfinite(value):
+            self.failed(f"{what} is {value} at {where}", ": update skipped", what=what,
+                        value=str(value), **fields)
+        return math.isfinite(value)
 
     def check_weights(self, model, where, **fields):  # after an update
         norm = param_norm(model)
         if norm <= DIVERGED * self.norm0 or (self.diverged and self.on_nonfinite == "skip"):
-            return
+            return  # a NaN norm fails the <=: it diverged
         self.diverged = (f"the policy diverged (‖θ‖ = {norm:.4g}, ‖θ⁰‖ = {self.norm0:.4g}) at "
                          f"{where}")
         self.failed(self.diverged, "; the run goes on (--on_nonfinite=skip)",

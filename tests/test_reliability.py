@@ -491,7 +491,7 @@ def test_bool_flags_take_the_usual_spellings():
 def test_a_percent_sign_in_a_flag_comment_is_help_text_not_a_format(capsys):
     @dataclass
     class Knobs:
-        rate: float = 0.5  # guess on 97% / 90% of problems
+        rate: float = R.knob(0.5, "guess on 97% / 90% of problems")
 
     with pytest.raises(SystemExit) as stop:
         R.parse_flags(Knobs, "doc", ["--help"])
