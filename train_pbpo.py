@@ -254,7 +254,8 @@ def main(cfg):
     log = run.MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"), master, oracle)
     ckpt_path = os.path.join(cfg.out_dir, checkpoint.CHECKPOINT)
     guard = run.Guard(log, cfg.on_nonfinite, ckpt_path, sft)
-    start, sft_eval = 1, None
+    start = 1
+    sft_eval = None
 
     # ---------------------------------------------------------------- plumbing
     def sample(model, items, n, temperature, offset, *purpose):  # n responses to each prompt
@@ -269,12 +270,11 @@ def main(cfg):
         return [slice(i, i + cfg.micro_batch) for i in range(0, count, cfg.micro_batch)]
 
     @torch.no_grad()
-    def features(samples):  # Φ(τ) (n, d) of each sample by the RM backbone
-        phi = []
-        for rows in micro(len(samples.responses)):
-            part = ranks.Samples(samples.prompt_ids[rows], samples.responses[rows], [])
-            phi.append(trajectory_features(rm.phi(*batch(part))))
-        return torch.cat(phi)  # (n, d)
+    def features(ids, attn, resp):  # φ (n, [S,] d) by the RM backbone, micro_batch rows at a time
+        return torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro(len(ids))])
+
+    def trajectories(samples):  # Φ(τ) (n, d) of each sample
+        return trajectory_features(features(*batch(samples)))
 
     def on_all_ranks(phi):  # every rank's rows, in rank order: what the follower fits on
         return torch.cat(ranks.gather([phi.cpu()])).to(device)
@@ -310,14 +310,14 @@ def main(cfg):
         enh.load_state_dict(ref.state_dict())
         enh_opt = torch.optim.AdamW(enh.parameters(), lr=cfg.enh_lr, weight_decay=0.0)
         baseline = sample(ref, items, cfg.enh_samples, cfg.temperature, offset, "enh_ref", episode)
-        phi_ref = features(baseline)  # (m · G_e, d) samples of π_ref, for E_π_ref φ
+        phi_ref = trajectories(baseline)  # (m · G_e, d) samples of π_ref, for E_π_ref φ
         n_samples = cfg.explore_prompts * cfg.enh_samples  # all ranks'
         for step in range(cfg.enh_steps):
             tries = sample(enh, items, cfg.enh_samples, cfg.temperature, offset, "enh", episode,
                            step)
             ids, attn, resp = batch(tries)
-            rewards = enhancer_rewards(cov, features(tries), phi_ref, cfg.enh_samples,
-                                       cfg.enh_samples)  # (n,) ⟨v_x, Φ(x, y¹)⟩
+            phi = trajectory_features(features(ids, attn, resp))  # (n, d)
+            rewards = enhancer_rewards(cov, phi, phi_ref, cfg.enh_samples, cfg.enh_samples)
             advantage, log_ratio, _ = kl_folded(rewards, tries, resp, ref, cfg.enh_kl,
                                                 cfg.enh_samples, ids, attn)
             where = f"episode {episode}, enhancer step {step}"
@@ -339,8 +339,8 @@ def main(cfg):
             candidates = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
                                 episode)
         n = len(candidates.responses) // len(items)  # candidates per prompt
-        phi0 = features(response0).cpu()  # (m, d)
-        phi1 = features(candidates).cpu().view(len(items), n, -1)  # (m, n, d)
+        phi0 = trajectories(response0).cpu()  # (m, d)
+        phi1 = trajectories(candidates).cpu().view(len(items), n, -1)  # (m, n, d)
         mine = []
         for i, item in enumerate(items):
             answers = candidates.responses[i * n:(i + 1) * n]
@@ -505,10 +505,9 @@ def main(cfg):
                                   episode, step)
             with seconds("train"):
                 ids, attn, resp = batch(on_policy)  # (n, S)
-                with torch.no_grad():  # φ (n, [S,] d) for the leader's rewards
-                    phi = torch.cat([rm.phi(ids[r], attn[r], resp[r]) for r in micro(len(ids))])
+                phi = features(ids, attn, resp)  # (n, [S,] d), for the leader's rewards
                 phi_pi = on_all_ranks(trajectory_features(phi))  # (P·G, d)
-                phi_base = on_all_ranks(features(baseline))  # (P·R, d)
+                phi_base = on_all_ranks(trajectories(baseline))  # (P·R, d)
                 nll = None  # mle: no follower steps, w = ŵ
                 if cfg.beta_form != "mle":
                     nll = follower(beta, phi_pi, phi_base, D, episode, step)
