@@ -1,6 +1,5 @@
-"""Checkpoints and resume: a run's state as safetensors with a JSON header (never pickle), written
-atomically; the digests of a run's inputs, which a resume checks; an FSDP2 model's full state dict
-for export. Tests: tests/test_reliability.py"""
+"""Checkpoints as safetensors with a JSON header (never pickle), written atomically; the digests a
+resume checks; an FSDP2 model's full state dict. Tests: tests/test_reliability.py"""
 import hashlib
 import json
 import os

@@ -5,8 +5,7 @@ import math
 import torch
 
 
-def trajectory_features(phi):
-    """Φ(τ), r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: at the token level, Σ_h ⟨w, φ_h⟩ = ⟨w, Σ_h φ_h⟩."""
+def trajectory_features(phi):  # Φ(τ) at both levels: r_w(τ) = Σ_h ⟨w, φ_h⟩ = ⟨w, Σ_h φ_h⟩
     return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
 
 

@@ -183,9 +183,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache_index=None, logprobs=False,
                 temperature=1.0):
-        """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
-        marks real keys, S = T or, with cache_index (T,) (these tokens' slots), the cache length.
-        logprobs=True: token_logprobs' output, the lm_head run here, with FSDP2's root unsharded."""
+        """input_ids (B, T) -> final-normed hidden states (B, T, D); attention_mask (B, S): real
+        keys, S = T or, given cache_index (T,), the cache length. logprobs=True: token_logprobs'."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -198,7 +197,7 @@ class Transformer(nn.Module):
         for block, window in zip(self.model.layers, self.config.windows):
             x = block(x, cos, sin, masks[window], cache_index)
         x = self.model.norm(x)  # (B, T, D)
-        if not logprobs:
+        if not logprobs:  # else the lm_head runs here, where FSDP2 has the root unsharded
             return x
         valid = attention_mask[:, 1:] & attention_mask[:, :-1]  # (B, T-1): token and context real
         logp = fused_logprobs(x[:, :-1][valid], self.lm_head.weight, input_ids[:, 1:][valid],

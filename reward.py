@@ -66,8 +66,7 @@ class Oracle:  # scores responses with r*, labels pairs o ~ Bernoulli(σ((r*(τ�
                              f"{str(prompts[i]['prompt'])[:80]!r}, response {responses[i][:80]!r}")
         return scores
 
-    def label(self, s0, s1, generator=None):
-        """o = 1 where τ¹ is preferred; temp 0 is deterministic (a tie is a fair coin, σ(0) = ½)."""
+    def label(self, s0, s1, generator=None):  # o = 1 where τ¹ won; at temp 0 a tie is a fair coin
         p = torch.sigmoid((s1 - s0) / self.temp) if self.temp > 0 else (1 + torch.sign(s1 - s0)) / 2
         return (torch.rand(p.shape, generator=generator) < p).long()  # (n,)
 
