@@ -9,7 +9,7 @@ def trajectory_features(phi):  # Φ(τ) at both levels: r_w(τ) = Σ_h ⟨w, φ_
     return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
 
 
-class Covariance:  # Σ (d×d, fp32) and Σ⁻¹ by Sherman–Morrison, the same on ranks fed the same Δφ
+class Covariance:  # Σ (d×d, fp32), Σ⁻¹ by Sherman–Morrison: equal on ranks fed the same Δφ in order
     def __init__(self, dim, lam=1.0, device="cpu"):
         self.sigma = lam * torch.eye(dim, device=device)  # (d, d)
         self.sigma_inv = torch.eye(dim, device=device) / lam  # (d, d)
