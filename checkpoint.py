@@ -1,6 +1,5 @@
-"""Checkpoints and resume: a run's state as safetensors with a JSON header (never pickle), written
-atomically; the digests of a run's inputs, which a resume checks; an FSDP2 model's full state dict
-for export. Tests: tests/test_reliability.py"""
+"""Checkpoints as safetensors with a JSON header (never pickle), written atomically; the digests a
+resume checks; an FSDP2 model's full state dict. Tests: tests/test_reliability.py"""
 import hashlib
 import json
 import os
@@ -58,9 +57,8 @@ def _checksum(doc, tensors):  # SHA-256 of the document and each tensor's name, 
 
 
 def save(path, modules, **extra):
-    """modules {name: (model, optimizer)} and extra state (nested dicts with string keys, lists,
-    tensors, plain values) as safetensors: the tensors, plus a header JSON of the rest and a SHA-256
-    of both (no pickle). Rank 0 writes it atomically, logged in checkpoints.log. Collective."""
+    """modules {name: (model, optimizer)} and extra state (JSON, tensors too) as safetensors: the
+    tensors, a header JSON of the rest, their SHA-256 (no pickle); atomic, by rank 0. Collective."""
     state = dict(extra, script=os.path.basename(sys.argv[0]), threads=torch.get_num_threads(),
                  torch=torch.__version__)  # a resume checks them: the same script, the same bits
     for name, (m, opt) in modules.items():
@@ -100,8 +98,7 @@ def save(path, modules, **extra):
 
 
 def read_checkpoint(path, tensors=True):
-    """What save wrote, its checksum verified; tensors=False: the document alone, from the header.
-    Anything else (truncated, corrupt, crafted) is refused."""
+    """What save wrote, checksum verified (tensors=False: the header's document); else refused."""
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}

@@ -1,7 +1,5 @@
-"""Data: the tokenizer, the reader of JSONL and .json files (every error names the file and line),
-the prompt loader, batching, the crash-safe preference store, and GSM8K's '#### N' answers.
-
-Nothing to run on its own. Tests: python -m pytest -q tests/test_data.py"""
+"""Tokenizer, JSONL and .json readers (errors name the file and line), prompt loader, batching, the
+crash-safe preference store, '#### N' answers. Tests: python -m pytest -q tests/test_data.py"""
 import hashlib
 import json
 import os
@@ -12,7 +10,7 @@ import warnings
 
 import torch
 
-# ---------------------------------------------------------------- tokenizer and encoding
+
 def load_tokenizer(path):
     from transformers import AutoTokenizer
     refuse_remote_code(path)
@@ -71,7 +69,6 @@ def render_chat(tokenizer, messages, where, **options):  # model directory code,
 
 
 def encode_prompt(tokenizer, prompt, where="a prompt"):
-    """Prompt ids: the chat template with its generation prompt, else the turns' text joined."""
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     if tokenizer.chat_template:
         text = render_chat(tokenizer, messages, where, add_generation_prompt=True)
@@ -83,7 +80,6 @@ def decode(tokenizer, ids):
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
-# ---------------------------------------------------------------- loaders
 def read_text(path):  # a regular file's UTF-8 text: a FIFO or a device never ends
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: " + ("not a regular file" if os.path.exists(path) else
@@ -195,13 +191,11 @@ def load_prompts(path, tokenizer, max_prompt_len):  # items {prompt, prompt_ids,
     return items
 
 
-# ---------------------------------------------------------------- batching
 def shard(items, rank, world_size):  # this rank's strided share: disjoint, covering every item
     return items[rank::world_size]
 
 
-def collate(prompt_ids, response_ids, pad_id):
-    """Prompts left-padded to Lp, responses right-padded to N -> ids and masks, each (B, Lp + N)."""
+def collate(prompt_ids, response_ids, pad_id):  # prompts left-padded, responses right-padded
     Lp, N = max(map(len, prompt_ids)), max(map(len, response_ids))
     input_ids = torch.full((len(prompt_ids), Lp + N), pad_id, dtype=torch.long)  # (B, T)
     attention_mask = torch.zeros(input_ids.shape, dtype=torch.bool)  # (B, T)
@@ -213,7 +207,6 @@ def collate(prompt_ids, response_ids, pad_id):
     return input_ids, attention_mask, response_mask
 
 
-# ---------------------------------------------------------------- the preference store
 def open_own(path, mode):  # open() for a run directory's own files, never through a planted link
     no_link = lambda name, flags: os.open(name, flags | os.O_NOFOLLOW, 0o644)  # a link: ELOOP
     return open(path, mode, encoding=None if "b" in mode else "utf-8", opener=no_link)
@@ -270,9 +263,7 @@ class PreferenceStore:
         write_lines(self.file, [record])  # one write: a whole line or a torn tail
         self.records.append(record)
 
-    def keep_before(self, start):
-        """Resume: pairs labelled before `start` stay; later ones, which the checkpoint never saw,
-        move to the .dropped.jsonl file (kept, never counted) and are labelled again."""
+    def keep_before(self, start):  # resume: pairs the checkpoint never saw move to dropped_path
         kept = [r for r in self.records if r[self.key] < start]
         later = [r for r in self.records if r[self.key] >= start]
         if later:
@@ -298,8 +289,6 @@ class PreferenceStore:
             self.file.close()
         self.file = None
 
-
-# ---------------------------------------------------------------- answers: GSM8K's '#### N'
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 FINAL = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")

@@ -1,21 +1,15 @@
-"""Reward-agnostic exploration (ALGORITHMS.md, PbPO step I): trajectory features Φ(τ), Σ = λI +
-Σ_i Δφ_i Δφ_iᵀ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the enhancer policy's REINFORCE reward, and
-best-of-N, its cheaper stand-in: the choice among N candidates.
-
-Nothing to run on its own. Tests: python -m pytest -q tests/test_explore.py"""
+"""Reward-agnostic exploration (PbPO step I): Φ(τ), Σ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the
+enhancer's REINFORCE reward, best-of-N's choice. Tests: python -m pytest -q tests/test_explore.py"""
 import math
 
 import torch
 
 
-def trajectory_features(phi):
-    """Φ(τ), r_w(τ) = ⟨w, Φ(τ)⟩ at both levels: at the token level, Σ_h ⟨w, φ_h⟩ = ⟨w, Σ_h φ_h⟩."""
+def trajectory_features(phi):  # Φ(τ) at both levels: r_w(τ) = Σ_h ⟨w, φ_h⟩ = ⟨w, Σ_h φ_h⟩
     return phi if phi.dim() == 2 else phi.sum(1)  # (B, D)
 
 
-class Covariance:
-    """Σ (d×d, fp32) and Σ⁻¹ by Sherman–Morrison, the same on ranks fed the same Δφ in order."""
-
+class Covariance:  # Σ (d×d, fp32), Σ⁻¹ by Sherman–Morrison: equal on ranks fed the same Δφ in order
     def __init__(self, dim, lam=1.0, device="cpu"):
         self.sigma = lam * torch.eye(dim, device=device)  # (d, d)
         self.sigma_inv = torch.eye(dim, device=device) / lam  # (d, d)
@@ -42,7 +36,7 @@ class Covariance:
 
 
 def select_pair(cov, phi_ref, phi_candidates):
-    """The enhancer's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one
+    """Best-of-N's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one
     prompt. phi_ref (d,), phi_candidates (N, d) -> (j*, Δφ (d,), uncertainty of j*)."""
     dphi = phi_ref[None] - phi_candidates  # (N, d)
     u = cov.uncertainty(dphi)  # (N,)
@@ -51,11 +45,9 @@ def select_pair(cov, phi_ref, phi_candidates):
 
 
 def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
-    """The enhancer π̂'s REINFORCE reward: ∇‖m_x‖_{Σ⁻¹} = E_π̂[⟨v_x, Φ(x, y¹)⟩ ∇ log π̂(y¹|x)], with
-    m_x = E_π̂ Φ(x, y¹) − E_π_ref Φ(x, y⁰) from the samples and v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held
-    constant (shrinking with m_x below 1e-6: m_x = 0 gets reward 0). phi_enh (P·G, [T,] d) of π̂,
-    phi_ref (P·R, [T,] d) of π_ref, a prompt's rows together -> (P·G,) ⟨v_x, Φ⟩, or per token
-    (P·G, S) ⟨v_x, φ_h⟩ summing to it (Φ = Σ_h φ_h): the rewards train_pbpo.advantages takes."""
+    """π̂'s REINFORCE reward ⟨v_x, Φ(x, y¹)⟩, v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held constant. phi_enh
+    (P·G, [S,] d) of π̂, phi_ref (P·R, [S,] d) of π_ref, a prompt's rows together -> ⟨v_x, Φ⟩
+    (P·G,), or per token ⟨v_x, φ_h⟩ (P·G, S), summing to it (Φ = Σ_h φ_h)."""
     m = (trajectory_features(phi_enh).unflatten(0, (-1, group)).mean(1)
          - trajectory_features(phi_ref).unflatten(0, (-1, ref_group)).mean(1))  # (P, d) m_x
     v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric

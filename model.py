@@ -1,12 +1,6 @@
-"""The engine every other file stands on: a Llama-family decoder in plain PyTorch (Llama 2/3 with
-llama3 rope scaling, Mistral, Qwen2, Qwen3) with Hugging Face's parameter names, so checkpoints map
-1:1; HF checkpoint I/O (safetensors only, no `transformers` at run time); a static-KV-cache sampler
-with a compiled decode step; the fused, chunked log-prob kernel (ALGORITHMS.md, "Log-probs").
-
-    python -m pytest -q tests/test_model.py tests/test_fsdp.py      # checked against `transformers`
-
-Batch layout (every file): prompt left-padded, response right-padded, `attention_mask` (B, T) bool,
-True on real tokens, position ids = attention_mask.cumsum(-1) - 1 clamped at 0."""
+"""A Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) with HF's names and checkpoint I/O, a
+static-KV-cache sampler and the fused log-probs; batches: prompts left-, responses right-padded.
+Tests: python -m pytest -q tests/test_model.py tests/test_fsdp.py"""
 import functools
 import json
 import math
@@ -93,8 +87,7 @@ class RMSNorm(nn.RMSNorm):
         return self.weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
 
 
-def rope_inv_freq(cfg):
-    """RoPE inverse frequencies (head_dim/2,) fp32; llama3 stretches low ones, blends the middle."""
+def rope_inv_freq(cfg):  # (head_dim/2,) fp32; llama3 stretches the low ones, blends the middle
     r, hd = cfg.rope, cfg.head_dim
     inv = 1.0 / r["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd)  # (hd/2,)
     if r["rope_type"] == "llama3":
@@ -110,12 +103,10 @@ def apply_rope(x, cos, sin):  # x (B, H, T, hd), cos/sin (B, 1, T, hd/2) fp32; H
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
-def attn_mask(key_valid, q_idx, window=None):
-    """(B, 1, T, S) bool, True where query i may see key j: causal over cache slots, real keys
-    only, inside the sliding window if any. Each query sees itself, so no row is all False (NaN)."""
+def attn_mask(key_valid, q_idx, window=None):  # (B, 1, T, S) bool: query i may see key j
     rel = q_idx[:, None] - torch.arange(key_valid.shape[1], device=key_valid.device)  # (T, S)
     ok = (rel >= 0) & (rel < (window or math.inf)) & key_valid[:, None, :]  # (B, T, S)
-    return (ok | (rel == 0))[:, None]
+    return (ok | (rel == 0))[:, None]  # each query sees itself: no all-False row (NaN)
 
 
 class Attention(nn.Module):
@@ -192,9 +183,8 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache_index=None, logprobs=False,
                 temperature=1.0):
-        """input_ids (B, T) -> final-normed hidden states (B, T, D). attention_mask (B, S) bool
-        marks real keys, S = T or, with cache_index (T,) (these tokens' slots), the cache length.
-        logprobs=True: token_logprobs' output, the lm_head run here, with FSDP2's root unsharded."""
+        """input_ids (B, T) -> final-normed hidden states (B, T, D); attention_mask (B, S): real
+        keys, S = T or, given cache_index (T,), the cache length. logprobs=True: token_logprobs'."""
         B, T = input_ids.shape
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
@@ -207,7 +197,7 @@ class Transformer(nn.Module):
         for block, window in zip(self.model.layers, self.config.windows):
             x = block(x, cos, sin, masks[window], cache_index)
         x = self.model.norm(x)  # (B, T, D)
-        if not logprobs:
+        if not logprobs:  # else the lm_head runs here, where FSDP2 has the root unsharded
             return x
         valid = attention_mask[:, 1:] & attention_mask[:, :-1]  # (B, T-1): token and context real
         logp = fused_logprobs(x[:, :-1][valid], self.lm_head.weight, input_ids[:, 1:][valid],
@@ -228,9 +218,7 @@ def build(cfg, device="cpu", dtype=torch.float32):
 
 
 # ---------------------------------------------------------------- checkpoint I/O
-def stop_ids(path, tokenizer):
-    """The ids that end a response, read as transformers does: generation_config.json's (else
-    config.json's) eos_token_id, int or list, and the tokenizer's EOS; all below vocab_size."""
+def stop_ids(path, tokenizer):  # the EOS ids, read as transformers does, all below vocab_size
     config, gen = os.path.join(path, "config.json"), os.path.join(path, "generation_config.json")
     where = gen if os.path.isfile(gen) else config
     eos = data.read_json(where).get("eos_token_id")
@@ -244,7 +232,6 @@ def stop_ids(path, tokenizer):
 
 
 def from_pretrained(path, device="cpu", dtype=torch.float32):
-    """Load an HF directory: config.json + model.safetensors (or the shards of its .index.json)."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
@@ -292,9 +279,7 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     return model
 
 
-def save_pretrained(model, path, state_dict=None):
-    """Write config.json + model.safetensors for transformers.AutoModelForCausalLM on rank 0 (the
-    tokenizer is the caller's); a sharded model: state_dict=checkpoint.full_state_dict(model)."""
+def save_pretrained(model, path, state_dict=None):  # by rank 0; the tokenizer is the caller's
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     if state_dict is None:
@@ -336,8 +321,7 @@ def _chunk_fwd(w, h, tgt, temperature):
 
 
 def _chunk_grad(w, h, tgt, lse, g_logp, temperature):
-    """∂(Σ g_logp·logp)/∂z of one chunk, z = logits / T recomputed, (C, V) in w's dtype:
-    ∂logp_y/∂z = onehot(y) − p; in place, so few (C, V) buffers."""
+    """∂(Σ g_logp·logp)/∂(h wᵀ) of one chunk, (C, V) in w's dtype: (onehot(y) − p) g_logp / T."""
     p = _mm32(h, w.t()).div_(temperature).sub_(lse[:, None]).exp_()  # (C, V)
     g_logp = g_logp[:, None] / temperature  # (C, 1)
     return p.mul_(-g_logp).scatter_add_(1, tgt[:, None], g_logp).to(w.dtype)
@@ -374,8 +358,7 @@ class _FusedLogprobs(torch.autograd.Function):
 
 
 def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, compile=None):
-    """log π(targets | hidden) per token, π = softmax(hidden @ weightᵀ / temperature), chunk by
-    chunk: the (N, V) logits never exist at once, the backward recomputes each chunk, all in fp32.
+    """log π(targets | hidden) at `temperature`, chunk by chunk (ALGORITHMS.md, "Log-probs").
     hidden (..., D), weight (V, D), targets (...) long -> logp (...)."""
     shape, (V, D) = targets.shape, weight.shape
     h, tgt = hidden.reshape(-1, D), targets.reshape(-1)
@@ -410,9 +393,8 @@ class Generation:
 
 
 def _sample(logits, u, temperature):
-    """logits (B, V) fp32, u (B, 1) uniform in [0, 1) -> token (B, 1) and its log-prob at the
-    temperature, the distribution token_logprobs scores (no top-k or top-p: the leader's gradient
-    needs it). Temperature 0: greedy, with temperature 1's log-prob."""
+    """logits (B, V) fp32, u (B, 1) in [0, 1) -> token (B, 1), its log-prob as token_logprobs scores
+    it (no top-k or top-p: the leader's gradient needs it). T = 0: greedy, with T = 1's log-prob."""
     logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V)
     if temperature == 0:
         tok = logits.argmax(-1, keepdim=True)  # (B, 1)
@@ -435,8 +417,7 @@ def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature
 def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id=0, seed=0,
              compile=None):
     """Sample up to max_new_tokens after each prompt (id lists): a prefill into a static KV cache,
-    then one decode step per token until every row is done; an FSDP2 model is unsharded once.
-    compile: the decode step in CUDA graphs (None: on CUDA). Row i's seed: seed + i in any batch."""
+    then a decode step a token (compile=None: CUDA graphs on CUDA). Row i: seed + i in any batch."""
     if not prompts or min(map(len, prompts)) == 0 or max_new_tokens < 1 or temperature < 0:
         raise ValueError("generate: needs non-empty prompts, max_new_tokens >= 1, temperature >= 0")
     device = model.inv_freq.device
@@ -482,8 +463,7 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, eos_ids=(), pad_id
 
 
 def check_fits(model, rows, prompt_len, max_new_tokens, what):
-    """Refuse a generate() of `rows` rows that cannot fit: past the model's context, or a KV cache
-    and 3 (rows, V) fp32 buffers beyond the device's memory."""
+    """Refuse past the context, or where a KV cache and 3 (rows, V) fp32 buffers exceed memory."""
     context = model.config.raw.get("max_position_embeddings") or math.inf
     if max_new_tokens > context:  # the static cache would outgrow what the model attends to
         raise ValueError(f"--max_new_tokens={max_new_tokens} is more than the model's context, "
@@ -502,8 +482,7 @@ def check_fits(model, rows, prompt_len, max_new_tokens, what):
 
 def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None,
            logprobs=False, **kwargs):
-    """n responses per prompt, prompt-major, as token id lists (logprobs=True: with each sampled
-    token's log-prob), by generate(**kwargs) on batch_size rows at a time; row i seeded seed + i."""
+    """n responses a prompt, prompt-major (logprobs: with their log-probs); row i: seed + i."""
     rows = [p for p in prompts for _ in range(n)]
     size = batch_size or len(rows)
     responses, token_logprobs = [], []  # built side by side

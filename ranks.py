@@ -1,6 +1,5 @@
-"""Ranks: the process group, sums and gathers across ranks, and the seeding rule that makes a run on
-N ranks the run on one: every draw and every sampled row is keyed by what it is for, never by the
-rank that happens to hold it. Tests: tests/test_ranks.py, tests/test_fsdp.py"""
+"""The process group, sums and gathers across ranks, and the seeding rule: a draw or sampled row is
+keyed by its purpose, never its rank, so N ranks run the run of one. Tests: tests/test_ranks.py"""
 import hashlib
 import os
 from dataclasses import dataclass
@@ -55,8 +54,7 @@ def block(count, rank, world):  # this rank's contiguous share of `count` things
 
 
 def seed_of(*keys):
-    """One seed per purpose, keyed by (seed, purpose, episode, ...), the same on every rank. A
-    resumed run needs no saved RNG state, and no two purposes share a stream."""
+    """Keyed by (seed, purpose, episode, ...), the same on every rank: no RNG state to save."""
     return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:16], 16) % 2**62
 
 

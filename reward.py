@@ -1,7 +1,5 @@
-"""The reward model r_w(τ) = ⟨w, Φ(τ)⟩ on a frozen backbone's features φ, the Bradley–Terry loss,
-and the oracles that label pairs: gold, gsm8k, rm:PATH (ALGORITHMS.md, "Shared pieces").
-
-Nothing to run on its own. Tests: python -m pytest -q tests/test_reward.py"""
+"""The reward model r_w(τ) = ⟨w, Φ(τ)⟩ on a frozen backbone, the Bradley–Terry loss and the oracles
+that label pairs: gold, gsm8k, rm:PATH. Tests: python -m pytest -q tests/test_reward.py"""
 import os
 
 import torch
@@ -14,9 +12,7 @@ import ranks
 from explore import trajectory_features
 
 
-class RewardModel(nn.Module):
-    """r_w on a frozen backbone (the theory's setting); ‖w‖ ≤ B by projection."""
-
+class RewardModel(nn.Module):  # r_w on a frozen backbone, as in the theory; ‖w‖ ≤ B by projection
     def __init__(self, backbone, level="seq", bound=10.0, normalize=True):
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
@@ -26,8 +22,7 @@ class RewardModel(nn.Module):
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
     def phi(self, input_ids, attention_mask, response_mask):
-        """φ from the backbone's final hidden states, fp32. seq: (B, D) at the last response token;
-        token: (B, T, D) per response token, zero elsewhere. The caller picks no_grad or not."""
+        """φ in fp32 from the backbone's final hidden states (no_grad is the caller's choice)."""
         hidden = self.backbone(input_ids, attention_mask).float()  # (B, T, D)
         if self.normalize:  # unit-norm features keep Σ well scaled whatever the backbone's scale
             hidden = F.normalize(hidden, dim=-1)
@@ -48,10 +43,7 @@ def bt_loss(r0, r1, labels):  # L_BT = −mean log σ(s (r(τ¹) − r(τ⁰))),
     return -F.logsigmoid((2.0 * labels.float() - 1.0) * (r1 - r0)).mean()  # s = 2 label − 1
 
 
-class Oracle:
-    """Scores responses with r* and labels pairs o ~ Bernoulli(σ((r*(τ¹) − r*(τ⁰)) / temp)). Every
-    rank calls score with its share; `calls` counts every rank's responses scored."""
-
+class Oracle:  # scores responses with r*, labels pairs o ~ Bernoulli(σ((r*(τ¹) − r*(τ⁰)) / temp))
     def __init__(self, score_fn, temp=0.0, spec="", device="cpu"):
         self.score_fn = score_fn
         self.temp = temp
@@ -74,15 +66,13 @@ class Oracle:
                              f"{str(prompts[i]['prompt'])[:80]!r}, response {responses[i][:80]!r}")
         return scores
 
-    def label(self, s0, s1, generator=None):
-        """o = 1 where τ¹ is preferred; temp 0 is deterministic (a tie is a fair coin, σ(0) = ½)."""
+    def label(self, s0, s1, generator=None):  # o = 1 where τ¹ won; at temp 0 a tie is a fair coin
         p = torch.sigmoid((s1 - s0) / self.temp) if self.temp > 0 else (1 + torch.sign(s1 - s0)) / 2
         return (torch.rand(p.shape, generator=generator) < p).long()  # (n,)
 
     def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, temperature=0.0,
                  **sampling):
-        """The policy on held-out items, all ranks' shares (calls not counted): the exact-match
-        accuracy of the final '#### N' where an item has an answer, and the mean score."""
+        """Held-out '#### N' accuracy and mean score, all ranks' shares; calls not counted."""
         responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature,
                              pad_id=tok.pad_token_id, eos_ids=eos_ids or [tok.eos_token_id],
                              **sampling)
@@ -126,7 +116,6 @@ def hf_reward_scorer(path, device="cpu", batch_size=16):  # r* by a local HF rew
 
 
 def make_oracle(spec, temp=0.0, device="cpu"):
-    """--oracle: gold (toy shaped reward), gsm8k (exact match), rm:PATH (local HF reward model)."""
     if spec in ("gold", "gsm8k"):  # both score a response against its prompt's answer
         from toy import gold_reward
         reward_of = gold_reward if spec == "gold" else data.is_correct

@@ -1,6 +1,5 @@
-"""The life of a run, for every entry point: flags, one line for bad input or a stop, the out_dir
-(checked, locked), the metrics log, the non-finite guard, the final evaluation and export.
-Tests: tests/test_reliability.py"""
+"""A run's life: flags, one line for bad input or a stop, the out_dir (checked, locked), the metrics
+log, the non-finite guard, the final evaluation and export. Tests: tests/test_reliability.py"""
 import argparse
 import collections
 import contextlib
@@ -23,7 +22,6 @@ import data
 import model as M
 
 
-# ---------------------------------------------------------------- flags
 def knob(default, help, at_least=0, choices=None):  # a Config field, its --help and its limits
     return field(default=default, metadata=dict(help=help, at_least=at_least, choices=choices))
 
@@ -33,8 +31,7 @@ def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a Value
 
 
 def parse_flags(cls, doc, argv=None):
-    """A dataclass of knobs -> one --flag each. NaN, infinities, numbers below a knob's at_least
-    (no knob of ours means anything below zero) and values not among its choices are refused."""
+    """A dataclass of knobs -> one --flag each; NaN, infinities, values out of range refused."""
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, spec in cls.__dataclass_fields__.items():
@@ -57,7 +54,6 @@ def parse_flags(cls, doc, argv=None):
     return cfg
 
 
-# ---------------------------------------------------------------- errors and stops
 def stop(signum, frame):  # SIGTERM, SIGHUP, Ctrl-C: a stop; later ones wait for its clean-up
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
@@ -66,9 +62,8 @@ def stop(signum, frame):  # SIGTERM, SIGHUP, Ctrl-C: a stop; later ones wait for
 
 @contextlib.contextmanager
 def friendly_errors(script, out_dir=None):
-    """Bad input (an error naming the file, line or flag) ends the run with that one line and exit
-    code 1 (PBPO_TRACEBACK=1: the traceback); a stop, with a line saying where --resume goes on
-    (exit code 130). Anything else is a bug: its traceback."""
+    """Bad input (an error naming its file, line or flag) ends the run in that one line, exit 1; a
+    stop in a line saying where --resume goes on, exit 130. A bug shows its traceback."""
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # SIG_IGN stays
             signal.signal(sig, stop)
@@ -92,7 +87,6 @@ def friendly_errors(script, out_dir=None):
         sys.exit(130 if stopped else 1)
 
 
-# ---------------------------------------------------------------- the out_dir
 def check_out_dir(cfg, inputs=None):
     """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run (its
     script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and labelled pairs); never
@@ -195,10 +189,8 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     return check_out_dir(cfg, inputs), inputs  # again, under the lock, with the digests
 
 
-# ---------------------------------------------------------------- metrics
 class MetricsLog:
-    """The JSONL a user plots: one object a line, flushed at once, by rank 0, stamped with the job's
-    oracle calls so far. A resume cuts it to the checkpoint's size: no episode's lines twice."""
+    """The JSONL a user plots, by rank 0; a resume cuts it to what its checkpoint saw."""
 
     def __init__(self, path, enabled, oracle=None):
         self.path = path
@@ -236,7 +228,6 @@ class Stopwatch:  # seconds per kind of work: `with watch("gen"): ...` adds to w
         self.total[kind] += time.time() - started
 
 
-# ---------------------------------------------------------------- the non-finite guard
 DIVERGED = 10.0  # ‖θ‖ this many times ‖θ⁰‖ is no fine-tuning step: the weights blew up
 
 
@@ -246,9 +237,8 @@ def param_norm(model):  # ‖θ‖ over every parameter, all ranks' shards (FSDP
 
 
 class Guard:
-    """A NaN/inf loss or gradient skips its update (--on_nonfinite=skip) or stops the run (stop),
-    logged as kind 'nonfinite'. Weights past DIVERGED × ‖θ⁰‖ are logged once; an applied update
-    cannot be skipped, so skip trains on and ends the run in an error (fail_if_diverged)."""
+    """A NaN/inf loss or gradient skips its update (--on_nonfinite=skip) or stops the run (stop).
+    Weights past DIVERGED × ‖θ⁰‖ cannot be unmade: skip trains on and fail_if_diverged ends it."""
 
     def __init__(self, log, on_nonfinite, ckpt_path, model):
         self.log = log
@@ -287,10 +277,8 @@ class Guard:
                                      f"(--on_nonfinite=skip), see {self.log.path}")
 
 
-# ---------------------------------------------------------------- the end of a run
 def finish(cfg, policy, tok, oracle, heldout, eos_ids, log, sft_eval, name):
-    """The final gold evaluation on the held-out prompts, the policy exported to out_dir/final as
-    an HF checkpoint (with the tokenizer), and one line comparing it with the SFT policy."""
+    """The final held-out evaluation, the export to out_dir/final, a line comparing it with SFT."""
     final_eval = {}
     if heldout:
         final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
