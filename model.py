@@ -5,7 +5,8 @@ import functools
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
@@ -22,26 +23,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 # ---------------------------------------------------------------- config
-@dataclass
-class ModelConfig:
-    model_type: str
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope: dict  # {"rope_type": "default" | "llama3", "rope_theta", and llama3's factors}
-    tie_word_embeddings: bool
-    qkv_bias: bool
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool  # Qwen3: an RMSNorm over each head of q and k, before RoPE (else identity)
-    windows: list  # per layer: sliding-window length, or None for full causal attention
-    raw: dict = field(default_factory=dict, repr=False)  # config.json, written back on save
-
+class ModelConfig(SimpleNamespace):  # what the transformer reads of a config.json, checked
     @classmethod
     def from_hf_dict(cls, d, where="config.json"):
         mt = d.get("model_type")
@@ -73,12 +55,18 @@ class ModelConfig:
                                              for i in range(L)]
             windows = [d["sliding_window"] if t == "sliding_attention" else None for t in types]
         bias = d.get("attention_bias", False)
-        return cls(mt, d["vocab_size"], d["hidden_size"], d["intermediate_size"], L, heads,
-                   d.get("num_key_value_heads") or heads,
-                   d.get("head_dim") or d["hidden_size"] // heads, d.get("rms_norm_eps", 1e-6),
-                   rope, d.get("tie_word_embeddings", True), raw=dict(d),
+        return cls(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_hidden_layers=L,
+                   num_attention_heads=heads,
+                   num_key_value_heads=d.get("num_key_value_heads") or heads,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+                   rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope,
+                   tie_word_embeddings=d.get("tie_word_embeddings", True),
                    qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                   mlp_bias=d.get("mlp_bias", False), qk_norm=mt == "qwen3", windows=windows)
+                   mlp_bias=d.get("mlp_bias", False),
+                   qk_norm=mt == "qwen3",  # an RMSNorm over each head of q and k, before RoPE
+                   windows=windows,  # per layer: sliding-window length, or None (full causal)
+                   raw=dict(d))  # config.json itself, written back on save
 
 
 # ---------------------------------------------------------------- transformer
