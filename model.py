@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 import data
@@ -146,7 +146,7 @@ class Block(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
-        self.checkpoint = False  # recompute the activations in backward (shard sets it)
+        self.checkpoint = False  # recompute the activations in backward (experiments/bench.py)
 
     def forward(self, x, cos, sin, mask, cache_index=None):
         if self.checkpoint and torch.is_grad_enabled():
@@ -480,13 +480,3 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
         responses += gen.responses()
         token_logprobs += [lp[m].tolist() for lp, m in zip(gen.logprobs.cpu(), gen.mask.cpu())]
     return (responses, token_logprobs) if logprobs else responses
-
-
-# ---------------------------------------------------------------- FSDP2
-def shard(model, mesh, mp_policy, activation_checkpointing=False):
-    """FSDP2: a unit for each block (gathered for its forward, freed after), then the root."""
-    for block in model.model.layers:
-        block.checkpoint = activation_checkpointing  # recompute the block's activations in backward
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
-    return model

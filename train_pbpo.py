@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import checkpoint
@@ -45,11 +45,9 @@ class Config:
     # PbPO's symbols (ALGORITHMS.md)
     episodes: int = knob(6, "K, episodes", at_least=1)
     explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)", at_least=1)
-    enhancer: str = knob("policy", "π̂: policy (policy-gradient steps from π_ref) or best_of_n "
-                         "(its cheaper stand-in)", choices=("policy", "best_of_n"))
+    enhancer: str = knob("policy", "π̂, or its cheaper stand-in", choices=("policy", "best_of_n"))
     enh_steps: int = knob(2, "the enhancer's policy-gradient steps an episode")
-    enh_samples: int = knob(4, "samples of π̂ (and of π_ref) per prompt in an enhancer step",
-                            at_least=2)
+    enh_samples: int = knob(4, "samples of π̂ (and of π_ref) per prompt and step", at_least=2)
     enh_kl: float = knob(0.1, "weight of KL(π̂ ‖ π_ref), per sequence")
     enh_lr: float = knob(1e-4, "the enhancer's AdamW learning rate")
     n_candidates: int = knob(4, "N, best_of_n's samples of π_ref (1: no exploration)", at_least=1)
@@ -60,18 +58,16 @@ class Config:
     group: int = knob(8, "G, on-policy samples per prompt (leave-one-out baseline)", at_least=2)
     ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap", at_least=1)
     beta: float = knob(0.04, "β, weight of the summed preference likelihood (0: pure adversary)")
-    beta_form: str = knob("fixed", "fixed: β as given; dual: β by dual ascent on the confidence "
-                          "set; mle: w = ŵ, no gap (an ablation)", choices=("fixed", "dual", "mle"))
+    beta_form: str = knob("fixed", "β as given, by dual ascent, or w = ŵ (no gap: an ablation)",
+                          choices=("fixed", "dual", "mle"))
     zeta_coef: float = knob(0.1, "c, the confidence set's radius ζ_k = c · d · log(1 + k)")
     dual_lr: float = knob(0.01, "η_β, the dual ascent's step on β")
     kl_coef: float = knob(0.5, "κ, weight of KL(π_θ ‖ π_anchor), per sequence")
-    anchor: str = knob("sft", "π_anchor: sft (π⁰, the starting policy) or ref (π_ref)",
-                       choices=("sft", "ref"))
+    anchor: str = knob("sft", "π_anchor: π⁰ (the SFT policy) or π_ref", choices=("sft", "ref"))
     bound: float = knob(10.0, "B, ‖w‖ ≤ B", at_least=1e-8)
     lr: float = knob(1e-4, "η_π, policy learning rate (AdamW)")
     rm_lr: float = knob(1.0, "η_r, the follower's step size before normalisation")
-    level: str = knob("seq", "reward model and advantages per sequence or per token",
-                      choices=("seq", "token"))
+    level: str = knob("seq", "r_w and advantages per sequence or token", choices=("seq", "token"))
     # the reward model
     normalize: bool = knob(True, "L2-normalise the features φ")
     rm_batch: int = knob(512, "preference pairs per follower step", at_least=1)
@@ -83,8 +79,7 @@ class Config:
     oracle: str = knob("gold", "gold | gsm8k | rm:PATH")
     oracle_temp: float = knob(0.0, "Bradley-Terry label temperature; 0 = deterministic labels")
     # sampling and batching
-    temperature: float = knob(1.0, "T: y⁰, the leader's samples and its log-probs are at T",
-                              at_least=1e-6)
+    temperature: float = knob(1.0, "T: of y⁰, π's samples and their log-probs", at_least=1e-6)
     max_new_tokens: int = knob(48, "H, the longest response", at_least=1)
     max_prompt_len: int = knob(256, "longer prompts are left out, with a count", at_least=1)
     leader_prompts: int = knob(16, "P, prompts per leader step (all ranks)", at_least=1)
@@ -94,8 +89,7 @@ class Config:
     seed: int = knob(0, "every draw and sample is keyed by it")
     resume: bool = knob(False, "continue the run in out_dir from its checkpoint")
     eval_max: int = knob(256, "held-out prompts evaluated at the start and the end", at_least=1)
-    on_nonfinite: str = knob("skip", "a NaN/inf gradient, or diverged weights: skip or stop",
-                             choices=("skip", "stop"))
+    on_nonfinite: str = knob("skip", "on NaN/inf or diverged weights", choices=("skip", "stop"))
     dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank)")
 
     RESUME_MAY_CHANGE = ("episodes", "micro_batch", "on_nonfinite", "dist_timeout")  # README
@@ -155,10 +149,8 @@ def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each p
 
 
 def advantages(rewards, log_ratio, response_mask, kl_coef, group):
-    """The leave-one-out advantage of the KL-regularised reward r̃ = r_w − κ log(π_θ / π_anchor),
-    the sampled tokens' log-ratio held constant -> (n, S), 0 off the response. log_ratio and
-    response_mask (n, S); rewards (n,) r_w(τ) at the sequence level, one advantage for all of τ's
-    tokens, or (n, S) ⟨w, φ_h⟩ at the token level: R_h = Σ_{h'≥h} r̃_h' against h's baseline."""
+    """Leave-one-out advantages (n, S) of r̃ = r_w − κ log(π_θ / π_anchor), log-ratio held
+    constant; rewards (n,) per sequence, or (n, S) per token: R_h = Σ_{h'≥h} r̃_h'."""
     if rewards.dim() == 1:
         shaped = rewards - kl_coef * log_ratio.sum(-1)  # (n,)
         return leave_one_out(shaped, group)[:, None] * response_mask
@@ -167,8 +159,7 @@ def advantages(rewards, log_ratio, response_mask, kl_coef, group):
 
 
 def leader_loss(logp, advantage, n_samples):
-    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h | x, y_<h), whose gradient over samples of π_θ estimates
-    −∇_θ (E r_w − κ KL(π_θ ‖ π_anchor)). logp, advantage (b, S); n_samples: all ranks' samples."""
+    """−(1/n) Σ_τ Σ_h A_h log π_θ(y_h|·), whose gradient estimates −∇_θ (E r_w − κ KL)"""
     return -(advantage * logp).sum() / n_samples
 
 
@@ -241,9 +232,10 @@ def main(cfg):
         if device.type == "cuda":  # bf16 compute on fp32 weights; RoPE's cos/sin stay fp32
             precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                              reduce_dtype=torch.float32, cast_forward_inputs=False)
-        for m in (policy, ref, sft, enh, rm.backbone):
-            if m is not None:
-                M.shard(m, mesh, precision)  # fully_shard each block, then the root
+        for m in filter(None, (policy, ref, sft, enh, rm.backbone)):
+            for block in m.model.layers:  # a unit each: its weights gathered just for its forward
+                fully_shard(block, mesh=mesh, mp_policy=precision)
+            fully_shard(m, mesh=mesh, mp_policy=precision)  # the root: embedding, norm, lm_head
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from tqdm import tqdm
 
 import checkpoint
@@ -195,7 +195,9 @@ def main(cfg):
         if device.type == "cuda":  # bf16 compute on fp32 weights; RoPE's cos/sin stay fp32
             precision = MixedPrecisionPolicy(param_dtype=torch.bfloat16,
                                              reduce_dtype=torch.float32, cast_forward_inputs=False)
-        M.shard(policy, mesh, precision)  # fully_shard each block, then the root
+        for block in policy.model.layers:  # a unit each: its weights gathered just for its forward
+            fully_shard(block, mesh=mesh, mp_policy=precision)
+        fully_shard(policy, mesh=mesh, mp_policy=precision)  # the root: embedding, norm, lm_head
     local_batch = cfg.batch_size // world
     # the steps of |D_t| pairs (online: of M pairs, as if no prompt tied; ties are made up by
     # cycling through the kept pairs), known before any sample and the same on every rank

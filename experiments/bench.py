@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import model as M
 import ranks
@@ -387,7 +387,10 @@ def bench_train(cfg, shape, device, dtype):
         mesh = init_device_mesh("cuda", (1,))
         bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                     cast_forward_inputs=False)  # as the trainers shard on GPU
-        M.shard(model, mesh, bf16, activation_checkpointing=cfg.checkpointing)
+        for block in model.model.layers:  # as the trainers shard, with checkpointing optional
+            block.checkpoint = cfg.checkpointing
+            fully_shard(block, mesh=mesh, mp_policy=bf16)
+        fully_shard(model, mesh=mesh, mp_policy=bf16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6)  # as train_pbpo.py builds it
     B, T, V = cfg.lp_batch, cfg.lp_len, mc.vocab_size
     ids, adv = torch.randint(V, (B, T), device=device), torch.randn(B, T, device=device)

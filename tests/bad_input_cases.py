@@ -148,7 +148,7 @@ CASES = [
     Case("group of one", PBPO_FRESH + " --group=1", "--group=1: expected a finite number >= 2"),
     Case("greedy leader", PBPO_FRESH + " --temperature=0",
          "--temperature=0.0: expected a finite number >= 1e-06 "
-         "(T: y⁰, the leader's samples and its log-probs are at T)"),
+         "(T: of y⁰, π's samples and their log-probs)"),
     Case("not an integer", PBPO_FRESH + " --episodes=two", "--episodes: invalid int value"),
     Case("unknown level", PBPO_FRESH + " --level=word",
          "--level='word': expected one of seq, token"),

@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 import checkpoint
@@ -29,7 +29,11 @@ FP32 = MixedPrecisionPolicy()  # as the trainers shard on CPU ranks
 
 
 def shard(model, activation_checkpointing=False):  # as the trainers set FSDP2 up
-    return M.shard(model, init_device_mesh("cpu", (2,)), FP32, activation_checkpointing)
+    mesh = init_device_mesh("cpu", (2,))
+    for block in model.model.layers:
+        block.checkpoint = activation_checkpointing
+        fully_shard(block, mesh=mesh, mp_policy=FP32)
+    return fully_shard(model, mesh=mesh, mp_policy=FP32)
 
 
 rank, world, device = ranks.init_distributed(timeout_s=120)
