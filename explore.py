@@ -1,7 +1,5 @@
 """Reward-agnostic exploration (PbPO step I): Φ(τ), Σ and Σ⁻¹, the uncertainty ‖Δφ‖_{Σ⁻¹}, the
 enhancer's REINFORCE reward, best-of-N's choice. Tests: python -m pytest -q tests/test_explore.py"""
-import math
-
 import torch
 
 
@@ -17,15 +15,11 @@ class Covariance:  # Σ (d×d, fp32), Σ⁻¹ by Sherman–Morrison: equal on ra
     def uncertainty(self, dphi):  # ‖Δφ‖_{Σ⁻¹} for each row of dphi (n, d)
         return torch.einsum("nd,de,ne->n", dphi, self.sigma_inv, dphi).clamp_min(0).sqrt()  # (n,)
 
-    def update(self, dphi):  # Σ ← Σ + ΔφΔφᵀ row by row -> the potential Σ_i log(1 + ‖Δφ_i‖²_{Σ⁻¹})
-        potential = 0.0
+    def update(self, dphi):  # Σ ← Σ + ΔφΔφᵀ row by row
         for v in dphi.float():  # (d,)
             s_inv_v = self.sigma_inv @ v  # (d,)
-            quad = float(v @ s_inv_v)
             self.sigma += torch.outer(v, v)
-            self.sigma_inv -= torch.outer(s_inv_v, s_inv_v) / (1.0 + quad)
-            potential += math.log1p(quad)
-        return potential
+            self.sigma_inv -= torch.outer(s_inv_v, s_inv_v) / (1.0 + v @ s_inv_v)
 
     def state_dict(self):
         return {"sigma": self.sigma.cpu(), "sigma_inv": self.sigma_inv.cpu()}

@@ -1,7 +1,6 @@
 """A run's life: flags, one line for bad input or a stop, the out_dir (checked, locked), the metrics
 log, the non-finite guard, the final evaluation and export. Tests: tests/test_reliability.py"""
 import argparse
-import collections
 import contextlib
 import fcntl
 import json
@@ -9,7 +8,6 @@ import math
 import os
 import signal
 import sys
-import time
 import warnings
 from dataclasses import asdict, field
 
@@ -215,17 +213,6 @@ class MetricsLog:
         elif self.file:
             self.file.truncate(size)
             self.file.seek(size)
-
-
-class Stopwatch:  # seconds per kind of work: `with watch("gen"): ...` adds to watch.total["gen"]
-    def __init__(self):
-        self.total = collections.defaultdict(float)
-
-    @contextlib.contextmanager
-    def __call__(self, kind):  # a block that raises ends the run: its time is not needed
-        started = time.time()
-        yield
-        self.total[kind] += time.time() - started
 
 
 DIVERGED = 10.0  # ‖θ‖ this many times ‖θ⁰‖ is no fine-tuning step: the weights blew up

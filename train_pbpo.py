@@ -11,7 +11,6 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
     (II) reward-aware exploitation, T_out times: G samples per prompt from π, R from π_ref
         follower, T_in steps:  w ← Proj_B(w − η ∇_w [gap(w) + β Σ_{i∈D} ℓ_i(w)])
                                gap(w) = E_π r_w − E_π_ref r_w, ℓ_i the BT loss of pair i
-                               (--beta_form=dual: β by dual ascent on ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k)
         leader, one AdamW step up ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))] (clipped at 1)
     the leader's gradient: REINFORCE with the KL folded into the reward and a leave-one-out
     baseline among a prompt's G samples; π_anchor is π⁰ (the SFT policy) or π_ref.
@@ -21,8 +20,8 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
   torchrun --nproc_per_node=8 train_pbpo.py --model=PATH --prompts=FILE --oracle=rm:RM_PATH
   python train_pbpo.py --resume                                     # continue out_dir's run
 """
-import math
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -58,17 +57,13 @@ class Config:
     group: int = knob(8, "G, on-policy samples per prompt (leave-one-out baseline)", at_least=2)
     ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap", at_least=1)
     beta: float = knob(0.04, "β, weight of the summed preference likelihood (0: pure adversary)")
-    beta_form: str = knob("fixed", "β as given, by dual ascent, or w = ŵ (no gap: an ablation)",
-                          choices=("fixed", "dual", "mle"))
-    zeta_coef: float = knob(0.1, "c, the confidence set's radius ζ_k = c · d · log(1 + k)")
-    dual_lr: float = knob(0.01, "η_β, the dual ascent's step on β")
+    beta_form: str = knob("fixed", "mle: no gap, ℓ_D alone (an ablation)", choices=("fixed", "mle"))
     kl_coef: float = knob(0.5, "κ, weight of KL(π_θ ‖ π_anchor), per sequence")
     anchor: str = knob("sft", "π_anchor: π⁰ (the SFT policy) or π_ref", choices=("sft", "ref"))
     bound: float = knob(10.0, "B, ‖w‖ ≤ B", at_least=1e-8)
     lr: float = knob(1e-4, "η_π, policy learning rate (AdamW)")
     rm_lr: float = knob(1.0, "η_r, the follower's step size before normalisation")
     level: str = knob("seq", "r_w and advantages per sequence or token", choices=("seq", "token"))
-    # the reward model
     normalize: bool = knob(True, "L2-normalise the features φ")
     rm_batch: int = knob(512, "preference pairs per follower step", at_least=1)
     # model, data and oracle
@@ -111,36 +106,6 @@ def follower_step_size(rm_lr, beta, n_pairs, curvature=1.0):
     """η = η_r / (1 + β|D|L): F's curvature is at most β|D|L (gap is linear, ∇²ℓ_i ≤ ‖ΔΦ‖²/4 ≤ L: 1
     for unit-norm φ, H² at the token level), so with η_r ≤ 1 every step lowers F, whatever β|D|."""
     return rm_lr / (1.0 + beta * n_pairs * curvature)
-
-
-def zeta(c, d, k):  # ζ_k = c d log(1 + k), the theory's O(d log k); log k would pin w to ŵ at k = 1
-    return c * d * math.log1p(k)
-
-
-def fit_mle(phi0, phi1, labels, bound, w=None, steps=10_000, tol=1e-6):
-    """ŵ = argmin_{‖w‖≤B} ℓ_D(w) on the whole of D -> (ŵ, ℓ_D(ŵ)): FISTA (momentum restarted when it
-    points uphill) in float64 from w (a warm start) or 0, step 1/L, L = ‖X‖²/4 ≥ ∇²ℓ_D, until the
-    projected gradient's norm is below tol; stopped early, ℓ_D(ŵ) is high, which widens the set."""
-    x = (2.0 * labels.double() - 1.0)[:, None] * (phi1 - phi0).double()  # (n, d) X: rows s_i ΔΦ_i
-    lipschitz = max(torch.linalg.matrix_norm(x, ord=2).item() ** 2 / 4, 1e-12)
-    w = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device) if w is None else w.double()
-    previous = w
-    momentum = 1.0
-    for _ in range(steps):
-        momentum_next = (1 + math.sqrt(1 + 4 * momentum ** 2)) / 2
-        y = w + (momentum - 1) / momentum_next * (w - previous)  # (d,)
-        step = y + x.T @ torch.sigmoid(-(x @ y)) / lipschitz  # y − ∇ℓ_D(y) / L
-        step = step * (bound / step.norm()).clamp(max=1.0)  # Proj_B
-        if torch.dot(y - step, step - w) > 0:  # the momentum points uphill: restart it
-            momentum_next = 1.0
-        previous, w, momentum = w, step, momentum_next
-        if (y - step).norm() * lipschitz <= tol:
-            break
-    return w.to(phi0.dtype), torch.nn.functional.softplus(-(x @ w)).sum().item()
-
-
-def dual_ascent(beta, nll_sum, nll_mle, zeta, lr):  # β ← max(0, β + lr (ℓ_D(w) − ℓ_D(ŵ) − ζ_k))
-    return max(0.0, beta + lr * (nll_sum - nll_mle - zeta))  # rises while w is outside the set
 
 
 def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each prompt's G samples
@@ -239,7 +204,6 @@ def main(cfg):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
-    beta = cfg.beta  # --beta_form=dual moves it
     store = None  # D as labelled, on disk, by rank 0
     if master:
         store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
@@ -267,9 +231,6 @@ def main(cfg):
 
     def trajectories(samples):  # Φ(τ) (n, d) of each sample
         return trajectory_features(features(*batch(samples)))
-
-    def on_all_ranks(phi):  # every rank's rows, in rank order: what the follower fits on
-        return torch.cat(ranks.gather([phi.cpu()])).to(device)
 
     def policy_gradient_step(model, optimizer, ids, attn, advantage, n_samples, where, **fields):
         """One clipped AdamW step on leader_loss -> the gradient norm (the loss divides by all
@@ -333,20 +294,17 @@ def main(cfg):
         n = len(candidates.responses) // len(items)  # candidates per prompt
         phi0 = trajectories(response0).cpu()  # (m, d)
         phi1 = trajectories(candidates).cpu().view(len(items), n, -1)  # (m, n, d)
-        mine = []
-        for i, item in enumerate(items):
-            answers = candidates.responses[i * n:(i + 1) * n]
-            mine.append((item, response0.responses[i], answers, phi0[i], phi1[i]))
+        answers = [candidates.responses[i * n:(i + 1) * n] for i in range(len(items))]
+        mine = list(zip(items, response0.responses, answers, phi0, phi1))
         everyone = ranks.gather(mine)  # Σ takes every rank's Δφ, in the same order on every rank
         new = []
-        potential = 0.0
         for item, y0, answers, f0, f1 in everyone:
             j, dphi, uncertainty = select_pair(cov, f0.to(device), f1.to(device))
-            potential += cov.update(dphi[None])  # a zero Δφ (y¹ = y⁰) leaves Σ unchanged
+            cov.update(dphi[None])  # a zero Δφ (y¹ = y⁰) leaves Σ unchanged
             if answers[j] != y0:  # two different responses: worth an oracle call
                 new.append(Pair(item, y0, answers[j], data.decode(tok, y0),
                                 data.decode(tok, answers[j]), f0, f1[j], uncertainty))
-        metrics.update(new_pairs=len(new), identical=len(everyone) - len(new), potential=potential)
+        metrics.update(new_pairs=len(new), identical=len(everyone) - len(new))
         return new, metrics
 
     def label(new, episode):  # o of each new pair: each rank scores its block, all draw the labels
@@ -372,16 +330,17 @@ def main(cfg):
         return ((r1 > r0).long() == labels).float().mean().item()
 
     # ---------------------------------------------------------------- (II) exploitation
-    def follower(beta, phi_pi, phi_base, D, episode, step):
+    def follower(phi_pi, phi_base, D, episode, step):
         """T_in projected gradient steps on F(w) = gap(w) + β ℓ_D(w) -> the last batch's mean ℓ."""
         n_pairs = len(D["label"])
         curvature = (D["phi1"] - D["phi0"]).norm(dim=-1).max().item() ** 2 / 4  # ≥ ∇²ℓ_i, L
-        step_size = follower_step_size(cfg.rm_lr, beta, n_pairs, curvature)
+        step_size = follower_step_size(cfg.rm_lr, cfg.beta, n_pairs, curvature)
         for i in range(cfg.t_in):
             key = ranks.generator(cfg.seed, "follower", episode, step, i)
             idx = torch.randperm(n_pairs, generator=key)[:cfg.rm_batch].to(device)
+            gap_pi = phi_base if cfg.beta_form == "mle" else phi_pi  # mle: the gap is 0
             loss, nll, _ = follower_loss(rm, D["phi0"][idx], D["phi1"][idx], D["label"][idx],
-                                         phi_pi, phi_base, beta, n_pairs)
+                                         gap_pi, phi_base, cfg.beta, n_pairs)
             grad, = torch.autograd.grad(loss, rm.w)
             where = f"episode {episode}, leader step {step}"
             if guard.finite(grad.norm().item(), "reward-model gradient", where, episode=episode,
@@ -420,8 +379,7 @@ def main(cfg):
                     rm_gold_corr=torch.corrcoef(both)[0, 1].item(),
                     kl_anchor=ranks.mean_all(log_ratio.sum(-1)),
                     kl_sft=ranks.mean_all(((logp - logp_sft) * resp).sum(-1)),
-                    length=ranks.mean_all(resp.sum(-1).float()), rm_gap=gap.mean().item(),
-                    rm_gap_se=(gap.std() / len(gap) ** 0.5).item())
+                    length=ranks.mean_all(resp.sum(-1).float()), rm_gap=gap.mean().item())
 
     # ---------------------------------------------------------------- resume
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
@@ -441,7 +399,6 @@ def main(cfg):
         cov.load_state_dict(state["cov"])
         oracle.calls = state["oracle_calls"]
         sft_eval = state["sft_eval"]
-        beta = state["beta"]
         guard.diverged = state.get("diverged")
         pairs.update(state["pairs"])
         if master:  # pairs labelled after the checkpoint are set aside and labelled again
@@ -455,11 +412,10 @@ def main(cfg):
     bar = tqdm(range(start, cfg.episodes + 1), desc="episodes", disable=not master)
     for episode in bar:
         ref.load_state_dict(policy.state_dict())  # π_ref = π, frozen for this episode
-        seconds = run.Stopwatch()
+        started = time.time()
 
         # (I) reward-agnostic exploration: label the new pairs, add them to D
-        with seconds("gen"):
-            new, explore_metrics = explore(episode)
+        new, explore_metrics = explore(episode)
         if not new and not pairs["label"]:
             raise ValueError(f"episode {episode}: every y¹ repeated y⁰, so there is no pair to "
                              "label; raise --temperature, --enh_temp or --n_candidates")
@@ -471,56 +427,37 @@ def main(cfg):
             pairs["phi0"].append(pair.phi0)
             pairs["phi1"].append(pair.phi1)
             pairs["label"].append(pair.label)
-        oracle_score = None  # the mean r* of the new pairs' responses
-        if new:
-            oracle_score = sum(p.score0 + p.score1 for p in new) / (2 * len(new))
         log.write("explore", episode=episode, pairs=len(pairs["label"]), **explore_metrics,
                   uncertainty=sum(p.uncertainty for p in new) / max(len(new), 1),
-                  rm_acc_fresh=accuracy, oracle_score=oracle_score)
+                  rm_acc_fresh=accuracy)
 
         # (II) reward-aware exploitation: T_out rounds of the follower's steps and the leader's
         D = {"phi0": torch.stack(pairs["phi0"]).to(device),  # (n, d)
              "phi1": torch.stack(pairs["phi1"]).to(device),  # (n, d)
              "label": torch.tensor(pairs["label"], device=device)}  # (n,)
-        nll_mle = None  # ℓ_D(ŵ): the dual form's reference
-        zeta_k = zeta(cfg.zeta_coef, rm.w.numel(), episode)
-        if cfg.beta_form in ("dual", "mle"):  # w starts inside the set, at ŵ (mle: stays there)
-            w_hat, nll_mle = fit_mle(D["phi0"], D["phi1"], D["label"], cfg.bound)
-            rm.w.data.copy_(w_hat)
         for step in range(cfg.t_out):
-            with seconds("gen"):
-                items, offset = ranks.draw(prompts, cfg.leader_prompts, rank, world, cfg.seed,
-                                           "leader", episode, step)
-                on_policy = sample(policy, items, cfg.group, cfg.temperature, offset, "policy",
-                                   episode, step)
-                baseline = sample(ref, items, cfg.ref_samples, cfg.temperature, offset, "ref",
-                                  episode, step)
-            with seconds("train"):
-                ids, attn, resp = batch(on_policy)  # (n, S)
-                phi = features(ids, attn, resp)  # (n, [S,] d), for the leader's rewards
-                phi_pi = on_all_ranks(trajectory_features(phi))  # (P·G, d)
-                phi_base = on_all_ranks(trajectories(baseline))  # (P·R, d)
-                nll = None  # mle: no follower steps, w = ŵ
-                if cfg.beta_form != "mle":
-                    nll = follower(beta, phi_pi, phi_base, D, episode, step)
-                with torch.no_grad():  # ℓ_D(w) on all of D: one product with the cached features
-                    nll_sum = len(D["label"]) * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"])
-                if cfg.beta_form == "dual":
-                    beta = dual_ascent(beta, nll_sum.item(), nll_mle, zeta_k, cfg.dual_lr)
-                grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode,
-                                                    step)
+            items, offset = ranks.draw(prompts, cfg.leader_prompts, rank, world, cfg.seed,
+                                       "leader", episode, step)
+            on_policy = sample(policy, items, cfg.group, cfg.temperature, offset, "policy",
+                               episode, step)
+            baseline = sample(ref, items, cfg.ref_samples, cfg.temperature, offset, "ref",
+                              episode, step)
+            ids, attn, resp = batch(on_policy)  # (n, S)
+            phi = features(ids, attn, resp)  # (n, [S,] d), for the leader's rewards
+            # Φ (P·G, d) and (P·R, d) of all ranks' samples: the follower's w is the same on each
+            phi_pi = torch.cat(ranks.gather([trajectory_features(phi).cpu()])).to(device)
+            phi_base = torch.cat(ranks.gather([trajectories(baseline).cpu()])).to(device)
+            nll = follower(phi_pi, phi_base, D, episode, step)
+            grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode, step)
             metrics = health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn,
                              resp)
-            if nll_mle is not None:  # the confidence set's room left, ℓ_D(ŵ) + ζ_k − ℓ_D(w)
-                metrics["slack"] = nll_mle + zeta_k - nll_sum.item()
-            log.write("step", episode=episode, step=step, rm_bt=nll, rm_nll_sum=nll_sum.item(),
-                      beta=beta, grad_norm=grad_norm, w_norm=rm.w.norm().item(), **metrics)
+            log.write("step", episode=episode, step=step, rm_bt=nll, grad_norm=grad_norm,
+                      w_norm=rm.w.norm().item(), **metrics)
             bar.set_postfix(gold=f"{metrics['gold_reward']:.3f}", kl_sft=f"{metrics['kl_sft']:.2f}")
 
-        log.write("episode", episode=episode, gen_s=seconds.total["gen"],
-                  train_s=seconds.total["train"])
+        log.write("episode", episode=episode, seconds=time.time() - started)
         checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), episode=episode,
-                        w=rm.w.detach().cpu(), cov=cov.state_dict(), beta=beta,
+                        w=rm.w.detach().cpu(), cov=cov.state_dict(),
                         oracle_calls=oracle.calls, sft_eval=sft_eval, log_size=log.size(),
                         pairs=pairs, store_pairs=len(pairs["label"]),
                         store_sha256=data.digest(store.records) if master else None,

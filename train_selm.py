@@ -24,6 +24,7 @@ Draws are keyed by the seed, the iteration and the pair, never the rank: N ranks
 """
 import math
 import os
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -381,10 +382,9 @@ def main(cfg):
     for it in range(start, cfg.iterations + 1):
         if cfg.schedule == "per_iteration" and it > 1:  # no AdamW moments carried across
             opt, sched = optimizer_and_schedule(it)
-        seconds = run.Stopwatch()
+        started = time.time()
         if cfg.online:
-            with seconds("gen"):
-                train_pairs, ties, mean_score = online_pairs(it)
+            train_pairs, ties, mean_score = online_pairs(it)
             if not train_pairs:
                 raise ValueError(f"iteration {it}: all {ties} online pairs are ties (the oracle "
                                  "scored both samples the same), nothing to train on; raise "
@@ -403,16 +403,13 @@ def main(cfg):
                        "score_chosen": sum(p["chosen_score"] for p in train_pairs) / n_kept,
                        "score_rejected": sum(p["rejected_score"] for p in train_pairs) / n_kept}
         else:
-            with seconds("gen"):
-                train_pairs, ref_best = ranked_pairs(it)
+            train_pairs, ref_best = ranked_pairs(it)
             details = {"ref_best": ref_best}
-        with seconds("train"):
-            train(it, train_pairs, opt, sched)
+        train(it, train_pairs, opt, sched)
         # over the pairs of the iteration (all ranks), each once
         lengths = {f"len_{k}": sum(len(p[k]) for p in train_pairs) / len(train_pairs)
                    for k in ("chosen", "rejected", "ref")}
-        log.write("iteration", iteration=it, gen_s=seconds.total["gen"],
-                  train_s=seconds.total["train"], **details, **lengths)
+        log.write("iteration", iteration=it, seconds=time.time() - started, **details, **lengths)
         # π_ref ← π_θ: the next iteration starts from here
         checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), iteration=it,
                         sched=sched.state_dict(), oracle_calls=oracle.calls, sft_eval=sft_eval,

@@ -8,7 +8,7 @@ means and holds the tables). Sections:
             memory above the inputs (GPU: the allocator's statistics; CPU: a subprocess's peak RSS)
   train     a policy-gradient step (fused log-probs, backward, AdamW), FSDP2 on one rank +
             torch.compile on GPU: MFU
-  episode   a PbPO episode of train_pbpo.py in a subprocess: gen_s / train_s from its metrics.jsonl
+  episode   a PbPO episode of train_pbpo.py in a subprocess: its seconds from its metrics.jsonl
 
   python -m experiments.bench --suite=gpu          # one H100/H200: BENCHMARKS.md's GPU table
   OMP_NUM_THREADS=1 python -m experiments.bench --suite=cpu     # its CPU table (11 min)
@@ -452,9 +452,7 @@ def bench_episode(cfg, shape, device, dtype, timeout=None):  # train_pbpo.py pic
                                f"{proc.stderr[-4000:]}")
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             episode = [r for r in map(json.loads, f) if r["kind"] == "episode"][-1]
-    gen, train = episode["gen_s"], episode["train_s"]
-    return {"gen_s": gen, "train_s": train, "gen_share": gen / (gen + train),
-            "process_wall_s": wall}
+    return {"episode_s": episode["seconds"], "process_wall_s": wall}
 
 
 # ---------------------------------------------------------------------------- tables

@@ -8,17 +8,12 @@ def test_sherman_morrison_inverse_matches_direct_inverse():
     d, lam = 16, 0.5
     cov = Covariance(d, lam)
     dphis = torch.nn.functional.normalize(torch.randn(300, d, generator=g), dim=-1) * 2
-    potential = 0.0
     for chunk in dphis.split(7):
-        potential += cov.update(chunk)
+        cov.update(chunk)
     direct = lam * torch.eye(d, dtype=torch.float64) + dphis.double().T @ dphis.double()
     torch.testing.assert_close(cov.sigma.double(), direct, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(cov.sigma_inv.double(), torch.linalg.inv(direct), rtol=1e-3,
                                atol=1e-5)
-    # elliptical potential telescopes: Σ log(1 + ‖Δφ‖²_{Σ⁻¹}) = log det Σ_n − log det λI
-    log_lam = torch.log(torch.tensor(lam, dtype=torch.float64))
-    logdet = torch.linalg.slogdet(direct).logabsdet - d * log_lam
-    assert abs(potential - logdet.item()) < 1e-2 * logdet.item()
 
 
 def test_uncertainty_is_mahalanobis_norm():

@@ -151,7 +151,7 @@ def test_health_signals_are_logged(toy, tmp_path):
     flags, _ = toy
     run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--anchor=ref", f"--out_dir={tmp_path}")
     step = [r for r in metrics(tmp_path) if r["kind"] == "step"][-1]
-    for key in ("kl_sft", "kl_anchor", "w_norm", "length", "rm_gap", "rm_gap_se", "rm_gold_corr"):
+    for key in ("kl_sft", "kl_anchor", "w_norm", "length", "rm_gap", "rm_gold_corr"):
         assert isinstance(step[key], float) and math.isfinite(step[key]), key
     explore = [r for r in metrics(tmp_path) if r["kind"] == "explore"][0]
     assert 0 <= explore["rm_acc_fresh"] <= 1 and explore["new_pairs"] + explore["identical"] == 8
