@@ -455,7 +455,7 @@ def main(cfg):
                       w_norm=rm.w.norm().item(), **metrics)
             bar.set_postfix(gold=f"{metrics['gold_reward']:.3f}", kl_sft=f"{metrics['kl_sft']:.2f}")
 
-        log.write("episode", episode=episode, seconds=time.time() - started)
+        log.write("episode", episode=episode, wall_s=time.time() - started)
         checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), episode=episode,
                         w=rm.w.detach().cpu(), cov=cov.state_dict(),
                         oracle_calls=oracle.calls, sft_eval=sft_eval, log_size=log.size(),

@@ -409,7 +409,7 @@ def main(cfg):
         # over the pairs of the iteration (all ranks), each once
         lengths = {f"len_{k}": sum(len(p[k]) for p in train_pairs) / len(train_pairs)
                    for k in ("chosen", "rejected", "ref")}
-        log.write("iteration", iteration=it, seconds=time.time() - started, **details, **lengths)
+        log.write("iteration", iteration=it, wall_s=time.time() - started, **details, **lengths)
         # π_ref ← π_θ: the next iteration starts from here
         checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), iteration=it,
                         sched=sched.state_dict(), oracle_calls=oracle.calls, sft_eval=sft_eval,

@@ -452,7 +452,7 @@ def bench_episode(cfg, shape, device, dtype, timeout=None):  # train_pbpo.py pic
                                f"{proc.stderr[-4000:]}")
         with open(os.path.join(run_dir, "metrics.jsonl")) as f:
             episode = [r for r in map(json.loads, f) if r["kind"] == "episode"][-1]
-    return {"episode_s": episode["seconds"], "process_wall_s": wall}
+    return {"episode_s": episode["wall_s"], "process_wall_s": wall}
 
 
 # ---------------------------------------------------------------------------- tables
