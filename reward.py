@@ -23,15 +23,15 @@ class RewardModel(nn.Module):  # r_w on a frozen backbone, as in the theory; ‖
 
     def phi(self, input_ids, attention_mask, response_mask):
         """φ in fp32 from the backbone's final hidden states (no_grad is the caller's choice)."""
-        hidden = self.backbone(input_ids, attention_mask).float()  # (B, T, D)
+        hidden = self.backbone(input_ids, attention_mask).float()  # (B, S, D)
         if self.normalize:  # unit-norm features keep Σ well scaled whatever the backbone's scale
             hidden = F.normalize(hidden, dim=-1)
         if self.level == "token":
-            return hidden * response_mask[..., None]  # (B, T, D)
+            return hidden * response_mask[..., None]  # (B, S, D)
         last = response_mask.shape[1] - 1 - response_mask.flip(-1).int().argmax(-1)  # (B,)
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, D)
 
-    def forward(self, phi):  # r_w(τ) = ⟨w, Φ(τ)⟩ (B,) from phi (B, D) or (B, T, D), or Φ
+    def forward(self, phi):  # r_w(τ) = ⟨w, Φ(τ)⟩ (B,) from phi (B, D) or (B, S, D), or Φ
         return trajectory_features(phi) @ self.w
 
     @torch.no_grad()

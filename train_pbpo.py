@@ -45,8 +45,8 @@ class Config:
     episodes: int = knob(6, "K, episodes", at_least=1)
     explore_prompts: int = knob(64, "M, exploration prompts per episode (all ranks)", at_least=1)
     enhancer: str = knob("policy", "π̂, or its cheaper stand-in", choices=("policy", "best_of_n"))
-    enh_steps: int = knob(2, "the enhancer's policy-gradient steps an episode")
-    enh_samples: int = knob(4, "samples of π̂ (and of π_ref) per prompt and step", at_least=2)
+    enh_steps: int = knob(2, "the enhancer's policy-gradient steps an episode", at_least=1)
+    enh_samples: int = knob(4, "π̂'s samples a prompt and step (π_ref's: once)", at_least=2)
     enh_kl: float = knob(0.1, "weight of KL(π̂ ‖ π_ref), per sequence")
     enh_lr: float = knob(1e-4, "the enhancer's AdamW learning rate")
     n_candidates: int = knob(4, "N, best_of_n's samples of π_ref (1: no exploration)", at_least=1)
@@ -62,7 +62,7 @@ class Config:
     anchor: str = knob("sft", "π_anchor: π⁰ (the SFT policy) or π_ref", choices=("sft", "ref"))
     bound: float = knob(10.0, "B, ‖w‖ ≤ B", at_least=1e-8)
     lr: float = knob(1e-4, "η_π, policy learning rate (AdamW)")
-    rm_lr: float = knob(1.0, "η_r, the follower's step size before normalisation")
+    rm_lr: float = knob(1.0, "η_r: the follower's step is η_r / (1 + β|D|L)")
     level: str = knob("seq", "r_w and advantages per sequence or token", choices=("seq", "token"))
     normalize: bool = knob(True, "L2-normalise the features φ")
     rm_batch: int = knob(512, "preference pairs per follower step", at_least=1)
@@ -103,8 +103,8 @@ def follower_loss(rm, phi0, phi1, labels, phi_pi, phi_ref, beta, n_pairs):
 
 
 def follower_step_size(rm_lr, beta, n_pairs, curvature=1.0):
-    """η = η_r / (1 + β|D|L): F's curvature is at most β|D|L (gap is linear, ∇²ℓ_i ≤ ‖ΔΦ‖²/4 ≤ L: 1
-    for unit-norm φ, H² at the token level), so with η_r ≤ 1 every step lowers F, whatever β|D|."""
+    """η = η_r / (1 + β|D|L): F's curvature is at most β|D|L (gap is linear, ∇²ℓ_i ≤ ‖ΔΦ‖²/4 ≤ L,
+    the caller's bound), so with η_r ≤ 1 every step lowers F, however large β|D| grows."""
     return rm_lr / (1.0 + beta * n_pairs * curvature)
 
 
@@ -298,12 +298,12 @@ def main(cfg):
         mine = list(zip(items, response0.responses, answers, phi0, phi1))
         everyone = ranks.gather(mine)  # Σ takes every rank's Δφ, in the same order on every rank
         new = []
-        for item, y0, answers, f0, f1 in everyone:
+        for item, y0, options, f0, f1 in everyone:
             j, dphi, uncertainty = select_pair(cov, f0.to(device), f1.to(device))
             cov.update(dphi[None])  # a zero Δφ (y¹ = y⁰) leaves Σ unchanged
-            if answers[j] != y0:  # two different responses: worth an oracle call
-                new.append(Pair(item, y0, answers[j], data.decode(tok, y0),
-                                data.decode(tok, answers[j]), f0, f1[j], uncertainty))
+            if options[j] != y0:  # two different responses: worth an oracle call
+                new.append(Pair(item, y0, options[j], data.decode(tok, y0),
+                                data.decode(tok, options[j]), f0, f1[j], uncertainty))
         metrics.update(new_pairs=len(new), identical=len(everyone) - len(new))
         return new, metrics
 
@@ -312,7 +312,7 @@ def main(cfg):
         items = [p.item for p in mine]
         score0 = oracle.score(items, [p.response0 for p in mine])
         score1 = oracle.score(items, [p.response1 for p in mine])
-        scores = torch.tensor(ranks.gather(list(zip(score0.tolist(), score1.tolist()))))
+        scores = torch.tensor(ranks.gather(list(zip(score0.tolist(), score1.tolist())))).view(-1, 2)
         labels = oracle.label(scores[:, 0], scores[:, 1],
                               ranks.generator(cfg.seed, "oracle", episode))
         for pair, (s0, s1), o in zip(new, scores.tolist(), labels.tolist()):
