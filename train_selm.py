@@ -76,8 +76,7 @@ class Config:
     seed: int = knob(0, "every draw and sample is keyed by it")
     resume: bool = knob(False, "continue the run in out_dir from its checkpoint")
     eval_max: int = knob(256, "held-out prompts evaluated at the start and the end", at_least=1)
-    on_nonfinite: str = knob("skip", "a NaN/inf gradient, or diverged weights: skip or stop",
-                             choices=("skip", "stop"))
+    on_nonfinite: str = knob("skip", "on NaN/inf or diverged weights", choices=("skip", "stop"))
     dist_timeout: int = knob(1800, "seconds a collective waits (e.g. for a dead rank)")
 
     RESUME_MAY_CHANGE = ("micro_batch", "on_nonfinite", "dist_timeout")  # README, "Runs that stop"
