@@ -178,9 +178,9 @@ def main(cfg):
     heldout = data.shard(heldout, rank, world)
     policy = M.from_pretrained(cfg.model, device)
     longest = max(len(p["prompt_ids"]) for p in prompts)
-    for prompts_flag, n_flag in (("explore_prompts", "n_candidates"),
-                                 ("explore_prompts", "enh_samples"),
-                                 ("leader_prompts", "group"), ("leader_prompts", "ref_samples")):
+    explore_n = "enh_samples" if cfg.enhancer == "policy" else "n_candidates"  # the enhancer's
+    for prompts_flag, n_flag in (("explore_prompts", explore_n), ("leader_prompts", "group"),
+                                 ("leader_prompts", "ref_samples")):
         count, per_prompt = getattr(cfg, prompts_flag), getattr(cfg, n_flag)  # sampled at once
         what = f"--{prompts_flag}={count} × --{n_flag}={per_prompt}"
         M.check_fits(policy, count * per_prompt // world, longest, cfg.max_new_tokens, what)

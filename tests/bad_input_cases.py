@@ -457,7 +457,7 @@ CASES = [
     Case("an enhancer temperature of 1e-300", PBPO_FRESH + " --enh_temp=1e-300",
          "--enh_temp=1e-300: expected a finite number >= 1e-06"),
     Case("2e9 exploration prompts", PBPO_FRESH + " --explore_prompts=2000000000",
-         "--explore_prompts=2000000000 × --n_candidates=4: 8000000000 rows a rank need at least"),
+         "--explore_prompts=2000000000 × --enh_samples=4: 8000000000 rows a rank need at least"),
     Case("a group of 1e8", PBPO_FRESH + " --group=100000000",
          "--leader_prompts=16 × --group=100000000: 1600000000 rows a rank need"),
     Case("SELM online, 2e9 prompts",
