@@ -366,8 +366,8 @@ def main(cfg):
     @torch.no_grad()
     def health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn, resp):
         """What over-optimisation of r_w looks like, over all ranks: r_w against the gold r* on the
-        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length; the gap
-        prompt by prompt, whose spread gives its standard error."""
+        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length, the gap
+        (its mean over the P prompts)."""
         gap = (rm(phi_pi).view(-1, cfg.group).mean(1)
                - rm(phi_base).view(-1, cfg.ref_samples).mean(1))  # (P,)
         responses = [data.decode(tok, y) for y in on_policy.responses]

@@ -102,7 +102,7 @@ class Config:
 
 
 
-TINY_EPISODE = ("--explore_prompts=8 --n_candidates=2 --t_out=1 --t_in=2 --group=2 "
+TINY_EPISODE = ("--explore_prompts=8 --enh_samples=2 --t_out=1 --t_in=2 --group=2 "
                 "--leader_prompts=4 --max_new_tokens=16 --eval_max=8")
 SUITES = {  # the runs of each suite, as changes to Config's defaults; on GPU the quick targets
     # first, then sampling (most of its time is compiling), then the episode
