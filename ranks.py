@@ -41,7 +41,7 @@ def mean_all(values):  # the mean of a tensor's values over all ranks' tensors
     return total / max(count, 1)
 
 
-def gather(items):  # every rank's list, concatenated in rank order
+def gather(items):  # every rank's list, in rank order (a tensor view goes with all its storage)
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return items
     out = [None] * dist.get_world_size()

@@ -67,7 +67,7 @@ def friendly_errors(script, out_dir=None):
             signal.signal(sig, stop)
     try:
         yield
-    except (KeyboardInterrupt, ValueError, OSError, ArithmeticError) as error:
+    except (KeyboardInterrupt, ValueError, OSError, ArithmeticError, dist.DistError) as error:
         if os.environ.get("PBPO_TRACEBACK"):
             raise
         stopped = isinstance(error, KeyboardInterrupt)

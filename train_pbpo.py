@@ -166,7 +166,6 @@ def main(cfg):
 
     # ---------------------------------------------------------------- setup
     tok = data.load_tokenizer(cfg.model)
-    eos_ids = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     if cfg.rm_backbone:  # its embedding is given the policy's token ids
         data.check_same_tokenizer(cfg.rm_backbone, tok)
     prompts = data.load_prompts(cfg.prompts, tok, cfg.max_prompt_len)  # all of them, on every rank
@@ -177,6 +176,7 @@ def main(cfg):
     oracle.check(prompts + heldout)  # every record before the first oracle call
     heldout = data.shard(heldout, rank, world)
     policy = M.from_pretrained(cfg.model, device)
+    eos_ids = M.stop_ids(cfg.model, tok)  # a response ends on any of them
     longest = max(len(p["prompt_ids"]) for p in prompts)
     explore_n = "enh_samples" if cfg.enhancer == "policy" else "n_candidates"  # the enhancer's
     for prompts_flag, n_flag in (("explore_prompts", explore_n), ("leader_prompts", "group"),
@@ -292,8 +292,8 @@ def main(cfg):
             candidates = sample(ref, items, cfg.n_candidates, cfg.enh_temp, offset, "enh",
                                 episode)
         n = len(candidates.responses) // len(items)  # candidates per prompt
-        phi0 = trajectories(response0).cpu()  # (m, d)
-        phi1 = trajectories(candidates).cpu().view(len(items), n, -1)  # (m, n, d)
+        phi0 = [f.clone() for f in trajectories(response0).cpu()]  # (d,) rows to gather
+        phi1 = [f.clone() for f in trajectories(candidates).cpu().view(len(items), n, -1)]  # (n, d)
         answers = [candidates.responses[i * n:(i + 1) * n] for i in range(len(items))]
         mine = list(zip(items, response0.responses, answers, phi0, phi1))
         everyone = ranks.gather(mine)  # Σ takes every rank's Δφ, in the same order on every rank
@@ -366,20 +366,20 @@ def main(cfg):
     @torch.no_grad()
     def health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn, resp):
         """What over-optimisation of r_w looks like, over all ranks: r_w against the gold r* on the
-        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length, the gap
-        (its mean over the P prompts)."""
-        gap = (rm(phi_pi).view(-1, cfg.group).mean(1)
-               - rm(phi_base).view(-1, cfg.ref_samples).mean(1))  # (P,)
+        leader's samples (monitoring: r* calls not counted), the KL to π⁰, the length, the gap."""
         responses = [data.decode(tok, y) for y in on_policy.responses]
         gold = oracle.score_fn([p for p in items for _ in range(cfg.group)], responses)
         rm_and_gold = ranks.gather(list(zip(rm(phi).tolist(), map(float, gold))))
         both = torch.tensor(rm_and_gold).T  # (2, n): r_w and r* of every rank's samples
-        logp_sft = M.token_logprobs(sft, ids, attn, cfg.temperature, micro_batch=cfg.micro_batch)
+        logp_sft = logp - log_ratio  # on the response: the anchor's log-probs, π⁰'s by default
+        if cfg.anchor == "ref":  # π⁰'s own, for the KL to it
+            logp_sft = M.token_logprobs(sft, ids, attn, cfg.temperature,
+                                        micro_batch=cfg.micro_batch)
         return dict(rm_reward=both[0].mean().item(), gold_reward=both[1].mean().item(),
                     rm_gold_corr=torch.corrcoef(both)[0, 1].item(),
-                    kl_anchor=ranks.mean_all(log_ratio.sum(-1)),
                     kl_sft=ranks.mean_all(((logp - logp_sft) * resp).sum(-1)),
-                    length=ranks.mean_all(resp.sum(-1).float()), rm_gap=gap.mean().item())
+                    length=ranks.mean_all(resp.sum(-1).float()),
+                    rm_gap=(rm(phi_pi).mean() - rm(phi_base).mean()).item())
 
     # ---------------------------------------------------------------- resume
     if mode == "restart":  # killed before its first checkpoint: its pairs are labelled again
