@@ -140,6 +140,8 @@ def test_selm_runs_and_resumes_after_a_kill_to_the_same_run(toy, tmp_path, sched
         time.sleep(0.01)
     proc.kill()
     proc.wait()
+    checkpoint = read_checkpoint(str(part / "checkpoint.safetensors"), tensors=False)
+    assert checkpoint["iteration"] == 1  # killed between the iterations: the resume has work left
     run("train_selm.py", *flags, f"--out_dir={part}", "--resume")
     assert without_timings(metrics(part)) == without_timings(rows)
     assert same_weights(part, tmp_path / "full")
