@@ -81,7 +81,7 @@ def friendly_errors(script, out_dir=None):
                 message = f"stopped; --resume continues from {ckpt}"
         if not stopped or os.environ.get("RANK", "0") == "0":  # every rank stops; one says so
             with contextlib.suppress(OSError):  # the terminal is gone (SIGHUP): nobody to tell
-                print(f"{script}: {message}", file=sys.stderr)
+                sys.stderr.write(f"{script}: {message}\n")  # one write: ranks' lines stay whole
         sys.exit(130 if stopped else 1)
 
 

@@ -101,7 +101,8 @@ def test_resume_on_fewer_ranks_keeps_every_pair_once(toy, tmp_path):
                ok=False)
     # the ranks' lines, then torchrun's own report: one line each, no traceback of ours
     ranks = [line for line in proc.stderr.splitlines() if "train_pbpo.py: error: " in line]
-    assert proc.returncode != 0 and len(ranks) == 2, proc.stderr[-3000:]
+    assert proc.returncode != 0 and proc.stderr.count("train_pbpo.py: error: ") == 2, proc.stderr
+    assert len(ranks) == 2, proc.stderr[-3000:]  # each its own line
     assert 'train_pbpo.py", line' not in proc.stderr, proc.stderr[-3000:]  # torchrun's, not ours
     for line in ranks:
         assert "preferences.jsonl:9: expected a preference record" in line, line
