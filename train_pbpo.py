@@ -11,6 +11,7 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
     (II) reward-aware exploitation, T_out times: G samples per prompt from π, R from π_ref
         follower, T_in steps:  w ← Proj_B(w − η ∇_w [gap(w) + β Σ_{i∈D} ℓ_i(w)])
                                gap(w) = E_π r_w − E_π_ref r_w, ℓ_i the BT loss of pair i
+                               (--beta_form=dual: β by dual ascent on ℓ_D(w) ≤ ℓ_D(ŵ) + ζ_k)
         leader, one AdamW step up ∇_θ E_π[r_w(τ) − κ log(π_θ(τ) / π_anchor(τ))] (clipped at 1)
     the leader's gradient: REINFORCE with the KL folded into the reward and a leave-one-out
     baseline among a prompt's G samples; π_anchor is π⁰ (the SFT policy) or π_ref.
@@ -20,6 +21,7 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
   torchrun --nproc_per_node=8 train_pbpo.py --model=PATH --prompts=FILE --oracle=rm:RM_PATH
   python train_pbpo.py --resume                                     # continue out_dir's run
 """
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -57,7 +59,10 @@ class Config:
     group: int = knob(8, "G, on-policy samples per prompt (leave-one-out baseline)", at_least=2)
     ref_samples: int = knob(8, "R, π_ref samples per prompt for the follower's gap", at_least=1)
     beta: float = knob(0.04, "β, weight of the summed preference likelihood (0: pure adversary)")
-    beta_form: str = knob("fixed", "mle: no gap, ℓ_D alone (an ablation)", choices=("fixed", "mle"))
+    beta_form: str = knob("fixed", "β as given, by dual ascent, or no gap (mle: an ablation)",
+                          choices=("fixed", "dual", "mle"))
+    zeta_coef: float = knob(0.1, "c, dual: the confidence set's width ζ_k = c · d · log(1 + k)")
+    dual_lr: float = knob(0.01, "η_β, dual: β ← max(0, β + η_β (ℓ_D(w) − ℓ_D(ŵ) − ζ_k))")
     kl_coef: float = knob(0.5, "κ, weight of KL(π_θ ‖ π_anchor), per sequence")
     anchor: str = knob("sft", "π_anchor: π⁰ (the SFT policy) or π_ref", choices=("sft", "ref"))
     bound: float = knob(10.0, "B, ‖w‖ ≤ B", at_least=1e-8)
@@ -106,6 +111,27 @@ def follower_step_size(rm_lr, beta, n_pairs, curvature=1.0):
     """η = η_r / (1 + β|D|L): F's curvature is at most β|D|L (gap is linear, ∇²ℓ_i ≤ ‖ΔΦ‖²/4 ≤ L,
     the caller's bound), so with η_r ≤ 1 every step lowers F, however large β|D| grows."""
     return rm_lr / (1.0 + beta * n_pairs * curvature)
+
+
+def fit_mle(phi0, phi1, labels, bound, steps=10_000, tol=1e-6):
+    """ŵ = argmin_{‖w‖≤B} ℓ_D(w) on all of D -> (ŵ, ℓ_D(ŵ)): projected FISTA in float64 from 0, step
+    1/L with L = ‖X‖²/4 ≥ ∇²ℓ_D, until the gradient mapping is below tol (stopped early, ℓ_D(ŵ) is
+    high, which widens the set)."""
+    x = (2.0 * labels.double() - 1.0)[:, None] * (phi1 - phi0).double()  # (n, d) rows s_i ΔΦ_i
+    lipschitz = max(torch.linalg.matrix_norm(x, ord=2).item() ** 2 / 4, 1e-12)
+    w = previous = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)  # (d,)
+    for k in range(steps):
+        y = w + k / (k + 3) * (w - previous)  # Nesterov's extrapolation
+        step = y + x.T @ torch.sigmoid(-(x @ y)) / lipschitz  # y − ∇ℓ_D(y) / L
+        previous = w
+        w = step * (bound / step.norm()).clamp(max=1.0)  # Proj_B
+        if (y - w).norm() * lipschitz <= tol:
+            break
+    return w.to(phi0.dtype), torch.nn.functional.softplus(-(x @ w)).sum().item()
+
+
+def dual_ascent(beta, slack, lr):  # β ← max(0, β + η_β (ℓ_D(w) − ℓ_D(ŵ) − ζ_k)), slack = −(…)
+    return max(0.0, beta - lr * slack)  # rises while w is outside the set, falls while inside
 
 
 def leave_one_out(values, group):  # A_i = v_i − mean_{j≠i} v_j among each prompt's G samples
@@ -204,6 +230,7 @@ def main(cfg):
     opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=0.0)
     cov = Covariance(rm.w.numel(), cfg.lam, device)
     pairs = {"phi0": [], "phi1": [], "label": []}  # D, with the features cached
+    beta = cfg.beta  # --beta_form=dual moves it
     store = None  # D as labelled, on disk, by rank 0
     if master:
         store = data.PreferenceStore(os.path.join(cfg.out_dir, "preferences.jsonl"), "episode")
@@ -330,17 +357,17 @@ def main(cfg):
         return ((r1 > r0).long() == labels).float().mean().item()
 
     # ---------------------------------------------------------------- (II) exploitation
-    def follower(phi_pi, phi_base, D, episode, step):
+    def follower(beta, phi_pi, phi_base, D, episode, step):
         """T_in projected gradient steps on F(w) = gap(w) + β ℓ_D(w) -> the last batch's mean ℓ."""
         n_pairs = len(D["label"])
         curvature = (D["phi1"] - D["phi0"]).norm(dim=-1).max().item() ** 2 / 4  # ≥ ∇²ℓ_i, L
-        step_size = follower_step_size(cfg.rm_lr, cfg.beta, n_pairs, curvature)
+        step_size = follower_step_size(cfg.rm_lr, beta, n_pairs, curvature)
         for i in range(cfg.t_in):
             key = ranks.generator(cfg.seed, "follower", episode, step, i)
             idx = torch.randperm(n_pairs, generator=key)[:cfg.rm_batch].to(device)
             gap_pi = phi_base if cfg.beta_form == "mle" else phi_pi  # mle: the gap is 0
             loss, nll, _ = follower_loss(rm, D["phi0"][idx], D["phi1"][idx], D["label"][idx],
-                                         gap_pi, phi_base, cfg.beta, n_pairs)
+                                         gap_pi, phi_base, beta, n_pairs)
             grad, = torch.autograd.grad(loss, rm.w)
             where = f"episode {episode}, leader step {step}"
             if guard.finite(grad.norm().item(), "reward-model gradient", where, episode=episode,
@@ -400,6 +427,7 @@ def main(cfg):
         oracle.calls = state["oracle_calls"]
         sft_eval = state["sft_eval"]
         guard.diverged = state.get("diverged")
+        beta = state["beta"]
         pairs.update(state["pairs"])
         if master:  # pairs labelled after the checkpoint are set aside and labelled again
             store.keep_before(start)
@@ -435,6 +463,10 @@ def main(cfg):
         D = {"phi0": torch.stack(pairs["phi0"]).to(device),  # (n, d)
              "phi1": torch.stack(pairs["phi1"]).to(device),  # (n, d)
              "label": torch.tensor(pairs["label"], device=device)}  # (n,)
+        zeta_k = cfg.zeta_coef * rm.w.numel() * math.log1p(episode)  # log(1 + k): log 1 would be 0
+        if cfg.beta_form == "dual":  # w starts inside the confidence set, at ŵ
+            w_hat, nll_mle = fit_mle(D["phi0"], D["phi1"], D["label"], cfg.bound)
+            rm.w.data.copy_(w_hat)
         for step in range(cfg.t_out):
             items, offset = ranks.draw(prompts, cfg.leader_prompts, rank, world, cfg.seed,
                                        "leader", episode, step)
@@ -447,17 +479,23 @@ def main(cfg):
             # Φ (P·G, d) and (P·R, d) of all ranks' samples: the follower's w is the same on each
             phi_pi = torch.cat(ranks.gather([trajectory_features(phi).cpu()])).to(device)
             phi_base = torch.cat(ranks.gather([trajectories(baseline).cpu()])).to(device)
-            nll = follower(phi_pi, phi_base, D, episode, step)
+            nll = follower(beta, phi_pi, phi_base, D, episode, step)
+            slack = None  # dual: the set's room left, ℓ_D(ŵ) + ζ_k − ℓ_D(w), on all of D
+            if cfg.beta_form == "dual":
+                with torch.no_grad():
+                    nll_sum = len(D["label"]) * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"])
+                slack = nll_mle + zeta_k - nll_sum.item()
+                beta = dual_ascent(beta, slack, cfg.dual_lr)
             grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode, step)
             metrics = health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn,
                              resp)
-            log.write("step", episode=episode, step=step, rm_bt=nll, grad_norm=grad_norm,
-                      w_norm=rm.w.norm().item(), **metrics)
+            log.write("step", episode=episode, step=step, rm_bt=nll, beta=beta, slack=slack,
+                      grad_norm=grad_norm, w_norm=rm.w.norm().item(), **metrics)
             bar.set_postfix(gold=f"{metrics['gold_reward']:.3f}", kl_sft=f"{metrics['kl_sft']:.2f}")
 
         log.write("episode", episode=episode, wall_s=time.time() - started)
         checkpoint.save(ckpt_path, {"policy": (policy, opt)}, config=asdict(cfg), episode=episode,
-                        w=rm.w.detach().cpu(), cov=cov.state_dict(),
+                        w=rm.w.detach().cpu(), cov=cov.state_dict(), beta=beta,
                         oracle_calls=oracle.calls, sft_eval=sft_eval, log_size=log.size(),
                         pairs=pairs, store_pairs=len(pairs["label"]),
                         store_sha256=data.digest(store.records) if master else None,

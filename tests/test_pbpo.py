@@ -4,7 +4,9 @@ log-probs are the sampler's; a run on 2 ranks is the run on 1 rank (tests/test_f
 leader step with different token counts per rank is the 1-rank step). The enhancer: its REINFORCE
 reward gives the exact gradient of ‖m_x‖_{Σ⁻¹} − κ KL(π̂ ‖ π_ref). The follower: its minimiser at
 β > 0 is a direct KKT solve's, at β = 0 the pure adversary, and its step size keeps descent where
-the curvature bound is attained.
+the curvature bound is attained; fit_mle reaches the maximum-likelihood head in the ball; the
+dual-ascent form ends on the confidence set's boundary, at its constrained minimiser, closer to the
+MLE as D grows (and a run of it logs β and the slack).
 
     python -m pytest -q tests/test_pbpo.py
 """
@@ -23,7 +25,8 @@ import toy
 from checkpoint import read_checkpoint
 from explore import Covariance, enhancer_rewards, trajectory_features
 from reward import bt_loss
-from train_pbpo import advantages, follower_loss, follower_step_size, leader_loss, on_response
+from train_pbpo import (advantages, dual_ascent, fit_mle, follower_loss, follower_step_size,
+                        leader_loss, on_response)
 
 V, H, PROMPT = 4, 2, [1, 2, 3]  # vocab, response length, the prompt: V**H responses in all
 
@@ -146,11 +149,18 @@ def test_two_ranks_run_the_same_run_as_one(toy, tmp_path):
 
 
 def test_health_signals_are_logged(toy, tmp_path):
+    """A run with π_ref as the anchor and β by dual ascent: every health signal is a number; β
+    starts at --beta and moves by --dual_lr times the logged slack."""
     flags, _ = toy
-    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--anchor=ref", f"--out_dir={tmp_path}")
-    step = [r for r in metrics(tmp_path) if r["kind"] == "step"][-1]
-    for key in ("kl_sft", "w_norm", "length", "rm_gap", "rm_gold_corr"):
-        assert isinstance(step[key], float) and math.isfinite(step[key]), key
+    run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--anchor=ref", "--beta_form=dual",
+        "--beta=0.5", "--dual_lr=0.01", f"--out_dir={tmp_path}")
+    steps = [r for r in metrics(tmp_path) if r["kind"] == "step"]
+    for key in ("kl_sft", "w_norm", "length", "rm_gap", "rm_gold_corr", "beta", "slack"):
+        assert isinstance(steps[-1][key], float) and math.isfinite(steps[-1][key]), key
+    beta = 0.5
+    for step in steps:
+        beta = max(0.0, beta - 0.01 * step["slack"])
+        assert math.isclose(step["beta"], beta, rel_tol=1e-12), (step, beta)
     explore = [r for r in metrics(tmp_path) if r["kind"] == "explore"][0]
     assert 0 <= explore["rm_acc_fresh"] <= 1 and explore["new_pairs"] + explore["identical"] == 8
 
@@ -364,3 +374,55 @@ def test_follower_at_beta_zero_is_the_pure_adversary():
     w, _, _ = follower_descent(phi0, phi1, labels, phi_pi, phi_ref, 0.0, 3.0, steps=100)
     gap_grad = phi_pi.mean(0) - phi_ref.mean(0)
     torch.testing.assert_close(w, -3.0 * gap_grad / gap_grad.norm(), rtol=0, atol=1e-12)
+
+
+def test_fit_mle_is_the_maximum_likelihood_head_in_the_ball():
+    """fit_mle's ŵ is the KKT solve's argmin ℓ_D on ‖w‖ ≤ B, inside the ball and on its sphere, and
+    ℓ_D(ŵ) is |D| times the mean BT loss."""
+    g = torch.Generator().manual_seed(4)
+    phi0, phi1, labels = bt_preferences(300, unit(randn(6, g=g)) * 3, g)
+    x = signed_differences(phi0, phi1, labels)
+    for bound in (10.0, 1.0):
+        w_mle, nll_mle = fit_mle(phi0, phi1, labels, bound)
+        direct = direct_minimiser(x, torch.zeros(6, dtype=torch.float64), 1.0, bound)
+        if bound == 10.0:
+            assert direct.norm() < bound - 0.5
+        else:
+            assert math.isclose(direct.norm(), bound, rel_tol=1e-9)
+        torch.testing.assert_close(w_mle, direct, rtol=0, atol=1e-6)
+        nll_sum = 300 * bt_loss(phi0 @ w_mle, phi1 @ w_mle, labels).item()
+        assert math.isclose(nll_mle, nll_sum, rel_tol=1e-12)
+
+
+def test_dual_ascent_keeps_w_in_the_confidence_set_closer_to_the_mle_as_D_grows():
+    """The theory's form on a well-specified BT model at d = 8 and a fixed ζ: T_in = 10 follower
+    steps, then dual_ascent on β, over and over, end with the constraint active (ℓ_D(w) =
+    ℓ_D(ŵ) + ζ to within 1% of ζ), β > 0 and w the Lagrangian's minimiser at that β: w solves
+    min gap s.t. ℓ_D(w) ≤ ℓ_D(ŵ) + ζ. Its distance to ŵ falls about as 1/√|D|, for |D| = 10², 10³
+    and 10⁴."""
+    assert dual_ascent(0.1, 1.0, lr=0.5) == 0.0  # inside the set, slack 1: 0.1 − 0.5 < 0
+    assert math.isclose(dual_ascent(0.1, -3.0, lr=0.5), 1.6)  # outside by 3 nats: β rises
+    g = torch.Generator().manual_seed(5)
+    bound = 10.0
+    width = 0.25 * 8 * math.log(1 + 3)  # ζ_k = c d log(1 + k) at c = 0.25, k = 3
+    w_true = unit(randn(8, g=g)) * 3
+    phi_pi = unit(randn(16, 8, g=g))
+    phi_ref = unit(randn(16, 8, g=g))
+    distances = []
+    for n in (100, 1000, 10000):
+        phi0, phi1, labels = bt_preferences(n, w_true, g)
+        w_mle, nll_mle = fit_mle(phi0, phi1, labels, bound)
+        # from inside the set and from above β*: a slack is at most ζ, a violation up to ~|D|
+        w, beta = w_mle, 0.1
+        for _ in range(400):
+            w, _, _ = follower_descent(phi0, phi1, labels, phi_pi, phi_ref, beta, bound, steps=10,
+                                       w=w)
+            slack = nll_mle + width - n * bt_loss(phi0 @ w, phi1 @ w, labels).item()
+            beta = dual_ascent(beta, slack, lr=1e-3)
+        slack = nll_mle + width - n * bt_loss(phi0 @ w, phi1 @ w, labels).item()
+        assert abs(slack) < 0.01 * width and beta > 0, (n, slack, beta)
+        x = signed_differences(phi0, phi1, labels)
+        direct = direct_minimiser(x, phi_pi.mean(0) - phi_ref.mean(0), beta, bound)
+        torch.testing.assert_close(w, direct, rtol=0, atol=1e-4)
+        distances.append((w - w_mle).norm().item())
+    assert distances[1] < distances[0] / 2 and distances[2] < distances[1] / 2, distances

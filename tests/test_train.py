@@ -49,7 +49,7 @@ def test_pbpo_token_level_and_no_exploration_ablation(toy, tmp_path):
 def test_help_lists_the_papers_knobs():
     """--help names β, the enhancer and its stand-in, each with what it means."""
     out = run("train_pbpo.py", "--help").stdout
-    for flag in ("--beta ", "--beta_form", "--enhancer", "--enh_steps", "--enh_samples",
-                 "--enh_kl", "--n_candidates"):
+    for flag in ("--beta ", "--beta_form", "--zeta_coef", "--dual_lr", "--enhancer", "--enh_steps",
+                 "--enh_samples", "--enh_kl", "--n_candidates"):
         assert flag in out, flag
     assert "best_of_n" in out and "weight of the summed preference likelihood" in out
