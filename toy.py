@@ -237,7 +237,8 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
         if ra != rb:
             chosen, rejected = (a, b) if ra > rb else (b, a)
             prefs.append({"prompt": q, "chosen": chosen, "rejected": rejected,
-                          "answer": answers[q]})
+                          "answer": answers[q], "score_oracle": "gold",  # the scores it paid for
+                          "chosen_score": max(ra, rb), "rejected_score": min(ra, rb)})
     write_jsonl(paths.prefs, prefs)
     stats = {"key": key, "heldout_greedy_accuracy": accuracy, "pairs": len(prefs),
              "seconds": round(time.time() - t0, 1)}

@@ -5,6 +5,7 @@ The preference set is split into I equal parts D_1..D_I; iteration t trains π_�
   for iteration t = 1..I:
     y_ref ~ π_ref(·|x) for each prompt of D_t (greedy by default)
     the oracle ranks {y_ref, chosen, rejected}: chosen ← the best (argmax), rejected ← the worst
+      (scores the pair file carries from the same --oracle are used, not paid for again)
     minimise over θ, on D_t, as a fresh run (a new AdamW; warm-up, then linear decay to 0):
       L = −log σ(β [(log π_θ(y_w) − log π_ref(y_w)) − (log π_θ(y_l) − log π_ref(y_l))])
           + α β (log π_θ(y_ref) − log π_ref(y_ref))
@@ -89,10 +90,24 @@ def encode_response(tokenizer, text):  # response ids, ending in EOS as a finish
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
+def file_scores(where, record):
+    """The scores a pair record carries from when it was labelled -> (the --oracle that gave them,
+    [chosen's, rejected's]), or None: fields 'score_oracle', 'chosen_score', 'rejected_score'."""
+    if "score_oracle" not in record:
+        return None
+    spec = data.expect(record["score_oracle"], str, where, "a string in field 'score_oracle'")
+    scores = [record.get("chosen_score"), record.get("rejected_score")]
+    if not all(type(s) in (int, float) and math.isfinite(s) for s in scores):
+        raise ValueError(f"{where}: fields 'chosen_score' and 'rejected_score' must be finite "
+                         f"numbers beside 'score_oracle', got {scores}")
+    return spec, [float(s) for s in scores]
+
+
 def load_preferences(path, tokenizer, max_prompt_len):
-    """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer"}] from
-    TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of chosen and rejected
-    (after an explicit prompt, if any) is the prompt, their final assistant turns the responses."""
+    """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer",
+    "file_scores"}] from TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of
+    chosen and rejected (after an explicit prompt, if any) is the prompt, their final assistant turns
+    the responses. file_scores: see file_scores."""
     rows = data.records(path)
     items = []
     for where, rec in rows:
@@ -122,7 +137,8 @@ def load_preferences(path, tokenizer, max_prompt_len):
                           "rejected": rejected,
                           "chosen_ids": encode_response(tokenizer, chosen),
                           "rejected_ids": encode_response(tokenizer, rejected),
-                          "answer": data.answer_of(where, rec), "where": where})
+                          "answer": data.answer_of(where, rec), "where": where,
+                          "file_scores": file_scores(where, rec)})
     data.report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
@@ -246,7 +262,8 @@ def main(cfg):
 
     def ranked_pairs(it):
         """Iteration it's part D_t, ranked again: y_ref ~ π_ref for each pair, the oracle scores
-        [y_ref, chosen, rejected] (3 calls a pair), the best becomes chosen, the worst rejected.
+        [y_ref, chosen, rejected] (3 calls a pair; 1 where the file holds chosen's and rejected's
+        scores by this --oracle), the best becomes chosen, the worst rejected.
         Each rank samples and scores its block of D_t, pair j's y_ref seeded seed_of(seed,
         "y_ref", it) + j, and every rank keeps all of them: any world size ranks the same pairs.
         -> (the pairs of D_t, share of pairs whose best is y_ref)."""
@@ -259,8 +276,17 @@ def main(cfg):
         texts = {"ref": [data.decode(tok, y) for y in y_ref],
                  "chosen": [p["chosen"] for p in block],
                  "rejected": [p["rejected"] for p in block]}
-        columns = ("ref", "chosen", "rejected")
-        scores = torch.stack([oracle.score(block, texts[k]) for k in columns], 1)  # (block, 3)
+        scores = torch.zeros(len(block), 3)  # (block, 3) of [y_ref, chosen, rejected]
+        scores[:, 0] = oracle.score(block, texts["ref"])
+        fresh = []  # the pairs whose file holds no scores by this oracle
+        for i, p in enumerate(block):
+            if p["file_scores"] and p["file_scores"][0] == cfg.oracle:
+                scores[i, 1:] = torch.tensor(p["file_scores"][1])
+            else:
+                fresh.append(i)
+        for column, name in ((1, "chosen"), (2, "rejected")):  # every rank calls: a collective
+            scores[fresh, column] = oracle.score([block[i] for i in fresh],
+                                                 [texts[name][i] for i in fresh])
         y_ref = ranks.gather(y_ref)  # all of D_t's, in order
         best, worst = best_and_worst(torch.tensor(ranks.gather(scores.tolist())))  # (|D_t|,)
         ranked = []

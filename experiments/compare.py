@@ -48,7 +48,7 @@ from reward import make_oracle
 SETTINGS = ("standard", "rare")
 TUNING_SEEDS = (100, 101)
 LOCKS = collections.defaultdict(threading.Lock)  # one per run dir and evaluation file
-RANKING_CALLS = 3  # train_selm.py scores {y_ref, chosen, rejected} once per offline pair
+RANKING_CALLS = 1  # train_selm.py scores y_ref once per offline pair (the file keeps the others')
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ CLAIMS = [  # (claim, arm a, arm b): holds when a − b > 0, its 95% interval ab
 def offline_pairs(paths, budget, seed, out):
     """A seed's random subset of the toy's offline pairs, as many as the budget pays for: building
     the file scored two SFT samples per train prompt (ties dropped, so each kept pair cost
-    2 · prompts / pairs calls), and train_selm.py ranks each pair once more (3 calls)."""
+    2 · prompts / pairs calls) and keeps the scores, so train_selm.py pays only for y_ref's."""
     pairs = open(paths.prefs).read().splitlines()
     prompts = sum(1 for _ in open(paths.train))
     cost = 2 * prompts / len(pairs) + RANKING_CALLS

@@ -191,6 +191,12 @@ def turn(role, content):
      r"must end in an assistant turn"),
     ({"chosen": [turn("assistant", "a")], "rejected": [turn("assistant", "b")]},
      r"prefs.jsonl:1: missing field 'prompt'"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_oracle": "gold", "chosen_score": 1},
+     r"prefs.jsonl:1: fields 'chosen_score' and 'rejected_score' must be finite numbers"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_oracle": "gold", "chosen_score": 1,
+      "rejected_score": True}, r"must be finite numbers beside 'score_oracle'"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_oracle": 3, "chosen_score": 1,
+      "rejected_score": 0}, r"prefs.jsonl:1: expected a string in field 'score_oracle'"),
 ])
 def test_load_preferences_errors(tok, tmp_path, record, error):
     path = write(tmp_path / "prefs.jsonl", dumps(record))

@@ -4,6 +4,7 @@ and online, on the quick toy task.
 
     python -m pytest -q tests/test_selm.py
 """
+import json
 import math
 import os
 import subprocess
@@ -131,7 +132,8 @@ def test_selm_runs_and_resumes_after_a_kill_to_the_same_run(toy, tmp_path, sched
     assert "held-out gold accuracy: SFT" in out
     rows = metrics(tmp_path / "full")
     its = [r for r in rows if r["kind"] == "iteration"]
-    assert [r["oracle_calls"] for r in its] == [24, 48]  # 8 pairs a part, 3 responses ranked each
+    assert [r["oracle_calls"] for r in its] == [8, 16]  # 8 pairs a part, y_ref scored (the file
+    # keeps chosen's and rejected's gold scores)
     part = tmp_path / "part"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_selm.py"), *flags,
                              f"--out_dir={part}"], cwd=ROOT, stdout=subprocess.DEVNULL,
@@ -188,7 +190,7 @@ def test_selm_two_ranks_run_the_same_run_as_one(toy, tmp_path):
         assert len(starts) == 2 and all(r[k] == 0.0 for r in starts for k in (
             "drift_chosen", "drift_rejected", "drift_ref", "dpo_margin", "dpo_acc"))
     its = [r for r in metrics(one) if r["kind"] == "iteration"]
-    assert [r["oracle_calls"] for r in its] == [24, 48]
+    assert [r["oracle_calls"] for r in its] == [8, 16]
     # iteration 1 by hand: D_1 is the first 8 pairs; y_ref of pair j is row j of one draw
     policy, tok = M.from_pretrained(t.model), data.load_tokenizer(t.model)
     d_1 = load_preferences(t.prefs, tok, 256)[:8]
@@ -204,6 +206,34 @@ def test_selm_two_ranks_run_the_same_run_as_one(toy, tmp_path):
     assert its[0]["len_ref"] == pytest.approx(sum(map(len, y_ref)) / 8)
     assert its[0]["len_chosen"] == pytest.approx(mean_len(best.tolist()))
     assert its[0]["len_rejected"] == pytest.approx(mean_len(worst.tolist()))
+
+
+def test_the_files_scores_are_used_not_bought_again(toy, tmp_path):
+    """The toy's pair file keeps the gold scores that labelled it: a run on it pays 1 call a pair
+    (y_ref). The same file without them pays 3 (y_ref, chosen, rejected) and is otherwise the same
+    run: the same metrics and weights. Scores by another oracle are not used."""
+    _, t = toy
+    stripped, other = tmp_path / "stripped.jsonl", tmp_path / "other.jsonl"
+    keys = ("score_oracle", "chosen_score", "rejected_score")
+    records = [json.loads(line) for line in open(t.prefs)]
+    assert all(r["score_oracle"] == "gold" and r["chosen_score"] > r["rejected_score"]
+               for r in records)
+    stripped.write_text("".join(json.dumps({k: v for k, v in r.items() if k not in keys}) + "\n"
+                                for r in records))
+    other.write_text("".join(json.dumps({**r, "score_oracle": "rm:elsewhere"}) + "\n"
+                             for r in records))
+    flags = [*offline(toy), *SELM, "--iterations=2", "--max_pairs=16"]
+    outs = {}
+    for name, prefs in (("kept", t.prefs), ("stripped", stripped), ("other", other)):
+        outs[name] = tmp_path / name
+        run("train_selm.py", *flags, f"--prefs={prefs}", f"--out_dir={outs[name]}")
+    calls = {name: [r["oracle_calls"] for r in metrics(out) if r["kind"] == "iteration"]
+             for name, out in outs.items()}
+    assert calls == {"kept": [8, 16], "stripped": [24, 48], "other": [24, 48]}
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "oracle_calls" and not
+                          k.endswith("_s")} for r in rows]
+    assert drop(metrics(outs["kept"])) == drop(metrics(outs["stripped"]))
+    assert same_weights(outs["kept"], outs["stripped"])
 
 
 # ---------------------------------------------------------------------------- online iterative DPO
