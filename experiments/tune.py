@@ -15,6 +15,8 @@ restart reuses every finished run and starts the others over.
 import contextlib
 import ctypes
 import fcntl
+import glob
+import hashlib
 import itertools
 import json
 import math
@@ -129,7 +131,8 @@ def delete_unless_running(out_dir):
 
 
 def recorded_command(path):
-    """The command a run wrote to its command.json (or command.begun.json), or None."""
+    """The command and code digest a run wrote to its command.json (or command.begun.json), or
+    None."""
     try:
         with open(path) as f:
             return json.load(f)
@@ -140,20 +143,29 @@ def recorded_command(path):
 TRACES = ("checkpoint.safetensors", "checkpoints.log", "preferences.jsonl", "metrics.jsonl")
 
 
+def code_digest():  # SHA-256 of the top-level .py files: a run of other code is never reused
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
 def run_arm(script, flags, out_dir, resume_from=None):
     """Train one run in a subprocess (one thread), its output in out_dir/log.txt; returns its
-    metrics.jsonl lines. A finished run of the same command (out_dir/command.json) is reused; an
-    interrupted one of the same command (command.begun.json) is continued with --resume, so what
-    it labelled is kept; anything else in out_dir is deleted first. resume_from: a finished run
+    metrics.jsonl lines. A finished run of the same command on the same code (out_dir/command.json
+    holds both) is reused; an interrupted one (command.begun.json) is continued with --resume, so
+    what it labelled is kept; anything else in out_dir is deleted first. resume_from: a finished run
     whose files this one starts from, with --resume (e.g. more episodes)."""
     cmd = [sys.executable, os.path.join(ROOT, script), *flags, f"--out_dir={out_dir}",
            *["--resume"] * bool(resume_from)]
     done = os.path.join(out_dir, "command.json")
     begun = os.path.join(out_dir, "command.begun.json")
-    if recorded_command(done) != cmd[1:]:
+    key = {"command": cmd[1:], "code": code_digest()}
+    if recorded_command(done) != key:
         if STOPPING.is_set():  # before deleting anything
             raise RuntimeError(f"not started, the driver is stopping: {' '.join(cmd)}")
-        again = recorded_command(begun) == cmd[1:]
+        again = recorded_command(begun) == key
         if not again:
             delete_unless_running(out_dir)
             if resume_from:
@@ -161,7 +173,7 @@ def run_arm(script, flags, out_dir, resume_from=None):
                     "command*.json", "final", "lock", "log.txt"))
             else:
                 os.makedirs(out_dir)
-            write_command(begun, cmd[1:])
+            write_command(begun, key)
         traces = [f for f in TRACES if os.path.exists(os.path.join(out_dir, f))]
         resume = ["--resume"] if again and traces and "--resume" not in cmd else []
         with open(os.path.join(out_dir, "log.txt"), "a" if again else "w") as log:
@@ -174,7 +186,7 @@ def run_arm(script, flags, out_dir, resume_from=None):
         if rc:
             raise RuntimeError(f"{' '.join(cmd + resume)} exited with {rc}; its output is in "
                                f"{out_dir}/log.txt")
-        write_command(done, cmd[1:])
+        write_command(done, key)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 

@@ -327,20 +327,29 @@ def test_a_run_directory_in_use_is_never_deleted(tmp_path):
         holder.terminate()
         holder.wait()
     assert T.run_arm(fake, ["--hold=0"], str(out)) == [{"kind": "final_eval", "oracle_calls": 1}]
-    assert json.loads((out / "command.json").read_text())[-1] == f"--out_dir={out}"
+    assert json.loads((out / "command.json").read_text())["command"][-1] == f"--out_dir={out}"
     assert not (out / "stopped").exists() and not (out / "command.json.tmp").exists()
 
 
 def test_an_interrupted_run_is_continued_with_resume_and_keeps_its_pairs(tmp_path):
     """A run of the same command that began and did not finish (a killed driver) is continued with
-    --resume, never deleted: the pairs it labelled stay. A run of another command starts over."""
+    --resume, never deleted: the pairs it labelled stay. A run of another command starts over; a
+    finished run is reused, unless the code changed since."""
     fake = fake_run(tmp_path)
     out = tmp_path / "run"
     out.mkdir()
-    (out / "command.begun.json").write_text(json.dumps([fake, "--hold=0", f"--out_dir={out}"]))
+    begun = {"command": [fake, "--hold=0", f"--out_dir={out}"], "code": T.code_digest()}
+    (out / "command.begun.json").write_text(json.dumps(begun))
     (out / "preferences.jsonl").write_text('{"episode": 1, "label": 1}\n')  # labelled, paid for
     assert T.run_arm(fake, ["--hold=0"], str(out)) == [{"kind": "final_eval", "oracle_calls": 1}]
     assert (out / "argv").read_text().split()[-1] == "--resume"
     assert (out / "preferences.jsonl").read_text() == '{"episode": 1, "label": 1}\n'
     assert T.run_arm(fake, ["--hold=0", "--lr=2"], str(out))  # another command: a fresh directory
     assert "--resume" not in (out / "argv").read_text() and not (out / "preferences.jsonl").exists()
+    (out / "argv").unlink()  # written by every run of the stand-in
+    T.run_arm(fake, ["--hold=0", "--lr=2"], str(out))  # finished, same code: reused
+    assert not (out / "argv").exists()
+    done = json.loads((out / "command.json").read_text())
+    (out / "command.json").write_text(json.dumps({**done, "code": "0" * 64}))  # older code's run
+    T.run_arm(fake, ["--hold=0", "--lr=2"], str(out))
+    assert (out / "argv").exists()
