@@ -107,9 +107,7 @@ def read_checkpoint(path, tensors=True):
             raise ValueError("checksum mismatch: the file is corrupt")
         doc = json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
             d["__tensor__"], d) if d.keys() == {"__tensor__"} else d)
-        if not isinstance(doc, dict):
-            raise ValueError("its document is not a JSON object")
-        return doc
+        return data.expect(doc, dict, "its document", "a JSON object")
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
         problem = f"{path}: not a readable checkpoint ({e}); refusing to resume from it"
         raise ValueError(problem) from None
