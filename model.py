@@ -23,50 +23,48 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
 # ---------------------------------------------------------------- config
-class ModelConfig(SimpleNamespace):  # what the transformer reads of a config.json, checked
-    @classmethod
-    def from_hf_dict(cls, d, where="config.json"):
-        mt = d.get("model_type")
-        if mt not in SUPPORTED:
-            raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
-                             f"{', '.join(SUPPORTED)})")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
-            if type(d.get(key)) is not int or d[key] < 1:
-                raise ValueError(f"{where}: {key} must be a positive integer to build a {mt} "
-                                 f"model, got {d.get(key)!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported "
-                             "(only silu)")
-        scaling = d.get("rope_scaling") or {}  # older configs; transformers>=5: `rope_parameters`
-        rope = {"rope_theta": d.get("rope_theta", 10000.0),
-                "rope_type": scaling.get("type", "default"),
-                **scaling, **(d.get("rope_parameters") or {})}
-        if rope["rope_type"] not in ("default", "llama3"):
-            raise ValueError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, "
-                             "llama3)")
-        L, heads = d["num_hidden_layers"], d["num_attention_heads"]
-        windows = [None] * L
-        if mt == "mistral":
-            windows = [d.get("sliding_window")] * L
-        elif d.get("use_sliding_window"):  # Qwen: the layers marked sliding (HF's rule by default)
-            first = d.get("max_window_layers", L)
-            types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
-                                             for i in range(L)]
-            windows = [d["sliding_window"] if t == "sliding_attention" else None for t in types]
-        bias = d.get("attention_bias", False)
-        return cls(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   intermediate_size=d["intermediate_size"], num_hidden_layers=L,
-                   num_attention_heads=heads,
-                   num_key_value_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope,
-                   tie_word_embeddings=d.get("tie_word_embeddings", True),
-                   qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                   mlp_bias=d.get("mlp_bias", False),
-                   qk_norm=mt == "qwen3",  # an RMSNorm over each head of q and k, before RoPE
-                   windows=windows,  # per layer: sliding-window length, or None (full causal)
-                   raw=dict(d))  # config.json itself, written back on save
+def model_config(d, where="config.json"):  # what the transformer reads of a config.json, checked
+    mt = d.get("model_type")
+    if mt not in SUPPORTED:
+        raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED)})")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
+        if type(d.get(key)) is not int or d[key] < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer to build a {mt} "
+                             f"model, got {d.get(key)!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    scaling = d.get("rope_scaling") or {}  # older configs; transformers>=5: `rope_parameters`
+    rope = {"rope_theta": d.get("rope_theta", 10000.0),
+            "rope_type": scaling.get("type", "default"),
+            **scaling, **(d.get("rope_parameters") or {})}
+    if rope["rope_type"] not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, "
+                         "llama3)")
+    L, heads = d["num_hidden_layers"], d["num_attention_heads"]
+    windows = [None] * L
+    if mt == "mistral":
+        windows = [d.get("sliding_window")] * L
+    elif d.get("use_sliding_window"):  # Qwen: the layers marked sliding (HF's rule by default)
+        first = d.get("max_window_layers", L)
+        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                         for i in range(L)]
+        windows = [d["sliding_window"] if t == "sliding_attention" else None for t in types]
+    bias = d.get("attention_bias", False)
+    return SimpleNamespace(
+        model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=L,
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope,
+        tie_word_embeddings=d.get("tie_word_embeddings", True),
+        qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
+        mlp_bias=d.get("mlp_bias", False),
+        qk_norm=mt == "qwen3",  # an RMSNorm over each head of q and k, before RoPE
+        windows=windows,  # per layer: sliding-window length, or None (full causal)
+        raw=dict(d))  # config.json itself, written back on save
 
 
 # ---------------------------------------------------------------- transformer
@@ -224,7 +222,7 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
                                 "(config.json + model.safetensors or model.safetensors.index.json)")
-    cfg = ModelConfig.from_hf_dict(data.read_json(cfg_path), cfg_path)
+    cfg = model_config(data.read_json(cfg_path), cfg_path)
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):

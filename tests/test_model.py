@@ -134,9 +134,8 @@ def test_old_style_rope_config():
     """Checkpoints from transformers<5 keep rope_theta and rope_scaling at the top level."""
     base = {"model_type": "llama", "vocab_size": V, "hidden_size": 64, "intermediate_size": 96,
             "num_hidden_layers": 2, "num_attention_heads": 4}
-    new = M.ModelConfig.from_hf_dict(
-        {**base, "rope_parameters": CONFIGS["llama3"][1]["rope_parameters"]})
-    old = M.ModelConfig.from_hf_dict(
+    new = M.model_config({**base, "rope_parameters": CONFIGS["llama3"][1]["rope_parameters"]})
+    old = M.model_config(
         {**base, "rope_theta": 500000.0,
          "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
