@@ -18,6 +18,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 import data
+from checkpoint import full_state_dict
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -265,14 +266,10 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     return model
 
 
-def save_pretrained(model, path, state_dict=None):  # by rank 0; the tokenizer is the caller's
+def save_pretrained(model, path):  # collective; rank 0 writes; the tokenizer is the caller's
+    state_dict = full_state_dict(model)  # gathered if sharded: rank 0's, on CPU ({} elsewhere)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    if state_dict is None:
-        if isinstance(model, FSDPModule):
-            raise ValueError("save_pretrained of a sharded model: pass "
-                             "state_dict=checkpoint.full_state_dict(model)")
-        state_dict = model.state_dict()
     cfg = model.config
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # HF re-ties it

@@ -271,7 +271,7 @@ def finish(cfg, policy, tok, oracle, heldout, eos_ids, log, sft_eval, name):
         final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
     log.write("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")
-    M.save_pretrained(policy, export, state_dict=checkpoint.full_state_dict(policy))
+    M.save_pretrained(policy, export)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tok.save_pretrained(export)
         if final_eval:
