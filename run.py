@@ -190,14 +190,13 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
 class MetricsLog:
     """The JSONL a user plots, by rank 0; a resume cuts it to what its checkpoint saw."""
 
-    def __init__(self, path, enabled, oracle=None):
+    def __init__(self, path, enabled, oracle):
         self.path = path
         self.file = data.open_own(path, "a") if enabled else None
         self.oracle = oracle  # its calls, all ranks', stamp every line
 
     def write(self, kind, **metrics):
-        if self.oracle is not None:
-            metrics = {"oracle_calls": self.oracle.calls, **metrics}
+        metrics = {"oracle_calls": self.oracle.calls, **metrics}
         if self.file:  # a NaN (e.g. a correlation of constants) is written as null: strict JSON
             line = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                     for k, v in {"kind": kind, **metrics}.items()}
