@@ -71,9 +71,7 @@ def friendly_errors(script, out_dir=None):
         if os.environ.get("PBPO_TRACEBACK"):
             raise
         stopped = isinstance(error, KeyboardInterrupt)
-        message = f"error: {error}"
-        if stopped:
-            message = "stopped"
+        message = "stopped" if stopped else f"error: {error}"
         if stopped and out_dir:
             ckpt = os.path.join(out_dir, checkpoint.CHECKPOINT)
             message = "stopped; no checkpoint yet, --resume starts over"
