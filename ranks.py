@@ -53,8 +53,7 @@ def block(count, rank, world):  # this rank's contiguous share of `count` things
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
-def seed_of(*keys):
-    """Keyed by (seed, purpose, episode, ...), the same on every rank: no RNG state to save."""
+def seed_of(*keys):  # keyed by (seed, purpose, episode...): all ranks alike, no RNG state to save
     return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:16], 16) % 2**62
 
 

@@ -185,9 +185,7 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     return check_out_dir(cfg, inputs), inputs  # again, under the lock, with the digests
 
 
-class MetricsLog:
-    """The JSONL a user plots, by rank 0; a resume cuts it to what its checkpoint saw."""
-
+class MetricsLog:  # the JSONL a user plots, by rank 0; a resume cuts it to what its checkpoint saw
     def __init__(self, path, enabled, oracle):
         self.path = path
         self.file = data.open_own(path, "a") if enabled else None
