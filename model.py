@@ -371,9 +371,6 @@ class Generation:
     logprobs: torch.Tensor  # (B, N) fp32: each sampled token's log-prob, as sampled
     mask: torch.Tensor  # (B, N) bool: True up to and including EOS
 
-    def responses(self):
-        return [t[m].tolist() for t, m in zip(self.tokens.cpu(), self.mask.cpu())]
-
 
 def _sample(logits, u, temperature):
     """logits (B, V) fp32, u (B, 1) in [0, 1) -> token (B, 1), its log-prob as token_logprobs scores
@@ -472,6 +469,6 @@ def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_s
     for i in range(0, len(rows), size):
         gen = generate(model, rows[i:i + size], max_new_tokens, temperature, seed=seed + i,
                        **kwargs)
-        responses += gen.responses()
+        responses += [t[m].tolist() for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
         token_logprobs += [lp[m].tolist() for lp, m in zip(gen.logprobs.cpu(), gen.mask.cpu())]
     return (responses, token_logprobs) if logprobs else responses

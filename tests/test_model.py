@@ -178,9 +178,10 @@ def test_greedy_generate_matches_full_context_and_transformers(ckpts, name):
     # an EOS the first row does produce
     eos = M.generate(model, PROMPTS, n, temperature=0).tokens[0, 3].item()
     gen = M.generate(model, PROMPTS, n, temperature=0, eos_ids=[eos], pad_id=0)
-    assert gen.responses() == full_context_greedy(model, PROMPTS, n, eos)
-    assert gen.responses()[0][-1] == eos
-    assert gen.mask.sum(1).tolist() == list(map(len, gen.responses()))
+    responses = [t[m].tolist() for t, m in zip(gen.tokens, gen.mask)]  # each up to its end
+    assert responses == full_context_greedy(model, PROMPTS, n, eos)
+    assert responses[0][-1] == eos
+    assert gen.mask.sum(1).tolist() == list(map(len, responses))
     assert (gen.tokens[~gen.mask] == 0).all() and (gen.logprobs[~gen.mask] == 0).all()
 
     ids, attn, Lp = collate(PROMPTS, gen)
