@@ -23,7 +23,6 @@ from checkpoint import full_state_dict
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-# ---------------------------------------------------------------- config
 def model_config(d, where="config.json"):  # what the transformer reads of a config.json, checked
     mt = d.get("model_type")
     if mt not in SUPPORTED:
@@ -353,11 +352,10 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, co
 
 def token_logprobs(model, input_ids, attention_mask, temperature=1.0, micro_batch=None):
     """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature`,
-    0 at t = 0 and where the token or the one before is padding.
-    micro_batch: rows per forward, concatenated (without grad; with grad, backward each piece)."""
+    0 at t = 0 and where the token or the one before is padding."""
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    if micro_batch:
+    if micro_batch:  # rows per forward, concatenated (no grad; with grad, backward each piece)
         parts = [token_logprobs(model, ids, attn, temperature) for ids, attn in
                  zip(input_ids.split(micro_batch), attention_mask.split(micro_batch))]
         return torch.cat(parts)

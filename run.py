@@ -85,8 +85,7 @@ def friendly_errors(script, out_dir=None):
 
 def check_out_dir(cfg, inputs=None):
     """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run (its
-    script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and labelled pairs); never
-    over a previous or lost-checkpoint run, nor through a link or FIFO in out_dir. Reads only."""
+    script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and pairs). Reads only."""
     out = cfg.out_dir
     if not out:
         raise ValueError("--out_dir='': expected the path of the run directory")
