@@ -370,23 +370,18 @@ class Generation:
     mask: torch.Tensor  # (B, N) bool: True up to and including EOS
 
 
-def _sample(logits, u, temperature):
-    """logits (B, V) fp32, u (B, 1) in [0, 1) -> token (B, 1), its log-prob as token_logprobs scores
-    it (no top-k or top-p: the leader's gradient needs it). T = 0: greedy, with T = 1's log-prob."""
-    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V)
-    if temperature == 0:
-        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
-    else:  # inverse CDF
-        cdf = logp.exp().cumsum(-1)  # (B, V)
-        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
-    return tok, logp.gather(-1, tok)
-
-
 def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature):
     """Feed ids (B, T) into cache slots (T,), sample each row's next token (B, 1) (done rows: pad,
     log-prob 0). T = 1: static shapes, state on the device, no host sync: CUDA-graph safe."""
     h = model(ids, key_valid, cache_index=slots)  # (B, T, D)
-    tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)  # (B, 1) each
+    logits = _mm32(h[:, -1], model.lm_head.weight.t())  # (B, V) fp32
+    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V), as token_logprobs scores it
+    if temperature == 0:  # greedy, with T = 1's log-prob
+        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
+    else:  # inverse CDF at u (B, 1) in [0, 1); no top-k or top-p: the leader's gradient needs it
+        cdf = logp.exp().cumsum(-1)  # (B, V)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
+    logp = logp.gather(-1, tok)  # (B, 1)
     tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
     return tok, logp, done | torch.isin(tok, eos), slots[-1:] + 1
 
