@@ -1,6 +1,5 @@
 """A run's life: flags, one line for bad input or a stop, the out_dir (checked, locked), the metrics
 log, the non-finite guard, the final evaluation and export. Tests: tests/test_reliability.py"""
-import argparse
 import contextlib
 import fcntl
 import json
@@ -9,6 +8,7 @@ import os
 import signal
 import sys
 import warnings
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from dataclasses import asdict, field
 
 import torch
@@ -30,8 +30,7 @@ def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a Value
 
 def parse_flags(cls, doc, argv=None):
     """A dataclass of knobs -> one --flag each; NaN, infinities, values out of range refused."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=doc, formatter_class=RawDescriptionHelpFormatter)
     for name, spec in cls.__dataclass_fields__.items():
         help_text = spec.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         parse = {"type": spec.type}
