@@ -29,13 +29,11 @@ class Covariance:  # Σ (d×d, fp32), Σ⁻¹ by Sherman–Morrison: equal on ra
         self.sigma_inv.copy_(state["sigma_inv"])
 
 
-def select_pair(cov, phi_ref, phi_candidates):
-    """Best-of-N's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one
-    prompt. phi_ref (d,), phi_candidates (N, d) -> (j*, Δφ (d,), uncertainty of j*)."""
-    dphi = phi_ref[None] - phi_candidates  # (N, d)
+def select_pair(cov, phi_ref, phi_candidates):  # best of N: j* = argmax ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹}
+    dphi = phi_ref[None] - phi_candidates  # (N, d): phi_ref (d,) minus one prompt's N candidates
     u = cov.uncertainty(dphi)  # (N,)
     j = int(u.argmax())
-    return j, dphi[j], float(u[j])
+    return j, dphi[j], float(u[j])  # j*, Δφ (d,), the uncertainty of j*
 
 
 def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):  # a prompt's rows together
