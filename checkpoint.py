@@ -56,12 +56,10 @@ def _checksum(doc, tensors):  # SHA-256 of the document and each tensor's name, 
     return h.hexdigest()
 
 
-def save(path, modules, **extra):
-    """modules {name: (model, optimizer)} and extra state (JSON, tensors too) as safetensors: the
-    tensors, a header JSON of the rest, their SHA-256 (no pickle); atomic, by rank 0. Collective."""
+def save(path, modules, **extra):  # modules {name: (model, optimizer)}; extra: JSON, tensors too
     state = dict(extra, script=os.path.basename(sys.argv[0]), threads=torch.get_num_threads(),
                  torch=torch.__version__)  # a resume checks them: the same script, the same bits
-    for name, (m, opt) in modules.items():
+    for name, (m, opt) in modules.items():  # collective: every rank gathers, rank 0 writes
         state[name], state[name + "_opt"] = get_state_dict(m, opt, options=FULL_ON_CPU)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors = {}
@@ -75,9 +73,9 @@ def save(path, modules, **extra):
             tensors[f"t{len(tensors)}"] = t
             return {"__tensor__": f"t{len(tensors) - 1}"}
 
-        doc = json.dumps(state, default=put)
-        checksum = _checksum(doc, tensors)
-        tmp = f"{path}.tmp"
+        doc = json.dumps(state, default=put)  # the header: all but the tensors, as JSON (no pickle)
+        checksum = _checksum(doc, tensors)  # of both, checked on read
+        tmp = f"{path}.tmp"  # written aside, then renamed over path: atomic
         try:
             if os.path.lexists(tmp):  # left by a kill, or planted: never written through
                 os.remove(tmp)
