@@ -150,13 +150,11 @@ def check_out_dir(cfg, inputs=None):
     return "resume"
 
 
-def start(cfg, rank, world):
-    """-> (mode, input digests) on every rank. Rank 0 checks out_dir, locks it (out_dir/lock, held
-    till the process ends, kill -9 included), checks it again; a refusal stops every rank alike."""
+def start(cfg, rank, world):  # -> (mode, input digests) on every rank; a refusal stops all alike
     verdict = ["", None, None]  # rank 0's refusal, mode and digests, as broadcast_object_list takes
     try:
         if rank == 0:
-            verdict[1:] = lock_and_check(cfg)
+            verdict[1:] = lock_and_check(cfg)  # checks out_dir, locks it, checks it again
     except (ValueError, OSError) as e:
         verdict[0] = str(e)
     if world > 1:
@@ -171,7 +169,7 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # `lock` is never closed: held till exit
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not closed: held till exit, kill -9 too
     except BlockingIOError:
         holder = os.read(lock, 4096).decode(errors="replace") or "another run"
         raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
