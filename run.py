@@ -58,9 +58,7 @@ def stop(signum, frame):  # SIGTERM, SIGHUP, Ctrl-C: a stop; later ones wait for
 
 
 @contextlib.contextmanager
-def friendly_errors(script, out_dir=None):
-    """Bad input (an error naming its file, line or flag) ends the run in that one line, exit 1; a
-    stop in a line saying where --resume goes on, exit 130. A bug shows its traceback."""
+def friendly_errors(script, out_dir=None):  # bad input, a stop: one line; a bug: its traceback
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # SIG_IGN stays
             signal.signal(sig, stop)
@@ -70,7 +68,7 @@ def friendly_errors(script, out_dir=None):
         if os.environ.get("PBPO_TRACEBACK"):
             raise
         stopped = isinstance(error, KeyboardInterrupt)
-        message = "stopped" if stopped else f"error: {error}"
+        message = "stopped" if stopped else f"error: {error}"  # errors name the file, line or flag
         if stopped and out_dir:
             ckpt = os.path.join(out_dir, checkpoint.CHECKPOINT)
             message = "stopped; no checkpoint yet, --resume starts over"
@@ -214,10 +212,7 @@ def param_norm(model):  # ‖θ‖ over every parameter, all ranks' shards (FSDP
     return float(total.full_tensor() if isinstance(total, DTensor) else total)
 
 
-class Guard:
-    """A NaN/inf loss or gradient skips its update (--on_nonfinite=skip) or stops the run (stop).
-    Weights past DIVERGED × ‖θ⁰‖ cannot be unmade: skip trains on and fail_if_diverged ends it."""
-
+class Guard:  # a NaN/inf loss or gradient skips its update (--on_nonfinite=skip) or stops the run
     def __init__(self, log, on_nonfinite, ckpt_path, model):
         self.log = log
         self.on_nonfinite = on_nonfinite
@@ -231,7 +226,7 @@ class Guard:
                         value=str(value), **fields)
         return math.isfinite(value)
 
-    def check_weights(self, model, where, **fields):  # after an update
+    def check_weights(self, model, where, **fields):  # after an update, which cannot be unmade
         norm = param_norm(model)
         if norm <= DIVERGED * self.norm0 or (self.diverged and self.on_nonfinite == "skip"):
             return  # a NaN norm fails the <=: it diverged
