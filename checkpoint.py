@@ -95,12 +95,11 @@ def save(path, modules, **extra):  # modules {name: (model, optimizer)}; extra: 
         dist.barrier()
 
 
-def read_checkpoint(path, tensors=True):
-    """What save wrote, checksum verified (tensors=False: the header's document); else refused."""
+def read_checkpoint(path, tensors=True):  # what save wrote, checksum verified; else refused
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-            found = {k: f.get_tensor(k) for k in f.keys() if tensors}
+            found = {k: f.get_tensor(k) for k in f.keys() if tensors}  # or none: the document alone
         if tensors and meta.get("sha256") != _checksum(meta.get("state", ""), found):
             raise ValueError("checksum mismatch: the file is corrupt")
         doc = json.loads(meta.get("state", ""), object_hook=lambda d: found.get(

@@ -192,10 +192,9 @@ class Transformer(nn.Module):
 
 
 def build(cfg, device="cpu", dtype=torch.float32):
-    """On meta (no memory), then uninitialised on `device`: the caller loads or draws weights."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # uninitialised: the caller loads or draws them
     if cfg.tie_word_embeddings:  # tied after to_empty, whose fresh tensors would untie them
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer made on meta holds nothing; fp32
@@ -450,8 +449,7 @@ def check_fits(model, rows, prompt_len, max_new_tokens, what):
 
 
 def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None,
-           logprobs=False, **kwargs):
-    """n responses a prompt, prompt-major (logprobs: with their log-probs); row i: seed + i."""
+           logprobs=False, **kwargs):  # n responses a prompt, prompt-major; row i: seed + i
     rows = [p for p in prompts for _ in range(n)]
     size = batch_size or len(rows)
     responses, token_logprobs = [], []  # built side by side

@@ -28,8 +28,7 @@ def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a Value
     return ("0", "false", "no", "off", "1", "true", "yes", "on").index(text.lower()) >= 4
 
 
-def parse_flags(cls, doc, argv=None):
-    """A dataclass of knobs -> one --flag each; NaN, infinities, values out of range refused."""
+def parse_flags(cls, doc, argv=None):  # a dataclass of knobs -> one --flag each
     parser = ArgumentParser(description=doc, formatter_class=RawDescriptionHelpFormatter)
     for name, spec in cls.__dataclass_fields__.items():
         help_text = spec.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
@@ -44,7 +43,7 @@ def parse_flags(cls, doc, argv=None):
         choices = spec.metadata.get("choices")
         why = f" ({spec.metadata['help']})" if spec.metadata.get("help") else ""
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if number and not low <= value < math.inf:
+        if number and not low <= value < math.inf:  # NaN, infinities, out-of-range values refused
             parser.error(f"--{name}={value}: expected a finite number >= {low}{why}")
         if choices and value not in choices:
             parser.error(f"--{name}={value!r}: expected one of {', '.join(choices)}")
