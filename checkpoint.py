@@ -56,12 +56,10 @@ def _checksum(doc, tensors):  # SHA-256 of the document and each tensor's name, 
     return h.hexdigest()
 
 
-def save(path, modules, **extra):
-    """modules {name: (model, optimizer)} and extra state (JSON, tensors too) as safetensors: the
-    tensors, a header JSON of the rest, their SHA-256 (no pickle); atomic, by rank 0. Collective."""
+def save(path, modules, **extra):  # modules {name: (model, optimizer)}; extra: JSON, tensors too
     state = dict(extra, script=os.path.basename(sys.argv[0]), threads=torch.get_num_threads(),
                  torch=torch.__version__)  # a resume checks them: the same script, the same bits
-    for name, (m, opt) in modules.items():
+    for name, (m, opt) in modules.items():  # collective: every rank gathers, rank 0 writes
         state[name], state[name + "_opt"] = get_state_dict(m, opt, options=FULL_ON_CPU)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tensors = {}
@@ -75,9 +73,9 @@ def save(path, modules, **extra):
             tensors[f"t{len(tensors)}"] = t
             return {"__tensor__": f"t{len(tensors) - 1}"}
 
-        doc = json.dumps(state, default=put)
-        checksum = _checksum(doc, tensors)
-        tmp = f"{path}.tmp"
+        doc = json.dumps(state, default=put)  # the header: all but the tensors, as JSON (no pickle)
+        checksum = _checksum(doc, tensors)  # of both, checked on read
+        tmp = f"{path}.tmp"  # written aside, then renamed over path: atomic
         try:
             if os.path.lexists(tmp):  # left by a kill, or planted: never written through
                 os.remove(tmp)
@@ -97,19 +95,16 @@ def save(path, modules, **extra):
         dist.barrier()
 
 
-def read_checkpoint(path, tensors=True):
-    """What save wrote, checksum verified (tensors=False: the header's document); else refused."""
+def read_checkpoint(path, tensors=True):  # what save wrote, checksum verified; else refused
     try:
         with safe_open(path, "pt") as f:
             meta = f.metadata() or {}
-            found = {k: f.get_tensor(k) for k in f.keys() if tensors}
+            found = {k: f.get_tensor(k) for k in f.keys() if tensors}  # or none: the document alone
         if tensors and meta.get("sha256") != _checksum(meta.get("state", ""), found):
             raise ValueError("checksum mismatch: the file is corrupt")
         doc = json.loads(meta.get("state", ""), object_hook=lambda d: found.get(
             d["__tensor__"], d) if d.keys() == {"__tensor__"} else d)
-        if not isinstance(doc, dict):
-            raise ValueError("its document is not a JSON object")
-        return doc
+        return data.expect(doc, dict, "its document", "a JSON object")
     except (SafetensorError, OSError, ValueError, RecursionError) as e:
         problem = f"{path}: not a readable checkpoint ({e}); refusing to resume from it"
         raise ValueError(problem) from None

@@ -291,7 +291,6 @@ class PreferenceStore:
 
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
-FINAL = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
 
 
 def normalize_number(text):  # '1,234' -> '1234', '70.0' -> '70', '3.50' -> '3.5'; else stripped
@@ -305,7 +304,7 @@ def normalize_number(text):  # '1,234' -> '1234', '70.0' -> '70', '3.50' -> '3.5
 
 
 def extract_answer(text):  # GSM8K's final answer: the number after the first '####', or None
-    m = FINAL.search(text)
+    m = re.search(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)", text)
     return normalize_number(m.group(1)) if m else None
 
 

@@ -29,19 +29,16 @@ class Covariance:  # Σ (d×d, fp32), Σ⁻¹ by Sherman–Morrison: equal on ra
         self.sigma_inv.copy_(state["sigma_inv"])
 
 
-def select_pair(cov, phi_ref, phi_candidates):
-    """Best-of-N's choice j* = argmax_j ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹} over N candidates of one
-    prompt. phi_ref (d,), phi_candidates (N, d) -> (j*, Δφ (d,), uncertainty of j*)."""
-    dphi = phi_ref[None] - phi_candidates  # (N, d)
+def select_pair(cov, phi_ref, phi_candidates):  # best of N: j* = argmax ‖φ(x,y⁰) − φ(x,y^j)‖_{Σ⁻¹}
+    dphi = phi_ref[None] - phi_candidates  # (N, d): phi_ref (d,) minus one prompt's N candidates
     u = cov.uncertainty(dphi)  # (N,)
     j = int(u.argmax())
-    return j, dphi[j], float(u[j])
+    return j, dphi[j], float(u[j])  # j*, Δφ (d,), the uncertainty of j*
 
 
-def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
-    """π̂'s REINFORCE reward ⟨v_x, Φ(x, y¹)⟩, v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹} held constant. phi_enh
-    (P·G, [S,] d) of π̂, phi_ref (P·R, [S,] d) of π_ref, a prompt's rows together -> ⟨v_x, Φ⟩
-    (P·G,), or per token ⟨v_x, φ_h⟩ (P·G, S), summing to it (Φ = Σ_h φ_h)."""
+def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):  # a prompt's rows together
+    """π̂'s REINFORCE reward ⟨v_x, Φ(x, y¹)⟩ (per token ⟨v_x, φ_h⟩: Φ = Σ_h φ_h), v_x = Σ⁻¹ m_x /
+    ‖m_x‖_{Σ⁻¹} held constant; phi_enh (P·G, [S,] d) of π̂, phi_ref (P·R, [S,] d) of π_ref."""
     m = (trajectory_features(phi_enh).unflatten(0, (-1, group)).mean(1)
          - trajectory_features(phi_ref).unflatten(0, (-1, ref_group)).mean(1))  # (P, d) m_x
     v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric

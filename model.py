@@ -18,58 +18,55 @@ from torch.distributed.fsdp import FSDPModule
 from torch.utils.checkpoint import checkpoint
 
 import data
+from checkpoint import full_state_dict
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
-# ---------------------------------------------------------------- config
-class ModelConfig(SimpleNamespace):  # what the transformer reads of a config.json, checked
-    @classmethod
-    def from_hf_dict(cls, d, where="config.json"):
-        mt = d.get("model_type")
-        if mt not in SUPPORTED:
-            raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
-                             f"{', '.join(SUPPORTED)})")
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads"):
-            if type(d.get(key)) is not int or d[key] < 1:
-                raise ValueError(f"{where}: {key} must be a positive integer to build a {mt} "
-                                 f"model, got {d.get(key)!r}")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported "
-                             "(only silu)")
-        scaling = d.get("rope_scaling") or {}  # older configs; transformers>=5: `rope_parameters`
-        rope = {"rope_theta": d.get("rope_theta", 10000.0),
-                "rope_type": scaling.get("type", "default"),
-                **scaling, **(d.get("rope_parameters") or {})}
-        if rope["rope_type"] not in ("default", "llama3"):
-            raise ValueError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, "
-                             "llama3)")
-        L, heads = d["num_hidden_layers"], d["num_attention_heads"]
-        windows = [None] * L
-        if mt == "mistral":
-            windows = [d.get("sliding_window")] * L
-        elif d.get("use_sliding_window"):  # Qwen: the layers marked sliding (HF's rule by default)
-            first = d.get("max_window_layers", L)
-            types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
-                                             for i in range(L)]
-            windows = [d["sliding_window"] if t == "sliding_attention" else None for t in types]
-        bias = d.get("attention_bias", False)
-        return cls(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   intermediate_size=d["intermediate_size"], num_hidden_layers=L,
-                   num_attention_heads=heads,
-                   num_key_value_heads=d.get("num_key_value_heads") or heads,
-                   head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-                   rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope,
-                   tie_word_embeddings=d.get("tie_word_embeddings", True),
-                   qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
-                   mlp_bias=d.get("mlp_bias", False),
-                   qk_norm=mt == "qwen3",  # an RMSNorm over each head of q and k, before RoPE
-                   windows=windows,  # per layer: sliding-window length, or None (full causal)
-                   raw=dict(d))  # config.json itself, written back on save
+def model_config(d, where="config.json"):  # what the transformer reads of a config.json, checked
+    mt = d.get("model_type")
+    if mt not in SUPPORTED:
+        raise ValueError(f"{where}: model_type {mt!r} is not supported (supported: "
+                         f"{', '.join(SUPPORTED)})")
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads"):
+        if type(d.get(key)) is not int or d[key] < 1:
+            raise ValueError(f"{where}: {key} must be a positive integer to build a {mt} "
+                             f"model, got {d.get(key)!r}")
+    if d.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (only silu)")
+    scaling = d.get("rope_scaling") or {}  # older configs; transformers>=5: `rope_parameters`
+    rope = {"rope_theta": d.get("rope_theta", 10000.0),
+            "rope_type": scaling.get("type", "default"),
+            **scaling, **(d.get("rope_parameters") or {})}
+    if rope["rope_type"] not in ("default", "llama3"):
+        raise ValueError(f"{where}: rope type {rope['rope_type']!r} is not supported (default, "
+                         "llama3)")
+    L, heads = d["num_hidden_layers"], d["num_attention_heads"]
+    windows = [None] * L
+    if mt == "mistral":
+        windows = [d.get("sliding_window")] * L
+    elif d.get("use_sliding_window"):  # Qwen: the layers marked sliding (HF's rule by default)
+        first = d.get("max_window_layers", L)
+        types = d.get("layer_types") or ["sliding_attention" if i >= first else "full_attention"
+                                         for i in range(L)]
+        windows = [d["sliding_window"] if t == "sliding_attention" else None for t in types]
+    bias = d.get("attention_bias", False)
+    return SimpleNamespace(
+        model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"], num_hidden_layers=L,
+        num_attention_heads=heads,
+        num_key_value_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=d.get("rms_norm_eps", 1e-6), rope=rope,
+        tie_word_embeddings=d.get("tie_word_embeddings", True),
+        qkv_bias=mt == "qwen2" or bias, o_bias=mt != "qwen2" and bias,
+        mlp_bias=d.get("mlp_bias", False),
+        qk_norm=mt == "qwen3",  # an RMSNorm over each head of q and k, before RoPE
+        windows=windows,  # per layer: sliding-window length, or None (full causal)
+        raw=dict(d))  # config.json itself, written back on save
 
 
-# ---------------------------------------------------------------- transformer
 class RMSNorm(nn.RMSNorm):
     def forward(self, x):  # statistics in fp32, scaled in the compute dtype (as HF does)
         return self.weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
@@ -195,17 +192,15 @@ class Transformer(nn.Module):
 
 
 def build(cfg, device="cpu", dtype=torch.float32):
-    """On meta (no memory), then uninitialised on `device`: the caller loads or draws weights."""
-    with torch.device("meta"):
+    with torch.device("meta"):  # no memory
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype).to_empty(device=device)  # uninitialised: the caller loads or draws them
     if cfg.tie_word_embeddings:  # tied after to_empty, whose fresh tensors would untie them
         model.lm_head.weight = model.model.embed_tokens.weight
     model.inv_freq = rope_inv_freq(cfg).to(device)  # a buffer made on meta holds nothing; fp32
     return model
 
 
-# ---------------------------------------------------------------- checkpoint I/O
 def stop_ids(path, tokenizer):  # the EOS ids, read as transformers does, all below vocab_size
     config, gen = os.path.join(path, "config.json"), os.path.join(path, "generation_config.json")
     where = gen if os.path.isfile(gen) else config
@@ -224,7 +219,7 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: expected a Hugging Face model directory "
                                 "(config.json + model.safetensors or model.safetensors.index.json)")
-    cfg = ModelConfig.from_hf_dict(data.read_json(cfg_path), cfg_path)
+    cfg = model_config(data.read_json(cfg_path), cfg_path)
     single = os.path.join(path, "model.safetensors")
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(single):
@@ -267,14 +262,10 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     return model
 
 
-def save_pretrained(model, path, state_dict=None):  # by rank 0; the tokenizer is the caller's
+def save_pretrained(model, path):  # collective; rank 0 writes; the tokenizer is the caller's
+    state_dict = full_state_dict(model)  # gathered if sharded: rank 0's, on CPU ({} elsewhere)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    if state_dict is None:
-        if isinstance(model, FSDPModule):
-            raise ValueError("save_pretrained of a sharded model: pass "
-                             "state_dict=checkpoint.full_state_dict(model)")
-        state_dict = model.state_dict()
     cfg = model.config
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()
                if not (cfg.tie_word_embeddings and k == "lm_head.weight")}  # HF re-ties it
@@ -289,7 +280,6 @@ def save_pretrained(model, path, state_dict=None):  # by rank 0; the tokenizer i
         raise OSError(f"{path}: writing the model failed ({e})") from None
 
 
-# ---------------------------------------------------------------- fused log-probs
 @functools.cache
 def _compiled(fn, mode=None):
     return torch.compile(fn, mode=mode)
@@ -358,45 +348,35 @@ def fused_logprobs(hidden, weight, targets, temperature=1.0, chunk_size=None, co
 
 def token_logprobs(model, input_ids, attention_mask, temperature=1.0, micro_batch=None):
     """logp (B, T) fp32, logp[:, t] = log π(input_ids[:, t] | input_ids[:, :t]) at `temperature`,
-    0 at t = 0 and where the token or the one before is padding.
-    micro_batch: rows per forward, concatenated (without grad; with grad, backward each piece)."""
+    0 at t = 0 and where the token or the one before is padding."""
     if not temperature > 0:
         raise ValueError(f"token_logprobs: temperature must be > 0, got {temperature}")
-    if micro_batch:
+    if micro_batch:  # rows per forward, concatenated (no grad; with grad, backward each piece)
         parts = [token_logprobs(model, ids, attn, temperature) for ids, attn in
                  zip(input_ids.split(micro_batch), attention_mask.split(micro_batch))]
         return torch.cat(parts)
     return model(input_ids, attention_mask, logprobs=True, temperature=temperature)
 
 
-# ---------------------------------------------------------------- sampler
 @dataclass
 class Generation:
     tokens: torch.Tensor  # (B, N) long, pad after each row's end
     logprobs: torch.Tensor  # (B, N) fp32: each sampled token's log-prob, as sampled
     mask: torch.Tensor  # (B, N) bool: True up to and including EOS
 
-    def responses(self):
-        return [t[m].tolist() for t, m in zip(self.tokens.cpu(), self.mask.cpu())]
-
-
-def _sample(logits, u, temperature):
-    """logits (B, V) fp32, u (B, 1) in [0, 1) -> token (B, 1), its log-prob as token_logprobs scores
-    it (no top-k or top-p: the leader's gradient needs it). T = 0: greedy, with T = 1's log-prob."""
-    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V)
-    if temperature == 0:
-        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
-    else:  # inverse CDF
-        cdf = logp.exp().cumsum(-1)  # (B, V)
-        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
-    return tok, logp.gather(-1, tok)
-
 
 def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature):
     """Feed ids (B, T) into cache slots (T,), sample each row's next token (B, 1) (done rows: pad,
     log-prob 0). T = 1: static shapes, state on the device, no host sync: CUDA-graph safe."""
     h = model(ids, key_valid, cache_index=slots)  # (B, T, D)
-    tok, logp = _sample(_mm32(h[:, -1], model.lm_head.weight.t()), u, temperature)  # (B, 1) each
+    logits = _mm32(h[:, -1], model.lm_head.weight.t())  # (B, V) fp32
+    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V), as token_logprobs scores it
+    if temperature == 0:  # greedy, with T = 1's log-prob
+        tok = logits.argmax(-1, keepdim=True)  # (B, 1)
+    else:  # inverse CDF at u (B, 1) in [0, 1); no top-k or top-p: the leader's gradient needs it
+        cdf = logp.exp().cumsum(-1)  # (B, V)
+        tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
+    logp = logp.gather(-1, tok)  # (B, 1)
     tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
     return tok, logp, done | torch.isin(tok, eos), slots[-1:] + 1
 
@@ -469,14 +449,13 @@ def check_fits(model, rows, prompt_len, max_new_tokens, what):
 
 
 def sample(model, prompts, max_new_tokens, temperature=1.0, n=1, seed=0, batch_size=None,
-           logprobs=False, **kwargs):
-    """n responses a prompt, prompt-major (logprobs: with their log-probs); row i: seed + i."""
+           logprobs=False, **kwargs):  # n responses a prompt, prompt-major; row i: seed + i
     rows = [p for p in prompts for _ in range(n)]
     size = batch_size or len(rows)
     responses, token_logprobs = [], []  # built side by side
     for i in range(0, len(rows), size):
         gen = generate(model, rows[i:i + size], max_new_tokens, temperature, seed=seed + i,
                        **kwargs)
-        responses += gen.responses()
+        responses += [t[m].tolist() for t, m in zip(gen.tokens.cpu(), gen.mask.cpu())]
         token_logprobs += [lp[m].tolist() for lp, m in zip(gen.logprobs.cpu(), gen.mask.cpu())]
     return (responses, token_logprobs) if logprobs else responses

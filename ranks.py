@@ -53,8 +53,7 @@ def block(count, rank, world):  # this rank's contiguous share of `count` things
     return slice(count * rank // world, count * (rank + 1) // world)
 
 
-def seed_of(*keys):
-    """Keyed by (seed, purpose, episode, ...), the same on every rank: no RNG state to save."""
+def seed_of(*keys):  # keyed by (seed, purpose, episode...): all ranks alike, no RNG state to save
     return int(hashlib.sha256(repr(keys).encode()).hexdigest()[:16], 16) % 2**62
 
 
@@ -62,12 +61,10 @@ def generator(*keys):  # a torch.Generator seeded by the rule
     return torch.Generator().manual_seed(seed_of(*keys))
 
 
-def draw(items, count, rank, world, *keys):
-    """`count` items drawn with replacement for the purpose `keys` -> (this rank's block, its offset
-    in the whole draw): any world size draws the same items (and, by sample, the same responses)."""
+def draw(items, count, rank, world, *keys):  # `count` items drawn with replacement for `keys`
     picked = torch.randint(len(items), (count,), generator=generator(*keys)).tolist()
-    share = block(count, rank, world)
-    return [items[i] for i in picked[share]], share.start
+    share = block(count, rank, world)  # this rank's: any world size draws the same items
+    return [items[i] for i in picked[share]], share.start  # and its offset in the whole draw
 
 
 @dataclass

@@ -21,9 +21,8 @@ class RewardModel(nn.Module):  # r_w on a frozen backbone, as in the theory; ‖
         self.normalize = normalize
         self.w = nn.Parameter(torch.zeros(backbone.config.hidden_size))  # (d,) starts at r ≡ 0
 
-    def phi(self, input_ids, attention_mask, response_mask):
-        """φ in fp32 from the backbone's final hidden states (no_grad is the caller's choice)."""
-        hidden = self.backbone(input_ids, attention_mask).float()  # (B, S, D)
+    def phi(self, input_ids, attention_mask, response_mask):  # fp32; no_grad is the caller's
+        hidden = self.backbone(input_ids, attention_mask).float()  # (B, S, D) final hidden states
         if self.normalize:  # unit-norm features keep Σ well scaled whatever the backbone's scale
             hidden = F.normalize(hidden, dim=-1)
         if self.level == "token":
@@ -71,8 +70,7 @@ class Oracle:  # scores responses with r*, labels pairs o ~ Bernoulli(σ((r*(τ�
         return (torch.rand(p.shape, generator=generator) < p).long()  # (n,)
 
     def evaluate(self, policy, tok, items, max_new_tokens, eos_ids=None, temperature=0.0,
-                 **sampling):
-        """Held-out '#### N' accuracy and mean score, all ranks' shares; calls not counted."""
+                 **sampling):  # '#### N' accuracy and mean score over all ranks; calls not counted
         responses = M.sample(policy, [p["prompt_ids"] for p in items], max_new_tokens, temperature,
                              pad_id=tok.pad_token_id, eos_ids=eos_ids or [tok.eos_token_id],
                              **sampling)

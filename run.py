@@ -1,6 +1,5 @@
 """A run's life: flags, one line for bad input or a stop, the out_dir (checked, locked), the metrics
 log, the non-finite guard, the final evaluation and export. Tests: tests/test_reliability.py"""
-import argparse
 import contextlib
 import fcntl
 import json
@@ -9,6 +8,7 @@ import os
 import signal
 import sys
 import warnings
+from argparse import ArgumentParser, RawDescriptionHelpFormatter
 from dataclasses import asdict, field
 
 import torch
@@ -28,10 +28,8 @@ def boolean(text):  # a bool flag: 1/true/yes/on or 0/false/no/off, else a Value
     return ("0", "false", "no", "off", "1", "true", "yes", "on").index(text.lower()) >= 4
 
 
-def parse_flags(cls, doc, argv=None):
-    """A dataclass of knobs -> one --flag each; NaN, infinities, values out of range refused."""
-    parser = argparse.ArgumentParser(description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_flags(cls, doc, argv=None):  # a dataclass of knobs -> one --flag each
+    parser = ArgumentParser(description=doc, formatter_class=RawDescriptionHelpFormatter)
     for name, spec in cls.__dataclass_fields__.items():
         help_text = spec.metadata.get("help", "").replace("%", "%%")  # argparse %-formats help
         parse = {"type": spec.type}
@@ -45,7 +43,7 @@ def parse_flags(cls, doc, argv=None):
         choices = spec.metadata.get("choices")
         why = f" ({spec.metadata['help']})" if spec.metadata.get("help") else ""
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if number and not low <= value < math.inf:
+        if number and not low <= value < math.inf:  # NaN, infinities, out-of-range values refused
             parser.error(f"--{name}={value}: expected a finite number >= {low}{why}")
         if choices and value not in choices:
             parser.error(f"--{name}={value!r}: expected one of {', '.join(choices)}")
@@ -59,9 +57,7 @@ def stop(signum, frame):  # SIGTERM, SIGHUP, Ctrl-C: a stop; later ones wait for
 
 
 @contextlib.contextmanager
-def friendly_errors(script, out_dir=None):
-    """Bad input (an error naming its file, line or flag) ends the run in that one line, exit 1; a
-    stop in a line saying where --resume goes on, exit 130. A bug shows its traceback."""
+def friendly_errors(script, out_dir=None):  # bad input, a stop: one line; a bug: its traceback
     for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         if signal.getsignal(sig) in (signal.SIG_DFL, signal.default_int_handler):  # SIG_IGN stays
             signal.signal(sig, stop)
@@ -71,9 +67,7 @@ def friendly_errors(script, out_dir=None):
         if os.environ.get("PBPO_TRACEBACK"):
             raise
         stopped = isinstance(error, KeyboardInterrupt)
-        message = f"error: {error}"
-        if stopped:
-            message = "stopped"
+        message = "stopped" if stopped else f"error: {error}"  # errors name the file, line or flag
         if stopped and out_dir:
             ckpt = os.path.join(out_dir, checkpoint.CHECKPOINT)
             message = "stopped; no checkpoint yet, --resume starts over"
@@ -87,8 +81,7 @@ def friendly_errors(script, out_dir=None):
 
 def check_out_dir(cfg, inputs=None):
     """-> 'fresh', 'restart' (--resume before the first checkpoint) or 'resume' of the same run (its
-    script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and labelled pairs); never
-    over a previous or lost-checkpoint run, nor through a link or FIFO in out_dir. Reads only."""
+    script, flags but RESUME_MAY_CHANGE; given `inputs`, input digests and pairs). Reads only."""
     out = cfg.out_dir
     if not out:
         raise ValueError("--out_dir='': expected the path of the run directory")
@@ -154,13 +147,11 @@ def check_out_dir(cfg, inputs=None):
     return "resume"
 
 
-def start(cfg, rank, world):
-    """-> (mode, input digests) on every rank. Rank 0 checks out_dir, locks it (out_dir/lock, held
-    till the process ends, kill -9 included), checks it again; a refusal stops every rank alike."""
+def start(cfg, rank, world):  # -> (mode, input digests) on every rank; a refusal stops all alike
     verdict = ["", None, None]  # rank 0's refusal, mode and digests, as broadcast_object_list takes
     try:
         if rank == 0:
-            verdict[1:] = lock_and_check(cfg)
+            verdict[1:] = lock_and_check(cfg)  # checks out_dir, locks it, checks it again
     except (ValueError, OSError) as e:
         verdict[0] = str(e)
     if world > 1:
@@ -175,7 +166,7 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     os.makedirs(cfg.out_dir, exist_ok=True)
     lock = os.open(os.path.join(cfg.out_dir, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # `lock` is never closed: held till exit
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # not closed: held till exit, kill -9 too
     except BlockingIOError:
         holder = os.read(lock, 4096).decode(errors="replace") or "another run"
         raise FileExistsError(f"{cfg.out_dir} is in use by {holder}: wait for it to end, or "
@@ -187,17 +178,14 @@ def lock_and_check(cfg):  # start's rank-0 part -> (the mode, the digests)
     return check_out_dir(cfg, inputs), inputs  # again, under the lock, with the digests
 
 
-class MetricsLog:
-    """The JSONL a user plots, by rank 0; a resume cuts it to what its checkpoint saw."""
-
-    def __init__(self, path, enabled, oracle=None):
+class MetricsLog:  # the JSONL a user plots, by rank 0; a resume cuts it to what its checkpoint saw
+    def __init__(self, path, enabled, oracle):
         self.path = path
         self.file = data.open_own(path, "a") if enabled else None
         self.oracle = oracle  # its calls, all ranks', stamp every line
 
     def write(self, kind, **metrics):
-        if self.oracle is not None:
-            metrics = {"oracle_calls": self.oracle.calls, **metrics}
+        metrics = {"oracle_calls": self.oracle.calls, **metrics}
         if self.file:  # a NaN (e.g. a correlation of constants) is written as null: strict JSON
             line = {k: None if isinstance(v, float) and not math.isfinite(v) else v
                     for k, v in {"kind": kind, **metrics}.items()}
@@ -223,10 +211,7 @@ def param_norm(model):  # ‖θ‖ over every parameter, all ranks' shards (FSDP
     return float(total.full_tensor() if isinstance(total, DTensor) else total)
 
 
-class Guard:
-    """A NaN/inf loss or gradient skips its update (--on_nonfinite=skip) or stops the run (stop).
-    Weights past DIVERGED × ‖θ⁰‖ cannot be unmade: skip trains on and fail_if_diverged ends it."""
-
+class Guard:  # a NaN/inf loss or gradient skips its update (--on_nonfinite=skip) or stops the run
     def __init__(self, log, on_nonfinite, ckpt_path, model):
         self.log = log
         self.on_nonfinite = on_nonfinite
@@ -240,7 +225,7 @@ class Guard:
                         value=str(value), **fields)
         return math.isfinite(value)
 
-    def check_weights(self, model, where, **fields):  # after an update
+    def check_weights(self, model, where, **fields):  # after an update, which cannot be unmade
         norm = param_norm(model)
         if norm <= DIVERGED * self.norm0 or (self.diverged and self.on_nonfinite == "skip"):
             return  # a NaN norm fails the <=: it diverged
@@ -271,7 +256,7 @@ def finish(cfg, policy, tok, oracle, heldout, eos_ids, log, sft_eval, name):
         final_eval = oracle.evaluate(policy, tok, heldout, cfg.max_new_tokens, eos_ids=eos_ids)
     log.write("final_eval", **final_eval)
     export = os.path.join(cfg.out_dir, "final")
-    M.save_pretrained(policy, export, state_dict=checkpoint.full_state_dict(policy))
+    M.save_pretrained(policy, export)
     if not dist.is_initialized() or dist.get_rank() == 0:
         tok.save_pretrained(export)
         if final_eval:

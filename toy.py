@@ -143,7 +143,7 @@ def init_weights(model):
 def train_sft(demos, tok, hf_config, steps, batch_size, lr, seed):
     """Our transformer from scratch on (prompt ids, response ids): response-token NLL, AdamW."""
     torch.manual_seed(seed)
-    policy = init_weights(M.build(M.ModelConfig.from_hf_dict(hf_config)))
+    policy = init_weights(M.build(M.model_config(hf_config)))
     opt = torch.optim.AdamW(policy.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     warmup, g = max(1, steps // 20), torch.Generator().manual_seed(seed)
     for step in range(steps):

@@ -197,7 +197,7 @@ def model_pair(shape, device, dtype, like=None):
     """Ours and transformers' model of one config with the same random weights (ours' own draw,
     or `like`'s cast to dtype). Neither stops at an EOS: every row decodes every token."""
     from transformers import AutoConfig, AutoModelForCausalLM  # here: rss_child needs none of it
-    ours = M.build(M.ModelConfig.from_hf_dict(shape), device, dtype).eval()
+    ours = M.build(M.model_config(shape), device, dtype).eval()
     if like is None:
         toy.init_weights(ours)
     else:
@@ -379,7 +379,7 @@ def bench_logprobs(cfg, shape, device, dtype):
 
 # ---------------------------------------------------------------------------- train
 def bench_train(cfg, shape, device, dtype):
-    mc = M.ModelConfig.from_hf_dict(shape)
+    mc = M.model_config(shape)
     model = toy.init_weights(M.build(mc, device))  # fp32 master weights; bf16 compute: FSDP2
     if CUDA:
         for block in model.model.layers if cfg.compile else []:
@@ -428,7 +428,7 @@ def bench_episode(cfg, shape, device, dtype, timeout=None):  # train_pbpo.py pic
         # the toy task's prompts and tokenizer: ids it lacks decode to nothing, the token work
         # is the real shape's
         paths, path, run_dir = toy.build(f"{tmp}/toy", quick=True), f"{tmp}/model", f"{tmp}/run"
-        model = toy.init_weights(M.build(M.ModelConfig.from_hf_dict(shape), dtype=torch.bfloat16))
+        model = toy.init_weights(M.build(M.model_config(shape), dtype=torch.bfloat16))
         M.save_pretrained(model, path)  # loaded as fp32
         del model
         for f in os.listdir(paths.model):

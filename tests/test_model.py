@@ -134,9 +134,8 @@ def test_old_style_rope_config():
     """Checkpoints from transformers<5 keep rope_theta and rope_scaling at the top level."""
     base = {"model_type": "llama", "vocab_size": V, "hidden_size": 64, "intermediate_size": 96,
             "num_hidden_layers": 2, "num_attention_heads": 4}
-    new = M.ModelConfig.from_hf_dict(
-        {**base, "rope_parameters": CONFIGS["llama3"][1]["rope_parameters"]})
-    old = M.ModelConfig.from_hf_dict(
+    new = M.model_config({**base, "rope_parameters": CONFIGS["llama3"][1]["rope_parameters"]})
+    old = M.model_config(
         {**base, "rope_theta": 500000.0,
          "rope_scaling": {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}})
@@ -179,9 +178,10 @@ def test_greedy_generate_matches_full_context_and_transformers(ckpts, name):
     # an EOS the first row does produce
     eos = M.generate(model, PROMPTS, n, temperature=0).tokens[0, 3].item()
     gen = M.generate(model, PROMPTS, n, temperature=0, eos_ids=[eos], pad_id=0)
-    assert gen.responses() == full_context_greedy(model, PROMPTS, n, eos)
-    assert gen.responses()[0][-1] == eos
-    assert gen.mask.sum(1).tolist() == list(map(len, gen.responses()))
+    responses = [t[m].tolist() for t, m in zip(gen.tokens, gen.mask)]  # each up to its end
+    assert responses == full_context_greedy(model, PROMPTS, n, eos)
+    assert responses[0][-1] == eos
+    assert gen.mask.sum(1).tolist() == list(map(len, responses))
     assert (gen.tokens[~gen.mask] == 0).all() and (gen.logprobs[~gen.mask] == 0).all()
 
     ids, attn, Lp = collate(PROMPTS, gen)

@@ -32,10 +32,10 @@ V, H, PROMPT = 4, 2, [1, 2, 3]  # vocab, response length, the prompt: V**H respo
 
 
 def tiny_policy(seed):
-    cfg = M.ModelConfig.from_hf_dict(dict(model_type="llama", vocab_size=V, hidden_size=16,
-                                          intermediate_size=32, num_hidden_layers=1,
-                                          num_attention_heads=2,
-                                          initializer_range=0.5))
+    cfg = M.model_config(dict(model_type="llama", vocab_size=V, hidden_size=16,
+                              intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2,
+                              initializer_range=0.5))
     torch.manual_seed(seed)
     return toy.init_weights(M.build(cfg))
 

@@ -26,6 +26,7 @@ import data
 import model as M
 import checkpoint as C
 import run as R
+from reward import Oracle
 
 TRACES = (C.CHECKPOINT, "preferences.jsonl", "metrics.jsonl")
 
@@ -501,11 +502,12 @@ def test_a_percent_sign_in_a_flag_comment_is_help_text_not_a_format(capsys):
 def test_metrics_log_is_strict_json(tmp_path):
     """A NaN metric (a correlation of constants, a spread of one value) is written as null, which
     every JSON reader takes; `json.dumps` alone would write NaN."""
-    log = R.MetricsLog(str(tmp_path / "metrics.jsonl"), True)
+    log = R.MetricsLog(str(tmp_path / "metrics.jsonl"), True, Oracle(None))
     log.write(kind="step", rm_gold_corr=float("nan"), kl=float("inf"), gold=0.5, n=3)
     line = open(tmp_path / "metrics.jsonl").read()
     strict = json.loads(line, parse_constant=lambda c: 1 / 0)
-    assert strict == {"kind": "step", "rm_gold_corr": None, "kl": None, "gold": 0.5, "n": 3}
+    assert strict == {"kind": "step", "oracle_calls": 0, "rm_gold_corr": None, "kl": None,
+                      "gold": 0.5, "n": 3}
 
 
 def test_selm_batch_not_a_multiple_of_the_ranks_is_refused(toy, tmp_path):
