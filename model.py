@@ -67,6 +67,7 @@ def model_config(d, where="config.json"):  # what the transformer reads of a con
         raw=dict(d))  # config.json itself, written back on save
 
 
+# ---------------------------------------------------------------- transformer
 class RMSNorm(nn.RMSNorm):
     def forward(self, x):  # statistics in fp32, scaled in the compute dtype (as HF does)
         return self.weight * F.rms_norm(x.float(), self.normalized_shape, eps=self.eps).to(x.dtype)
@@ -201,6 +202,7 @@ def build(cfg, device="cpu", dtype=torch.float32):
     return model
 
 
+# ---------------------------------------------------------------- checkpoint I/O
 def stop_ids(path, tokenizer):  # the EOS ids, read as transformers does, all below vocab_size
     config, gen = os.path.join(path, "config.json"), os.path.join(path, "generation_config.json")
     where = gen if os.path.isfile(gen) else config
@@ -280,6 +282,7 @@ def save_pretrained(model, path):  # collective; rank 0 writes; the tokenizer is
         raise OSError(f"{path}: writing the model failed ({e})") from None
 
 
+# ---------------------------------------------------------------- fused log-probs
 @functools.cache
 def _compiled(fn, mode=None):
     return torch.compile(fn, mode=mode)
@@ -358,6 +361,7 @@ def token_logprobs(model, input_ids, attention_mask, temperature=1.0, micro_batc
     return model(input_ids, attention_mask, logprobs=True, temperature=temperature)
 
 
+# ---------------------------------------------------------------- sampler
 @dataclass
 class Generation:
     tokens: torch.Tensor  # (B, N) long, pad after each row's end
