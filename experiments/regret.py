@@ -4,8 +4,13 @@ under the learned reward, when each round's pairs are picked by the elliptical u
 ‖Δφ‖_{Σ⁻¹} (explore.select_pair, PbPO's reward-agnostic exploration) against uniformly random pairs.
 The theory says Õ(d√K) for the first: a log-log slope near 0.5 or below.
 
-  python -m experiments.regret                          # d = 8, K = 400, 5 seeds: about a minute
-  python -m experiments.regret --K=1000 --seeds=10 --out=out/regret.json
+Seeds are paired: seed s is one task (features, θ*) and the same prompt and label streams for both
+arms. The verdicts use the comparison's rule: a paired difference holds when its 95% t-interval
+over the seeds excludes 0; the growth exponent is the log-log slope of each seed's curve, reported
+as a mean with its 95% interval.
+
+  python -m experiments.regret                          # d = 8, K = 400, 20 seeds: a few minutes
+  python -m experiments.regret --out=experiments/data/regret.json   # what RESULTS.md reports
 
 Writes JSON and CSV (and a PNG when matplotlib is installed); experiments/RESULTS.md reports the run.
 """
@@ -20,6 +25,7 @@ import torch.nn.functional as F
 import run
 from run import knob
 from explore import Covariance, select_pair
+from experiments.tune import mean_ci
 from reward import Oracle, bt_loss
 
 
@@ -85,7 +91,7 @@ def loglog_slope(cum, lo_frac=0.1):
     return float((x * (y - y.mean())).sum() / (x * x).sum())
 
 
-def regret(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=5, lam=1.0, bound=10.0):
+def regret(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=20, lam=1.0, bound=10.0):
     """Cumulative regret curves (seeds, K) of both arms, one task per seed, and their slopes."""
     threads, out = torch.get_num_threads(), {}
     torch.set_num_threads(1)  # d-sized ops: thread-pool wake-ups would cost more than the work
@@ -93,11 +99,52 @@ def regret(d=8, d_hard=4, prompts=64, n=32, n_rare=1, K=400, M=4, seeds=5, lam=1
         runs = [regret_run(*linear_task(d, d_hard, prompts, n, n_rare, seed), arm, K, M, lam, bound,
                            seed=seed) for seed in range(seeds)]
         curves = torch.tensor(runs, dtype=torch.float64).cumsum(1)  # (seeds, K)
-        out[arm] = {"cum_mean": curves.mean(0).tolist(), "cum_std": curves.std(0, correction=0).tolist(),
+        out[arm] = {"cum_mean": curves.mean(0).tolist(),
+                    "cum_std": curves.std(0, correction=0).tolist(),
+                    "at_per_seed": {str(k): curves[:, k - 1].tolist() for k in table_ks(K)},
+                    "final_per_seed": curves[:, -1].tolist(),
                     "slope": loglog_slope(curves.mean(0).tolist()),
                     "slope_per_seed": [loglog_slope(c) for c in curves.tolist()]}
     torch.set_num_threads(threads)
+    out["claims"] = verdicts(out)
     return out
+
+
+def table_ks(K):  # the rounds the table shows: powers of 2, and K
+    return sorted({min(2 ** i, K) for i in range(math.ceil(math.log2(K)) + 1)})
+
+
+def verdicts(res):
+    """The claims, judged by 95% t-intervals over the paired seeds -> a list of dicts."""
+    u, r = res["uncertainty"], res["random"]
+    saved = [b - a for a, b in zip(u["final_per_seed"], r["final_per_seed"])]  # random − guided
+    mean, half = mean_ci(saved)
+    claims = [dict(claim="uncertainty-guided has lower cumulative regret at K than random",
+                   diff=mean, ci=half, seeds=len(saved), holds=mean - half > 0)]
+    for arm in ("uncertainty", "random"):
+        mean, half = mean_ci(res[arm]["slope_per_seed"])
+        claims.append(dict(claim=f"{arm}: regret grows about as √K (slope interval holds 0.5)",
+                           diff=mean, ci=half, seeds=len(saved),
+                           holds=mean - half <= 0.5 <= mean + half))
+    return claims
+
+
+def report(res, K, seeds):
+    """The table RESULTS.md shows: cumulative regret (mean ± 95% interval) at powers of 2, the
+    slopes and the verdicts."""
+    lines = [f"Cumulative regret, mean ± 95% interval over {seeds} paired seeds:", "",
+             "| K | uncertainty-guided | random pairs |", "|---|---|---|"]
+    for k in table_ks(K):
+        cells = []
+        for arm in ("uncertainty", "random"):
+            mean, half = mean_ci(res[arm]["at_per_seed"][str(k)])
+            cells.append(f"{mean:.2f} ± {half:.2f}")
+        lines.append(f"| {k} | {' | '.join(cells)} |")
+    lines += ["", "| claim | mean | 95% interval | seeds | holds |", "|---|---|---|---|---|"]
+    for c in res["claims"]:
+        lines.append(f"| {c['claim']} | {c['diff']:.3f} | ± {c['ci']:.3f} | {c['seeds']} | "
+                     f"{'yes' if c['holds'] else 'no'} |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -109,7 +156,7 @@ class Config:
     n_rare: int = knob(1, "rare, informative responses per prompt")
     K: int = knob(400, "rounds", at_least=1)
     M: int = knob(4, "pairs labelled a round", at_least=1)
-    seeds: int = knob(5, "", at_least=1)
+    seeds: int = knob(20, "paired seeds: one task each, both arms on it", at_least=1)
     lam: float = knob(1.0, "λ, Σ = λI + ...")
     bound: float = knob(10.0, "B, ‖w‖ ≤ B")
     out: str = knob("out/regret.json", "JSON; the CSV and PNG go beside it")
@@ -120,27 +167,28 @@ if __name__ == "__main__":
     cfg = run.parse_flags(Config, __doc__)
     with run.friendly_errors("experiments/regret.py"):
         res = regret(**{k: v for k, v in asdict(cfg).items() if k != "out"})
-        print(f"{'K':>6} {'uncertainty':>18} {'random':>18}   (cumulative regret, mean ± std over "
-              f"{cfg.seeds} seeds)")
-        for k in sorted({min(2 ** i, cfg.K) for i in range(math.ceil(math.log2(cfg.K)) + 1)}):
-            print(f"{k:>6}" + "".join(f" {res[a]['cum_mean'][k - 1]:>10.3f} ± {res[a]['cum_std'][k - 1]:<5.2f}"
-                                      for a in res))
-        print(f"log-log slope over K ∈ [{cfg.K // 10}, {cfg.K}]: uncertainty "
-              f"{res['uncertainty']['slope']:.3f}, random {res['random']['slope']:.3f} (Õ(d√K): 0.5)")
+        print(report(res, cfg.K, cfg.seeds))
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         with open(cfg.out, "w") as f:
             json.dump({"config": asdict(cfg), **res}, f, indent=1)
         stem = os.path.splitext(cfg.out)[0]
         with open(stem + ".csv", "w") as f:
             f.write("K,uncertainty_mean,uncertainty_std,random_mean,random_std\n")
-            f.writelines(f"{k + 1},{','.join(str(res[a][s][k]) for a in res for s in ('cum_mean', 'cum_std'))}\n"
-                         for k in range(cfg.K))
+            for k in range(cfg.K):
+                values = [res[a][s][k] for a in ("uncertainty", "random")
+                          for s in ("cum_mean", "cum_std")]
+                f.write(f"{k + 1},{','.join(map(str, values))}\n")
         try:
             import matplotlib.pyplot as plt
-            for arm in res:
-                plt.loglog(range(1, cfg.K + 1), res[arm]["cum_mean"],
-                           label=f"{arm} (slope {res[arm]['slope']:.2f})")
-            plt.xlabel("K"), plt.ylabel("cumulative regret"), plt.legend()
+            for arm in ("uncertainty", "random"):
+                mean = torch.tensor(res[arm]["cum_mean"])
+                half = 1.96 * torch.tensor(res[arm]["cum_std"]) / math.sqrt(max(cfg.seeds - 1, 1))
+                rounds = range(1, cfg.K + 1)
+                plt.loglog(rounds, mean, label=f"{arm} (slope {res[arm]['slope']:.2f})")
+                plt.fill_between(rounds, mean - half, mean + half, alpha=0.2)
+            plt.xlabel("K")
+            plt.ylabel("cumulative regret (mean, 95% band)")
+            plt.legend()
             plt.savefig(stem + ".png", dpi=120)
         except ImportError:
             print("matplotlib is not installed: no plot")

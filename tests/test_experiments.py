@@ -34,6 +34,16 @@ def test_uncertainty_guided_pairs_have_lower_regret_than_random():
     assert all(b >= a for a, b in zip(cumulative, cumulative[1:]))
 
 
+def test_results_regret_section_is_recomputed_from_the_committed_data():
+    """RESULTS.md section 3's table and verdicts are what experiments/data/regret.json gives:
+    recomputed here from the per-seed values (report() does the intervals), cell for cell."""
+    res = json.load(open(os.path.join(ROOT, "experiments", "data", "regret.json")))
+    table = R.report(res, res["config"]["K"], res["config"]["seeds"])
+    assert res["claims"] == R.verdicts(res)  # the verdicts, judged again from the per-seed values
+    results = open(os.path.join(ROOT, "experiments", "RESULTS.md"), encoding="utf-8").read()
+    assert table in results, table
+
+
 def test_loglog_slope_recovers_a_power_law():
     K = torch.arange(1, 401, dtype=torch.float64)
     assert R.loglog_slope((3 * K.sqrt()).tolist()) == pytest.approx(0.5, abs=1e-9)
