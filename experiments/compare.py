@@ -702,7 +702,7 @@ def report(results):
                         how = f"the runs of {res['same_runs'][arm]}"
                     elif res["flags_from"] != setting:
                         how = f"tuned on {res['flags_from']}"
-                    lines.append(f"| {arm} | {budget} | `{' '.join(flags)}` | {how} | |")
+                    lines.append(f"| {arm} | {budget} | `{' '.join(flags)}` ({how}) | - | - |")
                     continue
                 extended = ", ".join(f"{e['axis']}={e['value']}" for e in record["extensions"])
                 edges = ", ".join(f"{e['axis']}={e['value']} ({e['side']}, {e['why']})"
