@@ -1,19 +1,25 @@
 """
 The comparison on the built-in task, as a reviewer would accept it:
-  1. every arm tuned by one protocol on the validation prompts (a small stated grid in at most two
-     stages of at most 8 points, 2 tuning seeds, at the top budget, scored by the mean greedy gold
-     reward; the chosen flags are written out), never on the held-out prompts;
-  2. every arm run at equal oracle budgets, every labelled response counted (the offline pairs
-     too), over paired seeds (10 for the main arms, 5 for ablations and sweeps) that change every
-     arm's data: the pair subset, the prompts, the samples;
-  3. every policy evaluated on all held-out prompts: greedy accuracy and gold reward, and at the top
-     budget the expected gold reward of 8 samples at temperature 1 and the KL to the SFT policy;
+  1. every arm tuned by one protocol on the validation prompts, at every budget: a stated grid in
+     stages, each on the best point of the one before, every point trained with the 2 tuning
+     seeds (100, 101: the same for every arm, disjoint from the comparison's) and scored by the
+     mean greedy gold reward. A choice on the lowest or highest value tried of a numeric axis
+     extends that axis one step past the edge, until the choice is inside or EXTENSIONS steps
+     were taken (tune_stages). Every run is counted, and the held-out prompts never choose;
+  2. every arm run at equal oracle budgets with the flags tuned at that budget, every labelled
+     response counted (the offline pairs too), over 10 paired seeds (0..9; --seeds and
+     --ablation_seeds run fewer) that change every arm's data: the pair subset, the prompts, the
+     samples;
+  3. every policy evaluated on all held-out prompts at every budget: greedy accuracy and gold
+     reward, the expected gold reward of 8 samples at temperature 1 and the KL to the SFT policy;
+     and what it cost: oracle calls, optimizer steps and training wall seconds (run_cost);
   4. the paper's claims judged by paired differences with 95% intervals: a claim holds only when
      its interval excludes 0.
 Two settings: `standard` (toy.py's task) and `rare` (toy.py --rare: the demonstrators guess far
-more often, so the correct behaviour is rare under the SFT policy).
+more often, so the correct behaviour is rare under the SFT policy). The ablations run in both.
 
   python -m experiments.compare --out=out/compare             # everything (reuses finished runs)
+  python -m experiments.compare --plan                        # what that runs, and how long
   python -m experiments.compare --quick --out=/tmp/compare    # the same path in miniature (CI)
 
 Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.png and
@@ -23,10 +29,13 @@ takes them with it; a restart reuses every finished run and evaluation and start
 """
 import collections
 import functools
+import itertools
 import json
+import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import threading
 import time
@@ -41,12 +50,14 @@ import ranks
 import run
 from run import knob
 import toy
-from experiments.tune import (STOPPING, grid_points, integers, mean_ci, run_arm,
+from experiments.tune import (SCRIPTS, STOPPING, check_flag, integers, mean_ci, run_arm,
                               stop_children_on_interrupt)
 from reward import make_oracle
 
 SETTINGS = ("standard", "rare")
 TUNING_SEEDS = (100, 101)
+EXTENSIONS = 2  # at most this many points past the edges of one axis, per stage and budget
+QUICK_POINTS = 1  # --quick trains the first this many points of each stage
 LOCKS = collections.defaultdict(threading.Lock)  # one per run dir and evaluation file
 RANKING_CALLS = 1  # train_selm.py scores y_ref once per offline pair (the file keeps the others')
 
@@ -58,27 +69,29 @@ class Arm:
     flags: tuple = ()  # fixed flags (what makes the arm)
     stages: tuple = ()  # tuning grids, run one after the other, each on the best of the last
     like: str = ""  # start from this arm's tuned flags (then tune `stages`, if any, on top)
-    seeds: int = 10
-    settings: tuple = ("standard", "rare")
+    ablation: bool = False  # run over --ablation_seeds seeds, not --seeds
 
 
+# Every arm's lr and its number of passes (SELM's epochs, PbPO's leader steps an episode T_out)
+# are on its grid, so they are tuned at every budget.
 DPO_GRID = ("epochs=1,4 lr=1e-4,3e-4 beta=0.01,0.1", "epochs=4,8,16 lr=5e-5,1e-4")
+SELM_GRID = (DPO_GRID[0], "alpha=0.001,0.01,0.1,1", DPO_GRID[1])  # its own lr, β and epochs
+PBPO_GRID = ("kl_coef=0.2,0.5,1 anchor=sft,ref", "lr=5e-5,1e-4,2e-4 t_out=4,8",
+             "beta=0.01,0.04,0.1")
 ARMS = [
     Arm("sft"),
     Arm("dpo", "train_selm.py", ("--alpha=0",), DPO_GRID),
     Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
-    Arm("selm", "train_selm.py", (), ("alpha=0.001,0.01,0.1,1,3,10",), like="dpo"),  # DPO + α
-    Arm("pbpo", "train_pbpo.py", (),
-        ("kl_coef=0.2,0.5,1 anchor=sft,ref", "beta=0.01,0.04,0.1 t_out=4,8")),
-    Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", settings=("standard",)),
-    Arm("pbpo_best_of_n", "train_pbpo.py", ("--enhancer=best_of_n",), like="pbpo", seeds=5),
+    Arm("selm", "train_selm.py", (), SELM_GRID),
+    Arm("pbpo", "train_pbpo.py", (), PBPO_GRID),
+    Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", ablation=True),
+    Arm("pbpo_best_of_n", "train_pbpo.py", ("--enhancer=best_of_n",), like="pbpo", ablation=True),
     Arm("pbpo_no_enhancer", "train_pbpo.py",
-        ("--enhancer=best_of_n", "--n_candidates=1", "--enh_temp=1"), like="pbpo", seeds=5),
-    Arm("pbpo_mle", "train_pbpo.py", ("--beta_form=mle",), like="pbpo", seeds=5),
-    *[Arm(f"pbpo_beta{beta}", "train_pbpo.py", (f"--beta={beta}",), like="pbpo", seeds=5,
-          settings=("standard",)) for beta in ("0", "0.01", "0.02", "0.04", "0.1")],
+        ("--enhancer=best_of_n", "--n_candidates=1", "--enh_temp=1"), like="pbpo", ablation=True),
+    Arm("pbpo_mle", "train_pbpo.py", ("--beta_form=mle",), like="pbpo", ablation=True),
+    *[Arm(f"pbpo_beta{beta}", "train_pbpo.py", (f"--beta={beta}",), like="pbpo", ablation=True)
+      for beta in ("0", "0.01", "0.02", "0.04", "0.1")],
 ]
-MAIN = ("sft", "dpo", "dpo_online", "selm", "pbpo", "pbpo_token")
 CLAIMS = [  # (claim, arm a, arm b): holds when a − b > 0, its 95% interval above 0
     ("PbPO ≥ SELM", "pbpo", "selm"), ("SELM ≥ iterative DPO", "selm", "dpo"),
     ("iterative DPO ≥ SFT", "dpo", "sft"), ("PbPO ≥ online iterative DPO", "pbpo", "dpo_online"),
@@ -109,6 +122,7 @@ def offline_pairs(paths, budget, seed, out):
 
 
 EXPLORE_PROMPTS = {False: 64, True: 8}  # PbPO's M, by --quick: 2 calls a prompt (0 if identical)
+ONLINE_ITERATIONS = {False: 3, True: 1}  # online DPO's, by --quick: B / (2 I) prompts each
 
 
 def budget_flags(arm, paths, budget, seed, out, quick, more=0):
@@ -119,8 +133,7 @@ def budget_flags(arm, paths, budget, seed, out, quick, more=0):
         return [f"--prompts={paths.train}", f"--explore_prompts={m}",
                 f"--episodes={max(1, budget // (2 * m)) + more}"], 0.0
     if "--online" in arm.flags:  # 2 calls per prompt and iteration
-        iterations = 1 if quick else 3
-        per_iteration = max(1, budget // (2 * iterations))
+        per_iteration = max(1, budget // (2 * ONLINE_ITERATIONS[quick]))
         return [f"--prompts={paths.train}", f"--online_prompts={per_iteration}"], 0.0
     prefs, offline = offline_pairs(paths, budget, seed, out)
     return [f"--prefs={prefs}"], offline
@@ -131,15 +144,49 @@ def merge(*flag_lists):
     return sorted({f.split("=")[0]: f for flags in flag_lists for f in flags}.values())
 
 
+def flag_value(script, flags, name):
+    """--name's value in a run's flags (the last one given), else the script's default."""
+    field = SCRIPTS[script].__dataclass_fields__[name]
+    given = [f.split("=", 1)[1] for f in flags if f.startswith(f"--{name}=")]
+    return field.type(given[-1]) if given else field.default
+
+
+def run_cost(script, flags, lines):
+    """(optimizer steps, training wall seconds) of a run up to its end, from its metrics.jsonl,
+    which for a continued PbPO run holds the runs it continues. Steps: AdamW steps on a policy,
+    each a `step` line (SELM's steps; PbPO's leader steps), plus PbPO's enhancer steps, which are
+    not logged one by one: --enh_steps in each `episode` when the enhancer is a policy (the
+    follower's steps on the d weights of r_w are not counted). Seconds: the `wall_s` of the
+    `episode` / `iteration` lines (sampling, labelling, updates; not the start, the evaluations
+    or the export)."""
+    steps = sum(line["kind"] == "step" for line in lines)
+    units = [line for line in lines if line["kind"] in ("episode", "iteration")]
+    if script == "train_pbpo.py" and flag_value(script, flags, "enhancer") == "policy":
+        steps += flag_value(script, flags, "enh_steps") * len(units)
+    return steps, sum(line["wall_s"] for line in units)
+
+
+@dataclass
+class Run:
+    """A finished run at a budget. path: every training process that led to it, first to last,
+    as (run dir, oracle calls to its end): a PbPO run continues the ones before it."""
+    policy: str  # the exported policy's directory
+    calls: float  # oracle calls to here, the offline pairs' included
+    steps: int  # optimizer steps to here (run_cost)
+    wall_s: float  # training wall seconds to here (run_cost)
+    path: tuple
+
+
 def train(arm, flags, paths, seed, out, quick, split, budgets):
-    """An arm's runs at every budget for one seed: {budget: (final policy dir, oracle calls, all
-    counted)}. A PbPO run at a larger budget continues the one below (--resume with more episodes,
-    which is bit-identical to one long run), so one run gives every point of its curve. A pair of
-    identical responses costs PbPO no call, so it runs more episodes while one more fits."""
+    """An arm's runs at every budget for one seed: {budget: Run}. A PbPO run at a larger budget
+    continues the one below (--resume with more episodes, which is bit-identical to one long
+    run), so one run gives every point of its curve. A pair of identical responses costs PbPO no
+    call, so it runs more episodes while one more fits."""
     flags = merge(flags, arm.flags)  # the arm's own flags win over tuned ones
     common = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", "--eval_max=1",
               *(QUICK_FLAGS[arm.script] if quick else []), *flags, f"--seed={seed}"]
     done, previous = {}, None
+    path = []  # the processes that led to this budget's run: (run dir, calls)
     for budget in budgets:  # the same command shares one run dir, whichever arm asks for it
         for more in range(budget):  # PbPO: episodes beyond budget // (2m) while one more fits
             extra, offline = budget_flags(arm, paths, budget, seed, os.path.join(out, "data"),
@@ -147,12 +194,34 @@ def train(arm, flags, paths, seed, out, quick, split, budgets):
             tag = ranks.seed_of(arm.script, *common, *extra) % 10**10
             run_dir = os.path.join(out, "runs", f"{arm.script[6:-3]}_{budget}_s{seed}_{tag}")
             with LOCKS[run_dir]:  # two arms may ask for the same run at once
-                calls = run_arm(arm.script, common + extra, run_dir, previous)[-1]["oracle_calls"]
+                lines = run_arm(arm.script, common + extra, run_dir, previous)
+            calls = lines[-1]["oracle_calls"]
+            path.append((run_dir, calls + offline))
             previous = run_dir if arm.script == "train_pbpo.py" else None
             if not previous or calls + 2 * EXPLORE_PROMPTS[quick] > budget:
                 break
-        done[budget] = os.path.join(run_dir, "final"), calls + offline
+        steps, wall_s = run_cost(arm.script, common, lines)
+        done[budget] = Run(os.path.join(run_dir, "final"), calls + offline, steps, wall_s,
+                           tuple(path))
+        path = path if previous else []
     return done
+
+
+def chain(arm, budgets, i):
+    """The budgets a run at budgets[i] passes through: PbPO's continue each other."""
+    return budgets[:i + 1] if arm.script == "train_pbpo.py" else budgets[i:i + 1]
+
+
+def spent(runs):
+    """(training processes, oracle calls) of a set of runs, each process counted once: a PbPO
+    run's calls past the run it continues, so two budgets sharing a run are not paid twice."""
+    increments = {}
+    for r in runs:
+        before = 0
+        for run_dir, calls in r.path:
+            increments[run_dir] = calls - before
+            before = calls
+    return len(increments), sum(increments.values())
 
 
 QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_samples=2",
@@ -223,7 +292,101 @@ def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
         return json.load(f)
 
 
-# ---------------------------------------------------------------- tuning, runs, claims
+# ---------------------------------------------------------------- tuning: the stages, the edges
+def axes_of(stage):
+    """'a=1,2 b=x' -> {'a': ['1', '2'], 'b': ['x']}"""
+    return dict((name, values.split(",")) for name, values in
+                (item.split("=", 1) for item in stage.split()))
+
+
+def flags_of(point):  # (('a', '1'), ('b', 'x')) -> ['--a=1', '--b=x']
+    return [f"--{name}={value}" for name, value in point]
+
+
+def is_number(text):
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def edge_side(values, chosen):
+    """'low' or 'high' when `chosen` is the lowest or the highest of the values tried on a numeric
+    axis of two or more values; None inside, or on a categorical axis (anchor=sft,ref)."""
+    if not all(map(is_number, values)) or len({float(v) for v in values}) < 2:
+        return None
+    numbers = [float(v) for v in values]
+    if float(chosen) == min(numbers):
+        return "low"
+    return "high" if float(chosen) == max(numbers) else None
+
+
+def step_past(script, name, values, side):
+    """The value one step past the `side` edge of an axis's values tried, by the grid's own step
+    there: arithmetic for integers (epochs, T_out: the difference of the two outermost values,
+    stopped at the flag's least value), geometric otherwise (lr, β, α span decades: their ratio,
+    10 from a 0). None when no step is left: 0 is the edge, or the flag refuses the value."""
+    numbers = sorted({float(v) for v in values}, reverse=side == "high")
+    edge, inner = numbers[0], numbers[1]
+    if all(re.fullmatch(r"-?\d+", v) for v in values):
+        least = (SCRIPTS[script].__dataclass_fields__[name].metadata.get("at_least") or 0
+                 if script in SCRIPTS else 0)
+        value = int(max(2 * edge - inner, least))
+        return None if value == edge else str(value)
+    if edge == 0:
+        return None
+    value = f"{edge * 10:.3g}" if inner == 0 else f"{edge * edge / inner:.3g}"
+    if script in SCRIPTS:
+        try:
+            check_flag(script, name, value, "an extension")
+        except ValueError:
+            return None
+    return value
+
+
+def tune_stages(script, stages, start, score, quick=False):
+    """The stages one after the other, each on the best point of the one before. score(flag lists)
+    -> their scores, higher is better. After a stage's grid, each numeric axis whose best value is
+    the lowest or highest tried gets one more point past that edge (step_past), the best point's
+    other values kept; then the best is chosen again, until every choice is inside or an axis
+    took EXTENSIONS steps. -> (the chosen flags, a record of every point scored, every extension
+    and every choice left on an edge, with why: 'cap' or 'bound')."""
+    best = list(start)
+    record = {"points": [], "extensions": [], "edges": []}
+    for i, stage in enumerate(stages):
+        axes = axes_of(stage)
+        new = [tuple(zip(axes, values)) for values in itertools.product(*axes.values())]
+        new = new[:QUICK_POINTS] if quick else new
+        tried = {}  # point -> score, in the order tried
+        steps = dict.fromkeys(axes, 0)  # extensions of each axis
+        while new:
+            for point, value in zip(new, score([merge(best, flags_of(p)) for p in new])):
+                tried[point] = value
+                record["points"].append({"stage": i, "flags": flags_of(point), "score": value})
+            chosen = max(tried, key=tried.get)  # the first tried of equal scores
+            new = []
+            for k, (name, value) in enumerate(chosen):
+                values = [p[k][1] for p in tried]
+                side = edge_side(values, value)
+                if side is None or steps[name] == EXTENSIONS:
+                    continue
+                past = step_past(script, name, values, side)
+                if past is not None:
+                    steps[name] += 1
+                    new.append(chosen[:k] + ((name, past),) + chosen[k + 1:])
+                    record["extensions"].append({"stage": i, "axis": name, "value": past,
+                                                 "side": side})
+        for k, (name, value) in enumerate(chosen):
+            side = edge_side([p[k][1] for p in tried], value)
+            if side is not None:
+                why = "cap" if steps[name] == EXTENSIONS else "bound"
+                record["edges"].append({"stage": i, "axis": name, "value": value, "side": side,
+                                        "why": why})
+        best = merge(best, flags_of(chosen))
+    return best, record
+
+
+# ---------------------------------------------------------------- the comparison
 def paired(a, b):
     """Mean and 95% interval of the paired differences a_s − b_s over the seeds both have."""
     diffs = [a[s] - b[s] for s in a if s in b]
@@ -253,7 +416,29 @@ def checked(cfg):
     if settings[0] not in names("--tune_on", cfg.tune_on, SETTINGS):
         raise ValueError(f"--settings={cfg.settings}: the first setting must be tuned (one of "
                          f"--tune_on={cfg.tune_on}); the others take its tuned flags")
+    for flag, seeds in (("--seeds", cfg.seeds), ("--ablation_seeds", cfg.ablation_seeds)):
+        if seeds > min(TUNING_SEEDS):
+            raise ValueError(f"{flag}={seeds}: at most {min(TUNING_SEEDS)}, so that the "
+                             f"comparison's seeds stay apart from the tuning seeds")
     return (32, 64) if cfg.quick else tuple(budgets), arms, settings
+
+
+def seeds_of(arm, cfg):  # the comparison's seeds of an arm: 0..n-1
+    if cfg.quick:
+        return 1
+    return cfg.ablation_seeds if arm.ablation else cfg.seeds
+
+
+def same_runs(arms, tuned):
+    """{arm: the earlier arm whose runs it shares}: the same script and flags at every budget
+    (e.g. pbpo_beta0.04 is pbpo when PbPO's tuned β is 0.04). Its rows are those runs again."""
+    first, same = {}, {}
+    for arm in arms:
+        key = (arm.script, json.dumps({b: merge(f, arm.flags) for b, f in tuned[arm.name].items()}))
+        if arm.script and key in first:
+            same[arm.name] = first[key]
+        first.setdefault(key, arm.name)
+    return same
 
 
 def compare(cfg):
@@ -262,81 +447,100 @@ def compare(cfg):
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
     spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
-    # threads can deadlock the child. The runners stop before the evaluators they wait on.
+    # threads can deadlock the child. The runners stop before the evaluators they wait on, the
+    # tuners (one thread an arm, waiting on runners) before the runners.
     with (ProcessPoolExecutor(cfg.jobs, mp_context=spawn,
                               initializer=evaluator_starts) as evaluators,
           ThreadPoolExecutor(cfg.jobs) as runners,
+          ThreadPoolExecutor(len(arms)) as tuners,
           stop_children_on_interrupt()):  # exits first: stops what the pools would wait for
         for setting in settings:
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
             paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
             out = os.path.join(cfg.out, setting)
-            here = [a for a in arms if setting in a.settings]
+            here = [a for a in arms if a.script]
             evaluate_job = lambda d, split, samples=cfg.samples: evaluation(
                 evaluators, d, paths, split, samples, max_new)
-            # 1. tuning: each stage's grid × tuning seeds at the top budget, on valid.jsonl; a
-            # setting not in --tune_on takes the tuned flags of the first setting
-            if setting in cfg.tune_on.split(","):
-                tuned, tuning_calls = {"sft": []}, {}
+
+            # 1. tuning, at every budget: each stage's points × the tuning seeds, on valid.jsonl;
+            # a setting not in --tune_on takes the tuned flags of the first setting
+            def tune_arm(arm, like):
+                """The arm's stages at every budget, lowest first (PbPO's runs at a higher one
+                continue them), from the tuned flags of the arm it is like -> (tuned flags and
+                record by budget, every run made)."""
+                tuned_like = like.result()[0] if like else {}
+                flags = {}  # budget -> the chosen flags
+                records = {}  # budget -> tune_stages' record
+                made = []  # every run, at every budget
+                for i, budget in enumerate(budgets):
+                    def tune_job(job):  # a run at `budget`, scored greedily on valid.jsonl
+                        runs = train(arm, job[0], paths, job[1], out, cfg.quick, "valid",
+                                     chain(arm, budgets, i))
+                        made.extend(runs.values())  # from the runners' threads: atomic
+                        return evaluate_job(runs[budget].policy, "valid", samples=0)["reward"]
+
+                    def score(points):  # the mean over the tuning seeds of each point
+                        seeds = TUNING_SEEDS[:1] if cfg.quick else TUNING_SEEDS
+                        scores = list(runners.map(tune_job, [(p, s) for p in points
+                                                             for s in seeds]))
+                        return [sum(scores[j:j + len(seeds)]) / len(seeds)
+                                for j in range(0, len(scores), len(seeds))]
+
+                    start = tuned_like.get(budget, [])
+                    flags[budget], records[budget] = tune_stages(arm.script, arm.stages, start,
+                                                                 score, cfg.quick)
+                    print(f"[{setting}] {arm.name} at {budget} calls: tuned "
+                          f"{' '.join(flags[budget])} ({time.time() - t_start:.0f} s)",
+                          flush=True)
+                return flags, records, made
+
+            flags_from = setting if setting in cfg.tune_on.split(",") else settings[0]
+            if flags_from == setting:
+                futures = {}
+                for arm in here:
+                    if arm.stages:
+                        futures[arm.name] = tuners.submit(tune_arm, arm, futures.get(arm.like))
+                tuning = {name: f.result() for name, f in futures.items()}
+                tuned = {name: flags for name, (flags, _, _) in tuning.items()}
             else:
-                tuned, tuning_calls = dict(first["tuned"]), {}
-            for arm in [a for a in here if a.script and a.name not in tuned and a.stages]:
-                best, calls = list(tuned.get(arm.like, [])), 0
-                for stage in arm.stages:
-                    points = grid_points(stage)[:1] if cfg.quick else grid_points(stage)
-                    seeds = TUNING_SEEDS[:1] if cfg.quick else TUNING_SEEDS
-                    jobs = [(p, s) for p in points for s in seeds]
-
-                    def tune_job(job):  # a run at the top budget, scored greedily on valid.jsonl
-                        policy, used = train(arm, best + job[0], paths, job[1], out, cfg.quick,
-                                             "valid", budgets[-1:])[budgets[-1]]
-                        return used, evaluate_job(policy, "valid", samples=0)["reward"]
-
-                    scores = list(runners.map(tune_job, jobs))
-                    calls += sum(used for used, _ in scores)
-                    by_point = {}
-                    for (p, _), (_, score) in zip(jobs, scores):
-                        by_point.setdefault(tuple(p), []).append(score)
-                    mean = lambda p: sum(by_point[p]) / len(by_point[p])
-                    best = merge(best, max(by_point, key=mean))
-                    print(f"[{setting}] {arm.name}: tuned {' '.join(best)} "
-                          f"({time.time() - t_start:.0f} s)", flush=True)
-                tuned[arm.name], tuning_calls[arm.name] = best, calls
+                tuned, tuning = dict(first["tuned_flags"]), {}
             for arm in here:
                 if arm.like and not arm.stages:
                     tuned[arm.name] = tuned[arm.like]
-            # 2. the runs: every arm × budget × seed, then their evaluation on the held-out split
-            jobs = [(arm, s) for arm in here if arm.script
-                    for s in range(1 if cfg.quick else arm.seeds)]
+            same = same_runs(here, tuned)
+
+            # 2. the runs: every arm × seed at every budget with that budget's tuned flags, then
+            # their evaluation on the held-out split
+            jobs = [(arm, s) for arm in here for s in range(seeds_of(arm, cfg))]
 
             def job(arm_seed):  # an arm's runs at every budget for a seed, then their evaluation
-                arm, seed = arm_seed  # (below the top budget: greedy only, for the curves)
-                runs = train(arm, tuned[arm.name], paths, seed, out, cfg.quick, "heldout", budgets)
-                return {b: {**evaluate_job(d, "heldout", cfg.samples if b == budgets[-1] else 0),
-                            "calls": c} for b, (d, c) in runs.items()}
+                arm, seed = arm_seed
+                rows = {}
+                for i, budget in enumerate(budgets):
+                    r = train(arm, tuned[arm.name][budget], paths, seed, out, cfg.quick,
+                              "heldout", chain(arm, budgets, i))[budget]
+                    rows[budget] = {**evaluate_job(r.policy, "heldout"), "calls": r.calls,
+                                    "steps": r.steps, "wall_s": r.wall_s}
+                return rows
 
             finished = list(runners.map(job, jobs))
             print(f"[{setting}] runs and evaluations done ({time.time() - t_start:.0f} s)",
                   flush=True)
-            sft_eval = {**evaluate_job(paths.model, "heldout"), "calls": 0}
-            table = {"sft": {b: {s: sft_eval for s in range(10)} for b in budgets}}
+            sft_eval = {**evaluate_job(paths.model, "heldout"), "calls": 0, "steps": 0,
+                        "wall_s": 0.0}
+            most = max(seeds_of(a, cfg) for a in here)
+            table = {"sft": {b: {s: sft_eval for s in range(most)} for b in budgets}}
             for (arm, seed), by_budget in zip(jobs, finished):
                 for b, res in by_budget.items():
                     table.setdefault(arm.name, {}).setdefault(b, {})[seed] = res
-            claims = []
-            for claim, a, b in CLAIMS:
-                if a in table and b in table:
-                    for budget in budgets:  # the sampled metric only where it was measured
-                        for metric in ("reward", "expected_reward")[:1 + (budget == budgets[-1])]:
-                            va = {s: r[metric] for s, r in table[a][budget].items()}
-                            vb = {s: r[metric] for s, r in table[b][budget].items()}
-                            mean, half, n = paired(va, vb)
-                            claims.append(dict(claim=claim, budget=budget, metric=metric, diff=mean,
-                                               ci=half, seeds=n, holds=n > 1 and mean - half > 0))
-            as_run = {a.name: merge(tuned[a.name], a.flags) for a in here}  # the runs' flags
-            results["settings"][setting] = {"tuned": as_run, "tuning_calls": tuning_calls,
-                                            "table": table, "claims": claims}
+            results["settings"][setting] = {
+                "tuned_flags": tuned, "flags_from": flags_from,
+                "tuned": {a.name: {b: merge(tuned[a.name][b], a.flags) for b in budgets}
+                          for a in here},  # the runs' flags
+                "same_runs": same, "tuning": tuning_summary(tuning, budgets),
+                "table": table, "claims": claims(table, budgets),
+                "plots": plot_data(table, same)}
             first = results["settings"][settings[0]]
     results["seconds"] = time.time() - t_start
     os.makedirs(cfg.out, exist_ok=True)
@@ -349,25 +553,179 @@ def compare(cfg):
     return results
 
 
+def tuning_summary(tuning, budgets):
+    """What tuning did and cost, per arm and in all: every run on the validation split counted
+    once (spent): {"arms": {arm: {runs, calls, by_budget: {budget: record}}}, "runs", "calls"}."""
+    arms = {}
+    for name, (flags, records, made) in tuning.items():
+        runs, calls = spent(made)
+        arms[name] = {"runs": runs, "calls": calls,
+                      "by_budget": {b: {"flags": flags[b], **records[b]} for b in budgets}}
+    return {"arms": arms, "runs": sum(a["runs"] for a in arms.values()),
+            "calls": sum(a["calls"] for a in arms.values())}
+
+
+def claims(table, budgets):
+    """Every claim whose two arms ran, at every budget, on the greedy and the sampled reward."""
+    judged = []
+    for claim, a, b in CLAIMS:
+        if a in table and b in table:
+            for budget in budgets:
+                for metric in ("reward", "expected_reward"):
+                    va = {s: r[metric] for s, r in table[a][budget].items()}
+                    vb = {s: r[metric] for s, r in table[b][budget].items()}
+                    mean, half, n = paired(va, vb)
+                    judged.append(dict(claim=claim, budget=budget, metric=metric, diff=mean,
+                                       ci=half, seeds=n, holds=n > 1 and mean - half > 0))
+    return judged
+
+
+# ---------------------------------------------------------------- what a comparison costs
+# Seconds of one run (one thread) on the 2-core machine, measured with `python train_*.py` on the
+# default toy, --eval_max=1, one seed, another job on the other core (RESULTS.md, "What a
+# comparison costs"): start-up, and per oracle call of the budget (SELM: per call and epoch).
+RUN_SECONDS = {"offline": (5.0, 0.0025), "online": (4.5, 0.0042), "train_pbpo.py": (6.0, 0.075)}
+EVAL_SECONDS = {0: 1.0, 8: 12.0}  # an evaluation on 500 prompts: greedy; and with 8 samples
+TOY_SECONDS = 1460  # one build of the toy (its build.json's "seconds"), once per setting
+EPOCHS_UNTUNED = 4  # SELM's epochs where a stage does not set them: the value tuned before
+
+
+def run_seconds(arm, flags, calls):
+    """Estimated seconds of one training process of `arm` with `flags` that spends `calls`."""
+    if arm.script == "train_pbpo.py":
+        start, per_call = RUN_SECONDS["train_pbpo.py"]
+        return start + per_call * calls
+    start, per_call_epoch = RUN_SECONDS["online" if "--online" in arm.flags else "offline"]
+    epochs = [int(f.split("=")[1]) for f in flags if f.startswith("--epochs=")]
+    return start + per_call_epoch * calls * (epochs[-1] if epochs else EPOCHS_UNTUNED)
+
+
+def chain_seconds(arm, flags, budgets, i, shared):
+    """(seconds, processes) of what a run at budgets[i] needs: one run, or for PbPO the runs it
+    continues too, unless they were made already (shared) and only its own calls are left."""
+    if arm.script != "train_pbpo.py":
+        return run_seconds(arm, flags, budgets[i]), 1
+    segments = list(zip((0, *budgets[:i]), budgets[:i + 1]))
+    segments = segments[-1:] if shared else segments
+    return sum(run_seconds(arm, flags, high - low) for low, high in segments), len(segments)
+
+
+def planned_tuning(arm, budgets, quick):
+    """([runs, seconds] of tuning an arm at every budget when no axis is extended and PbPO's
+    budgets share their runs, [runs, seconds] at most: every numeric axis extended EXTENSIONS
+    times, each extension costed as the stage's dearest point, no run shared)."""
+    seeds = len(TUNING_SEEDS[:1] if quick else TUNING_SEEDS)
+    least, most = [0, 0.0], [0, 0.0]
+    for i in range(len(budgets)):
+        for stage in arm.stages:
+            axes = axes_of(stage)
+            points = [flags_of(zip(axes, v)) for v in itertools.product(*axes.values())]
+            points = points[:QUICK_POINTS] if quick else points
+            numeric = sum(len(v) > 1 and all(map(is_number, v)) for v in axes.values())
+            for flags in points:
+                seconds, _ = chain_seconds(arm, flags, budgets, i, shared=True)
+                least[0] += seeds
+                least[1] += seeds * (seconds + EVAL_SECONDS[0])
+            costs = [chain_seconds(arm, flags, budgets, i, shared=False) for flags in points]
+            costs += [max(costs)] * (0 if quick else EXTENSIONS * numeric)
+            for seconds, processes in costs:
+                most[0] += seeds * processes
+                most[1] += seeds * (seconds + EVAL_SECONDS[0])
+    return least, most
+
+
+def plan(cfg):
+    """What `compare` with these flags runs, per setting and arm, and its estimated wall time,
+    without running anything: the runs' and evaluations' seconds (RUN_SECONDS, EVAL_SECONDS)
+    shared by --jobs processes, plus the toy's builds. -> the rows printed."""
+    budgets, arms, settings = checked(cfg)
+    evaluation = EVAL_SECONDS[8] if cfg.samples else EVAL_SECONDS[0]
+    rows = []
+    for setting in settings:
+        for arm in [a for a in arms if a.script]:
+            least, most = [0, 0.0], [0, 0.0]
+            if setting in cfg.tune_on.split(",") and arm.stages:
+                least, most = planned_tuning(arm, budgets, cfg.quick)
+            seeds = seeds_of(arm, cfg)
+            runs = seconds = 0
+            for i in range(len(budgets)):  # the table's runs, with the same flags at each budget
+                run_s, processes = chain_seconds(arm, [], budgets, i, shared=True)
+                runs += seeds * processes
+                seconds += seeds * (run_s + evaluation)
+            rows.append(dict(setting=setting, arm=arm.name, seeds=seeds, tuning_runs=least[0],
+                             tuning_runs_most=most[0], runs=runs, seconds=least[1] + seconds,
+                             seconds_most=most[1] + seconds))
+    build = TOY_SECONDS * len(settings)
+    least = build + sum(r["seconds"] for r in rows) / cfg.jobs
+    most = build + sum(r["seconds_most"] for r in rows) / cfg.jobs
+    print(f"plan: budgets {', '.join(map(str, budgets))}; settings {', '.join(settings)}, tuned "
+          f"on {cfg.tune_on}; {cfg.jobs} jobs. Seconds: one thread's, estimated (RUN_SECONDS)")
+    print(f"{'setting':<9} {'arm':<17} {'seeds':>5} {'tuning runs':>13} {'runs':>5} "
+          f"{'seconds':>15}")
+    for r in rows:
+        print(f"{r['setting']:<9} {r['arm']:<17} {r['seeds']:>5} {r['tuning_runs']:>5} – "
+              f"{r['tuning_runs_most']:<5} {r['runs']:>5} {r['seconds']:>7.0f} – "
+              f"{r['seconds_most']:<7.0f}")
+    print(f"in all: {sum(r['tuning_runs'] for r in rows)} – "
+          f"{sum(r['tuning_runs_most'] for r in rows)} tuning runs and "
+          f"{sum(r['runs'] for r in rows)} comparison runs; the toy's builds {build / 60:.0f} min; "
+          f"wall time {least / 3600:.1f} – {most / 3600:.1f} h (least: no axis extended, PbPO's "
+          "budgets sharing runs; most: every extension, nothing shared)")
+    return rows
+
+
 # ---------------------------------------------------------------- tables and plots
+def cell(rows, key, digits=3):
+    """'mean ± half-width' over the seeds' rows, '-' where the metric was not measured."""
+    if rows[0][key] is None:
+        return "-"
+    mean, half = mean_ci([r[key] for r in rows])
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
 def report(results):
+    like = {a.name: a.like for a in ARMS}
     lines = [f"Wall time {results['seconds'] / 60:.0f} min. Mean ± 95% interval over seeds; "
-             "held-out split, all prompts.\n"]
+             "held-out split, all prompts. Steps: AdamW steps on a policy (PbPO: the leader's "
+             "and the enhancer's); wall s: training seconds of the run and those it continues "
+             "(run_cost).\n"]
     for setting, res in results["settings"].items():
-        lines += [f"### {setting}\n", "| arm | tuned flags | tuning calls |", "|---|---|---|"]
-        spent = lambda a: round(res["tuning_calls"].get(a, 0)) or "reused"
-        lines += [f"| {a} | `{' '.join(f) or '-'}` | {spent(a)} |"
-                  for a, f in res["tuned"].items() if a != "sft"]
-        lines += ["", "| arm | budget | calls | seeds | accuracy | gold reward | "
-                      "expected gold (T=1) | KL to SFT |", "|---|---|---|---|---|---|---|---|"]
+        tuning = res["tuning"]
+        lines += [f"### {setting}\n", "| arm | budget | tuned flags | extensions | left on an "
+                  "edge |", "|---|---|---|---|---|"]
+        for arm, by_budget in res["tuned"].items():
+            for budget, flags in by_budget.items():
+                record = tuning["arms"].get(arm, {}).get("by_budget", {}).get(budget)
+                if record is None:  # not tuned here
+                    how = f"{like[arm]}'s, with its own flags"
+                    if arm in res["same_runs"]:
+                        how = f"the runs of {res['same_runs'][arm]}"
+                    elif res["flags_from"] != setting:
+                        how = f"tuned on {res['flags_from']}"
+                    lines.append(f"| {arm} | {budget} | `{' '.join(flags)}` ({how}) | - | - |")
+                    continue
+                extended = ", ".join(f"{e['axis']}={e['value']}" for e in record["extensions"])
+                edges = ", ".join(f"{e['axis']}={e['value']} ({e['side']}, {e['why']})"
+                                  for e in record["edges"])
+                lines.append(f"| {arm} | {budget} | `{' '.join(flags)}` | {extended or '-'} | "
+                             f"{edges or '-'} |")
+        lines += ["", "Tuning on the validation split, every run counted once (a PbPO run that "
+                  "continues another pays only its own calls):", "",
+                  "| arm | tuning runs | tuning oracle calls |", "|---|---|---|"]
+        lines += [f"| {arm} | {a['runs']} | {a['calls']:.0f} |"
+                  for arm, a in tuning["arms"].items()]
+        lines += [f"| all | {tuning['runs']} | {tuning['calls']:.0f} |", ""]
+        lines += ["| arm | budget | calls | steps | wall s | seeds | accuracy | gold reward | "
+                  "expected gold (T=1) | KL to SFT |", "|---|---|---|---|---|---|---|---|---|---|"]
         for arm, by_budget in res["table"].items():
+            name = arm if arm not in res["same_runs"] else f"{arm} (= {res['same_runs'][arm]})"
             for budget, by_seed in by_budget.items():
                 rows = list(by_seed.values())
-                cell = lambda k: "-" if rows[0][k] is None else \
-                    "{:.3f} ± {:.3f}".format(*mean_ci([r[k] for r in rows]))
-                lines.append(f"| {arm} | {budget} | {sum(r['calls'] for r in rows) / len(rows):.0f}"
-                             f" | {len(rows)} | {cell('accuracy')} | {cell('reward')} | "
-                             f"{cell('expected_reward')} | {cell('kl_sft')} |")
+                mean = lambda k: sum(r[k] for r in rows) / len(rows)
+                lines.append(f"| {name} | {budget} | {mean('calls'):.0f} | {mean('steps'):.0f} | "
+                             f"{mean('wall_s'):.1f} | {len(rows)} | {cell(rows, 'accuracy')} | "
+                             f"{cell(rows, 'reward')} | {cell(rows, 'expected_reward')} | "
+                             f"{cell(rows, 'kl_sft')} |")
         lines += ["", "| claim | budget | metric | paired difference | seeds | holds |",
                   "|---|---|---|---|---|---|"]
         lines += [f"| {c['claim']} | {c['budget']} | {c['metric']} | {c['diff']:+.4f} ± "
@@ -377,7 +735,46 @@ def report(results):
     return "\n".join(lines)
 
 
+PLOTS = {"curves": ("calls", "reward", "oracle calls", "held-out gold reward (greedy)"),
+         "frontier": ("kl_sft", "expected_reward", "KL(π ‖ π_SFT), nats",
+                      "expected gold reward, 8 samples at T = 1")}
+
+
+def finite_or_none(x):  # a 95% interval of one seed is NaN: JSON has no NaN, the plot no bar
+    return x if math.isfinite(x) else None
+
+
+def plot_data(table, same):
+    """{plot: {arm: [points]}}: at SFT (0 calls, its own KL) and then at every budget, x and y as
+    the mean over seeds and the half-width of its 95% interval. The frontier is drawn along
+    training: each budget's policy, from the SFT policy on (a PbPO run at a larger budget
+    continues the one below when its tuned flags are the same; the other arms' budgets are
+    runs of their own). An arm whose runs are another's is left out: it would hide under it."""
+    sft = next(iter(next(iter(table["sft"].values())).values()))
+    out = {}
+    for plot, (x_key, y_key, _, _) in PLOTS.items():
+        out[plot] = {}
+        for arm, by_budget in table.items():
+            if arm in same:
+                continue
+            points = [dict(budget=0, x=sft[x_key], x_ci=0.0, y=sft[y_key], y_ci=0.0)]
+            for budget, by_seed in by_budget.items() if arm != "sft" else ():
+                x, x_ci = mean_ci([r[x_key] for r in by_seed.values()])
+                y, y_ci = mean_ci([r[y_key] for r in by_seed.values()])
+                points.append(dict(budget=budget, x=x, x_ci=finite_or_none(x_ci), y=y,
+                                   y_ci=finite_or_none(y_ci)))
+            out[plot][arm] = points
+    return out
+
+
+MARKERS = "osD^v<>pXh*P"
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
 def plots(results, out):
+    """curves.png and frontier.png: one panel a setting, every arm in its own colour, marker and
+    line style (a colour comes back only with another marker and line style), 95% intervals as
+    error bars in both directions."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -385,29 +782,26 @@ def plots(results, out):
     except ImportError:
         return print("matplotlib is not installed: no plots")
     settings = results["settings"]
-    colour = {a.name: plt.cm.tab20(i) for i, a in enumerate(ARMS)}  # one colour an arm
-    for name, x_key, y_key, x_label in (("curves", "calls", "reward", "oracle calls"),
-                                        ("frontier", "kl_sft", "expected_reward",
-                                         "KL(π ‖ π_SFT), nats")):
-        fig, axes = plt.subplots(1, len(settings), figsize=(6 * len(settings), 4.5), squeeze=False)
+    style = {a.name: dict(color=plt.cm.tab10(i % 10), marker=MARKERS[i % len(MARKERS)],
+                          linestyle=LINE_STYLES[i % len(LINE_STYLES)])
+             for i, a in enumerate(ARMS)}
+    for plot, (_, _, x_label, y_label) in PLOTS.items():
+        fig, axes = plt.subplots(1, len(settings), figsize=(9 * len(settings), 5), squeeze=False)
         for ax, (setting, res) in zip(axes[0], settings.items()):
-            for arm, by_budget in res["table"].items():
-                pts = sorted((sum(r[x_key] for r in s.values()) / len(s),
-                              sum(r[y_key] for r in s.values()) / len(s))
-                             for s in by_budget.values()
-                             if next(iter(s.values()))[x_key] is not None)
-                if name == "curves" and arm != "sft":
-                    sft = res["table"]["sft"]
-                    pts = [(0, next(iter(next(iter(sft.values())).values()))[y_key])] + pts
-                ax.plot(*zip(*pts), "o-" if name == "curves" else "o", color=colour[arm],
-                        label=arm, markersize=4)
-            ax.set_title(setting)
+            for arm, points in res["plots"][plot].items():
+                twins = [a for a, b in res["same_runs"].items() if b == arm]
+                label = arm + "".join(f" = {t}" for t in twins)  # the same runs: one line
+                ax.errorbar([p["x"] for p in points], [p["y"] for p in points],
+                            xerr=[p["x_ci"] or 0 for p in points],
+                            yerr=[p["y_ci"] or 0 for p in points], label=label, markersize=5,
+                            capsize=2, linewidth=1.2, **style[arm])
+            ax.set_title(f"{setting} (95% intervals over seeds)")
             ax.set_xlabel(x_label)
-            ax.set_ylabel("held-out gold reward (greedy)" if name == "curves" else
-                          "expected gold reward, 8 samples at T = 1")
-            ax.legend(fontsize=7)
+            ax.set_ylabel(y_label)
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1, 1))  # hides no curve
         fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{name}.png"), dpi=110)
+        fig.savefig(os.path.join(out, f"{plot}.png"), dpi=110)
+        plt.close(fig)
 
 
 @dataclass
@@ -418,14 +812,19 @@ class Config:
     # the first setting's tuned flags
     budgets: str = knob("384,768", "oracle-call budgets")
     arms: str = knob("", "a comma-separated subset of the arms (default: all)")
+    seeds: int = knob(10, "paired seeds 0..n-1 of the main arms", at_least=1)
+    ablation_seeds: int = knob(10, "paired seeds 0..n-1 of the ablations", at_least=1)
     samples: int = knob(8, "samples per prompt for the expected gold reward at temperature 1")
     jobs: int = knob(2, "runs at a time, and as many evaluation processes; one thread each",
                      at_least=1)
     quick: bool = knob(False, "the quick toy, one seed, the first grid point: a smoke test")
-
+    plan: bool = knob(False, "print the runs this would make and an estimate of the time; run none")
 
 
 if __name__ == "__main__":
     config = run.parse_flags(Config, __doc__)
     with run.friendly_errors("experiments/compare.py"):
-        compare(config)
+        if config.plan:
+            plan(config)
+        else:
+            compare(config)

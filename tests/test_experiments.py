@@ -68,10 +68,100 @@ def test_compare_refuses_an_untuned_first_setting(tmp_path):
     assert not os.listdir(tmp_path)  # before anything was built
 
 
+def peaked_at(targets):
+    """A stand-in for tuning's score: highest where each flag is at its target (log scale for
+    floats), so where the best point of a grid lies is known in advance."""
+    def score(flag_lists):
+        scores = []
+        for flags in flag_lists:
+            values = dict(f[2:].split("=", 1) for f in flags)
+            scores.append(-sum(abs(math.log(float(values[k]) / t)) for k, t in targets.items()
+                               if k in values))
+        return scores
+    return score
+
+
+def test_a_choice_inside_the_grid_is_not_extended():
+    flags, record = C.tune_stages("train_selm.py", ("lr=5e-5,1e-4,3e-4 epochs=4,8,16",), [],
+                                  peaked_at({"lr": 1e-4, "epochs": 8}))
+    assert flags == ["--epochs=8", "--lr=1e-4"]
+    assert len(record["points"]) == 9 and record["extensions"] == record["edges"] == []
+
+
+def test_a_choice_on_an_edge_extends_its_axis_up_to_the_cap():
+    """lr's best is the lowest tried: two geometric steps by the grid's own ratio (the cap), after
+    which the choice is still on the edge and the record says so. epochs' best, 16, is the highest
+    tried: one arithmetic step (16 + 8), with the best's lr; then 16 is inside the values tried
+    on its axis and is not extended again."""
+    flags, record = C.tune_stages("train_selm.py", ("lr=5e-5,1e-4 epochs=4,8,16",), [],
+                                  peaked_at({"lr": 1e-6, "epochs": 24}))
+    extensions = [(e["axis"], e["value"], e["side"]) for e in record["extensions"]]
+    assert extensions == [("lr", "2.5e-05", "low"), ("epochs", "24", "high"),
+                          ("lr", "1.25e-05", "low")]
+    assert flags == ["--epochs=16", "--lr=1.25e-05"]
+    assert record["edges"] == [{"stage": 0, "axis": "lr", "value": "1.25e-05", "side": "low",
+                                "why": "cap"}]
+    assert len(record["points"]) == 6 + 3
+    assert ["--lr=2.5e-05", "--epochs=16"] in [p["flags"] for p in record["points"]]
+
+
+def test_an_edge_at_a_flags_bound_or_a_category_is_not_extended():
+    """β = 0 cannot be stepped past geometrically, T_out stops at its least value 1 (the step of
+    4 from 4 would give 0), the anchor is categorical; each stage starts from the last's best."""
+    prefers_small = lambda flag_lists: [-sum(float(f.split("=")[1]) for f in flags
+                                             if C.is_number(f.split("=")[1]))
+                                        for flags in flag_lists]
+    flags, record = C.tune_stages("train_pbpo.py", ("beta=0,0.01 anchor=ref,sft", "t_out=4,8"),
+                                  ["--beta=0.5"], prefers_small)
+    assert flags == ["--anchor=ref", "--beta=0", "--t_out=1"]
+    assert [(e["axis"], e["value"]) for e in record["extensions"]] == [("t_out", "1")]
+    assert [(e["axis"], e["why"]) for e in record["edges"]] == [("beta", "bound"),
+                                                               ("t_out", "bound")]
+
+
+def test_a_continued_run_is_paid_for_once():
+    """Tuning runs are counted once each, a PbPO run at a larger budget paying only what it
+    added to the run it continues; an offline run is charged its pairs."""
+    pbpo_384 = C.Run("p/final", 370, 1, 1.0, (("p384", 370),))
+    pbpo_768 = C.Run("q/final", 740, 1, 1.0, (("p384", 370), ("p768", 740)))
+    dpo = C.Run("d/final", 380.5, 1, 1.0, (("d384", 380.5),))
+    assert C.spent([pbpo_384, pbpo_768, dpo, pbpo_768]) == (3, 740 + 380.5)
+
+
+def test_run_cost_counts_the_enhancer_steps_of_pbpo():
+    lines = [{"kind": "explore"}, *[{"kind": "step"}] * 8, {"kind": "episode", "wall_s": 2.5},
+             *[{"kind": "step"}] * 8, {"kind": "episode", "wall_s": 3.0},
+             {"kind": "final_eval"}]
+    assert C.run_cost("train_pbpo.py", [], lines) == (16 + 2 * 2, 5.5)  # --enh_steps=2
+    assert C.run_cost("train_pbpo.py", ["--enh_steps=5"], lines) == (16 + 2 * 5, 5.5)
+    assert C.run_cost("train_pbpo.py", ["--enhancer=best_of_n"], lines) == (16, 5.5)
+    selm = [*[{"kind": "step"}] * 6, {"kind": "iteration", "wall_s": 1.5}]
+    assert C.run_cost("train_selm.py", [], selm) == (6, 1.5)
+
+
+def test_plot_data_has_a_95_percent_interval_at_every_point():
+    """Each arm's points: SFT first, then every budget's mean ± the 95% t-interval of the seeds;
+    an arm sharing another's runs is left out (it would hide under it)."""
+    row = lambda r, kl: {"reward": r, "expected_reward": r, "kl_sft": kl, "calls": 100}
+    sft = {b: {s: row(0.5, 0.0) for s in range(3)} for b in (1, 2)}
+    arm = {1: {s: row(0.6 + 0.01 * s, 0.1) for s in range(3)},
+           2: {s: row(0.7 + 0.02 * s, 0.2 + 0.1 * s) for s in range(3)}}
+    data = C.plot_data({"sft": sft, "a": arm, "b": arm}, {"b": "a"})
+    assert set(data["frontier"]) == {"sft", "a"}
+    points = data["frontier"]["a"]
+    assert [p["budget"] for p in points] == [0, 1, 2]
+    assert points[2]["y"] == pytest.approx(0.72)
+    assert points[2]["y_ci"] == pytest.approx(T.mean_ci([0.7, 0.72, 0.74])[1])
+    assert points[2]["x_ci"] == pytest.approx(T.mean_ci([0.2, 0.3, 0.4])[1])
+    assert points[0] == {"budget": 0, "x": 0.0, "x_ci": 0.0, "y": 0.5, "y_ci": 0.0}
+
+
 def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     """experiments.compare --quick end to end on the quick toy: every arm is tuned on the
-    validation split, runs at both budgets within them, is evaluated on the held-out split, and
-    every claim between arms gets a paired difference; a second call reuses every run."""
+    validation split at each budget, runs at both budgets within them with that budget's flags,
+    is evaluated on the held-out split (calls, optimizer steps and wall seconds recorded), every
+    claim between arms gets a paired difference, the tuning runs are all counted; a second call
+    reuses every run."""
     arms = "sft,dpo,dpo_online,selm,pbpo"
     cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True)
     res = C.compare(cfg)["settings"]["standard"]
@@ -80,23 +170,64 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     for arm, by_budget in res["table"].items():
         for budget in budgets:
             row = by_budget[budget][0]
-            sampled = ("expected_reward", "kl_sft") if budget == budgets[-1] or arm == "sft" else ()
-            assert all(math.isfinite(row[k]) for k in ("accuracy", "reward", *sampled))
+            keys = ("accuracy", "reward", "expected_reward", "kl_sft")
+            assert all(math.isfinite(row[k]) for k in keys)
             assert 0 < row["calls"] <= budget or arm == "sft"
+            assert row["steps"] > 0 and row["wall_s"] > 0 or arm == "sft"
     pbpo = res["table"]["pbpo"]
     assert pbpo[32][0]["calls"] <= 32 < pbpo[64][0]["calls"]  # one run, continued
-    assert set(res["tuned"]) >= {"dpo", "selm", "pbpo"}
-    assert all(res["tuning_calls"][a] > 0 for a in ("dpo", "pbpo"))
+    assert pbpo[32][0]["steps"] < pbpo[64][0]["steps"]
+    tuning = res["tuning"]
+    for arm in ("dpo", "dpo_online", "selm", "pbpo"):  # tuned at each budget, on its own runs
+        for budget in budgets:
+            assert res["tuned"][arm][budget]
+            assert tuning["arms"][arm]["by_budget"][budget]["points"]
+        assert tuning["arms"][arm]["calls"] > 0
+    selm_points = sum(len(tuning["arms"]["selm"]["by_budget"][b]["points"]) for b in budgets)
+    assert tuning["arms"]["selm"]["runs"] == selm_points == 2 * len(C.SELM_GRID)
+    runs_dir = tmp_path / "standard" / "runs"
+    assert {b for b in budgets if glob.glob(f"{runs_dir}/selm_{b}_s100_*")} == set(budgets)
+    assert tuning["runs"] == sum(a["runs"] for a in tuning["arms"].values())
+    assert tuning["calls"] == pytest.approx(sum(a["calls"] for a in tuning["arms"].values()))
     claims = {(c["claim"], c["budget"], c["metric"]) for c in res["claims"]}
     assert ("PbPO ≥ SELM", 32, "reward") in claims
-    assert ("iterative DPO ≥ SFT", 64, "expected_reward") in claims
-    # sampled metrics: at the top budget only
-    assert ("iterative DPO ≥ SFT", 32, "expected_reward") not in claims
-    assert "| pbpo | 64 |" in (tmp_path / "compare.md").read_text()
-    runs_dir = tmp_path / "standard" / "runs"
+    assert ("iterative DPO ≥ SFT", 32, "expected_reward") in claims
+    for points in res["plots"]["frontier"].values():  # along training: SFT, then each budget
+        assert all({"x", "x_ci", "y", "y_ci"} <= set(p) for p in points)
+    assert [p["budget"] for p in res["plots"]["frontier"]["pbpo"]] == [0, *budgets]
+    md = (tmp_path / "compare.md").read_text()
+    assert "| pbpo | 64 |" in md and "| all |" in md
     stamps = {r: os.path.getmtime(runs_dir / r / "command.json") for r in os.listdir(runs_dir)}
     C.compare(cfg)  # everything finished is reused
     assert {r: os.path.getmtime(runs_dir / r / "command.json") for r in stamps} == stamps
+
+
+def test_compare_extends_a_grid_whose_choice_is_on_an_edge(tmp_path, monkeypatch):
+    """A real stage of two β values (so the choice is on an edge, whichever wins): the driver
+    runs the point past it at each budget, with the tuning seed, and counts it."""
+    monkeypatch.setattr(C, "QUICK_POINTS", 2)
+    monkeypatch.setattr(C, "ARMS", [C.Arm("sft"), C.Arm("dpo", "train_selm.py", ("--alpha=0",),
+                                                        ("beta=0.01,0.1",))])
+    cfg = C.Config(out=str(tmp_path), settings="standard", quick=True)
+    tuning = C.compare(cfg)["settings"]["standard"]["tuning"]["arms"]["dpo"]
+    for budget in (32, 64):
+        record = tuning["by_budget"][budget]
+        assert record["extensions"][0]["value"] in ("0.001", "1")
+        assert len(record["points"]) == 2 + len(record["extensions"])
+        assert len(record["extensions"]) < C.EXTENSIONS or record["edges"][0]["why"] == "cap"
+    assert tuning["runs"] == sum(len(tuning["by_budget"][b]["points"]) for b in (32, 64))
+
+
+def test_plan_counts_the_runs_without_running_any(tmp_path, capsys):
+    rows = C.plan(C.Config(out=str(tmp_path), arms="sft,dpo,pbpo,pbpo_mle", ablation_seeds=3))
+    by = {(r["setting"], r["arm"]): r for r in rows}
+    points = 8 + 6  # DPO's two stages, at each of 2 budgets with 2 tuning seeds
+    assert by["standard", "dpo"]["tuning_runs"] == 2 * 2 * points
+    assert by["rare", "dpo"]["tuning_runs"] == 0  # takes standard's flags
+    assert by["standard", "pbpo_mle"]["runs"] == 3 * 2 and by["rare", "pbpo_mle"]["seeds"] == 3
+    assert all(r["seconds"] <= r["seconds_most"] for r in rows)
+    assert "wall time" in capsys.readouterr().out
+    assert not os.listdir(tmp_path)
 
 
 # ---------------------------------------------------------------- drivers: bad flags, stops, kills
@@ -114,6 +245,8 @@ BAD_FLAGS = [  # (driver, flag, what it says after "error: ")
      "pbpo_mle, pbpo_beta0, pbpo_beta0.01, pbpo_beta0.02, pbpo_beta0.04, pbpo_beta0.1"),
     ("compare", "--settings=standard,bogus",
      "--settings=standard,bogus: expected comma-separated names, each once, of standard, rare"),
+    ("compare", "--ablation_seeds=101", "--ablation_seeds=101: at most 100, so that the "
+     "comparison's seeds stay apart from the tuning seeds"),
 ]
 
 
