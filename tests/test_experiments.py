@@ -496,3 +496,34 @@ def test_an_interrupted_run_is_continued_with_resume_and_keeps_its_pairs(tmp_pat
     (out / "command.json").write_text(json.dumps({**done, "code": "0" * 64}))  # older code's run
     T.run_arm(fake, ["--hold=0", "--lr=2"], str(out))
     assert (out / "argv").exists()
+
+
+# ---------------------------------------------------------------- the larger RM backbone
+def test_rm_backbone_pieces_are_disjoint_identity_grown_and_loadable(toy, tmp_path):
+    """experiments/rm_backbone.py: its text is on problems none of the toy's splits holds; an
+    answer's number is replaced wherever the answer states it; the grown model starts as the SFT
+    policy; a built backbone loads with model.from_pretrained and shares the policy's tokenizer."""
+    import random
+    import data
+    import model as M
+    import experiments.rm_backbone as B
+    paths = toy[1]
+    tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
+    splits = (paths.train, paths.valid, paths.heldout)
+    excluded = {p["prompt"] for f in splits for p in data.load_prompts(f, tok, 256)}
+    problems = B.fresh_problems(random.Random(0), excluded, 300)
+    assert len(problems) == 300 and not {q for q, _, _ in problems} & excluded
+    assert B.replace_number("3 + 4 = 7. 7 - 2 = 5.\n#### 5", 9) == "3 + 4 = 7. 7 - 2 = 9.\n#### 9"
+    assert B.replace_number("I think it is about 6.\n#### 6", 9) == "I think it is about 9.\n#### 9"
+    grown = B.grow(sft, 2).eval()
+    ids = torch.tensor([data.encode_prompt(tok, problems[0][0])])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids), sft(ids))
+    cfg = B.Config(steps=2, batch_size=4, problems=50)
+    torch.manual_seed(0)
+    backbone = B.build_detector(sft, tok, problems[:50], cfg)
+    M.save_pretrained(backbone, str(tmp_path / "rm"))
+    tok.save_pretrained(str(tmp_path / "rm"))
+    data.check_same_tokenizer(str(tmp_path / "rm"), tok)
+    loaded = M.from_pretrained(str(tmp_path / "rm"))
+    assert loaded.config.num_hidden_layers == sft.config.num_hidden_layers + 2

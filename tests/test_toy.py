@@ -209,7 +209,7 @@ def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, 
     assert digests(str(out)) == digests(built)
 
 
-EXPERIMENTS = ("bench", "compare", "diagnose", "regret", "tune")
+EXPERIMENTS = ("bench", "compare", "diagnose", "regret", "rm_backbone", "tune")
 ENTRY_POINTS = ["toy.py", "train_pbpo.py", "train_selm.py", "eval.py", "eval.py choice",
                 *(f"-m experiments.{m}" for m in EXPERIMENTS)]
 
