@@ -17,6 +17,7 @@ keep their 10% slip rate), so few of the SFT policy's samples are correct worked
   python toy.py --rare --out_dir=out/toy_rare   # the rare setting
   python toy.py --quick                # the reduced build the tests use (seconds)
 """
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,9 @@ SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assist
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}"
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+BUILD_THREADS = 2  # the build's own thread count: a machine with more cores builds the same bits
+with open(__file__, "rb") as _source:  # a build is this file's: another version builds again
+    SOURCE = hashlib.sha256(_source.read()).hexdigest()[:16]
 ToyPaths = namedtuple("ToyPaths", "model train heldout prefs valid")
 FILES = ToyPaths("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")  # in out_dir
 
@@ -176,14 +180,29 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     prompt, ranked by gold_reward, ties skipped). Tune on valid.jsonl, report on heldout.jsonl.
     rare: the rare setting (module docstring), the demonstrators of noisy_demo(rare=True); the
     prompt files are the default build's. build.json is written last, with the build's key
-    ([seed, quick], plus "rare" in that setting): a directory without it, without one of the
-    files, with another key or with a build.json that cannot be read is rebuilt."""
+    ([seed, quick], plus "rare" in that setting, then SOURCE): a directory without it, without one
+    of the files, with another key or with a build.json that cannot be read is rebuilt.
+    The build runs on BUILD_THREADS threads, whatever the machine has: the same bits on any
+    machine of the same CPU kind, torch and tokenizers versions (their kernels and the BPE
+    trainer are what else it depends on)."""
     paths = ToyPaths(*(os.path.join(out_dir, f) for f in FILES))
-    marker, key = os.path.join(out_dir, "build.json"), [seed, quick] + (["rare"] if rare else [])
+    marker = os.path.join(out_dir, "build.json")
+    key = [seed, quick] + (["rare"] if rare else []) + [SOURCE]
     if os.path.exists(marker):
         if built_key(marker) == key and all(map(os.path.exists, paths)):
             return paths
         os.remove(marker)  # another build's, or unreadable: this one overwrites its files
+    threads = torch.get_num_threads()
+    torch.set_num_threads(BUILD_THREADS)
+    try:
+        make(paths, marker, key, seed, quick, rare)
+    finally:  # the caller's own count again (a trainer's checkpoint records it)
+        torch.set_num_threads(threads)
+    return paths
+
+
+def make(paths, marker, key, seed, quick, rare):  # build()'s work, once it found none to reuse
+    out_dir = os.path.dirname(marker)
     t0, rng = time.time(), random.Random(seed)
     n_heldout, n_train, n_demos = (32, 32, 256) if quick else (500, 1000, 20000)
     problems = {}  # question -> (start, ops); unique questions, so the splits are disjoint
@@ -254,7 +273,6 @@ def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     finally:  # also when stopped by Ctrl-C
         if os.path.exists(tmp):
             os.remove(tmp)
-    return paths
 
 
 def built_key(marker):
