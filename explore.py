@@ -36,9 +36,9 @@ def select_pair(cov, phi_ref, phi_candidates):  # best of N: j* = argmax ‖φ(x
     return j, dphi[j], float(u[j])  # j*, Δφ (d,), the uncertainty of j*
 
 
-def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):  # a prompt's rows together
-    """π̂'s REINFORCE reward ⟨v_x, Φ(x, y¹)⟩ (per token ⟨v_x, φ_h⟩: Φ = Σ_h φ_h), v_x = Σ⁻¹ m_x /
-    ‖m_x‖_{Σ⁻¹} held constant; phi_enh (P·G, [S,] d) of π̂, phi_ref (P·R, [S,] d) of π_ref."""
+def enhancer_rewards(cov, phi_enh, phi_ref, group, ref_group):
+    """π̂'s REINFORCE reward ⟨v_x, Φ(x, y¹)⟩ (per token ⟨v_x, φ_h⟩), v_x = Σ⁻¹ m_x / ‖m_x‖_{Σ⁻¹}
+    held constant; phi_enh (P·G, [S,] d) of π̂, phi_ref (P·R, [S,] d) of π_ref, prompt-major."""
     m = (trajectory_features(phi_enh).unflatten(0, (-1, group)).mean(1)
          - trajectory_features(phi_ref).unflatten(0, (-1, ref_group)).mean(1))  # (P, d) m_x
     v = m @ cov.sigma_inv / cov.uncertainty(m).clamp_min(1e-6)[:, None]  # (P, d), Σ⁻¹ symmetric

@@ -23,6 +23,7 @@ from checkpoint import full_state_dict
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 
 
+# ---------------------------------------------------------------- config
 def model_config(d, where="config.json"):  # what the transformer reads of a config.json, checked
     mt = d.get("model_type")
     if mt not in SUPPORTED:
@@ -264,8 +265,8 @@ def from_pretrained(path, device="cpu", dtype=torch.float32):
     return model
 
 
-def save_pretrained(model, path):  # collective; rank 0 writes; the tokenizer is the caller's
-    state_dict = full_state_dict(model)  # gathered if sharded: rank 0's, on CPU ({} elsewhere)
+def save_pretrained(model, path):  # rank 0 writes; the tokenizer is the caller's
+    state_dict = full_state_dict(model)  # sharded: all ranks gather; else rank 0 may call alone
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     cfg = model.config
@@ -374,13 +375,13 @@ def _decode_step(model, ids, done, slots, key_valid, u, eos, pad_id, temperature
     log-prob 0). T = 1: static shapes, state on the device, no host sync: CUDA-graph safe."""
     h = model(ids, key_valid, cache_index=slots)  # (B, T, D)
     logits = _mm32(h[:, -1], model.lm_head.weight.t())  # (B, V) fp32
-    logp = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V), as token_logprobs scores it
+    logp_all = (logits / (temperature or 1.0)).log_softmax(-1)  # (B, V), as token_logprobs does
     if temperature == 0:  # greedy, with T = 1's log-prob
         tok = logits.argmax(-1, keepdim=True)  # (B, 1)
     else:  # inverse CDF at u (B, 1) in [0, 1); no top-k or top-p: the leader's gradient needs it
-        cdf = logp.exp().cumsum(-1)  # (B, V)
+        cdf = logp_all.exp().cumsum(-1)  # (B, V)
         tok = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).clamp(max=logits.shape[-1] - 1)
-    logp = logp.gather(-1, tok)  # (B, 1)
+    logp = logp_all.gather(-1, tok)  # (B, 1)
     tok, logp = tok.masked_fill(done, pad_id), logp.masked_fill(done, 0.0)
     return tok, logp, done | torch.isin(tok, eos), slots[-1:] + 1
 

@@ -42,8 +42,6 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 BUILD_THREADS = 2  # the build's own thread count: a machine with more cores builds the same bits
-with open(__file__, "rb") as _source:  # a build is this file's: another version builds again
-    SOURCE = hashlib.sha256(_source.read()).hexdigest()[:16]
 ToyPaths = namedtuple("ToyPaths", "model train heldout prefs valid")
 FILES = ToyPaths("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")  # in out_dir
 
@@ -174,20 +172,28 @@ def write_jsonl(path, rows):
 
 
 # ---------------------------------------------------------------- the build
+def source_digest():  # of the code a build runs: another version of it builds again
+    h = hashlib.sha256()
+    for module in (__file__, M.__file__, data.__file__):
+        with open(module, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     """Build (or reuse) the task: tokenizer + SFT policy in out_dir/sft, GSM8K-layout train /
     held-out / validation prompt files, and prefs.jsonl (two temperature-1 SFT samples per train
     prompt, ranked by gold_reward, ties skipped). Tune on valid.jsonl, report on heldout.jsonl.
     rare: the rare setting (module docstring), the demonstrators of noisy_demo(rare=True); the
     prompt files are the default build's. build.json is written last, with the build's key
-    ([seed, quick], plus "rare" in that setting, then SOURCE): a directory without it, without one
+    ([seed, quick], plus "rare" in that setting, then source_digest()): a directory without it, without one
     of the files, with another key or with a build.json that cannot be read is rebuilt.
     The build runs on BUILD_THREADS threads, whatever the machine has: the same bits on any
     machine of the same CPU kind, torch and tokenizers versions (their kernels and the BPE
     trainer are what else it depends on)."""
     paths = ToyPaths(*(os.path.join(out_dir, f) for f in FILES))
     marker = os.path.join(out_dir, "build.json")
-    key = [seed, quick] + (["rare"] if rare else []) + [SOURCE]
+    key = [seed, quick] + (["rare"] if rare else []) + [source_digest()]
     if os.path.exists(marker):
         if built_key(marker) == key and all(map(os.path.exists, paths)):
             return paths

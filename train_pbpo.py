@@ -24,6 +24,7 @@ policy π (the leader) and a reward model r_w(τ) = ⟨w, φ(τ)⟩ (the followe
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -115,8 +116,8 @@ def follower_step_size(rm_lr, beta, n_pairs, curvature=1.0):
 
 def fit_mle(phi0, phi1, labels, bound, steps=10_000, tol=1e-6):
     """ŵ = argmin_{‖w‖≤B} ℓ_D(w) on all of D -> (ŵ, ℓ_D(ŵ)): projected FISTA in float64 from 0, step
-    1/L with L = ‖X‖²/4 ≥ ∇²ℓ_D, until the gradient mapping is below tol (stopped early, ℓ_D(ŵ) is
-    high, which widens the set)."""
+    1/L with L = ‖X‖²/4 ≥ ∇²ℓ_D, until the gradient mapping is below tol (stopped at `steps`, ℓ_D(ŵ)
+    is high, which widens the set: a warning says by how far it was from converging)."""
     x = (2.0 * labels.double() - 1.0)[:, None] * (phi1 - phi0).double()  # (n, d) rows s_i ΔΦ_i
     lipschitz = max(torch.linalg.matrix_norm(x, ord=2).item() ** 2 / 4, 1e-12)
     w = previous = torch.zeros(x.shape[1], dtype=x.dtype, device=x.device)  # (d,)
@@ -127,6 +128,9 @@ def fit_mle(phi0, phi1, labels, bound, steps=10_000, tol=1e-6):
         w = step * (bound / step.norm()).clamp(max=1.0)  # Proj_B
         if (y - w).norm() * lipschitz <= tol:
             break
+    else:
+        warnings.warn(f"fit_mle: the gradient mapping is {(y - w).norm() * lipschitz:.3g} > {tol} "
+                      f"after {steps} steps; ℓ_D(ŵ) is high, the confidence set wider than ζ_k")
     return w.to(phi0.dtype), torch.nn.functional.softplus(-(x @ w)).sum().item()
 
 
@@ -485,12 +489,13 @@ def main(cfg):
                 with torch.no_grad():
                     nll_sum = len(D["label"]) * bt_loss(rm(D["phi0"]), rm(D["phi1"]), D["label"])
                 slack = nll_mle + zeta_k - nll_sum.item()
-                beta = dual_ascent(beta, slack, cfg.dual_lr)
             grad_norm, log_ratio, logp = leader(on_policy, phi, ids, attn, resp, episode, step)
             metrics = health(items, on_policy, phi, phi_pi, phi_base, logp, log_ratio, ids, attn,
                              resp)
             log.write("step", episode=episode, step=step, rm_bt=nll, beta=beta, slack=slack,
                       grad_norm=grad_norm, w_norm=rm.w.norm().item(), **metrics)
+            if slack is not None:  # dual: the β of the next step
+                beta = dual_ascent(beta, slack, cfg.dual_lr)
             bar.set_postfix(gold=f"{metrics['gold_reward']:.3f}", kl_sft=f"{metrics['kl_sft']:.2f}")
 
         log.write("episode", episode=episode, wall_s=time.time() - started)

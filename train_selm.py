@@ -90,14 +90,25 @@ def encode_response(tokenizer, text):  # response ids, ending in EOS as a finish
     return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
+REUSABLE_SCORES = ("gold", "gsm8k")  # oracles named by what they compute, not by a path to weights
+
+
+def finite(value):  # a JSON number that is a finite float (a huge integer is not)
+    try:
+        return type(value) in (int, float) and math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def file_scores(where, record):
     """The scores a pair record carries from when it was labelled -> (the --oracle that gave them,
-    [chosen's, rejected's]), or None: fields 'score_oracle', 'chosen_score', 'rejected_score'."""
+    [chosen's, rejected's]), or None: fields 'score_oracle', 'chosen_score', 'rejected_score'. Only
+    REUSABLE_SCORES are ever used: an rm:PATH names a directory, not the weights that were in it."""
     if "score_oracle" not in record:
         return None
     spec = data.expect(record["score_oracle"], str, where, "a string in field 'score_oracle'")
     scores = [record.get("chosen_score"), record.get("rejected_score")]
-    if not all(type(s) in (int, float) and math.isfinite(s) for s in scores):
+    if not all(map(finite, scores)):
         raise ValueError(f"{where}: fields 'chosen_score' and 'rejected_score' must be finite "
                          f"numbers beside 'score_oracle', got {scores}")
     return spec, [float(s) for s in scores]
@@ -105,9 +116,9 @@ def file_scores(where, record):
 
 def load_preferences(path, tokenizer, max_prompt_len):
     """[{"prompt", "prompt_ids", "chosen", "rejected", "chosen_ids", "rejected_ids", "answer",
-    "file_scores"}] from TRL pairs. Strings: prompt + completion. Message lists: the shared prefix of
-    chosen and rejected (after an explicit prompt, if any) is the prompt, their final assistant turns
-    the responses. file_scores: see file_scores."""
+    "file_scores"}] from TRL pairs. Strings: prompt + completion. Message lists: the shared prefix
+    of chosen and rejected (after an explicit prompt, if any) is the prompt, their final assistant
+    turns the responses. file_scores: see file_scores; every record's are checked, kept or not."""
     rows = data.records(path)
     items = []
     for where, rec in rows:
@@ -132,13 +143,14 @@ def load_preferences(path, tokenizer, max_prompt_len):
                 raise ValueError(f"{where}: missing field 'prompt' (and 'chosen' has no turns "
                                  "before its last)")
         ids = data.encode_prompt(tokenizer, prompt)
+        scores = file_scores(where, rec)
         if data.fits(where, ids, max_prompt_len):
             items.append({"prompt": prompt, "prompt_ids": ids, "chosen": chosen,
                           "rejected": rejected,
                           "chosen_ids": encode_response(tokenizer, chosen),
                           "rejected_ids": encode_response(tokenizer, rejected),
                           "answer": data.answer_of(where, rec), "where": where,
-                          "file_scores": file_scores(where, rec)})
+                          "file_scores": scores})
     data.report_dropped(path, len(items), len(rows), max_prompt_len)
     return items
 
@@ -280,7 +292,8 @@ def main(cfg):
         scores[:, 0] = oracle.score(block, texts["ref"])
         fresh = []  # the pairs whose file holds no scores by this oracle
         for i, p in enumerate(block):
-            if p["file_scores"] and p["file_scores"][0] == cfg.oracle:
+            reusable = cfg.oracle in REUSABLE_SCORES  # the same numbers a second call gives
+            if reusable and p["file_scores"] and p["file_scores"][0] == cfg.oracle:
                 scores[i, 1:] = torch.tensor(p["file_scores"][1])
             else:
                 fresh.append(i)

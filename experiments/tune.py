@@ -232,8 +232,8 @@ TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
 
 def check_flag(script, name, text, where):
     """--name=text as the script's parse_flags would take it: a field of its Config, of the field's
-    type, a finite number at least its knob's at_least, one of its choices; and not one the driver sets itself.
-    Otherwise a ValueError naming the driver's flag `where` that carries it."""
+    type, a finite number at least its knob's at_least, one of its choices; and not one the driver
+    sets itself. Otherwise a ValueError naming the driver's flag `where` that carries it."""
     cls = SCRIPTS[script]
     field = cls.__dataclass_fields__.get(name)
     if field is None:

@@ -109,6 +109,7 @@ def test_two_ranks_run_the_same_run_as_one(toy, tmp_path):
     the same Σ and w, and its metrics and final weights agree to float tolerance, although the
     ranks hold different numbers of tokens."""
     flags, t = toy
+    flags = [*flags, "--beta_form=dual", "--beta=0.5"]  # β by dual ascent: β and ŵ alike too
     one, two = tmp_path / "one", tmp_path / "two"
     run("train_pbpo.py", *flags, *PBPO, "--seed=3", f"--out_dir={one}")
     run("train_pbpo.py", *flags, *PBPO, "--seed=3", f"--out_dir={two}", ranks=2)
@@ -150,17 +151,17 @@ def test_two_ranks_run_the_same_run_as_one(toy, tmp_path):
 
 def test_health_signals_are_logged(toy, tmp_path):
     """A run with π_ref as the anchor and β by dual ascent: every health signal is a number; β
-    starts at --beta and moves by --dual_lr times the logged slack."""
+    starts at --beta and moves by --dual_lr times each step's logged slack."""
     flags, _ = toy
     run("train_pbpo.py", *flags, *PBPO[1:], "--episodes=1", "--anchor=ref", "--beta_form=dual",
         "--beta=0.5", "--dual_lr=0.01", f"--out_dir={tmp_path}")
     steps = [r for r in metrics(tmp_path) if r["kind"] == "step"]
     for key in ("kl_sft", "w_norm", "length", "rm_gap", "rm_gold_corr", "beta", "slack"):
         assert isinstance(steps[-1][key], float) and math.isfinite(steps[-1][key]), key
-    beta = 0.5
+    beta = 0.5  # each step logs the β its follower used, then ascends on its slack
     for step in steps:
-        beta = max(0.0, beta - 0.01 * step["slack"])
         assert math.isclose(step["beta"], beta, rel_tol=1e-12), (step, beta)
+        beta = max(0.0, beta - 0.01 * step["slack"])
     explore = [r for r in metrics(tmp_path) if r["kind"] == "explore"][0]
     assert 0 <= explore["rm_acc_fresh"] <= 1 and explore["new_pairs"] + explore["identical"] == 8
 

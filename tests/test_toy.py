@@ -152,14 +152,14 @@ def test_toy_rare_build_is_its_own(toy, tmp_path):
     is rebuilt, not reused, for the other, and the default build comes back byte for byte."""
     default = digests(os.path.dirname(toy[1].model))
     rare = T.build(str(tmp_path), seed=0, quick=True, rare=True)
-    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True, "rare", T.SOURCE]
+    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True, "rare", T.source_digest()]
     built = digests(str(tmp_path))
     assert set(built) == set(default)
     same = {f for f in built if built[f] == default[f]}
     assert {"train.jsonl", "heldout.jsonl", "valid.jsonl"} <= same
     assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"}.isdisjoint(same)
     T.build(str(tmp_path), seed=0, quick=True)  # the default setting in the same directory
-    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True, T.SOURCE]
+    assert json.load(open(tmp_path / "build.json"))["key"] == [0, True, T.source_digest()]
     assert digests(str(tmp_path)) == default
     assert T.build(str(tmp_path), seed=0, quick=True, rare=True) == rare
     assert digests(str(tmp_path)) == built
@@ -218,7 +218,7 @@ def test_toy_marker_is_written_atomically_and_a_bad_one_rebuilds(toy, tmp_path, 
     assert T.build(str(out), seed=0, quick=True) == T.ToyPaths(*(str(out / f) for f in T.FILES))
     said = capsys.readouterr().out
     assert f"{out / 'build.json'}:1: bad JSON" in said and "rebuilding the toy task" in said
-    assert json.load(open(out / "build.json"))["key"] == [0, True, T.SOURCE]
+    assert json.load(open(out / "build.json"))["key"] == [0, True, T.source_digest()]
     assert digests(str(out)) == digests(built)
 
 

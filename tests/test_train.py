@@ -10,7 +10,10 @@ import data
 
 
 def test_pbpo_runs_and_resumes_to_the_same_result(toy, tmp_path):
+    """β by dual ascent (the fixed form's resume: test_reliability's kill test): a run stopped after
+    episode 1 and resumed is the run never stopped, β and the slack included."""
     flags, _ = toy
+    flags = [*flags, "--beta_form=dual"]
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     out = run("train_pbpo.py", *flags, *PBPO, f"--out_dir={full}").stdout
     assert "held-out gold accuracy: SFT" in out
@@ -20,6 +23,7 @@ def test_pbpo_runs_and_resumes_to_the_same_result(toy, tmp_path):
     explore = [r for r in rows if r["kind"] == "explore"]
     assert [r["pairs"] for r in explore] == [8, 16]
     assert explore[-1]["oracle_calls"] == 32  # 2 responses scored a pair
+    assert all(r["beta"] >= 0 and r["slack"] is not None for r in rows if r["kind"] == "step")
     store = data.PreferenceStore(os.path.join(full, "preferences.jsonl")).records
     assert len(store) == 16 and {r["episode"] for r in store} == {1, 2}
     assert {r["label"] for r in store} <= {0, 1}
