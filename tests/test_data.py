@@ -195,6 +195,8 @@ def turn(role, content):
      r"prefs.jsonl:1: fields 'chosen_score' and 'rejected_score' must be finite numbers"),
     ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_oracle": "gold", "chosen_score": 1,
       "rejected_score": True}, r"must be finite numbers beside 'score_oracle'"),
+    ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_oracle": "gold", "chosen_score": 1,
+      "rejected_score": 10 ** 400}, r"prefs.jsonl:1: fields 'chosen_score' and 'rejected_score'"),
     ({"prompt": "Q", "chosen": "a", "rejected": "b", "score_oracle": 3, "chosen_score": 1,
       "rejected_score": 0}, r"prefs.jsonl:1: expected a string in field 'score_oracle'"),
 ])
