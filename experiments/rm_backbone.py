@@ -77,6 +77,8 @@ Measured on the toy built at c943d2b (the same probe; batch 32 real + 32 replace
   rare      detect, --scale=5                   1    700  0.695 ± 0.043        0.69
   rare      detect, --identity=0                0    700  0.744 ± 0.040        0.75
   rare      detect, --identity=0                1    700  0.754 ± 0.040        0.76
+  rare      detect, --extra=3                   0    700  0.744 ± 0.040        0.75
+  rare      detect, --extra=3                   1    700  0.813 ± 0.036        0.83
   rare      pairwise, top only                  0    700  0.647 ± 0.044        0.64
 
 In the rare setting nearly every held-out pair is guess against guess (389 of 450), so its accuracy
@@ -85,11 +87,12 @@ build with its 20,000 fresh problems, took 40 s on 2 threads (the machine shared
 150 steps: 8 s top only against 11 s full forward, 2 threads). So a detect build of 700 steps (the
 other knobs at their defaults) fits the 40 s a toy build may spend, and comes near the target
 (standard 0.840 and 0.881, rare 0.836 and 0.808 over two seeds), but reaches 0.85 in both settings
-on neither seed; and a build's accuracy swings by up to 0.16 between seeds and step counts (rare,
-900 steps: 0.758): whether the grown blocks learn the sum in time varies from run to run. Hard
-negatives, a Bradley–Terry or a distance loss, a higher learning rate, answers cut to their last
-line, a narrower or a wider crowd (--scale 1.5, 5) and new blocks that do not start as the identity
-all did worse. It is not wired as the toy's default.
+on neither seed; and a build's accuracy moves by up to 0.08 with its seed or step count (rare: 0.836
+at 700 steps, 0.758 at 900), by 0.16 between the two seeds of --hard=0.3: whether the grown blocks
+learn the sum in time varies from run to run. Hard negatives, a Bradley–Terry or a distance loss, a
+higher learning rate, answers cut to their last line, a narrower or a wider crowd (--scale 1.5, 5),
+new blocks that do not start as the identity and a third grown block (78 s on one thread) all did
+worse. It is not wired as the toy's default.
 """
 import json
 import math
