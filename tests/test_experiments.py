@@ -532,7 +532,7 @@ def test_rm_backbone_pieces_are_disjoint_identity_grown_and_loadable(toy, tmp_pa
     with torch.no_grad():
         torch.testing.assert_close(B.top_token_features(grown, *B.pad_left(rows, tok.pad_token_id)),
                                    B.last_token_features(grown, ids, attn))
-    cfg = B.Config(steps=2, batch_size=4, problems=50)
+    cfg = B.Config(steps=2, batch_size=4, problems=50, warm=2)  # the warm-up path too
     backbone = B.build_detector(sft, tok, problems[:50], cfg)
     M.save_pretrained(backbone, str(tmp_path / "rm"))
     tok.save_pretrained(str(tmp_path / "rm"))
