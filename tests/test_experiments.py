@@ -502,7 +502,9 @@ def test_an_interrupted_run_is_continued_with_resume_and_keeps_its_pairs(tmp_pat
 def test_rm_backbone_pieces_are_disjoint_identity_grown_and_loadable(toy, tmp_path):
     """experiments/rm_backbone.py: its text is on problems none of the toy's splits holds; an
     answer's number is replaced wherever the answer states it; the grown model starts as the SFT
-    policy; a built backbone loads with model.from_pretrained and shares the policy's tokenizer."""
+    policy; the build's top-block-only features are φ at the last token as the full forward
+    computes it; a built backbone loads with model.from_pretrained and shares the policy's
+    tokenizer."""
     import random
     import data
     import model as M
@@ -519,8 +521,18 @@ def test_rm_backbone_pieces_are_disjoint_identity_grown_and_loadable(toy, tmp_pa
     ids = torch.tensor([data.encode_prompt(tok, problems[0][0])])
     with torch.no_grad():
         torch.testing.assert_close(grown(ids), sft(ids))
-    cfg = B.Config(steps=2, batch_size=4, problems=50)
     torch.manual_seed(0)
+    with torch.no_grad():  # the grown blocks away from the identity, so the check sees them
+        for block in grown.model.layers[sft.config.num_hidden_layers:]:
+            block.self_attn.o_proj.weight.normal_(0.0, 0.1)
+            block.mlp.down_proj.weight.normal_(0.0, 0.1)
+    rows = [data.encode_prompt(tok, q) + tok(B.crowd_answer(start, ops, random.Random(i), 3.0))
+            .input_ids for i, (q, start, ops) in enumerate(problems[:6])]
+    ids, attn, _ = B.pad_batch([(x, [0] * len(x)) for x in rows], tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(B.top_token_features(grown, *B.pad_left(rows, tok.pad_token_id)),
+                                   B.last_token_features(grown, ids, attn))
+    cfg = B.Config(steps=2, batch_size=4, problems=50, warm=2)  # the warm-up path too
     backbone = B.build_detector(sft, tok, problems[:50], cfg)
     M.save_pretrained(backbone, str(tmp_path / "rm"))
     tok.save_pretrained(str(tmp_path / "rm"))
