@@ -291,8 +291,8 @@ def main(cfg):
         scores = torch.zeros(len(block), 3)  # (block, 3) of [y_ref, chosen, rejected]
         scores[:, 0] = oracle.score(block, texts["ref"])
         fresh = []  # the pairs whose file holds no scores by this oracle
+        reusable = cfg.oracle in REUSABLE_SCORES  # the same numbers a second call gives
         for i, p in enumerate(block):
-            reusable = cfg.oracle in REUSABLE_SCORES  # the same numbers a second call gives
             if reusable and p["file_scores"] and p["file_scores"][0] == cfg.oracle:
                 scores[i, 1:] = torch.tensor(p["file_scores"][1])
             else:
