@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import fcntl
 import glob
-import hashlib
 import itertools
 import json
 import math
@@ -31,6 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
+import data
 import run
 from run import knob
 import toy
@@ -144,11 +144,7 @@ TRACES = ("checkpoint.safetensors", "checkpoints.log", "preferences.jsonl", "met
 
 
 def code_digest():  # SHA-256 of the top-level .py files: a run of other code is never reused
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(ROOT, "*.py"))):
-        with open(path, "rb") as f:
-            h.update(os.path.basename(path).encode() + b"\0" + f.read())
-    return h.hexdigest()
+    return toy.files_digest(sorted(glob.glob(os.path.join(ROOT, "*.py"))))
 
 
 def run_arm(script, flags, out_dir, resume_from=None):
@@ -288,8 +284,10 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     check_tuning(script, flags, grid)
     paths = toy.build()
     base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
-    if script == "train_pbpo.py":
+    if script == "train_pbpo.py":  # the toy's RM backbone, as a run with no --model takes it
         base.append(f"--prompts={paths.train}")
+        if not any(f.startswith("--rm_backbone=") for f in flags):
+            base.append(f"--rm_backbone={paths.rm}")
     else:
         base.append(f"--prefs={paths.prefs}")
     todo = [(point, seed) for point in grid_points(grid) for seed in seeds]
@@ -309,15 +307,26 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
         row["gain"].append(final["reward"] - sft["reward"])
         row["calls"].append(final["oracle_calls"])
     ranked = sorted(rows.items(), key=lambda kv: -mean_ci(kv[1]["reward"])[0])
+    result = {"script": script, "flags": flags, "grid": grid, "seeds": seeds, "split": split,
+              "rows": ranked}
     with open(os.path.join(out, "tune.json"), "w") as f:
-        json.dump({"script": script, "flags": flags, "grid": grid, "seeds": seeds, "rows": ranked},
-                  f, indent=1)
-    print(f"{script} {' '.join(flags)}: {split} gold reward (mean ± 95% CI over seeds {seeds})")
-    for point, r in ranked:
-        (m, h), (a, ah), (g, gh) = (mean_ci(r[k]) for k in ("reward", "accuracy", "gain"))
-        print(f"  {point:<50} reward {m:.3f} ± {h:.3f}  accuracy {a:.3f} ± {ah:.3f}  "
-              f"gain {g:+.3f} ± {gh:.3f}  min gain {min(r['gain']):+.3f}")
+        json.dump(result, f, indent=1)
+    print(report(result))
     return ranked
+
+
+def report(result):
+    """A tune.json as the markdown table RESULTS.md quotes (its test recomputes it from the file):
+    a row a grid point, best first, each value the mean ± the 95% t-interval over the seeds."""
+    lines = [f"`{result['script']} {' '.join(result['flags'])}` on {result['split']}, seeds "
+             f"{', '.join(map(str, result['seeds']))}:", "",
+             "| flags | gold reward | accuracy | gain over SFT | worst gain | oracle calls |",
+             "|---|---|---|---|---|---|"]
+    for point, r in result["rows"]:
+        (m, h), (a, ah), (g, gh) = (mean_ci(r[k]) for k in ("reward", "accuracy", "gain"))
+        lines.append(f"| {point} | {m:.3f} ± {h:.3f} | {a:.3f} ± {ah:.3f} | {g:+.3f} ± {gh:.3f} | "
+                     f"{min(r['gain']):+.3f} | {min(r['calls'])}–{max(r['calls'])} |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -330,11 +339,15 @@ class Config:
     jobs: int = knob(2, "runs at a time (each on one thread)", at_least=1)
     # valid: tuning; heldout: only to report the chosen settings, never to choose
     split: str = knob("valid", "", choices=("valid", "heldout"))
+    report: str = knob("", "print the table of this tune.json as RESULTS.md quotes it; run nothing")
 
 
 
 if __name__ == "__main__":
     cfg = run.parse_flags(Config, __doc__)
     with run.friendly_errors("experiments/tune.py"):
-        tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
-             cfg.jobs, cfg.split)
+        if cfg.report:
+            print(report(data.parse_json(data.read_text(cfg.report), cfg.report)))
+        else:
+            tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
+                 cfg.jobs, cfg.split)

@@ -44,6 +44,18 @@ def test_results_regret_section_is_recomputed_from_the_committed_data():
     assert table in results, table
 
 
+def test_results_tuning_tables_are_recomputed_from_the_committed_data():
+    """Every tune.json committed under experiments/data is quoted in RESULTS.md as its report(),
+    recomputed here from the per-seed values, cell for cell."""
+    results = open(os.path.join(ROOT, "experiments", "RESULTS.md"), encoding="utf-8").read()
+    files = sorted(glob.glob(os.path.join(ROOT, "experiments", "data", "*.json")))
+    tuned = [json.load(open(f)) for f in files]
+    tuned = [t for t in tuned if "script" in t and "rows" in t]
+    assert len(tuned) >= 2
+    for t in tuned:
+        assert T.report(t) in results, T.report(t)
+
+
 def test_loglog_slope_recovers_a_power_law():
     K = torch.arange(1, 401, dtype=torch.float64)
     assert R.loglog_slope((3 * K.sqrt()).tolist()) == pytest.approx(0.5, abs=1e-9)
@@ -241,8 +253,8 @@ BAD_FLAGS = [  # (driver, flag, what it says after "error: ")
     ("compare", "--budgets=abc",
      "--budgets=abc: expected comma-separated integers >= 1, increasing"),
     ("compare", "--arms=sft,bogus", "--arms=sft,bogus: expected comma-separated names, each "
-     "once, of sft, dpo, dpo_online, selm, pbpo, pbpo_token, pbpo_best_of_n, pbpo_no_enhancer, "
-     "pbpo_mle, pbpo_beta0, pbpo_beta0.01, pbpo_beta0.02, pbpo_beta0.04, pbpo_beta0.1"),
+     "once, of sft, dpo, dpo_online, selm, pbpo, pbpo_best_of_n, pbpo_no_enhancer, "
+     "pbpo_mle, pbpo_small_rm, pbpo_beta0, pbpo_beta0.01, pbpo_beta0.02, pbpo_beta0.04, pbpo_beta0.1"),
     ("compare", "--settings=standard,bogus",
      "--settings=standard,bogus: expected comma-separated names, each once, of standard, rare"),
     ("compare", "--ablation_seeds=101", "--ablation_seeds=101: at most 100, so that the "
@@ -309,7 +321,7 @@ import toy
 
 driver, fake, out = sys.argv[1:]
 toy.build = lambda *args, **kwargs: types.SimpleNamespace(model="m", train="t", valid="v",
-                                                          heldout="h", prefs="p")
+                                                          heldout="h", prefs="p", rm="r")
 with run.friendly_errors(f"experiments/{driver}.py"):
     if driver == "tune":  # 3 runs, 2 at a time
         fields = [("lr", float, run.knob(0.0, "")), ("hold", int, run.knob(0, ""))]
