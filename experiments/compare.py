@@ -34,7 +34,6 @@ import json
 import math
 import multiprocessing
 import os
-import random
 import re
 import signal
 import threading
@@ -50,8 +49,8 @@ import ranks
 import run
 from run import knob
 import toy
-from experiments.tune import (SCRIPTS, STOPPING, check_flag, integers, mean_ci, run_arm,
-                              stop_children_on_interrupt)
+from experiments.tune import (SCRIPTS, STOPPING, check_flag, integers, mean_ci, pair_subset,
+                              run_arm, stop_children_on_interrupt)
 from reward import make_oracle
 
 SETTINGS = ("standard", "rare")
@@ -84,21 +83,21 @@ ARMS = [
     Arm("dpo_online", "train_selm.py", ("--alpha=0", "--online"), DPO_GRID),
     Arm("selm", "train_selm.py", (), SELM_GRID),
     Arm("pbpo", "train_pbpo.py", (), PBPO_GRID),
-    Arm("pbpo_token", "train_pbpo.py", ("--level=token",), like="pbpo", ablation=True),
     Arm("pbpo_best_of_n", "train_pbpo.py", ("--enhancer=best_of_n",), like="pbpo", ablation=True),
     Arm("pbpo_no_enhancer", "train_pbpo.py",
         ("--enhancer=best_of_n", "--n_candidates=1", "--enh_temp=1"), like="pbpo", ablation=True),
     Arm("pbpo_mle", "train_pbpo.py", ("--beta_form=mle",), like="pbpo", ablation=True),
+    Arm("pbpo_small_rm", "train_pbpo.py", ("--rm_backbone=",), like="pbpo", ablation=True),
     *[Arm(f"pbpo_beta{beta}", "train_pbpo.py", (f"--beta={beta}",), like="pbpo", ablation=True)
       for beta in ("0", "0.01", "0.02", "0.04", "0.1")],
 ]
 CLAIMS = [  # (claim, arm a, arm b): holds when a − b > 0, its 95% interval above 0
     ("PbPO ≥ SELM", "pbpo", "selm"), ("SELM ≥ iterative DPO", "selm", "dpo"),
     ("iterative DPO ≥ SFT", "dpo", "sft"), ("PbPO ≥ online iterative DPO", "pbpo", "dpo_online"),
-    ("token-level PbPO ≥ PbPO", "pbpo_token", "pbpo"),
     ("the enhancer helps (PbPO ≥ no enhancer)", "pbpo", "pbpo_no_enhancer"),
     ("the enhancer policy ≥ best-of-N", "pbpo", "pbpo_best_of_n"),
     ("reward-aware exploration helps (PbPO ≥ MLE RM)", "pbpo", "pbpo_mle"),
+    ("a large RM beats a small one (PbPO ≥ the SFT features)", "pbpo", "pbpo_small_rm"),
     *[(f"β = {b} beats β = 0", f"pbpo_beta{b}", "pbpo_beta0") for b in ("0.01", "0.02", "0.04",
                                                                        "0.1")],
 ]
@@ -109,16 +108,12 @@ def offline_pairs(paths, budget, seed, out):
     """A seed's random subset of the toy's offline pairs, as many as the budget pays for: building
     the file scored two SFT samples per train prompt (ties dropped, so each kept pair cost
     2 · prompts / pairs calls) and keeps the scores, so train_selm.py pays only for y_ref's."""
-    pairs = open(paths.prefs).read().splitlines()
+    pairs = sum(1 for _ in open(paths.prefs))
     prompts = sum(1 for _ in open(paths.train))
-    cost = 2 * prompts / len(pairs) + RANKING_CALLS
+    cost = 2 * prompts / pairs + RANKING_CALLS
     keep = max(3, int(budget // cost))
-    random.Random(seed).shuffle(pairs)
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"pairs_{budget}_seed{seed}.jsonl")
-    with open(path, "w") as f:
-        f.writelines(p + "\n" for p in pairs[:keep])
-    return path, keep * (cost - RANKING_CALLS)  # the calls spent before the run
+    offline = keep * (cost - RANKING_CALLS)  # the calls spent on these pairs before the run
+    return pair_subset(paths.prefs, keep, seed, out), offline
 
 
 EXPLORE_PROMPTS = {False: 64, True: 8}  # PbPO's M, by --quick: 2 calls a prompt (0 if identical)
@@ -182,7 +177,8 @@ def train(arm, flags, paths, seed, out, quick, split, budgets):
     continues the one below (--resume with more episodes, which is bit-identical to one long
     run), so one run gives every point of its curve. A pair of identical responses costs PbPO no
     call, so it runs more episodes while one more fits."""
-    flags = merge(flags, arm.flags)  # the arm's own flags win over tuned ones
+    rm = [f"--rm_backbone={paths.rm}"] if arm.script == "train_pbpo.py" else []  # the toy's
+    flags = merge(rm, flags, arm.flags)  # the arm's own flags win over tuned ones
     common = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", "--eval_max=1",
               *(QUICK_FLAGS[arm.script] if quick else []), *flags, f"--seed={seed}"]
     done, previous = {}, None

@@ -21,6 +21,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -279,10 +280,27 @@ def grid_points(grid):
     return [list(point) for point in itertools.product(*axes)]
 
 
-def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
-    """Every grid point × seed, evaluated on `split`; -> rows sorted by mean gold reward."""
+def pair_subset(prefs, n, seed, out_dir):
+    """A seed's random subset of n pairs of a preference file, written to out_dir -> its path."""
+    pairs = data.read_text(prefs).splitlines()
+    random.Random(seed).shuffle(pairs)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"pairs_{n}_seed{seed}.jsonl")
+    with open(path, "w") as f:
+        f.writelines(p + "\n" for p in pairs[:n])
+    return path
+
+
+def tune(script, flags, grid, seeds, out, jobs=2, split="valid", subset=0):
+    """Every grid point × seed, evaluated on `split`; -> rows sorted by mean gold reward.
+    subset: train_selm.py runs each seed on its own random subset of that many of the toy's pairs
+    (pair_subset, as experiments/compare.py draws them), not on the whole file."""
     check_tuning(script, flags, grid)
+    if subset and script != "train_selm.py":
+        raise ValueError(f"--subset={subset}: only train_selm.py trains on the pair file")
     paths = toy.build()
+    if subset > len(data.read_text(paths.prefs).splitlines()):
+        raise ValueError(f"--subset={subset}: {paths.prefs} has fewer pairs")
     base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
     if script == "train_pbpo.py":  # the toy's RM backbone, as a run with no --model takes it
         base.append(f"--prompts={paths.train}")
@@ -293,9 +311,12 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
     todo = [(point, seed) for point in grid_points(grid) for seed in seeds]
     name = lambda point, seed: os.path.join(out, "_".join(f.strip("-") for f in point) or "default",
                                             f"seed{seed}")
+    def command(point, seed):  # a later --prefs replaces the whole file's
+        pairs = [f"--prefs={pair_subset(paths.prefs, subset, seed, out)}"] if subset else []
+        return base + point + pairs + [f"--seed={seed}"]
+
     with ThreadPoolExecutor(jobs) as pool, stop_children_on_interrupt():
-        finals = list(pool.map(lambda ps: run_arm(script, base + ps[0] + [f"--seed={ps[1]}"],
-                                                  name(*ps)), todo))
+        finals = list(pool.map(lambda ps: run_arm(script, command(*ps), name(*ps)), todo))
     rows = {}
     for (point, seed), lines in zip(todo, finals):
         final = next(l for l in lines if l["kind"] == "final_eval")
@@ -308,7 +329,7 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
         row["calls"].append(final["oracle_calls"])
     ranked = sorted(rows.items(), key=lambda kv: -mean_ci(kv[1]["reward"])[0])
     result = {"script": script, "flags": flags, "grid": grid, "seeds": seeds, "split": split,
-              "rows": ranked}
+              "subset": subset, "rows": ranked}
     with open(os.path.join(out, "tune.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(report(result))
@@ -318,8 +339,9 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid"):
 def report(result):
     """A tune.json as the markdown table RESULTS.md quotes (its test recomputes it from the file):
     a row a grid point, best first, each value the mean ± the 95% t-interval over the seeds."""
-    lines = [f"`{result['script']} {' '.join(result['flags'])}` on {result['split']}, seeds "
-             f"{', '.join(map(str, result['seeds']))}:", "",
+    pairs = f", each seed its own {result['subset']} random pairs" if result.get("subset") else ""
+    lines = [f"`{result['script']} {' '.join(result['flags'])}` on {result['split']}{pairs}, "
+             f"seeds {', '.join(map(str, result['seeds']))}:", "",
              "| flags | gold reward | accuracy | gain over SFT | worst gain | oracle calls |",
              "|---|---|---|---|---|---|"]
     for point, r in result["rows"]:
@@ -339,6 +361,8 @@ class Config:
     jobs: int = knob(2, "runs at a time (each on one thread)", at_least=1)
     # valid: tuning; heldout: only to report the chosen settings, never to choose
     split: str = knob("valid", "", choices=("valid", "heldout"))
+    subset: int = knob(0, "train_selm.py: each seed its own random subset of this many of the "
+                       "toy's pairs (as compare.py draws them); 0: the whole file", at_least=0)
     report: str = knob("", "print the table of this tune.json as RESULTS.md quotes it; run nothing")
 
 
@@ -350,4 +374,4 @@ if __name__ == "__main__":
             print(report(data.parse_json(data.read_text(cfg.report), cfg.report)))
         else:
             tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
-                 cfg.jobs, cfg.split)
+                 cfg.jobs, cfg.split, cfg.subset)

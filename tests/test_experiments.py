@@ -56,6 +56,30 @@ def test_results_tuning_tables_are_recomputed_from_the_committed_data():
         assert T.report(t) in results, T.report(t)
 
 
+def test_pair_subsets_are_the_comparisons_draw(toy, tmp_path, monkeypatch):
+    """tune --subset and compare's offline arms draw a seed's pairs the same way: a random subset
+    of the toy's pair file, the same for the same seed, another for another seed; what the
+    budget pays for, its offline calls charged; tune refuses a subset for PbPO or a larger one
+    than the file."""
+    paths = toy[1]
+    lines = open(paths.prefs).read().splitlines()
+    first = open(T.pair_subset(paths.prefs, 10, 0, str(tmp_path / "a"))).read().splitlines()
+    again = open(T.pair_subset(paths.prefs, 10, 0, str(tmp_path / "b"))).read().splitlines()
+    other = open(T.pair_subset(paths.prefs, 10, 1, str(tmp_path / "c"))).read().splitlines()
+    assert first == again != other and len(first) == 10 and set(first) <= set(lines)
+    path, offline = C.offline_pairs(paths, 64, 0, str(tmp_path / "d"))
+    cost = 2 * sum(1 for _ in open(paths.train)) / len(lines)  # calls a kept pair cost the file
+    keep = int(64 // (cost + C.RANKING_CALLS))
+    drawn = open(T.pair_subset(paths.prefs, keep, 0, str(tmp_path / "e"))).read()
+    assert open(path).read() == drawn and offline == pytest.approx(keep * cost)
+    with pytest.raises(ValueError, match="only train_selm.py"):
+        T.tune("train_pbpo.py", [], "", [0], str(tmp_path / "t"), subset=5)
+    monkeypatch.setattr(T.toy, "build", lambda *args, **kwargs: paths)
+    with pytest.raises(ValueError, match="has fewer pairs"):
+        T.tune("train_selm.py", [], "", [0], str(tmp_path / "t"), subset=len(lines) + 1)
+    assert not (tmp_path / "t").exists()  # refused before any run
+
+
 def test_loglog_slope_recovers_a_power_law():
     K = torch.arange(1, 401, dtype=torch.float64)
     assert R.loglog_slope((3 * K.sqrt()).tolist()) == pytest.approx(0.5, abs=1e-9)
