@@ -311,10 +311,11 @@ def top_token_features(model, ids, attn):
     return F.normalize(model.model.norm(x).float(), dim=-1)  # (B, D)
 
 
-def train(model, trainable, loss_of, steps, cfg, seed):
+def optimise(trainable, loss_of, steps, cfg, seed):
     """AdamW on `trainable` with the toy SFT's schedule (the floor cfg.lr_floor); loss_of(step,
-    generator) -> the loss. cfg.ema > 0: the model ends with the weights' exponential moving
-    average (decay cfg.ema) instead of the last step's."""
+    generator) -> the loss. A generator that yields after each step, so a caller can pause a run
+    and go on with it later (the detector's restarts). cfg.ema > 0: the weights end as their
+    exponential moving average (decay cfg.ema) instead of the last step's."""
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.wd)
     g = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 20)
@@ -335,70 +336,142 @@ def train(model, trainable, loss_of, steps, cfg, seed):
                 a.lerp_(p, 1 - cfg.ema)
         if step % 100 == 0 or step == steps - 1:
             print(f"rm backbone step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+        yield step
     if cfg.ema:
         with torch.no_grad():
             for a, p in zip(average, trainable):
                 p.copy_(a)
+
+
+def train(model, trainable, loss_of, steps, cfg, seed):
+    """optimise() to the end -> the model, frozen for evaluation."""
+    for _ in optimise(trainable, loss_of, steps, cfg, seed):
+        pass
     return model.eval().requires_grad_(False)
 
 
+def within_thresholds(stated, totals, thresholds):
+    """The ordinal read-out's targets (N, K): 1 where |stated - total| <= d_k, else 0."""
+    distance = (torch.tensor(stated) - torch.tensor(totals)).abs()  # (N,)
+    return (distance[:, None] <= torch.tensor(thresholds)[None]).float()  # (N, K)
+
+
+@dataclass
+class DetectionBatch:
+    """Documents for the detector: the real answers, then as many with their number replaced."""
+    rows: list  # token ids of each document, the real ones first
+    stated: list  # the number each document states
+    answers: list  # its problem's answer
+    moved: list  # how far each replaced number is from the real document's
+
+
+def chat(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
 def build_detector(sft, tok, problems, cfg):
-    """Replaced-number detection (module docstring) on the grown SFT policy."""
+    """Replaced-number detection (module docstring) on the grown SFT policy. cfg.restarts > 1:
+    that many initialisations train cfg.trial steps each; the one with the lowest loss on fresh
+    problems held back from training (problems past the first cfg.problems; no label) goes on."""
     rng = random.Random(cfg.seed + 1)
     docs = [(q, crowd_answer(start, ops, rng, cfg.scale)) for q, start, ops in problems]
-    model = grow(sft, cfg.extra, cfg.identity)
-    model.model.embed_tokens.requires_grad_(False)
-    model.model.layers[:sft.config.num_hidden_layers].requires_grad_(False)
-    head = torch.nn.Linear(model.config.hidden_size, 1)  # the detector's read-out, not kept
-    grown = [p for p in model.parameters() if p.requires_grad]
-    trainable = grown + list(head.parameters())
-    chat = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    if cfg.warm:  # first language modelling on clean worked answers: the blocks learn the sums
-        worked = [encode_chat(tok, chat(q, toy.worked_answer(start, ops)))
-                  for q, start, ops in problems]
-
-        def lm_loss(step, g):
-            rows = torch.randint(len(worked), (cfg.batch_size,), generator=g).tolist()
-            ids, attn, loss_mask = pad_batch([worked[i] for i in rows], tok.pad_token_id)
-            logp = M.token_logprobs(model, ids, attn)  # (B, S)
-            return -(logp * loss_mask).sum() / loss_mask.sum()
-
-        train(model, grown, lm_loss, cfg.warm, cfg, cfg.seed + 2)
-        model.train()
-        for p in grown:
-            p.requires_grad_(True)
+    totals = [start + sum(ops) for _, start, ops in problems]  # each fresh problem's answer
+    thresholds = [int(d) for d in cfg.thresholds.split(",")]
     shorten = lambda a: a.rsplit("\n", 1)[1] if cfg.short else a  # only the '#### N' line
 
-    def loss_of(step, g):
-        rows = torch.randint(len(docs), (2 * cfg.batch_size,), generator=g).tolist()
-        real, donors = rows[:cfg.batch_size], rows[cfg.batch_size:]
-        replaced, moved = [], []
+    def detection_batch(real, donors):
+        """The documents `real` and copies of them, each number replaced by the donor's (or, by
+        cfg.hard and the ordinal's cfg.near, by one drawn near it)."""
+        replaced, numbers, others, moved = [], [], [], []
         for i, j in zip(real, donors):
             q, a = docs[i]
             number = int(a.rsplit("#### ", 1)[1])
             other = int(docs[j][1].rsplit("#### ", 1)[1])
             if cfg.hard and rng.random() < cfg.hard:  # a hard one: near the number, as guesses are
                 other = abs(number + rng.choice((-1, 1)) * rng.randint(1, 9))
+            if cfg.objective == "ordinal" and rng.random() < cfg.near:  # graded: 1..near_max off
+                other = abs(totals[i] + rng.choice((-1, 1)) * rng.randint(1, cfg.near_max))
             other = other if other != number else number + 1
             replaced.append((q, replace_number(a, other)))
+            numbers.append(number)
+            others.append(other)
             moved.append(abs(other - number))
-        batch = [encode_chat(tok, chat(q, shorten(a))) for q, a in [docs[i] for i in real]]
-        batch += [encode_chat(tok, chat(q, shorten(a))) for q, a in replaced]
+        rows = [encode_chat(tok, chat(q, shorten(a)))[0] for q, a in [docs[i] for i in real]]
+        rows += [encode_chat(tok, chat(q, shorten(a)))[0] for q, a in replaced]
+        return DetectionBatch(rows, numbers + others, [totals[i] for i in real] * 2, moved)
+
+    def detection_loss(model, head, batch):
+        B = len(batch.moved)
         if cfg.top_only:  # left-padded: every row's last token at the end
-            ids, attn = pad_left([x for x, _ in batch], tok.pad_token_id)
-            logits = head(top_token_features(model, ids, attn)).squeeze(-1)  # (2B,)
+            ids, attn = pad_left(batch.rows, tok.pad_token_id)
+            logits = head(top_token_features(model, ids, attn))  # (2B, K)
         else:
-            ids, attn, _ = pad_batch(batch, tok.pad_token_id)
-            logits = head(last_token_features(model, ids, attn)).squeeze(-1)  # (2B,)
+            ids, attn, _ = pad_batch([(x, [0] * len(x)) for x in batch.rows], tok.pad_token_id)
+            logits = head(last_token_features(model, ids, attn))  # (2B, K)
+        if cfg.objective == "ordinal":  # logit k: is the stated number within d_k of the answer?
+            targets = within_thresholds(batch.stated, batch.answers, thresholds)  # (2B, K)
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        logits = logits.squeeze(-1)  # (2B,): one read-out
         if cfg.objective == "pairwise":  # Bradley–Terry: each answer above its replaced copy
-            return -F.logsigmoid(logits[:cfg.batch_size] - logits[cfg.batch_size:]).mean()
+            return -F.logsigmoid(logits[:B] - logits[B:]).mean()
         if cfg.objective == "distance":  # how far the number was moved: 0 for the real ones
-            distance = torch.tensor([0.0] * cfg.batch_size + moved).log1p()  # (2B,)
+            distance = torch.tensor([0.0] * B + batch.moved).log1p()  # (2B,)
             return F.mse_loss(logits, distance)
-        is_real = torch.cat([torch.ones(cfg.batch_size), torch.zeros(cfg.batch_size)])
+        is_real = torch.cat([torch.ones(B), torch.zeros(B)])
         return F.binary_cross_entropy_with_logits(logits, is_real)
 
-    return train(model, trainable, loss_of, cfg.steps, cfg, cfg.seed)
+    def new_detector():
+        """The grown model (its new blocks drawn from torch's global RNG) and its read-out, and
+        their trainable parameters; cfg.warm: after that many steps of language modelling."""
+        model = grow(sft, cfg.extra, cfg.identity)
+        model.model.embed_tokens.requires_grad_(False)
+        model.model.layers[:sft.config.num_hidden_layers].requires_grad_(False)
+        outputs = len(thresholds) if cfg.objective == "ordinal" else 1
+        head = torch.nn.Linear(model.config.hidden_size, outputs)  # the read-out, not kept
+        grown = [p for p in model.parameters() if p.requires_grad]
+        if cfg.warm:  # first language modelling on clean worked answers: the blocks learn sums
+            worked = [encode_chat(tok, chat(q, toy.worked_answer(start, ops)))
+                      for q, start, ops in problems[:cfg.problems]]
+
+            def lm_loss(step, g):
+                rows = torch.randint(len(worked), (cfg.batch_size,), generator=g).tolist()
+                ids, attn, loss_mask = pad_batch([worked[i] for i in rows], tok.pad_token_id)
+                logp = M.token_logprobs(model, ids, attn)  # (B, S)
+                return -(logp * loss_mask).sum() / loss_mask.sum()
+
+            train(model, grown, lm_loss, cfg.warm, cfg, cfg.seed + 2)
+            model.train()
+            for p in grown:
+                p.requires_grad_(True)
+        return model, head, grown + list(head.parameters())
+
+    def start_run(model, head, trainable, seed):
+        def loss_of(step, g):
+            rows = torch.randint(cfg.problems, (2 * cfg.batch_size,), generator=g).tolist()
+            batch = detection_batch(rows[:cfg.batch_size], rows[cfg.batch_size:])
+            return detection_loss(model, head, batch)
+
+        return optimise(trainable, loss_of, cfg.steps, cfg, seed)
+
+    candidates = []
+    for r in range(cfg.restarts):
+        model, head, trainable = new_detector()
+        candidates.append((model, head, start_run(model, head, trainable, cfg.seed + 1000 * r)))
+    if cfg.restarts > 1:  # each a few steps; the lowest loss on the held-back problems goes on
+        held_back = list(range(cfg.problems, len(problems)))
+        check = detection_batch(held_back, held_back[1:] + held_back[:1])
+        losses = []
+        for model, head, steps in candidates:
+            for _ in range(cfg.trial):
+                next(steps)
+            with torch.no_grad():
+                losses.append(detection_loss(model, head, check).item())
+        print(f"rm backbone restarts' held-back losses: {losses}", flush=True)
+        candidates = [candidates[losses.index(min(losses))]]
+    model, _, steps = candidates[0]
+    for _ in steps:
+        pass
+    return model.eval().requires_grad_(False)
 
 
 def build_worksheet_lm(sft, tok, problems, cfg):
@@ -429,8 +502,9 @@ def build_worksheet_lm(sft, tok, problems, cfg):
 class Config:
     toy_dir: str = knob("out/toy", "the toy task (built if missing)")
     rare: bool = knob(False, "the toy's rare setting (as toy.py --rare)")
-    objective: str = knob("detect", "detect (replaced-number detection), pairwise (each answer "
-                          "above its replaced copy), distance (regress how far it moved), lm")
+    objective: str = knob("detect", "detect (replaced-number detection), ordinal (is the number "
+                          "within d_k of the answer, per d_k), pairwise (each answer above its "
+                          "replaced copy), distance (regress how far it moved), lm")
     steps: int = knob(0, "training steps of the larger backbone; 0: probe the SFT features only")
     batch_size: int = knob(32, "documents a step (detect: as many again with a replaced number)")
     lr: float = knob(3e-3, "peak learning rate")
@@ -441,6 +515,14 @@ class Config:
     extra: int = knob(2, "blocks grown on top of the SFT policy")
     problems: int = knob(20000, "fresh problems of the pretraining text")
     hard: float = knob(0.0, "the share of replaced numbers drawn 1 to 9 off the number")
+    restarts: int = knob(1, "detect: initialisations tried, the best by a held-back loss",
+                         at_least=1)
+    trial: int = knob(100, "detect: steps each restart trains before the choice")
+    check: int = knob(256, "detect: fresh problems held back for the restarts' choice")
+    thresholds: str = knob("0,1,2,4,8", "ordinal: the distances d_k, one logit each")
+    near: float = knob(0.5, "ordinal: the share of replaced numbers drawn 1 to --near_max off the "
+                       "answer (the rest: another document's number)")
+    near_max: int = knob(12, "ordinal: the farthest such replaced number", at_least=1)
     short: bool = knob(False, "train on the answer's '#### N' line only (not the worked steps)")
     top_only: bool = knob(True, "run the top block for the last token only (the same φ, faster)")
     warm: int = knob(0, "detect: steps of language modelling on worked answers first")
@@ -467,7 +549,11 @@ if __name__ == "__main__":
             splits = (paths.train, paths.valid, paths.heldout)
             excluded = {p["prompt"] for f in splits for p in data.load_prompts(f, tok, 256)}
             t0 = time.time()
-            problems = fresh_problems(random.Random(cfg.seed + 7_000_003), excluded, cfg.problems)
+            rng = random.Random(cfg.seed + 7_000_003)
+            problems = fresh_problems(rng, excluded, cfg.problems)
+            if cfg.restarts > 1:  # held back for choosing among restarts, none a training one
+                seen = excluded | {q for q, _, _ in problems}
+                problems += fresh_problems(rng, seen, cfg.check)
             build_fn = build_worksheet_lm if cfg.objective == "lm" else build_detector
             torch.manual_seed(cfg.seed)  # the new blocks' and the read-out's initialisation
             backbone = build_fn(sft, tok, problems, cfg)
