@@ -24,6 +24,16 @@ random stream of its own; no gold reward, no oracle call, no label):
                        --warm: that many steps of language modelling on the problems' clean
                        worked answers first (the grown blocks only). The schedule's knobs
                        (--lr_floor, --clip, --wd, --ema) apply to every build.
+                       --estimates: the share of the crowd's answers that are estimates
+                       (0.5); --restarts=R: R initialisations (new blocks, read-out and batch
+                       order) train --trial steps each, and the one that scores best on --check
+                       fresh problems held back from training goes on to the end (--choose=loss:
+                       the lowest detection loss on them; order: the most pairs of estimates,
+                       1 to 9 off, whose nearer one the read-out scores higher); no label.
+  --objective=ordinal  the same text, K read-out logits instead of one: logit k says "the stated
+                       number is within d_k of the problem's answer" (--thresholds, d_k = 0, 1,
+                       2, 4, 8), a binary cross-entropy each; a --near share of the replaced
+                       numbers is 1 to --near_max off the answer, the rest another document's.
   --objective=pairwise the same text, a Bradley–Terry loss: each answer above its replaced copy.
   --objective=distance the same text, the read-out regressed on log(1 + how far the number moved).
   --objective=lm       the same grown model, language modelling on worksheets: one writer
@@ -211,10 +221,10 @@ def answer_off_by(start, ops, error, guess, rng):
     return toy.worked_answer(start, ops, (step, error))
 
 
-def crowd_answer(start, ops, rng, scale):
-    """The pretraining crowd: half estimates, t ± k with k ~ Laplace(scale) (estimates cluster
-    near the answer); half worked answers, 10% with a slip of 1 or 2."""
-    if rng.random() < 0.5:
+def crowd_answer(start, ops, rng, scale, estimates=0.5):
+    """The pretraining crowd: that share estimates, t ± k with k ~ Laplace(scale) (estimates
+    cluster near the answer); the rest worked answers, 10% with a slip of 1 or 2."""
+    if rng.random() < estimates:
         k = min(20, int(rng.expovariate(1 / scale)))
         return answer_off_by(start, ops, k * rng.choice((-1, 1)), True, rng)
     slip = rng.choice((-2, -1, 1, 2)) if rng.random() < 0.1 else 0
@@ -374,7 +384,8 @@ def build_detector(sft, tok, problems, cfg):
     that many initialisations train cfg.trial steps each; the one with the lowest loss on fresh
     problems held back from training (problems past the first cfg.problems; no label) goes on."""
     rng = random.Random(cfg.seed + 1)
-    docs = [(q, crowd_answer(start, ops, rng, cfg.scale)) for q, start, ops in problems]
+    docs = [(q, crowd_answer(start, ops, rng, cfg.scale, cfg.estimates))
+            for q, start, ops in problems]
     totals = [start + sum(ops) for _, start, ops in problems]  # each fresh problem's answer
     thresholds = [int(d) for d in cfg.thresholds.split(",")]
     shorten = lambda a: a.rsplit("\n", 1)[1] if cfg.short else a  # only the '#### N' line
@@ -420,6 +431,24 @@ def build_detector(sft, tok, problems, cfg):
         is_real = torch.cat([torch.ones(B), torch.zeros(B)])
         return F.binary_cross_entropy_with_logits(logits, is_real)
 
+    def estimate_pairs(check_problems, pair_rng):
+        """Per problem two estimates, the nearer one first, 1 to 9 off its answer (as the SFT's
+        guesses are): [(ids nearer, ids farther)]. Label-free: the problems are synthetic."""
+        pairs = []
+        for q, start, ops in check_problems:
+            near, far = sorted(pair_rng.sample(range(1, 10), 2))
+            texts = [answer_off_by(start, ops, d * pair_rng.choice((-1, 1)), True, pair_rng)
+                     for d in (near, far)]
+            pairs.append(tuple(encode_chat(tok, chat(q, a))[0] for a in texts))
+        return pairs
+
+    def closeness_order(model, head, pairs):
+        """The share of pairs whose nearer estimate the read-out scores higher (its logits
+        summed: the detector's one, or the ordinal's count of thresholds met)."""
+        ids, attn = pad_left([x for pair in pairs for x in pair], tok.pad_token_id)
+        score = head(top_token_features(model, ids, attn)).sum(-1).view(-1, 2)  # (P, 2)
+        return (score[:, 0] > score[:, 1]).float().mean().item()
+
     def new_detector():
         """The grown model (its new blocks drawn from torch's global RNG) and its read-out, and
         their trainable parameters; cfg.warm: after that many steps of language modelling."""
@@ -457,17 +486,21 @@ def build_detector(sft, tok, problems, cfg):
     for r in range(cfg.restarts):
         model, head, trainable = new_detector()
         candidates.append((model, head, start_run(model, head, trainable, cfg.seed + 1000 * r)))
-    if cfg.restarts > 1:  # each a few steps; the lowest loss on the held-back problems goes on
+    if cfg.restarts > 1:  # each a few steps; the best on the held-back problems goes on
         held_back = list(range(cfg.problems, len(problems)))
         check = detection_batch(held_back, held_back[1:] + held_back[:1])
-        losses = []
+        pairs = estimate_pairs(problems[cfg.problems:], random.Random(cfg.seed + 5))
+        scores = []
         for model, head, steps in candidates:
             for _ in range(cfg.trial):
                 next(steps)
             with torch.no_grad():
-                losses.append(detection_loss(model, head, check).item())
-        print(f"rm backbone restarts' held-back losses: {losses}", flush=True)
-        candidates = [candidates[losses.index(min(losses))]]
+                if cfg.choose == "loss":  # the lower the better
+                    scores.append(-detection_loss(model, head, check).item())
+                else:
+                    scores.append(closeness_order(model, head, pairs))
+        print(f"rm backbone restarts' held-back {cfg.choose} scores: {scores}", flush=True)
+        candidates = [candidates[scores.index(max(scores))]]
     model, _, steps = candidates[0]
     for _ in steps:
         pass
@@ -519,6 +552,9 @@ class Config:
                          at_least=1)
     trial: int = knob(100, "detect: steps each restart trains before the choice")
     check: int = knob(256, "detect: fresh problems held back for the restarts' choice")
+    choose: str = knob("loss", "detect: the restarts' choice by the detection loss on the "
+                       "held-back problems, or by how often the read-out puts the nearer of two "
+                       "estimates first (order)", choices=("loss", "order"))
     thresholds: str = knob("0,1,2,4,8", "ordinal: the distances d_k, one logit each")
     near: float = knob(0.5, "ordinal: the share of replaced numbers drawn 1 to --near_max off the "
                        "answer (the rest: another document's number)")
@@ -529,6 +565,7 @@ class Config:
     identity: bool = knob(True, "detect: the grown blocks start as the identity (else HF's init)")
     threads: int = knob(1, "torch threads")
     scale: float = knob(3.0, "the crowd's estimates: |error| ~ Laplace(scale)")
+    estimates: float = knob(0.5, "detect: the share of the crowd's answers that are estimates")
     turns: int = knob(3, "problems a worksheet (lm)")
     seed: int = knob(0, "")
     save: str = knob("", "write the built backbone (and the tokenizer) here")
