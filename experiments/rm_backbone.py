@@ -25,7 +25,7 @@ random stream of its own; no gold reward, no oracle call, no label):
                        worked answers first (the grown blocks only). The schedule's knobs
                        (--lr_floor, --clip, --wd, --ema) apply to every build.
                        --estimates: the share of the crowd's answers that are estimates
-                       (0.5); --restarts=R: R initialisations (new blocks, read-out and batch
+                       (0.5), --slips: of its worked answers with a slip (0.1); --restarts=R: R initialisations (new blocks, read-out and batch
                        order) train --trial steps each, and the one that scores best on --check
                        fresh problems held back from training goes on to the end (--choose=loss:
                        the lowest detection loss on them; order: the most pairs of estimates,
@@ -221,13 +221,13 @@ def answer_off_by(start, ops, error, guess, rng):
     return toy.worked_answer(start, ops, (step, error))
 
 
-def crowd_answer(start, ops, rng, scale, estimates=0.5):
+def crowd_answer(start, ops, rng, scale, estimates=0.5, slips=0.1):
     """The pretraining crowd: that share estimates, t ± k with k ~ Laplace(scale) (estimates
-    cluster near the answer); the rest worked answers, 10% with a slip of 1 or 2."""
+    cluster near the answer); the rest worked answers, `slips` of them with a slip of 1 or 2."""
     if rng.random() < estimates:
         k = min(20, int(rng.expovariate(1 / scale)))
         return answer_off_by(start, ops, k * rng.choice((-1, 1)), True, rng)
-    slip = rng.choice((-2, -1, 1, 2)) if rng.random() < 0.1 else 0
+    slip = rng.choice((-2, -1, 1, 2)) if rng.random() < slips else 0
     return answer_off_by(start, ops, slip, False, rng)
 
 
@@ -384,7 +384,7 @@ def build_detector(sft, tok, problems, cfg):
     that many initialisations train cfg.trial steps each; the one with the lowest loss on fresh
     problems held back from training (problems past the first cfg.problems; no label) goes on."""
     rng = random.Random(cfg.seed + 1)
-    docs = [(q, crowd_answer(start, ops, rng, cfg.scale, cfg.estimates))
+    docs = [(q, crowd_answer(start, ops, rng, cfg.scale, cfg.estimates, cfg.slips))
             for q, start, ops in problems]
     totals = [start + sum(ops) for _, start, ops in problems]  # each fresh problem's answer
     thresholds = [int(d) for d in cfg.thresholds.split(",")]
@@ -566,6 +566,7 @@ class Config:
     threads: int = knob(1, "torch threads")
     scale: float = knob(3.0, "the crowd's estimates: |error| ~ Laplace(scale)")
     estimates: float = knob(0.5, "detect: the share of the crowd's answers that are estimates")
+    slips: float = knob(0.1, "detect: the share of the crowd's worked answers with a slip")
     turns: int = knob(3, "problems a worksheet (lm)")
     seed: int = knob(0, "")
     save: str = knob("", "write the built backbone (and the tokenizer) here")
