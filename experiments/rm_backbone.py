@@ -24,6 +24,17 @@ random stream of its own; no gold reward, no oracle call, no label):
                        --warm: that many steps of language modelling on the problems' clean
                        worked answers first (the grown blocks only). The schedule's knobs
                        (--lr_floor, --clip, --wd, --ema) apply to every build.
+                       --estimates: the share of the crowd's answers that are estimates (0.5),
+                       --slips: of its worked answers with a slip (0.1); --restarts=R: R
+                       initialisations (new blocks, read-out and batch order) train --trial steps
+                       each, and the one that scores best on --check fresh problems held back from
+                       training goes on to the end (--choose=loss: the lowest detection loss on
+                       them; order: the most pairs of estimates, 1 to 9 off, whose nearer one the
+                       read-out scores higher); no label.
+  --objective=ordinal  the same text, K read-out logits instead of one: logit k says "the stated
+                       number is within d_k of the problem's answer" (--thresholds, d_k = 0, 1,
+                       2, 4, 8), a binary cross-entropy each; a --near share of the replaced
+                       numbers is 1 to --near_max off the answer, the rest another document's.
   --objective=pairwise the same text, a Bradley–Terry loss: each answer above its replaced copy.
   --objective=distance the same text, the read-out regressed on log(1 + how far the number moved).
   --objective=lm       the same grown model, language modelling on worksheets: one writer
@@ -37,6 +48,7 @@ keys and values still span the sequence): 150 steps took 8 s against 11 s on 2 t
   python -m experiments.rm_backbone --toy_dir=out/toy                      # SFT features only
   python -m experiments.rm_backbone --toy_dir=out/toy --steps=700          # + a detect build
   python -m experiments.rm_backbone --toy_dir=out/toy_rare --rare --steps=700 --seed=1
+  python -m experiments.rm_backbone --steps=700 --objective=ordinal --estimates=0.8  # the best
   python -m experiments.rm_backbone --toy_dir=out/toy --objective=lm --steps=1500
 
 One thread by default (--threads), so the times compare across machines of any core count.
@@ -130,6 +142,117 @@ swing stays 0.06 to 0.19 in the rare setting whatever the schedule. Time: 49 to 
 one thread, two probes at once on the 2-core machine (the --lr_floor=0 and --wd=0 runs, 65 to
 124 s, shared the machine with other work), so a 2-thread build is near the 40 s the earlier
 round measured.
+
+Measured on the same toy (the default build gives round 3's numbers again: 0.840 standard seed 0,
+0.670 rare seed 2), 700 steps unless said, one thread, two probes at once on a 2-core machine that
+another job shared (so the seconds are high and vary: 53 to 128 s for the same 700 steps);
+restarts: the steps are the chosen run's, and each restart that is not chosen adds --trial more.
+
+  setting   build                                  s  steps  held-out acc.  guess-guess   s
+  standard  detect (default)                       0    700  0.840 ± 0.037  0.74         54
+  standard  ordinal                                0    700  0.811 ± 0.039  0.66         58
+  standard  ordinal                                1    700  0.881 ± 0.033  0.78         91
+  standard  ordinal                                2    700  0.833 ± 0.038  0.73         85
+  standard  restarts 2, trial 100, by loss         0    700  0.840 ± 0.037  0.74         57
+  standard  restarts 2, trial 100, by loss         1    700  0.881 ± 0.033  0.80         80
+  standard  restarts 2, trial 100, by loss         2    700  0.780 ± 0.042  0.67         58
+  standard  restarts 2, trial 100, by order        2    700  0.828 ± 0.038  0.70         97
+  standard  restarts 2, trial 200, by loss         2    600  0.780 ± 0.042  0.68        112
+  standard  --estimates=0.8                        0    700  0.811 ± 0.039  0.74         92
+  standard  --estimates=0.8                        1    700  0.846 ± 0.036  0.75         82
+  standard  --estimates=0.8                        2    700  0.761 ± 0.043  0.72         87
+  standard  --estimates=0.65                       2    700  0.830 ± 0.038  0.74         60
+  standard  --lr=5e-3                              2    700  0.846 ± 0.036  0.71         90
+  standard  ordinal, --estimates=0.8               0    700  0.819 ± 0.038  0.72         61
+  standard  ordinal, --estimates=0.8               1    700  0.844 ± 0.037  0.74         64
+  standard  ordinal, --estimates=0.8               2    700  0.793 ± 0.041  0.65         91
+  standard  ordinal, --estimates=0.7               0    700  0.811 ± 0.039  0.70         92
+  standard  ordinal, --estimates=0.7               2    700  0.809 ± 0.040  0.67         69
+  standard  ordinal, --estimates=0.8 --slips=0.5   2    700  0.825 ± 0.038  0.78         50
+  standard  ordinal, --estimates=0.8, batch 16     0   1400  0.832 ± 0.037  0.74         47
+  standard  ordinal, --estimates=0.8, batch 16     1   1400  0.878 ± 0.033  0.86         50
+  standard  ordinal, --estimates=0.8, batch 16     2   1400  0.870 ± 0.034  0.83         48
+  standard  the same, 2 threads                    0   1400  0.858 ± 0.035  0.79         36
+  standard  the same, 2 threads                    1   1400  0.873 ± 0.034  0.87         40
+  standard  the same, 2 threads                    2   1400  0.870 ± 0.034  0.85         38
+  rare      detect (default)                       2    700  0.670 ± 0.044  0.67        128
+  rare      ordinal                                0    700  0.782 ± 0.038  0.79         63
+  rare      ordinal                                1    700  0.666 ± 0.044  0.66         70
+  rare      ordinal                                2    700  0.734 ± 0.041  0.72         57
+  rare      ordinal, d_k 0-8, 10, 12, --near=0.8   2    700  0.638 ± 0.045  0.62         53
+  rare      restarts 2, trial 100, by loss         0    700  0.836 ± 0.034  0.84         59
+  rare      restarts 2, trial 100, by loss         1    700  0.815 ± 0.036  0.83         59
+  rare      restarts 2, trial 100, by loss         2    700  0.764 ± 0.040  0.77         60
+  rare      restarts 2, trial 100, by order        2    700  0.670 ± 0.044  0.67        110
+  rare      restarts 2, trial 200, by loss         2    600  0.716 ± 0.042  0.71        119
+  rare      --estimates=0.8                        0    700  0.796 ± 0.037  0.80         83
+  rare      --estimates=0.8                        1    700  0.831 ± 0.035  0.83         88
+  rare      --estimates=0.8                        2    700  0.768 ± 0.040  0.76         87
+  rare      --estimates=0.65                       2    700  0.663 ± 0.044  0.66         63
+  rare      --lr=5e-3                              2    700  0.638 ± 0.045  0.64        101
+  rare      ordinal, --estimates=0.8               0    700  0.829 ± 0.035  0.84        100
+  rare      ordinal, --estimates=0.8               1    700  0.869 ± 0.031  0.87        102
+  rare      ordinal, --estimates=0.8               2    700  0.883 ± 0.030  0.89         57
+  rare      ordinal, --estimates=0.7               2    700  0.839 ± 0.034  0.85         75
+  rare      ordinal, --estimates=0.8 --slips=0.5   2    700  0.794 ± 0.038  0.80         53
+  rare      ordinal, --estimates=0.8, 2 threads    2    700  0.892 ± 0.029  0.91         38
+  rare      ordinal, --estimates=0.8, batch 16     0   1400  0.924 ± 0.024  0.93         51
+  rare      ordinal, --estimates=0.8, batch 16     1   1400  0.847 ± 0.034  0.85         50
+  rare      ordinal, --estimates=0.8, batch 16     2   1400  0.917 ± 0.026  0.93         51
+  rare      the same, 2 threads                    0   1400  0.882 ± 0.030  0.88         36
+  rare      the same, 2 threads                    1   1400  0.887 ± 0.029  0.90         39
+  rare      the same, 2 threads                    2   1400  0.929 ± 0.024  0.94         39
+
+Over seeds 0, 1, 2 (the default's from round 3's table):
+
+  build                            standard mean  min    rare mean  min    both min
+  detect (default)                 0.849          0.828  0.771      0.670  0.670
+  ordinal                          0.842          0.811  0.727      0.666  0.666
+  restarts 2, trial 100, by loss   0.834          0.780  0.805      0.764  0.764
+  --estimates=0.8                  0.806          0.761  0.798      0.768  0.761
+  ordinal, --estimates=0.8         0.819          0.793  0.860      0.829  0.793
+  the same, batch 16, 1400 steps   0.860          0.832  0.896      0.847  0.832
+  the same, 2 threads              0.867          0.858  0.899      0.882  0.858
+
+The best build is the ordinal read-out on a crowd of 80% estimates, trained as 1400 steps of 16
+documents (and their 16 replaced copies) instead of 700 of 32: the same documents in the same time
+(47 to 51 s on one thread). Standard 0.832, 0.878, 0.870 (mean 0.860), rare 0.924, 0.847, 0.917
+(mean 0.896): both means pass 0.85, the minimum over the six runs does not (0.832, standard seed 0;
+0.847, rare seed 1). Its worked-worked pairs stay weak (0.43 to 0.60 on 35 to 43 pairs, the
+default's 0.70 to 0.86), and the standard setting's guess-guess pairs are 0.74 to 0.86. At 700
+steps of 32 the same build has in the rare setting 0.829, 0.869, 0.883 (mean 0.860; guess-guess
+0.84 to 0.89), but in the standard setting 0.819, 0.844, 0.793 (mean 0.819, below the default's
+0.849): its worked-worked pairs fall to chance (0.42 to 0.51 on 35 to 43 pairs, the default's 0.70
+to 0.86) and its guess-guess pairs stay at 0.65 to 0.74. 70% estimates trade between the two (seed
+2: standard 0.809, rare 0.839; standard seed 0: 0.811). Half the worked answers slipped
+(--slips=0.5, against 0.1) does not bring the worked-worked pairs back (0.47 on standard seed 2)
+and is worse on rare seed 2 (0.794 against 0.883). Neither change alone does it: the ordinal
+read-out on the default crowd (half estimates) orders rare guesses worse than the one detection
+logit (guess-guess 0.79, 0.66, 0.72 against 0.84, 0.82, 0.67), and finer thresholds with more near
+numbers are worse on rare seed 2 (0.638); 80% estimates with the one detection logit lift the rare
+mean only to 0.798. Two restarts chosen by the detection loss on 256 held-back fresh problems after
+100 steps have the best minimum over both settings (0.764), but the choice is near a coin toss: the
+two restarts' held-back losses differ by 0.001 to 0.026 at step 100, and the choice took the second
+restart on three of six runs, which gained 0.094 (rare seed 2, the same held-out pairs: the build
+alone moves it from 0.670 to 0.764) and 0.007 (rare seed 1) and lost 0.048 (standard seed 2).
+Choosing by how often the read-out ranks the nearer of two synthetic estimates first took the first
+restart on seed 2 in both settings, the better one in the standard setting and the worse in the
+rare; the loss after 200 steps of a 600-step schedule gave 0.780 and 0.716 there, below the
+default. A crowd of 80% estimates (the rare setting's pairs are nearly all estimates) with the
+detection logit lowers the standard mean (0.849 -> 0.806, its guess-worked pairs: 0.82 on seed 2
+against 0.94); 65% is no better than 50% on rare seed 2. A peak learning rate of 5e-3 lowers the
+training loss faster (one batch's at step 300: 0.42 and 0.34, against 0.45 to 0.54 at 3e-3) and is
+better on standard seed 2 (0.846) but worse on rare seed 2 (0.638): a lower detection loss, much of
+it on worked answers whose last line can be checked locally, is not closer ordering of estimates.
+The restarts' build trains 800 steps (two of 100, then 600 more), about 8/7 of the default's time.
+Time: the ordinal build on 80% estimates took 38 s on 2 threads with the machine otherwise idle
+(rare seed 2, 0.892 there against 0.883 on one thread: the thread count changes the sums' order),
+within the 45 s a toy build may add; its estimates are shorter than worked answers.
+On 2 threads (one probe at a time) the batch-16 build took 36 to 40 s and reached 0.85 on every run: standard 0.858, 0.873, 0.870, rare
+0.882, 0.887, 0.929 (minimum 0.858, means 0.867 and 0.899). The thread count alone changes the
+sums' order and moves a run by up to 0.042 (rare seed 0: 0.924 on one thread, 0.882 on two; rare
+seed 1: 0.847 and 0.887), so the one-thread minimum (0.832) and the two-thread one (0.858) are two
+draws of the same build's spread, which stays near the 0.85 line in the standard setting.
 """
 import json
 import math
@@ -211,13 +334,13 @@ def answer_off_by(start, ops, error, guess, rng):
     return toy.worked_answer(start, ops, (step, error))
 
 
-def crowd_answer(start, ops, rng, scale):
-    """The pretraining crowd: half estimates, t ± k with k ~ Laplace(scale) (estimates cluster
-    near the answer); half worked answers, 10% with a slip of 1 or 2."""
-    if rng.random() < 0.5:
+def crowd_answer(start, ops, rng, scale, estimates=0.5, slips=0.1):
+    """The pretraining crowd: that share estimates, t ± k with k ~ Laplace(scale) (estimates
+    cluster near the answer); the rest worked answers, `slips` of them with a slip of 1 or 2."""
+    if rng.random() < estimates:
         k = min(20, int(rng.expovariate(1 / scale)))
         return answer_off_by(start, ops, k * rng.choice((-1, 1)), True, rng)
-    slip = rng.choice((-2, -1, 1, 2)) if rng.random() < 0.1 else 0
+    slip = rng.choice((-2, -1, 1, 2)) if rng.random() < slips else 0
     return answer_off_by(start, ops, slip, False, rng)
 
 
@@ -311,10 +434,11 @@ def top_token_features(model, ids, attn):
     return F.normalize(model.model.norm(x).float(), dim=-1)  # (B, D)
 
 
-def train(model, trainable, loss_of, steps, cfg, seed):
+def optimise(trainable, loss_of, steps, cfg, seed):
     """AdamW on `trainable` with the toy SFT's schedule (the floor cfg.lr_floor); loss_of(step,
-    generator) -> the loss. cfg.ema > 0: the model ends with the weights' exponential moving
-    average (decay cfg.ema) instead of the last step's."""
+    generator) -> the loss. A generator that yields after each step, so a caller can pause a run
+    and go on with it later (the detector's restarts). cfg.ema > 0: the weights end as their
+    exponential moving average (decay cfg.ema) instead of the last step's."""
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.wd)
     g = torch.Generator().manual_seed(seed)
     warmup = max(1, steps // 20)
@@ -335,70 +459,166 @@ def train(model, trainable, loss_of, steps, cfg, seed):
                 a.lerp_(p, 1 - cfg.ema)
         if step % 100 == 0 or step == steps - 1:
             print(f"rm backbone step {step}/{steps}: loss {loss.item():.3f}", flush=True)
+        yield step
     if cfg.ema:
         with torch.no_grad():
             for a, p in zip(average, trainable):
                 p.copy_(a)
+
+
+def train(model, trainable, loss_of, steps, cfg, seed):
+    """optimise() to the end -> the model, frozen for evaluation."""
+    for _ in optimise(trainable, loss_of, steps, cfg, seed):
+        pass
     return model.eval().requires_grad_(False)
 
 
+def within_thresholds(stated, totals, thresholds):
+    """The ordinal read-out's targets (N, K): 1 where |stated - total| <= d_k, else 0."""
+    distance = (torch.tensor(stated) - torch.tensor(totals)).abs()  # (N,)
+    return (distance[:, None] <= torch.tensor(thresholds)[None]).float()  # (N, K)
+
+
+@dataclass
+class DetectionBatch:
+    """Documents for the detector: the real answers, then as many with their number replaced."""
+    rows: list  # token ids of each document, the real ones first
+    stated: list  # the number each document states
+    answers: list  # its problem's answer
+    moved: list  # how far each replaced number is from the real document's
+
+
+def chat(question, answer):
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
 def build_detector(sft, tok, problems, cfg):
-    """Replaced-number detection (module docstring) on the grown SFT policy."""
+    """Replaced-number detection (module docstring) on the grown SFT policy. cfg.restarts > 1:
+    that many initialisations train cfg.trial steps each; the one that scores best (cfg.choose)
+    on fresh problems held back from training (those past the first cfg.problems; no label) goes
+    on to the end."""
     rng = random.Random(cfg.seed + 1)
-    docs = [(q, crowd_answer(start, ops, rng, cfg.scale)) for q, start, ops in problems]
-    model = grow(sft, cfg.extra, cfg.identity)
-    model.model.embed_tokens.requires_grad_(False)
-    model.model.layers[:sft.config.num_hidden_layers].requires_grad_(False)
-    head = torch.nn.Linear(model.config.hidden_size, 1)  # the detector's read-out, not kept
-    grown = [p for p in model.parameters() if p.requires_grad]
-    trainable = grown + list(head.parameters())
-    chat = lambda q, a: [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
-    if cfg.warm:  # first language modelling on clean worked answers: the blocks learn the sums
-        worked = [encode_chat(tok, chat(q, toy.worked_answer(start, ops)))
-                  for q, start, ops in problems]
-
-        def lm_loss(step, g):
-            rows = torch.randint(len(worked), (cfg.batch_size,), generator=g).tolist()
-            ids, attn, loss_mask = pad_batch([worked[i] for i in rows], tok.pad_token_id)
-            logp = M.token_logprobs(model, ids, attn)  # (B, S)
-            return -(logp * loss_mask).sum() / loss_mask.sum()
-
-        train(model, grown, lm_loss, cfg.warm, cfg, cfg.seed + 2)
-        model.train()
-        for p in grown:
-            p.requires_grad_(True)
+    docs = [(q, crowd_answer(start, ops, rng, cfg.scale, cfg.estimates, cfg.slips))
+            for q, start, ops in problems]
+    totals = [start + sum(ops) for _, start, ops in problems]  # each fresh problem's answer
+    thresholds = [int(d) for d in cfg.thresholds.split(",")]
     shorten = lambda a: a.rsplit("\n", 1)[1] if cfg.short else a  # only the '#### N' line
 
-    def loss_of(step, g):
-        rows = torch.randint(len(docs), (2 * cfg.batch_size,), generator=g).tolist()
-        real, donors = rows[:cfg.batch_size], rows[cfg.batch_size:]
-        replaced, moved = [], []
+    def detection_batch(real, donors):
+        """The documents `real` and copies of them, each number replaced by the donor's (or, by
+        cfg.hard and the ordinal's cfg.near, by one drawn near it)."""
+        replaced, numbers, others, moved = [], [], [], []
         for i, j in zip(real, donors):
             q, a = docs[i]
             number = int(a.rsplit("#### ", 1)[1])
             other = int(docs[j][1].rsplit("#### ", 1)[1])
             if cfg.hard and rng.random() < cfg.hard:  # a hard one: near the number, as guesses are
                 other = abs(number + rng.choice((-1, 1)) * rng.randint(1, 9))
+            if cfg.objective == "ordinal" and rng.random() < cfg.near:  # graded: 1..near_max off
+                other = abs(totals[i] + rng.choice((-1, 1)) * rng.randint(1, cfg.near_max))
             other = other if other != number else number + 1
             replaced.append((q, replace_number(a, other)))
+            numbers.append(number)
+            others.append(other)
             moved.append(abs(other - number))
-        batch = [encode_chat(tok, chat(q, shorten(a))) for q, a in [docs[i] for i in real]]
-        batch += [encode_chat(tok, chat(q, shorten(a))) for q, a in replaced]
+        rows = [encode_chat(tok, chat(q, shorten(a)))[0] for q, a in [docs[i] for i in real]]
+        rows += [encode_chat(tok, chat(q, shorten(a)))[0] for q, a in replaced]
+        return DetectionBatch(rows, numbers + others, [totals[i] for i in real] * 2, moved)
+
+    def detection_loss(model, head, batch):
+        B = len(batch.moved)
         if cfg.top_only:  # left-padded: every row's last token at the end
-            ids, attn = pad_left([x for x, _ in batch], tok.pad_token_id)
-            logits = head(top_token_features(model, ids, attn)).squeeze(-1)  # (2B,)
+            ids, attn = pad_left(batch.rows, tok.pad_token_id)
+            logits = head(top_token_features(model, ids, attn))  # (2B, K)
         else:
-            ids, attn, _ = pad_batch(batch, tok.pad_token_id)
-            logits = head(last_token_features(model, ids, attn)).squeeze(-1)  # (2B,)
+            ids, attn, _ = pad_batch([(x, [0] * len(x)) for x in batch.rows], tok.pad_token_id)
+            logits = head(last_token_features(model, ids, attn))  # (2B, K)
+        if cfg.objective == "ordinal":  # logit k: is the stated number within d_k of the answer?
+            targets = within_thresholds(batch.stated, batch.answers, thresholds)  # (2B, K)
+            return F.binary_cross_entropy_with_logits(logits, targets)
+        logits = logits.squeeze(-1)  # (2B,): one read-out
         if cfg.objective == "pairwise":  # Bradley–Terry: each answer above its replaced copy
-            return -F.logsigmoid(logits[:cfg.batch_size] - logits[cfg.batch_size:]).mean()
+            return -F.logsigmoid(logits[:B] - logits[B:]).mean()
         if cfg.objective == "distance":  # how far the number was moved: 0 for the real ones
-            distance = torch.tensor([0.0] * cfg.batch_size + moved).log1p()  # (2B,)
+            distance = torch.tensor([0.0] * B + batch.moved).log1p()  # (2B,)
             return F.mse_loss(logits, distance)
-        is_real = torch.cat([torch.ones(cfg.batch_size), torch.zeros(cfg.batch_size)])
+        is_real = torch.cat([torch.ones(B), torch.zeros(B)])
         return F.binary_cross_entropy_with_logits(logits, is_real)
 
-    return train(model, trainable, loss_of, cfg.steps, cfg, cfg.seed)
+    def estimate_pairs(check_problems, pair_rng):
+        """Per problem two estimates, the nearer one first, 1 to 9 off its answer (as the SFT's
+        guesses are): [(ids nearer, ids farther)]. Label-free: the problems are synthetic."""
+        pairs = []
+        for q, start, ops in check_problems:
+            near, far = sorted(pair_rng.sample(range(1, 10), 2))
+            texts = [answer_off_by(start, ops, d * pair_rng.choice((-1, 1)), True, pair_rng)
+                     for d in (near, far)]
+            pairs.append(tuple(encode_chat(tok, chat(q, a))[0] for a in texts))
+        return pairs
+
+    def closeness_order(model, head, pairs):
+        """The share of pairs whose nearer estimate the read-out scores higher (its logits
+        summed: the detector's one, or the ordinal's count of thresholds met)."""
+        ids, attn = pad_left([x for pair in pairs for x in pair], tok.pad_token_id)
+        score = head(top_token_features(model, ids, attn)).sum(-1).view(-1, 2)  # (P, 2)
+        return (score[:, 0] > score[:, 1]).float().mean().item()
+
+    def new_detector():
+        """The grown model (its new blocks drawn from torch's global RNG) and its read-out, and
+        their trainable parameters; cfg.warm: after that many steps of language modelling."""
+        model = grow(sft, cfg.extra, cfg.identity)
+        model.model.embed_tokens.requires_grad_(False)
+        model.model.layers[:sft.config.num_hidden_layers].requires_grad_(False)
+        outputs = len(thresholds) if cfg.objective == "ordinal" else 1
+        head = torch.nn.Linear(model.config.hidden_size, outputs)  # the read-out, not kept
+        grown = [p for p in model.parameters() if p.requires_grad]
+        if cfg.warm:  # first language modelling on clean worked answers: the blocks learn sums
+            worked = [encode_chat(tok, chat(q, toy.worked_answer(start, ops)))
+                      for q, start, ops in problems[:cfg.problems]]
+
+            def lm_loss(step, g):
+                rows = torch.randint(len(worked), (cfg.batch_size,), generator=g).tolist()
+                ids, attn, loss_mask = pad_batch([worked[i] for i in rows], tok.pad_token_id)
+                logp = M.token_logprobs(model, ids, attn)  # (B, S)
+                return -(logp * loss_mask).sum() / loss_mask.sum()
+
+            train(model, grown, lm_loss, cfg.warm, cfg, cfg.seed + 2)
+            model.train()
+            for p in grown:
+                p.requires_grad_(True)
+        return model, head, grown + list(head.parameters())
+
+    def start_run(model, head, trainable, seed):  # a paused optimise() on the training docs
+        def loss_of(step, g):
+            rows = torch.randint(cfg.problems, (2 * cfg.batch_size,), generator=g).tolist()
+            batch = detection_batch(rows[:cfg.batch_size], rows[cfg.batch_size:])
+            return detection_loss(model, head, batch)
+
+        return optimise(trainable, loss_of, cfg.steps, cfg, seed)
+
+    candidates = []
+    for r in range(cfg.restarts):
+        model, head, trainable = new_detector()
+        candidates.append((model, head, start_run(model, head, trainable, cfg.seed + 1000 * r)))
+    if cfg.restarts > 1:  # each a few steps; the best on the held-back problems goes on
+        held_back = list(range(cfg.problems, len(problems)))
+        check = detection_batch(held_back, held_back[1:] + held_back[:1])
+        pairs = estimate_pairs(problems[cfg.problems:], random.Random(cfg.seed + 5))
+        scores = []
+        for model, head, steps in candidates:
+            for _ in range(cfg.trial):
+                next(steps)
+            with torch.no_grad():
+                if cfg.choose == "loss":  # the lower the better
+                    scores.append(-detection_loss(model, head, check).item())
+                else:
+                    scores.append(closeness_order(model, head, pairs))
+        print(f"rm backbone restarts' held-back {cfg.choose} scores: {scores}", flush=True)
+        candidates = [candidates[scores.index(max(scores))]]
+    model, _, steps = candidates[0]
+    for _ in steps:
+        pass
+    return model.eval().requires_grad_(False)
 
 
 def build_worksheet_lm(sft, tok, problems, cfg):
@@ -429,8 +649,9 @@ def build_worksheet_lm(sft, tok, problems, cfg):
 class Config:
     toy_dir: str = knob("out/toy", "the toy task (built if missing)")
     rare: bool = knob(False, "the toy's rare setting (as toy.py --rare)")
-    objective: str = knob("detect", "detect (replaced-number detection), pairwise (each answer "
-                          "above its replaced copy), distance (regress how far it moved), lm")
+    objective: str = knob("detect", "detect (replaced-number detection), ordinal (is the number "
+                          "within d_k of the answer, per d_k), pairwise (each answer above its "
+                          "replaced copy), distance (regress how far it moved), lm")
     steps: int = knob(0, "training steps of the larger backbone; 0: probe the SFT features only")
     batch_size: int = knob(32, "documents a step (detect: as many again with a replaced number)")
     lr: float = knob(3e-3, "peak learning rate")
@@ -441,12 +662,25 @@ class Config:
     extra: int = knob(2, "blocks grown on top of the SFT policy")
     problems: int = knob(20000, "fresh problems of the pretraining text")
     hard: float = knob(0.0, "the share of replaced numbers drawn 1 to 9 off the number")
+    restarts: int = knob(1, "detect: initialisations tried, the best by a held-back loss",
+                         at_least=1)
+    trial: int = knob(100, "detect: steps each restart trains before the choice")
+    check: int = knob(256, "detect: fresh problems held back for the restarts' choice")
+    choose: str = knob("loss", "detect: the restarts' choice by the detection loss on the "
+                       "held-back problems, or by how often the read-out puts the nearer of two "
+                       "estimates first (order)", choices=("loss", "order"))
+    thresholds: str = knob("0,1,2,4,8", "ordinal: the distances d_k, one logit each")
+    near: float = knob(0.5, "ordinal: the share of replaced numbers drawn 1 to --near_max off the "
+                       "answer (the rest: another document's number)")
+    near_max: int = knob(12, "ordinal: the farthest such replaced number", at_least=1)
     short: bool = knob(False, "train on the answer's '#### N' line only (not the worked steps)")
     top_only: bool = knob(True, "run the top block for the last token only (the same φ, faster)")
     warm: int = knob(0, "detect: steps of language modelling on worked answers first")
     identity: bool = knob(True, "detect: the grown blocks start as the identity (else HF's init)")
     threads: int = knob(1, "torch threads")
     scale: float = knob(3.0, "the crowd's estimates: |error| ~ Laplace(scale)")
+    estimates: float = knob(0.5, "detect: the share of the crowd's answers that are estimates")
+    slips: float = knob(0.1, "detect: the share of the crowd's worked answers with a slip")
     turns: int = knob(3, "problems a worksheet (lm)")
     seed: int = knob(0, "")
     save: str = knob("", "write the built backbone (and the tokenizer) here")
@@ -467,7 +701,11 @@ if __name__ == "__main__":
             splits = (paths.train, paths.valid, paths.heldout)
             excluded = {p["prompt"] for f in splits for p in data.load_prompts(f, tok, 256)}
             t0 = time.time()
-            problems = fresh_problems(random.Random(cfg.seed + 7_000_003), excluded, cfg.problems)
+            rng = random.Random(cfg.seed + 7_000_003)
+            problems = fresh_problems(rng, excluded, cfg.problems)
+            if cfg.restarts > 1:  # held back for choosing among restarts, none a training one
+                seen = excluded | {q for q, _, _ in problems}
+                problems += fresh_problems(rng, seen, cfg.check)
             build_fn = build_worksheet_lm if cfg.objective == "lm" else build_detector
             torch.manual_seed(cfg.seed)  # the new blocks' and the read-out's initialisation
             backbone = build_fn(sft, tok, problems, cfg)

@@ -575,3 +575,24 @@ def test_rm_backbone_pieces_are_disjoint_identity_grown_and_loadable(toy, tmp_pa
     data.check_same_tokenizer(str(tmp_path / "rm"), tok)
     loaded = M.from_pretrained(str(tmp_path / "rm"))
     assert loaded.config.num_hidden_layers == sft.config.num_hidden_layers + 2
+
+
+def test_rm_backbone_ordinal_targets_and_build(toy):
+    """experiments/rm_backbone.py --objective=ordinal: logit k's target is 1 exactly where the
+    stated number is within d_k of the answer, on either side; a build of that objective runs."""
+    import random
+    import data
+    import model as M
+    import experiments.rm_backbone as B
+    targets = B.within_thresholds([7, 8, 5, 20, 0], [7, 7, 7, 7, 7], [0, 1, 2, 4, 8])
+    assert targets.tolist() == [[1, 1, 1, 1, 1],   # the answer itself
+                                [0, 1, 1, 1, 1],   # 1 above
+                                [0, 0, 1, 1, 1],   # 2 below
+                                [0, 0, 0, 0, 0],   # 13 above
+                                [0, 0, 0, 0, 1]]   # 7 below
+    paths = toy[1]
+    tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
+    problems = B.fresh_problems(random.Random(0), set(), 50)
+    cfg = B.Config(objective="ordinal", steps=2, batch_size=4, problems=50, near=1.0)
+    backbone = B.build_detector(sft, tok, problems, cfg)
+    assert backbone.config.num_hidden_layers == sft.config.num_hidden_layers + 2
