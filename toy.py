@@ -1,7 +1,7 @@
 """
 The built-in task: GSM8K in miniature. A locally built tokenizer, a tiny SFT policy trained from
-scratch on hurried demonstrations, train / held-out prompt files, an offline preference file, and
-the gold reward r*.
+scratch on hurried demonstrations, train / held-out prompt files, an offline preference file, the
+gold reward r*, and a larger reward-model backbone for PbPO, pretrained without labels.
 
 "Tom has 12 pens, buys 5 and gives away 3. How many pens does Tom have now?" is answered with worked
 steps and GSM8K's `#### N` line. The demonstrators often only guess on two-step problems ("I think
@@ -22,6 +22,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from collections import namedtuple
 from dataclasses import dataclass
@@ -42,8 +43,9 @@ CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m[
                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 BUILD_THREADS = 2  # the build's own thread count: a machine with more cores builds the same bits
-ToyPaths = namedtuple("ToyPaths", "model train heldout prefs valid")
-FILES = ToyPaths("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl")  # in out_dir
+ToyPaths = namedtuple("ToyPaths", "model train heldout prefs valid rm")
+FILES = ToyPaths("sft", "train.jsonl", "heldout.jsonl", "prefs.jsonl", "valid.jsonl",
+                 "rm")  # in out_dir
 
 
 # ---------------------------------------------------------------- the gold reward r*
@@ -166,28 +168,189 @@ def train_sft(demos, tok, hf_config, steps, batch_size, lr, seed):
     return policy.eval()
 
 
+# ---------------------------------------------------------------- the reward model's backbone
+# PbPO's reward model is a linear head on a frozen backbone's features. The SFT policy's own
+# features cannot rank two guesses ("I think it is about 17" against "... about 23"): that needs
+# the answer. So the toy also builds a larger backbone, as real reward models are made: pretrained
+# without labels on text of the task. It is the SFT policy grown by RM_BLOCKS blocks (each the
+# identity at first), trained on fresh problems that no split holds: a crowd's answers, and the
+# same answers with the final number replaced, read at the last token by RM_THRESHOLDS logits,
+# logit k asking "is the stated number within d_k of the problem's answer?" (an ordinal form of
+# ELECTRA's replaced-token detection: its graded targets teach features that order closeness).
+# No gold reward and no oracle are used. experiments/rm_backbone.py is the harness this recipe
+# was chosen with, and the probe that measures it.
+RM_BLOCKS = 2
+RM_THRESHOLDS = (0, 1, 2, 4, 8)  # d_k
+RM_STEPS = {False: 1400, True: 10}  # by quick
+RM_BATCH = 16  # crowd answers a step, and as many with their number replaced
+RM_NEAR, RM_NEAR_MAX = 0.5, 12  # that share of replaced numbers is 1 to RM_NEAR_MAX off the answer
+RM_ESTIMATES = 0.8  # the share of the crowd's answers that are estimates
+
+
+def answer_off_by(start, ops, error, guess, rng):
+    """An estimate 'I think it is about t+e', or worked steps whose slip puts the result e off."""
+    total = start + sum(ops)
+    if total + error < 0:
+        error = -error
+    if guess:
+        return f"I think it is about {total + error}.\n#### {total + error}"
+    if error == 0:
+        return worked_answer(start, ops)
+    step = rng.randrange(len(ops))
+    if start + sum(ops[:step + 1]) + error < 0:  # no negative numbers in the chain
+        step = len(ops) - 1
+    return worked_answer(start, ops, (step, error))
+
+
+def crowd_answer(start, ops, rng, scale=3.0, estimates=RM_ESTIMATES, slips=0.1):
+    """The pretraining crowd: that share of its answers are estimates, t ± k with
+    k ~ Laplace(scale) (estimates cluster near the answer); the rest worked answers, `slips` of
+    them with a slip of 1 or 2."""
+    if rng.random() < estimates:
+        k = min(20, int(rng.expovariate(1 / scale)))
+        return answer_off_by(start, ops, k * rng.choice((-1, 1)), True, rng)
+    slip = rng.choice((-2, -1, 1, 2)) if rng.random() < slips else 0
+    return answer_off_by(start, ops, slip, False, rng)
+
+
+def replace_number(answer, number):
+    """The answer with its result (where it states it, and the '#### N' line) set to number."""
+    body = answer.rsplit("\n#### ", 1)[0]
+    if body.startswith("I think"):
+        return f"I think it is about {number}.\n#### {number}"
+    return f"{body.rsplit(' = ', 1)[0]} = {number}.\n#### {number}"
+
+
+def grow(sft, extra, identity=True):
+    """The SFT policy with `extra` blocks on top, each the identity at first (its o_proj and
+    down_proj zero), so the grown model computes what the SFT policy does until it is trained.
+    identity=False: the new blocks as init_weights draws them, outputs and all."""
+    config = dict(sft.config.raw, num_hidden_layers=sft.config.num_hidden_layers + extra)
+    big = init_weights(M.build(M.model_config(config)))
+    big.load_state_dict(sft.state_dict(), strict=False)  # the new blocks keep their init
+    if identity:
+        with torch.no_grad():
+            for block in big.model.layers[sft.config.num_hidden_layers:]:
+                block.self_attn.o_proj.weight.zero_()
+                block.mlp.down_proj.weight.zero_()
+    return big
+
+
+def pad_left(rows, pad_id):  # [ids] -> ids, attention mask, each (B, S), the last tokens at S - 1
+    S = max(map(len, rows))
+    ids = torch.tensor([[pad_id] * (S - len(x)) + x for x in rows])
+    attn = torch.tensor([[False] * (S - len(x)) + [True] * len(x) for x in rows])
+    return ids, attn
+
+
+def top_token_features(model, ids, attn):
+    """PbPO's φ (the final normed hidden state at the last token, unit norm) of left-padded rows,
+    with gradients: the top block run for the last position only (its keys and values still span
+    the sequence), all φ needs, at a fraction of the full forward's cost."""
+    B, S = ids.shape
+    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, S)
+    freqs = position_ids[..., None].float() * model.inv_freq  # (B, S, hd/2)
+    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, S, hd/2)
+    mask = M.attn_mask(attn, torch.arange(S))  # (B, 1, S, S)
+    x = model.model.embed_tokens(ids)  # (B, S, D)
+    *below, top = model.model.layers
+    for block in below:
+        x = block(x, cos, sin, mask)
+    a = top.self_attn
+    h = top.input_layernorm(x)
+    q = a.q_norm(a.q_proj(h[:, -1:]).view(B, 1, a.n_head, a.hd)).transpose(1, 2)  # (B, H, 1, hd)
+    k = a.k_norm(a.k_proj(h).view(B, S, a.n_kv, a.hd)).transpose(1, 2)  # (B, K, S, hd)
+    v = a.v_proj(h).view(B, S, a.n_kv, a.hd).transpose(1, 2)  # (B, K, S, hd)
+    q = M.apply_rope(q, cos[:, :, -1:], sin[:, :, -1:])
+    k = M.apply_rope(k, cos, sin)
+    y = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask[:, :, -1:], enable_gqa=a.n_kv != a.n_head)  # (B, H, 1, hd)
+    x = x[:, -1] + a.o_proj(y.transpose(1, 2).reshape(B, -1))  # (B, D)
+    x = x + top.mlp(top.post_attention_layernorm(x))
+    return torch.nn.functional.normalize(model.model.norm(x).float(), dim=-1)  # (B, D)
+
+
+def within_thresholds(stated, answers, thresholds=RM_THRESHOLDS):
+    """The ordinal read-out's targets (N, K): 1 where |stated − answer| ≤ d_k, else 0."""
+    distance = (torch.tensor(stated) - torch.tensor(answers)).abs()  # (N,)
+    return (distance[:, None] <= torch.tensor(thresholds)[None]).float()  # (N, K)
+
+
+def train_rm_backbone(sft, tok, problems, steps, seed, lr=3e-3):
+    """The grown SFT policy trained as the comment above says, on (question, start, ops) problems:
+    its new blocks and final norm (the SFT's blocks and embedding frozen), AdamW with a warm-up
+    and a cosine down to a tenth, gradients clipped at 1. The read-out is dropped after."""
+    rng = random.Random(seed + 1)
+    docs = [(q, crowd_answer(start, ops, rng)) for q, start, ops in problems]
+    totals = [start + sum(ops) for _, start, ops in problems]  # each problem's answer
+    torch.manual_seed(seed)  # the new blocks' and the read-out's initialisation
+    model = grow(sft, RM_BLOCKS)
+    model.model.embed_tokens.requires_grad_(False)
+    model.model.layers[:sft.config.num_hidden_layers].requires_grad_(False)
+    head = torch.nn.Linear(model.config.hidden_size, len(RM_THRESHOLDS))
+    trainable = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(seed)
+    number = lambda answer: int(answer.rsplit("#### ", 1)[1])
+    encode = lambda q, a: (data.encode_prompt(tok, q) + tok(a, add_special_tokens=False).input_ids
+                           + [tok.eos_token_id])
+    warmup = max(1, steps // 20)
+    for step in range(steps):
+        for group in opt.param_groups:  # linear warm-up, then cosine down to a tenth
+            cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
+            cosine = 0.1 + (1 - 0.1) * cosine
+            group["lr"] = lr * min((step + 1) / warmup, cosine)
+        rows = torch.randint(len(problems), (2 * RM_BATCH,), generator=g).tolist()
+        real, replaced, stated = rows[:RM_BATCH], [], []
+        for i, j in zip(real, rows[RM_BATCH:]):  # j: the donor of another number
+            (q, a), other = docs[i], number(docs[j][1])
+            if rng.random() < RM_NEAR:  # graded: 1 to RM_NEAR_MAX off the answer
+                other = abs(totals[i] + rng.choice((-1, 1)) * rng.randint(1, RM_NEAR_MAX))
+            other = other if other != number(a) else number(a) + 1
+            replaced.append(encode(q, replace_number(a, other)))
+            stated.append(other)
+        texts = [encode(*docs[i]) for i in real] + replaced
+        stated = [number(docs[i][1]) for i in real] + stated
+        logits = head(top_token_features(model, *pad_left(texts, tok.pad_token_id)))  # (2B, K)
+        targets = within_thresholds(stated, [totals[i] for i in real] * 2)  # (2B, K)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            print(f"toy rm backbone step {step}/{steps}: loss {loss.item():.3f}")
+    return model.eval().requires_grad_(False)
+
+
 def write_jsonl(path, rows):
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # ---------------------------------------------------------------- the build
-def source_digest():  # of the code a build runs: another version of it builds again
+def files_digest(paths):  # SHA-256 of the files' names and bytes, in the order given
     h = hashlib.sha256()
-    for module in (__file__, M.__file__, data.__file__):
-        with open(module, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(os.path.basename(path).encode() + b"\0" + f.read())
+    return h.hexdigest()
+
+
+def source_digest():  # of the code a build runs: another version of it builds again
+    return files_digest((__file__, M.__file__, data.__file__))[:16]
 
 
 def build(out_dir="out/toy", seed=0, quick=False, rare=False):
     """Build (or reuse) the task: tokenizer + SFT policy in out_dir/sft, GSM8K-layout train /
-    held-out / validation prompt files, and prefs.jsonl (two temperature-1 SFT samples per train
-    prompt, ranked by gold_reward, ties skipped). Tune on valid.jsonl, report on heldout.jsonl.
+    held-out / validation prompt files, prefs.jsonl (two temperature-1 SFT samples per train
+    prompt, ranked by gold_reward, ties skipped) and the RM backbone in out_dir/rm
+    (train_rm_backbone). Tune on valid.jsonl, report on heldout.jsonl.
     rare: the rare setting (module docstring), the demonstrators of noisy_demo(rare=True); the
     prompt files are the default build's. build.json is written last, with the build's key
-    ([seed, quick], plus "rare" in that setting, then source_digest()): a directory without it, without one
-    of the files, with another key or with a build.json that cannot be read is rebuilt.
+    ([seed, quick], plus "rare" in that setting, then source_digest()): a directory without it,
+    without one of the files, with another key or with a build.json that cannot be read is
+    rebuilt.
     The build runs on BUILD_THREADS threads, whatever the machine has: the same bits on any
     machine of the same CPU kind, torch and tokenizers versions (their kernels and the BPE
     trainer are what else it depends on)."""
@@ -265,8 +428,18 @@ def make(paths, marker, key, seed, quick, rare):  # build()'s work, once it foun
                           "answer": answers[q], "score_oracle": "gold",  # the scores it paid for
                           "chosen_score": max(ra, rb), "rejected_score": min(ra, rb)})
     write_jsonl(paths.prefs, prefs)
+    t_rm, fresh, fresh_rng = time.time(), [], random.Random(seed + 7_000_003)
+    splits = set(heldout + train + list(valid))
+    while len(fresh) < n_demos:  # the RM backbone's text: problems in no split
+        q, start, ops = toy_problem(fresh_rng)
+        if q not in splits:
+            fresh.append((q, start, ops))
+    rm = train_rm_backbone(policy, tok, fresh, RM_STEPS[quick], seed)
+    M.save_pretrained(rm, paths.rm)
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # the policy's token ids
+        shutil.copyfile(os.path.join(paths.model, name), os.path.join(paths.rm, name))
     stats = {"key": key, "heldout_greedy_accuracy": accuracy, "pairs": len(prefs),
-             "seconds": round(time.time() - t0, 1)}
+             "rm_seconds": round(time.time() - t_rm, 1), "seconds": round(time.time() - t0, 1)}
     print(f"toy task built in {out_dir}: {json.dumps(stats)}")
     os.sync()  # every file above on disk before the marker says they are complete
     tmp = f"{marker}.tmp"
@@ -299,13 +472,14 @@ def built_key(marker):
 
 def fill_defaults(cfg, rank, world):
     """A run given no --model: the toy task's SFT policy, and its files for the data flags left
-    empty (--prompts, --prefs, --heldout); built once into out/toy by rank 0, the others waiting."""
+    empty (--prompts, --prefs, --heldout, --rm_backbone: the toy's reward-model backbone);
+    built once into out/toy by rank 0, the others waiting."""
     paths = build() if rank == 0 else None
     if world > 1:
         dist.barrier()
     paths = paths or build()
     cfg.model, cfg.heldout = paths.model, cfg.heldout or paths.heldout
-    for name, path in (("prompts", paths.train), ("prefs", paths.prefs)):
+    for name, path in (("prompts", paths.train), ("prefs", paths.prefs), ("rm_backbone", paths.rm)):
         if hasattr(cfg, name):
             setattr(cfg, name, getattr(cfg, name) or path)
 

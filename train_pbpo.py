@@ -74,7 +74,7 @@ class Config:
     rm_batch: int = knob(512, "preference pairs per follower step", at_least=1)
     # model, data and oracle
     model: str = knob("", "π⁰, an HF checkpoint dir (default: the toy SFT model, built once)")
-    rm_backbone: str = knob("", "the RM backbone's checkpoint dir (default: the SFT policy)")
+    rm_backbone: str = knob("", "the RM backbone's checkpoint dir (default: π⁰; the toy: its RM)")
     prompts: str = knob("", "training prompts (no --model: the toy train split)")
     heldout: str = knob("", "held-out prompts for the gold evaluation (no --model: the toy's)")
     oracle: str = knob("gold", "gold | gsm8k | rm:PATH")

@@ -4,7 +4,9 @@ two responses on held-out prompts?
 
   - PbPO's reward model: a linear head (Bradley–Terry, ‖w‖ ≤ B) on frozen SFT features, for several
     feature maps (the last response token or the mean over response tokens, of the final or the first
-    layer), fit on the same preference pairs DPO trains on;
+    layer), fit on the same preference pairs DPO trains on; and on PbPO's φ of the toy's own
+    reward-model backbone (toy.py: the SFT policy grown and pretrained without labels), the
+    default backbone of a toy run;
   - DPO's implicit reward β (log π_θ(y) − log π_SFT(y)) after iterative DPO on those pairs
     (train_selm.py --alpha=0, run as a subprocess), and the SFT policy's own log-likelihood.
 
@@ -12,6 +14,7 @@ Held-out pairs: two temperature-1 SFT samples per validation prompt, labelled by
 dropped), as the toy's preference file is built from the train prompts.
 
   python -m experiments.diagnose --out=out/diagnose             # about 3 minutes on 2 CPU cores
+  python -m experiments.diagnose --rare --toy_dir=out/toy_rare --out=out/diagnose_rare
 """
 import json
 import os
@@ -132,6 +135,7 @@ def gold_rl(paths, tok, steps, lr, kl_coef, seed, prompts_per_step=16, group=8):
 class Config:
     out: str = knob("out/diagnose", "results and the DPO runs")
     toy_dir: str = knob("out/toy", "the toy task (built if missing)")
+    rare: bool = knob(False, "the toy's rare setting (as toy.py --rare)")
     pairs: str = knob("153,763", "sizes of the training pair sets (prefixes of the toy preference "
                                  "file)")
     dpo_epochs: int = knob(4, "epochs of iterative DPO on each training set")
@@ -143,7 +147,7 @@ class Config:
 if __name__ == "__main__":
     cfg = run.parse_flags(Config, __doc__)
     with run.friendly_errors("experiments/diagnose.py"):
-        paths = toy.build(cfg.toy_dir)
+        paths = toy.build(cfg.toy_dir, rare=cfg.rare)
         tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
         pad = tok.pad_token_id
         heldout = gold_pairs(sft, tok, data.load_prompts(paths.valid, tok, 256), cfg.seed)
@@ -151,6 +155,8 @@ if __name__ == "__main__":
                      for p in load_preferences(paths.prefs, tok, 256)]
         layers = [0, -1]  # the first block's output and the final normed hidden state
         test_phi = features(sft, heldout, pad, layers)
+        rm = M.from_pretrained(paths.rm).eval()  # the toy's RM backbone: PbPO's φ only
+        rm_test_phi = features(rm, heldout, pad, [-1])[(-1, "last")]
         results = {"config": asdict(cfg), "heldout_pairs": len(heldout), "rows": []}
         lengths = torch.tensor([len(b) - len(w) for _, b, w in heldout], dtype=torch.float)
         for size in map(int, cfg.pairs.split(",")):
@@ -163,6 +169,13 @@ if __name__ == "__main__":
                 train_acc = ((fb @ w) > (fw @ w)).float().mean().item()
                 results["rows"].append(dict(pairs=size, reward=f"linear head, layer {key[0]}, {key[1]}",
                                             heldout_acc=acc, train_acc=train_acc, bt_loss=loss))
+            fb, fw = features(rm, train, pad, [-1])[(-1, "last")]  # PbPO's φ
+            w, loss = fit_head(fb, fw)
+            tb, tw = rm_test_phi
+            results["rows"].append(dict(pairs=size, reward="linear head, toy RM backbone, last",
+                                        heldout_acc=((tb @ w) > (tw @ w)).float().mean().item(),
+                                        train_acc=((fb @ w) > (fw @ w)).float().mean().item(),
+                                        bt_loss=loss))
             out_dir = os.path.join(cfg.out, f"dpo_{size}")
             if not os.path.exists(os.path.join(out_dir, "final", "model.safetensors")):
                 import shutil

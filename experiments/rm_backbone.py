@@ -2,6 +2,12 @@
 Can a larger reward-model backbone, built without labels, give PbPO's linear head features that
 rank held-out pairs? The measurement, and the label-free builds tried.
 
+The recipe chosen here is what toy.py builds into out/toy/rm, the default RM backbone of a toy
+run: `--objective=ordinal --estimates=0.8 --batch_size=16 --steps=1400` (the other knobs at their
+defaults; toy.train_rm_backbone is this build, weight for weight, which a test checks). The
+shared pieces (the crowd's answers, the replaced number, the grown model, the top-block φ, the
+ordinal targets) live in toy.py.
+
 The probe is PbPO's reward model as the code has it: `reward.RewardModel.phi` (the backbone's final
 normed hidden state at the last response token, L2-normalised), a Bradley–Terry head fit on the
 toy preference file (train prompts), scored on held-out gold pairs (two temperature-1 SFT samples
@@ -48,7 +54,8 @@ keys and values still span the sequence): 150 steps took 8 s against 11 s on 2 t
   python -m experiments.rm_backbone --toy_dir=out/toy                      # SFT features only
   python -m experiments.rm_backbone --toy_dir=out/toy --steps=700          # + a detect build
   python -m experiments.rm_backbone --toy_dir=out/toy_rare --rare --steps=700 --seed=1
-  python -m experiments.rm_backbone --steps=700 --objective=ordinal --estimates=0.8  # the best
+  python -m experiments.rm_backbone --objective=ordinal --estimates=0.8 --batch_size=16 \
+      --steps=1400 --threads=2                                            # toy.py's recipe
   python -m experiments.rm_backbone --toy_dir=out/toy --objective=lm --steps=1500
 
 One thread by default (--threads), so the times compare across machines of any core count.
@@ -248,8 +255,8 @@ The restarts' build trains 800 steps (two of 100, then 600 more), about 8/7 of t
 Time: the ordinal build on 80% estimates took 38 s on 2 threads with the machine otherwise idle
 (rare seed 2, 0.892 there against 0.883 on one thread: the thread count changes the sums' order),
 within the 45 s a toy build may add; its estimates are shorter than worked answers.
-On 2 threads (one probe at a time) the batch-16 build took 36 to 40 s and reached 0.85 on every run: standard 0.858, 0.873, 0.870, rare
-0.882, 0.887, 0.929 (minimum 0.858, means 0.867 and 0.899). The thread count alone changes the
+On 2 threads (one probe at a time) the batch-16 build took 36 to 40 s and reached 0.85 on every
+run: standard 0.858, 0.873, 0.870, rare 0.882, 0.887, 0.929 (minimum 0.858, means 0.867 and 0.899). The thread count alone changes the
 sums' order and moves a run by up to 0.042 (rare seed 0: 0.924 on one thread, 0.882 on two; rare
 seed 1: 0.847 and 0.887), so the one-thread minimum (0.832) and the two-thread one (0.858) are two
 draws of the same build's spread, which stays near the 0.85 line in the standard setting.
@@ -271,6 +278,8 @@ import toy
 from experiments.diagnose import fit_head, gold_pairs
 from reward import RewardModel
 from run import knob
+from toy import (answer_off_by, crowd_answer, grow, pad_left, replace_number, top_token_features,
+                 within_thresholds)
 from train_selm import load_preferences
 
 
@@ -319,39 +328,6 @@ def fresh_problems(rng, excluded, n):
     return out
 
 
-def answer_off_by(start, ops, error, guess, rng):
-    """An estimate 'I think it is about t+e', or worked steps whose slip puts the result e off."""
-    total = start + sum(ops)
-    if total + error < 0:
-        error = -error
-    if guess:
-        return f"I think it is about {total + error}.\n#### {total + error}"
-    if error == 0:
-        return toy.worked_answer(start, ops)
-    step = rng.randrange(len(ops))
-    if start + sum(ops[:step + 1]) + error < 0:  # no negative numbers in the chain
-        step = len(ops) - 1
-    return toy.worked_answer(start, ops, (step, error))
-
-
-def crowd_answer(start, ops, rng, scale, estimates=0.5, slips=0.1):
-    """The pretraining crowd: that share estimates, t ± k with k ~ Laplace(scale) (estimates
-    cluster near the answer); the rest worked answers, `slips` of them with a slip of 1 or 2."""
-    if rng.random() < estimates:
-        k = min(20, int(rng.expovariate(1 / scale)))
-        return answer_off_by(start, ops, k * rng.choice((-1, 1)), True, rng)
-    slip = rng.choice((-2, -1, 1, 2)) if rng.random() < slips else 0
-    return answer_off_by(start, ops, slip, False, rng)
-
-
-def replace_number(answer, number):
-    """The answer with its result (the '####' line and where the answer states it) set to number."""
-    body = answer.rsplit("\n#### ", 1)[0]
-    if body.startswith("I think"):
-        return f"I think it is about {number}.\n#### {number}"
-    return f"{body.rsplit(' = ', 1)[0]} = {number}.\n#### {number}"
-
-
 def encode_chat(tok, messages):
     """(ids, loss mask) of a chat as toy.CHAT_TEMPLATE renders it; the mask marks the assistant's
     tokens and its EOS."""
@@ -378,60 +354,11 @@ def pad_batch(docs, pad_id):  # [(ids, mask)] -> ids, attention mask, loss mask,
     return ids, attn, loss_mask
 
 
-def pad_left(rows, pad_id):  # [ids] -> ids, attention mask, each (B, S), the last tokens at S - 1
-    S = max(map(len, rows))
-    ids = torch.tensor([[pad_id] * (S - len(x)) + x for x in rows])
-    attn = torch.tensor([[False] * (S - len(x)) + [True] * len(x) for x in rows])
-    return ids, attn
-
-
 # ---------------------------------------------------------------- the backbone
-def grow(sft, extra, identity=True):
-    """The SFT policy with `extra` blocks on top, each the identity at the start (its o_proj and
-    down_proj zero): the grown model computes what the SFT policy does until it is trained.
-    identity=False: the new blocks as toy.init_weights draws them, outputs and all."""
-    config = dict(sft.config.raw, num_hidden_layers=sft.config.num_hidden_layers + extra)
-    big = toy.init_weights(M.build(M.model_config(config)))
-    big.load_state_dict(sft.state_dict(), strict=False)
-    if not identity:
-        return big
-    with torch.no_grad():
-        for block in big.model.layers[sft.config.num_hidden_layers:]:
-            block.self_attn.o_proj.weight.zero_()
-            block.mlp.down_proj.weight.zero_()
-    return big
-
-
 def last_token_features(model, ids, attn):  # φ as RewardModel.phi takes it, with gradients
     hidden = model(ids, attn).float()  # (B, S, D)
     last = attn.shape[1] - 1 - attn.flip(-1).int().argmax(-1)  # (B,)
     return F.normalize(hidden[torch.arange(len(hidden)), last], dim=-1)  # (B, D)
-
-
-def top_token_features(model, ids, attn):
-    """last_token_features for left-padded rows (the last token at S - 1), the top block run for
-    that position only: its keys and values over the sequence, one query, one MLP row."""
-    B, S = ids.shape
-    position_ids = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, S)
-    freqs = position_ids[..., None].float() * model.inv_freq  # (B, S, hd/2)
-    cos, sin = freqs.cos()[:, None], freqs.sin()[:, None]  # (B, 1, S, hd/2)
-    mask = M.attn_mask(attn, torch.arange(S))  # (B, 1, S, S)
-    x = model.model.embed_tokens(ids)  # (B, S, D)
-    *below, top = model.model.layers
-    for block in below:
-        x = block(x, cos, sin, mask)
-    a = top.self_attn
-    h = top.input_layernorm(x)
-    q = a.q_norm(a.q_proj(h[:, -1:]).view(B, 1, a.n_head, a.hd)).transpose(1, 2)  # (B, H, 1, hd)
-    k = a.k_norm(a.k_proj(h).view(B, S, a.n_kv, a.hd)).transpose(1, 2)  # (B, K, S, hd)
-    v = a.v_proj(h).view(B, S, a.n_kv, a.hd).transpose(1, 2)  # (B, K, S, hd)
-    q = M.apply_rope(q, cos[:, :, -1:], sin[:, :, -1:])
-    k = M.apply_rope(k, cos, sin)
-    y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, :, -1:],
-                                       enable_gqa=a.n_kv != a.n_head)  # (B, H, 1, hd)
-    x = x[:, -1] + a.o_proj(y.transpose(1, 2).reshape(B, -1))  # (B, D)
-    x = x + top.mlp(top.post_attention_layernorm(x))
-    return F.normalize(model.model.norm(x).float(), dim=-1)  # (B, D)
 
 
 def optimise(trainable, loss_of, steps, cfg, seed):
@@ -471,12 +398,6 @@ def train(model, trainable, loss_of, steps, cfg, seed):
     for _ in optimise(trainable, loss_of, steps, cfg, seed):
         pass
     return model.eval().requires_grad_(False)
-
-
-def within_thresholds(stated, totals, thresholds):
-    """The ordinal read-out's targets (N, K): 1 where |stated - total| <= d_k, else 0."""
-    distance = (torch.tensor(stated) - torch.tensor(totals)).abs()  # (N,)
-    return (distance[:, None] <= torch.tensor(thresholds)[None]).float()  # (N, K)
 
 
 @dataclass

@@ -291,15 +291,16 @@ def pair_subset(prefs, n, seed, out_dir):
     return path
 
 
-def tune(script, flags, grid, seeds, out, jobs=2, split="valid", subset=0):
+def tune(script, flags, grid, seeds, out, jobs=2, split="valid", subset=0, rare=False):
     """Every grid point × seed, evaluated on `split`; -> rows sorted by mean gold reward.
     subset: train_selm.py runs each seed on its own random subset of that many of the toy's pairs
-    (pair_subset, as experiments/compare.py draws them), not on the whole file."""
+    (pair_subset, as experiments/compare.py draws them), not on the whole file. rare: on the
+    toy's rare setting (out/toy_rare)."""
     check_tuning(script, flags, grid)
     if subset and script != "train_selm.py":
         raise ValueError(f"--subset={subset}: only train_selm.py trains on the pair file")
-    paths = toy.build()
-    if subset > len(data.read_text(paths.prefs).splitlines()):
+    paths = toy.build("out/toy_rare", rare=True) if rare else toy.build()
+    if subset and subset > len(data.read_text(paths.prefs).splitlines()):
         raise ValueError(f"--subset={subset}: {paths.prefs} has fewer pairs")
     base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
     if script == "train_pbpo.py":  # the toy's RM backbone, as a run with no --model takes it
@@ -329,7 +330,7 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid", subset=0):
         row["calls"].append(final["oracle_calls"])
     ranked = sorted(rows.items(), key=lambda kv: -mean_ci(kv[1]["reward"])[0])
     result = {"script": script, "flags": flags, "grid": grid, "seeds": seeds, "split": split,
-              "subset": subset, "rows": ranked}
+              "subset": subset, "rare": rare, "rows": ranked}
     with open(os.path.join(out, "tune.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(report(result))
@@ -340,7 +341,8 @@ def report(result):
     """A tune.json as the markdown table RESULTS.md quotes (its test recomputes it from the file):
     a row a grid point, best first, each value the mean ± the 95% t-interval over the seeds."""
     pairs = f", each seed its own {result['subset']} random pairs" if result.get("subset") else ""
-    lines = [f"`{result['script']} {' '.join(result['flags'])}` on {result['split']}{pairs}, "
+    where = result["split"] + (" of the rare setting" if result.get("rare") else "") + pairs
+    lines = [f"`{result['script']} {' '.join(result['flags'])}` on {where}, "
              f"seeds {', '.join(map(str, result['seeds']))}:", "",
              "| flags | gold reward | accuracy | gain over SFT | worst gain | oracle calls |",
              "|---|---|---|---|---|---|"]
@@ -363,6 +365,7 @@ class Config:
     split: str = knob("valid", "", choices=("valid", "heldout"))
     subset: int = knob(0, "train_selm.py: each seed its own random subset of this many of the "
                        "toy's pairs (as compare.py draws them); 0: the whole file", at_least=0)
+    rare: bool = knob(False, "the toy's rare setting (built into out/toy_rare)")
     report: str = knob("", "print the table of this tune.json as RESULTS.md quotes it; run nothing")
 
 
@@ -374,4 +377,4 @@ if __name__ == "__main__":
             print(report(data.parse_json(data.read_text(cfg.report), cfg.report)))
         else:
             tune(cfg.script, cfg.flags.split(), cfg.grid, integers("--seeds", cfg.seeds), cfg.out,
-                 cfg.jobs, cfg.split, cfg.subset)
+                 cfg.jobs, cfg.split, cfg.subset, cfg.rare)

@@ -596,3 +596,25 @@ def test_rm_backbone_ordinal_targets_and_build(toy):
     cfg = B.Config(objective="ordinal", steps=2, batch_size=4, problems=50, near=1.0)
     backbone = B.build_detector(sft, tok, problems, cfg)
     assert backbone.config.num_hidden_layers == sft.config.num_hidden_layers + 2
+
+
+def test_toy_rm_backbone_is_the_build_the_harness_measured(toy):
+    """toy.train_rm_backbone, the toy's default RM backbone, is experiments/rm_backbone.py's
+    build with the flags its docstring says the toy uses, weight for weight, so what the harness
+    measures of those flags is what a toy run gets."""
+    import random
+    import data
+    import model as M
+    import experiments.rm_backbone as B
+    import toy as T
+    paths = toy[1]
+    tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
+    problems = B.fresh_problems(random.Random(3), set(), 60)
+    built = T.train_rm_backbone(sft, tok, problems, steps=4, seed=1)
+    cfg = B.Config(objective="ordinal", estimates=T.RM_ESTIMATES, batch_size=T.RM_BATCH,
+                   steps=4, problems=60, seed=1)
+    torch.manual_seed(cfg.seed)  # as the harness's main does
+    measured = B.build_detector(sft, tok, problems, cfg)
+    for (name, a), (_, b) in zip(built.state_dict().items(), measured.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(built.state_dict()["model.norm.weight"], sft.model.norm.weight)

@@ -75,7 +75,8 @@ def test_toy_build_is_deterministic_and_reused(toy, tmp_path):
     again = T.build(str(tmp_path / "toy"), seed=0, quick=True)
     first, second = digests(os.path.dirname(toy.model)), digests(str(tmp_path / "toy"))
     assert first == second
-    assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl"} <= set(first)
+    assert {"sft/model.safetensors", "sft/tokenizer.json", "prefs.jsonl",
+            "rm/model.safetensors", "rm/tokenizer.json"} <= set(first)
     stamp = os.path.getmtime(again.prefs)
     assert T.build(str(tmp_path / "toy"), seed=0, quick=True) == again
     assert os.path.getmtime(again.prefs) == stamp
@@ -100,6 +101,52 @@ def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
     pairs = load_preferences(toy.prefs, tok, 256)
     assert pairs and all(T.gold_reward(p["chosen"], p["answer"]) >
                          T.gold_reward(p["rejected"], p["answer"]) for p in pairs)
+
+
+def test_toy_rm_backbone_is_the_grown_sft_policy_built_on_fresh_text(toy, tok, monkeypatch):
+    """The toy's RM backbone: the SFT policy's blocks and embedding unchanged under the grown
+    blocks; the policy's tokenizer; a toy run with no --model takes it (an explicit one wins).
+    Its build's pieces: the number replaced wherever an answer states it; a grown model starts
+    as the SFT policy; the top-block-only φ is RewardModel.phi of the full forward."""
+    import model as M
+    import train_pbpo
+    from reward import RewardModel
+    paths = toy[1]
+    sft, rm = M.from_pretrained(paths.model).eval(), M.from_pretrained(paths.rm).eval()
+    assert rm.config.num_hidden_layers == sft.config.num_hidden_layers + T.RM_BLOCKS
+    rm_weights = rm.state_dict()
+    for name, value in sft.state_dict().items():
+        if name != "model.norm.weight":  # the final norm reads the grown blocks: trained too
+            assert torch.equal(rm_weights[name], value), name
+    data.check_same_tokenizer(paths.rm, tok)
+    monkeypatch.setattr(T, "build", lambda *args, **kwargs: paths)  # no default build here
+    cfg = train_pbpo.Config()
+    T.fill_defaults(cfg, 0, 1)
+    assert (cfg.model, cfg.rm_backbone) == (paths.model, paths.rm)
+    cfg = train_pbpo.Config(rm_backbone="elsewhere")
+    T.fill_defaults(cfg, 0, 1)
+    assert cfg.rm_backbone == "elsewhere"
+
+    assert T.replace_number("3 + 4 = 7. 7 - 2 = 5.\n#### 5", 9) == "3 + 4 = 7. 7 - 2 = 9.\n#### 9"
+    assert T.replace_number("I think it is about 6.\n#### 6", 9) == "I think it is about 9.\n#### 9"
+    grown = T.grow(sft, 2).eval()
+    rng = random.Random(0)
+    problems = [T.toy_problem(rng) for _ in range(6)]
+    prompts = [data.encode_prompt(tok, q) for q, _, _ in problems]
+    responses = [tok(T.crowd_answer(start, ops, rng)).input_ids + [tok.eos_token_id]
+                 for _, start, ops in problems]
+    ids, attn, resp = data.collate(prompts, responses, tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(grown(ids, attn), sft(ids, attn))
+        g = torch.Generator().manual_seed(0)
+        for block in grown.model.layers[sft.config.num_hidden_layers:]:  # away from the identity
+            block.self_attn.o_proj.weight.normal_(0.0, 0.1, generator=g)
+            block.mlp.down_proj.weight.normal_(0.0, 0.1, generator=g)
+        phi = RewardModel(grown).phi(ids, attn, resp)  # (6, d)
+        rows = [p + r for p, r in zip(prompts, responses)]
+        width = max(map(len, rows))
+        left = torch.tensor([[tok.pad_token_id] * (width - len(r)) + r for r in rows])
+        torch.testing.assert_close(T.top_token_features(grown, left, left != tok.pad_token_id), phi)
 
 
 def test_toy_checkpoint_loads_in_transformers(toy, tok):
