@@ -131,6 +131,22 @@ def gold_rl(paths, tok, steps, lr, kl_coef, seed, prompts_per_step=16, group=8):
     return oracle.evaluate(policy.eval(), tok, valid, 48)
 
 
+def report(results):
+    """A diagnose.json as the markdown table RESULTS.md quotes (its test recomputes it)."""
+    setting = "rare" if results["config"].get("rare") else "standard"
+    lines = [f"{setting}: {results['heldout_pairs']} held-out gold pairs (validation prompts, SFT "
+             "samples, ties dropped)", "",
+             "| pairs | reward | held-out acc | train acc | BT loss |", "|---|---|---|---|---|"]
+    for r in results["rows"]:
+        train = f"{r['train_acc']:.3f} | {r['bt_loss']:.3f}" if "train_acc" in r else "- | -"
+        lines.append(f"| {r['pairs']} | {r['reward']} | {r['heldout_acc']:.3f} | {train} |")
+    lines.append("")
+    lines += [f"gold-reward leader, {results['config']['rl_steps']} steps at lr {lr}: validation "
+              f"accuracy {res['accuracy']:.3f}, gold reward {res['reward']:.3f}"
+              for lr, res in results["gold_rl"].items()]
+    return "\n".join(lines)
+
+
 @dataclass
 class Config:
     out: str = knob("out/diagnose", "results and the DPO runs")
@@ -202,11 +218,4 @@ if __name__ == "__main__":
         os.makedirs(cfg.out, exist_ok=True)
         with open(os.path.join(cfg.out, "diagnose.json"), "w") as f:
             json.dump(results, f, indent=1)
-        print(f"held-out gold pairs: {len(heldout)} (validation prompts, SFT samples, ties dropped)")
-        print(f"{'pairs':>6}  {'reward':<40}{'held-out acc':>13}{'train acc':>10}{'BT loss':>9}")
-        for r in results["rows"]:
-            print(f"{r['pairs']:>6}  {r['reward']:<40}{r['heldout_acc']:>13.3f}"
-                  f"{r.get('train_acc', float('nan')):>10.3f}{r.get('bt_loss', float('nan')):>9.3f}")
-        for lr, res in results["gold_rl"].items():
-            print(f"gold-reward leader, {cfg.rl_steps} steps at lr {lr}: validation accuracy "
-                  f"{res['accuracy']:.3f}, gold reward {res['reward']:.3f}")
+        print(report(results))

@@ -56,6 +56,17 @@ def test_results_tuning_tables_are_recomputed_from_the_committed_data():
         assert T.report(t) in results, T.report(t)
 
 
+def test_results_diagnose_tables_are_recomputed_from_the_committed_data():
+    """Every diagnose.json committed under experiments/data is quoted in RESULTS.md as its
+    report()."""
+    import experiments.diagnose as D
+    results = open(os.path.join(ROOT, "experiments", "RESULTS.md"), encoding="utf-8").read()
+    files = sorted(glob.glob(os.path.join(ROOT, "experiments", "data", "diagnose_*.json")))
+    assert len(files) == 2
+    for f in files:
+        assert D.report(json.load(open(f))) in results, f
+
+
 def test_pair_subsets_are_the_comparisons_draw(toy, tmp_path, monkeypatch):
     """tune --subset and compare's offline arms draw a seed's pairs the same way: a random subset
     of the toy's pair file, the same for the same seed, another for another seed; what the
