@@ -87,7 +87,8 @@ ARMS = [
     Arm("pbpo_no_enhancer", "train_pbpo.py",
         ("--enhancer=best_of_n", "--n_candidates=1", "--enh_temp=1"), like="pbpo", ablation=True),
     Arm("pbpo_mle", "train_pbpo.py", ("--beta_form=mle",), like="pbpo", ablation=True),
-    Arm("pbpo_small_rm", "train_pbpo.py", ("--rm_backbone=",), like="pbpo", ablation=True),
+    Arm("pbpo_small_rm", "train_pbpo.py", ("--rm_backbone=",), (PBPO_GRID[2],), like="pbpo",
+        ablation=True),  # β re-tuned: the follower is what the RM's features change
     *[Arm(f"pbpo_beta{beta}", "train_pbpo.py", (f"--beta={beta}",), like="pbpo", ablation=True)
       for beta in ("0", "0.01", "0.02", "0.04", "0.1")],
 ]
@@ -582,7 +583,7 @@ def claims(table, budgets):
 # comparison costs"): start-up, and per oracle call of the budget (SELM: per call and epoch).
 RUN_SECONDS = {"offline": (5.0, 0.0025), "online": (4.5, 0.0042), "train_pbpo.py": (6.0, 0.075)}
 EVAL_SECONDS = {0: 1.0, 8: 12.0}  # an evaluation on 500 prompts: greedy; and with 8 samples
-TOY_SECONDS = 100  # one toy build, once per setting: build.json's "seconds" on the idle 2 cores
+TOY_SECONDS = 140  # one toy build, once per setting, its RM backbone's included (about 40 s)
 EPOCHS_UNTUNED = 4  # SELM's epochs where a stage does not set them: the value tuned before
 
 

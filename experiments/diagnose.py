@@ -14,7 +14,7 @@ Held-out pairs: two temperature-1 SFT samples per validation prompt, labelled by
 dropped), as the toy's preference file is built from the train prompts.
 
   python -m experiments.diagnose --out=out/diagnose             # about 3 minutes on 2 CPU cores
-  python -m experiments.diagnose --rare --toy_dir=out/toy_rare --out=out/diagnose_rare
+  python -m experiments.diagnose --rare --out=out/diagnose_rare   # the rare setting, out/toy_rare
 """
 import json
 import os
@@ -150,7 +150,7 @@ def report(results):
 @dataclass
 class Config:
     out: str = knob("out/diagnose", "results and the DPO runs")
-    toy_dir: str = knob("out/toy", "the toy task (built if missing)")
+    toy_dir: str = knob("", "the toy task, built if missing (out/toy; --rare: out/toy_rare)")
     rare: bool = knob(False, "the toy's rare setting (as toy.py --rare)")
     pairs: str = knob("153,763", "sizes of the training pair sets (prefixes of the toy preference "
                                  "file)")
@@ -163,7 +163,8 @@ class Config:
 if __name__ == "__main__":
     cfg = run.parse_flags(Config, __doc__)
     with run.friendly_errors("experiments/diagnose.py"):
-        paths = toy.build(cfg.toy_dir, rare=cfg.rare)
+        toy_dir = cfg.toy_dir or ("out/toy_rare" if cfg.rare else "out/toy")
+        paths = toy.build(toy_dir, rare=cfg.rare)
         tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
         pad = tok.pad_token_id
         heldout = gold_pairs(sft, tok, data.load_prompts(paths.valid, tok, 256), cfg.seed)

@@ -7,8 +7,13 @@ run with the same command is reused.
   python -m experiments.tune --script=train_pbpo.py --grid="kl_coef=0.02,0.05,0.2 anchor=sft,ref"
   python -m experiments.tune --script=train_selm.py --grid="epochs=1,4 lr=1e-4,3e-4" \
       --flags="--alpha=0"
+  python -m experiments.tune --script=train_selm.py --grid="beta=0.01,0.1" --flags="--alpha=0" \
+      --subset=136 --split=heldout --seeds=0,1,2   # each seed its own 136 pairs, as compare's
+  python -m experiments.tune --rare                # PbPO's defaults on the rare setting
+  python -m experiments.tune --report=experiments/data/tune_pbpo_dual.json   # a table again
 
-Writes OUT/tune.json (every run) and prints the table, best first. Every flag is checked before
+Writes OUT/tune.json (every run, the flags as run: a PbPO run gets the toy's RM backbone, as a
+run with no --model does) and prints the table, best first, as RESULTS.md quotes it. Every flag is checked before
 any work. Ctrl-C or SIGTERM stops the runs in flight, and a killed driver takes them with it; a
 restart reuses every finished run and starts the others over.
 """
@@ -286,8 +291,10 @@ def pair_subset(prefs, n, seed, out_dir):
     random.Random(seed).shuffle(pairs)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"pairs_{n}_seed{seed}.jsonl")
-    with open(path, "w") as f:
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"  # two runs may draw it at once
+    with open(tmp, "w") as f:
         f.writelines(p + "\n" for p in pairs[:n])
+    os.replace(tmp, path)  # whole, never half written: the same lines whoever wrote it
     return path
 
 
@@ -300,13 +307,13 @@ def tune(script, flags, grid, seeds, out, jobs=2, split="valid", subset=0, rare=
     if subset and script != "train_selm.py":
         raise ValueError(f"--subset={subset}: only train_selm.py trains on the pair file")
     paths = toy.build("out/toy_rare", rare=True) if rare else toy.build()
+    if script == "train_pbpo.py" and not any(f.startswith("--rm_backbone=") for f in flags):
+        flags = [*flags, f"--rm_backbone={paths.rm}"]  # as a run with no --model: recorded
     if subset and subset > len(data.read_text(paths.prefs).splitlines()):
         raise ValueError(f"--subset={subset}: {paths.prefs} has fewer pairs")
     base = [f"--model={paths.model}", f"--heldout={getattr(paths, split)}", *flags]
-    if script == "train_pbpo.py":  # the toy's RM backbone, as a run with no --model takes it
+    if script == "train_pbpo.py":
         base.append(f"--prompts={paths.train}")
-        if not any(f.startswith("--rm_backbone=") for f in flags):
-            base.append(f"--rm_backbone={paths.rm}")
     else:
         base.append(f"--prefs={paths.prefs}")
     todo = [(point, seed) for point in grid_points(grid) for seed in seeds]
