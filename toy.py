@@ -176,9 +176,9 @@ def train_sft(demos, tok, hf_config, steps, batch_size, lr, seed):
 # identity at first), trained on fresh problems that none of the train, validation and held-out
 # splits holds: to tell a crowd's answers from the same answers with the final number replaced by
 # another answer's, read at the last token (ELECTRA's replaced-token detection, on the number).
-# Nothing reads a problem's answer, the gold reward or the oracle: the targets say only "was this
-# number replaced?". experiments/rm_backbone.py is the harness this recipe was chosen with, and
-# the probe that measures it.
+# The crowd writes from the problems, as a corpus's authors do; the targets read no answer, gold
+# reward or oracle: they say only "was this number replaced?". experiments/rm_backbone.py is the
+# harness this recipe was chosen with, and the probe that measures it.
 RM_BLOCKS = 2
 RM_STEPS = {False: 700, True: 10}  # by quick
 RM_BATCH = 32  # crowd answers a step, and as many with their number replaced
