@@ -265,4 +265,5 @@ def finish(cfg, policy, tok, oracle, heldout, eos_ids, log, sft_eval, name):
                   f"-> {name} {final_eval['reward']:.3f}")
         print(f"policy exported to {export}; metrics in {log.path}")
     if dist.is_initialized():
+        dist.barrier()  # every rank done with every collective before any tears its group down
         dist.destroy_process_group()
