@@ -171,28 +171,26 @@ if __name__ == "__main__":
         train_all = [(p["prompt_ids"], p["chosen_ids"], p["rejected_ids"])
                      for p in load_preferences(paths.prefs, tok, 256)]
         layers = [0, -1]  # the first block's output and the final normed hidden state
-        test_phi = features(sft, heldout, pad, layers)
         rm = M.from_pretrained(paths.rm).eval()  # the toy's RM backbone: PbPO's φ only
-        rm_test_phi = features(rm, heldout, pad, [-1])[(-1, "last")]
+
+        def heads_features(triples):  # {a head's features: (φ better, φ worse)}
+            out = {f"layer {i}, {pool}": phi
+                   for (i, pool), phi in features(sft, triples, pad, layers).items()}
+            out["toy RM backbone, last"] = features(rm, triples, pad, [-1])[(-1, "last")]
+            return out
+
+        test_phi = heads_features(heldout)
         results = {"config": asdict(cfg), "heldout_pairs": len(heldout), "rows": []}
         lengths = torch.tensor([len(b) - len(w) for _, b, w in heldout], dtype=torch.float)
         for size in map(int, cfg.pairs.split(",")):
             train = train_all[:size]
-            train_phi = features(sft, train, pad, layers)
-            for key, (fb, fw) in train_phi.items():
+            for name, (fb, fw) in heads_features(train).items():
                 w, loss = fit_head(fb, fw)
-                tb, tw = test_phi[key]
+                tb, tw = test_phi[name]
                 acc = ((tb @ w) > (tw @ w)).float().mean().item()
                 train_acc = ((fb @ w) > (fw @ w)).float().mean().item()
-                results["rows"].append(dict(pairs=size, reward=f"linear head, layer {key[0]}, {key[1]}",
+                results["rows"].append(dict(pairs=size, reward=f"linear head, {name}",
                                             heldout_acc=acc, train_acc=train_acc, bt_loss=loss))
-            fb, fw = features(rm, train, pad, [-1])[(-1, "last")]  # PbPO's φ
-            w, loss = fit_head(fb, fw)
-            tb, tw = rm_test_phi
-            results["rows"].append(dict(pairs=size, reward="linear head, toy RM backbone, last",
-                                        heldout_acc=((tb @ w) > (tw @ w)).float().mean().item(),
-                                        train_acc=((fb @ w) > (fw @ w)).float().mean().item(),
-                                        bt_loss=loss))
             out_dir = os.path.join(cfg.out, f"dpo_{size}")
             if not os.path.exists(os.path.join(out_dir, "final", "model.safetensors")):
                 import shutil
