@@ -12,7 +12,7 @@ wants is rare under the SFT policy. The same task and splits, tokenizer recipe a
 demonstrators guess on 97% of two-step and 90% of one-step problems (not 70% / 30%; worked answers
 keep their 10% slip rate), so few of the SFT policy's samples are correct worked answers.
 
-  python toy.py                        # build into out/toy (about 2 minutes on 2 CPU cores)
+  python toy.py                        # build into out/toy (under 3 minutes on 2 CPU cores)
   python toy.py --seed=1 --out_dir=out/toy1
   python toy.py --rare --out_dir=out/toy_rare   # the rare setting
   python toy.py --quick                # the reduced build the tests use (seconds)
@@ -174,15 +174,23 @@ def train_sft(demos, tok, hf_config, steps, batch_size, lr, seed):
 # the answer. So the toy also builds a larger backbone, as real reward models are made: pretrained
 # without labels on text of the task. It is the SFT policy grown by RM_BLOCKS blocks (each the
 # identity at first), trained on fresh problems that none of the train, validation and held-out
-# splits holds: to tell a crowd's answers from the same answers with the final number replaced by
-# another answer's, read at the last token (ELECTRA's replaced-token detection, on the number).
-# The crowd writes from the problems, as a corpus's authors do; the targets read no answer, gold
-# reward or oracle: they say only "was this number replaced?". experiments/rm_backbone.py is the
-# harness this recipe was chosen with, and the probe that measures it.
+# splits holds. It reads a problem and a crowd's answer to it (mostly estimates), the answer's
+# number sometimes replaced (by another answer's, or by one drawn near the anchor), and says at the
+# last token, one logit per distance d in RM_DISTANCES, "is this number within d of the anchor?".
+# The anchor is the number the SFT policy's own greedy worked answer to the problem ends with (its
+# response started with the question's first number, as a worked answer starts, so it works
+# instead of guessing): the policy's arithmetic, right or wrong, as self-training uses a model's
+# own outputs. The targets read no problem's answer, gold reward or oracle; the crowd's answers,
+# the input text, are written from the problems, as a corpus's authors write.
+# experiments/rm_backbone.py is the harness this recipe was chosen with, and the probe that
+# measures it.
 RM_BLOCKS = 2
-RM_STEPS = {False: 700, True: 10}  # by quick
-RM_BATCH = 32  # crowd answers a step, and as many with their number replaced
-RM_ESTIMATES = 0.5  # the share of the crowd's answers that are estimates
+RM_STEPS = {False: 1400, True: 10}  # by quick
+RM_BATCH = 16  # crowd answers a step, and as many with their number replaced
+RM_ESTIMATES = 0.8  # the share of the crowd's answers that are estimates
+RM_DISTANCES = (0, 1, 2, 4, 8)  # one read-out logit each
+RM_NEAR = 0.5  # the share of replaced numbers drawn 1 to RM_NEAR_MAX off the anchor (then abs)
+RM_NEAR_MAX = 12
 
 
 def answer_off_by(start, ops, error, guess, rng):
@@ -268,22 +276,43 @@ def top_token_features(model, ids, attn):
     return torch.nn.functional.normalize(model.model.norm(x).float(), dim=-1)  # (B, D)
 
 
+@torch.no_grad()
+def self_anchors(policy, tok, questions, batch_size=256):
+    """The number each question's greedy worked answer by `policy` ends with. Its response is
+    prefilled with the question's first number, as a worked answer starts ('12 + 5 = ...'): left
+    to itself, the rare setting's policy would mostly guess, and the anchor would be a guess. The
+    '#### N' it writes, else (a chain cut short) the last number it wrote; as a whole number of
+    at most 10⁶, its sign dropped (an untrained policy may write any digits)."""
+    starts = [data.NUMBER.findall(q)[0] for q in questions]
+    prompts = [data.encode_prompt(tok, q) + tok(s, add_special_tokens=False).input_ids
+               for q, s in zip(questions, starts)]
+    responses = M.sample(policy, prompts, 40, 0.0, batch_size=batch_size,
+                         eos_ids=[tok.eos_token_id], pad_id=tok.pad_token_id)
+    anchors = []
+    for s, y in zip(starts, responses):
+        text = s + data.decode(tok, y)
+        number = data.extract_answer(text) or data.NUMBER.findall(text)[-1]
+        anchors.append(min(abs(int(float(number.replace(",", "")))), 10**6))
+    return anchors
+
+
 def train_rm_backbone(sft, tok, problems, steps, seed, lr=3e-3):
     """The grown SFT policy trained as the comment above says, on (question, start, ops) problems
-    (the crowd's text is written from them): its new blocks and final norm (the SFT's blocks and
-    embedding frozen), AdamW with a warm-up and a cosine down to a tenth, gradients clipped at 1.
-    The read-out is dropped after."""
+    (the crowd's text is written from them; the anchors are the SFT policy's): its new blocks and
+    final norm (the SFT's blocks and embedding frozen), AdamW with a warm-up and a cosine down to
+    a tenth, gradients clipped at 1. The read-out is dropped after."""
     rng = random.Random(seed + 1)
     docs = [(q, crowd_answer(start, ops, rng)) for q, start, ops in problems]
+    anchors = self_anchors(sft, tok, [q for q, _, _ in problems])
+    number = lambda answer: int(answer.rsplit("#### ", 1)[1])
     torch.manual_seed(seed)  # the new blocks' and the read-out's initialisation
     model = grow(sft, RM_BLOCKS)
     model.model.embed_tokens.requires_grad_(False)
     model.model.layers[:sft.config.num_hidden_layers].requires_grad_(False)
-    head = torch.nn.Linear(model.config.hidden_size, 1)
+    head = torch.nn.Linear(model.config.hidden_size, len(RM_DISTANCES))
     trainable = [p for p in model.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(trainable, lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     g = torch.Generator().manual_seed(seed)
-    number = lambda answer: int(answer.rsplit("#### ", 1)[1])
     encode = lambda q, a: (data.encode_prompt(tok, q) + tok(a, add_special_tokens=False).input_ids
                            + [tok.eos_token_id])
     warmup = max(1, steps // 20)
@@ -294,16 +323,21 @@ def train_rm_backbone(sft, tok, problems, steps, seed, lr=3e-3):
             group["lr"] = lr * min((step + 1) / warmup, cosine)
         rows = torch.randint(len(problems), (2 * RM_BATCH,), generator=g).tolist()
         real = rows[:RM_BATCH]
+        stated = [number(docs[i][1]) for i in real]
         replaced = []
-        for i, j in zip(real, rows[RM_BATCH:]):  # j: the donor of another number
+        for i, j in zip(real, rows[RM_BATCH:]):  # j: the answer that lends another number
             q, a = docs[i]
             other = number(docs[j][1])
+            if rng.random() < RM_NEAR:  # or one near the anchor, 1 to RM_NEAR_MAX off
+                other = abs(anchors[i] + rng.choice((-1, 1)) * rng.randint(1, RM_NEAR_MAX))
             other = other if other != number(a) else number(a) + 1
             replaced.append(encode(q, replace_number(a, other)))
+            stated.append(other)
         texts = [encode(*docs[i]) for i in real] + replaced
-        logits = head(top_token_features(model, *pad_left(texts, tok.pad_token_id)))  # (2B, 1)
-        is_real = torch.cat([torch.ones(RM_BATCH), torch.zeros(RM_BATCH)])  # (2B,)
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits.squeeze(-1), is_real)
+        logits = head(top_token_features(model, *pad_left(texts, tok.pad_token_id)))  # (2B, K)
+        distance = (torch.tensor(stated) - torch.tensor([anchors[i] for i in real] * 2)).abs()
+        within = (distance[:, None] <= torch.tensor(RM_DISTANCES)).float()  # (2B, K) targets
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, within)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)

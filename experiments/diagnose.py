@@ -180,7 +180,9 @@ if __name__ == "__main__":
             return out
 
         test_phi = heads_features(heldout)
-        results = {"config": asdict(cfg), "heldout_pairs": len(heldout), "rows": []}
+        build = json.load(open(os.path.join(toy_dir, "build.json")))  # which toy was measured
+        results = {"config": asdict(cfg), "toy_dir": toy_dir, "toy_key": build["key"],
+                   "heldout_pairs": len(heldout), "rows": []}
         lengths = torch.tensor([len(b) - len(w) for _, b, w in heldout], dtype=torch.float)
         for size in map(int, cfg.pairs.split(",")):
             train = train_all[:size]

@@ -621,9 +621,12 @@ def test_toy_rm_backbone_is_the_build_the_harness_measured(toy):
     paths = toy[1]
     tok, sft = data.load_tokenizer(paths.model), M.from_pretrained(paths.model).eval()
     problems = B.fresh_problems(random.Random(3), set(), 60)
-    assert (T.RM_STEPS[False], T.RM_BATCH, T.RM_ESTIMATES) == (700, 32, 0.5)  # the docstring's
+    assert (T.RM_STEPS[False], T.RM_BATCH, T.RM_ESTIMATES) == (1400, 16, 0.8)  # the docstring's
     built = T.train_rm_backbone(sft, tok, problems, steps=4, seed=1)
-    cfg = B.Config(objective="detect", estimates=0.5, batch_size=32, steps=4, problems=60, seed=1)
+    cfg = B.Config(objective="ordinal", anchor="self", estimates=0.8, batch_size=16, steps=4,
+                   problems=60, seed=1)
+    assert (T.RM_DISTANCES, T.RM_NEAR, T.RM_NEAR_MAX) == (
+        tuple(map(int, cfg.thresholds.split(","))), cfg.near, cfg.near_max)  # its defaults
     torch.manual_seed(cfg.seed)  # as the harness's main does
     measured = B.build_detector(sft, tok, problems, cfg)
     for (name, a), (_, b) in zip(built.state_dict().items(), measured.state_dict().items()):

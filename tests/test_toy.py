@@ -103,6 +103,30 @@ def test_toy_files_load_and_tokenizer_round_trips(toy, tok):
                          T.gold_reward(p["rejected"], p["answer"]) for p in pairs)
 
 
+def test_rm_anchors_are_the_policys_own_worked_answers(tok, monkeypatch):
+    """The RM backbone's anchors are what the policy wrote, read as a worked answer that starts
+    with the question's first number: its '#### N' (right or wrong), else its last number. The
+    policy is given only the question and that number, never the answer."""
+    import model as M
+    questions = ["Tom has 12 pens, buys 5 and gives away 3. How many pens does Tom have now?",
+                 "Ann has 7 coins and finds 2. How many coins does Ann have now?",
+                 "Sam has 4 cards and loses 1. How many cards does Sam have now?",
+                 "Mia has 9 books and sells 2. How many books does Mia have now?"]
+    written = [" + 5 = 17. 17 - 3 = 15.\n#### 15",  # a slip: the anchor is 15, not 14
+               " + 2 = 9. I think", " - 1 = 3.\n#### 3", " - 2 = 12345678901234567890"]
+    seen = []
+
+    def policy_writes(policy, prompts, max_new_tokens, temperature, **kwargs):
+        seen.extend(prompts)
+        assert temperature == 0.0
+        return [tok(w, add_special_tokens=False).input_ids for w in written]
+
+    monkeypatch.setattr(M, "sample", policy_writes)
+    assert T.self_anchors(None, tok, questions) == [15, 9, 3, 10**6]  # runaway digits: capped
+    for q, prompt, start in zip(questions, seen, ("12", "7", "4", "9")):
+        assert prompt == data.encode_prompt(tok, q) + tok(start, add_special_tokens=False).input_ids
+
+
 def test_toy_rm_backbone_is_the_grown_sft_policy_built_on_fresh_text(toy, tok, monkeypatch):
     """The toy's RM backbone: the SFT policy's blocks and embedding unchanged under the grown
     blocks; the policy's tokenizer; a toy run with no --model takes it (an explicit one wins).
