@@ -581,7 +581,7 @@ def claims(table, budgets):
 # Seconds of one run (one thread) on the 2-core machine, measured with `python train_*.py` on the
 # default toy, --eval_max=1, one seed, another job on the other core (RESULTS.md, "What a
 # comparison costs"): start-up, and per oracle call of the budget (SELM: per call and epoch).
-RUN_SECONDS = {"offline": (5.0, 0.0025), "online": (4.5, 0.0042), "train_pbpo.py": (6.0, 0.075)}
+RUN_SECONDS = {"offline": (5.0, 0.0025), "online": (4.5, 0.0042), "train_pbpo.py": (8.0, 0.077)}
 EVAL_SECONDS = {0: 1.0, 8: 12.0}  # an evaluation on 500 prompts: greedy; and with 8 samples
 TOY_SECONDS = 185  # one toy build, once per setting, its RM backbone's included (about 70 s)
 EPOCHS_UNTUNED = 4  # SELM's epochs where a stage does not set them: the value tuned before
