@@ -14,8 +14,8 @@ fresh problems, seed 0: 95.7% right and 99.3% within 2 in `standard`; 22.3% righ
 within 2 in `rare`, whose SFT rarely saw a worked answer). The targets read no problem's answer,
 gold reward or oracle: self-training on the policy's own outputs. Its numbers are in the last
 table below; the harness measures the anchors against the answers after the build (`anchors`
-in its output), which the build never reads. The shared pieces (the crowd's answers, the replaced number,
-the grown model, the top-block φ, the anchors) live in toy.py.
+in its output), which the build never reads. The shared pieces (the crowd's answers, the
+replaced number, the grown model, the top-block φ, the anchors) live in toy.py.
 
 Anchored instead on each problem's true answer (`--anchor=answer`, the default of the earlier
 rounds: a correctness label for each of its 44,800 training documents, which no arm's oracle
@@ -479,7 +479,7 @@ class DetectionBatch:
     """Documents for the detector: the real answers, then as many with their number replaced."""
     rows: list  # token ids of each document, the real ones first
     stated: list  # the number each document states
-    answers: list  # its anchor (by --anchor: the answer, the policy's own, ...)
+    anchors: list  # the number its distance is measured from (by --anchor)
     moved: list  # how far each replaced number is from the real document's
 
 
@@ -487,22 +487,23 @@ def chat(question, answer):
     return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
 
 
-def build_detector(sft, tok, problems, cfg):
+def build_detector(sft, tok, problems, cfg, anchors=None):
     """Replaced-number detection (module docstring) on the grown SFT policy. cfg.restarts > 1:
     that many initialisations train cfg.trial steps each; the one that scores best (cfg.choose)
     on fresh problems held back from training (those past the first cfg.problems; no label) goes
-    on to the end."""
+    on to the end. anchors: --anchor=self's, if the caller has them (else made here)."""
     rng = random.Random(cfg.seed + 1)
     docs = [(q, crowd_answer(start, ops, rng, cfg.scale, cfg.estimates, cfg.slips))
             for q, start, ops in problems]
-    totals = [start + sum(ops) for _, start, ops in problems]  # each fresh problem's answer
-    if cfg.anchor == "worked":  # another writer's worked answer to the problem: its '#### N'
+    if cfg.anchor == "self":  # the SFT policy's own worked answer (greedy, made to start working)
+        anchors = anchors or self_anchors(sft, tok, [q for q, _, _ in problems])
+    elif cfg.anchor == "worked":  # another writer's worked answer to the problem: its '#### N'
         thread = random.Random(cfg.seed + 3)
         worked = [crowd_answer(start, ops, thread, estimates=0.0, slips=cfg.slips)
                   for _, start, ops in problems]
-        totals = [int(a.rsplit("#### ", 1)[1]) for a in worked]
-    if cfg.anchor == "self":  # the SFT policy's own worked answer (greedy, made to start working)
-        totals = self_anchors(sft, tok, [q for q, _, _ in problems])
+        anchors = [int(a.rsplit("#### ", 1)[1]) for a in worked]
+    else:  # each fresh problem's answer (--anchor=document uses the document's own number)
+        anchors = [start + sum(ops) for _, start, ops in problems]
     thresholds = [int(d) for d in cfg.thresholds.split(",")]
     shorten = lambda a: a.rsplit("\n", 1)[1] if cfg.short else a  # only the '#### N' line
 
@@ -517,7 +518,7 @@ def build_detector(sft, tok, problems, cfg):
             if cfg.hard and rng.random() < cfg.hard:  # a hard one: near the number, as guesses are
                 other = abs(number + rng.choice((-1, 1)) * rng.randint(1, 9))
             if cfg.objective == "ordinal" and rng.random() < cfg.near:  # graded: 1..near_max off
-                centre = number if cfg.anchor == "document" else totals[i]
+                centre = number if cfg.anchor == "document" else anchors[i]
                 other = abs(centre + rng.choice((-1, 1)) * rng.randint(1, cfg.near_max))
             other = other if other != number else number + 1
             replaced.append((q, replace_number(a, other)))
@@ -526,8 +527,8 @@ def build_detector(sft, tok, problems, cfg):
             moved.append(abs(other - number))
         rows = [encode_chat(tok, chat(q, shorten(a)))[0] for q, a in [docs[i] for i in real]]
         rows += [encode_chat(tok, chat(q, shorten(a)))[0] for q, a in replaced]
-        anchors = numbers if cfg.anchor == "document" else [totals[i] for i in real]
-        return DetectionBatch(rows, numbers + others, anchors * 2, moved)
+        batch_anchors = numbers if cfg.anchor == "document" else [anchors[i] for i in real]
+        return DetectionBatch(rows, numbers + others, batch_anchors * 2, moved)
 
     def detection_loss(model, head, batch):
         B = len(batch.moved)
@@ -538,7 +539,7 @@ def build_detector(sft, tok, problems, cfg):
             ids, attn, _ = pad_batch([(x, [0] * len(x)) for x in batch.rows], tok.pad_token_id)
             logits = head(last_token_features(model, ids, attn))  # (2B, K)
         if cfg.objective == "ordinal":  # logit k: is the stated number within d_k of the anchor?
-            targets = within_thresholds(batch.stated, batch.answers, thresholds)  # (2B, K)
+            targets = within_thresholds(batch.stated, batch.anchors, thresholds)  # (2B, K)
             return F.binary_cross_entropy_with_logits(logits, targets)
         logits = logits.squeeze(-1)  # (2B,): one read-out
         if cfg.objective == "pairwise":  # Bradley–Terry: each answer above its replaced copy
@@ -717,14 +718,17 @@ if __name__ == "__main__":
             if cfg.restarts > 1:  # held back for choosing among restarts, none a training one
                 seen = excluded | {q for q, _, _ in problems}
                 problems += fresh_problems(rng, seen, cfg.check)
-            build_fn = build_worksheet_lm if cfg.objective == "lm" else build_detector
+            self_anchored = cfg.objective == "ordinal" and cfg.anchor == "self"
+            anchors = self_anchors(sft, tok, [q for q, _, _ in problems]) if self_anchored else None
             torch.manual_seed(cfg.seed)  # the new blocks' and the read-out's initialisation
-            backbone = build_fn(sft, tok, problems, cfg)
+            if cfg.objective == "lm":
+                backbone = build_worksheet_lm(sft, tok, problems, cfg)
+            else:
+                backbone = build_detector(sft, tok, problems, cfg, anchors)
             seconds = time.time() - t0
             rows.append(dict(backbone=f"{cfg.objective}, {cfg.steps} steps", seconds=seconds,
                              **probe(backbone, tok, train_pairs, heldout)))
-            if cfg.objective == "ordinal" and cfg.anchor == "self":  # measured, not trained on
-                anchors = self_anchors(sft, tok, [q for q, _, _ in problems])
+            if self_anchored:  # the anchors against the answers: measured, never trained on
                 totals = [start + sum(ops) for _, start, ops in problems]
                 errors = [abs(a - t) for a, t in zip(anchors, totals)]
                 rows[-1]["anchors"] = {"right": sum(e == 0 for e in errors) / len(errors),
