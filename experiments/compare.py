@@ -26,9 +26,16 @@ Writes OUT/compare.json (every number), OUT/compare.md (the tables), OUT/curves.
 OUT/frontier.png (with matplotlib); experiments/RESULTS.md reports the run. Every flag is checked
 before any work. Ctrl-C or SIGTERM stops the runs and evaluations in flight, and a killed driver
 takes them with it; a restart reuses every finished run and evaluation and starts the others over.
+--jobs_file=FILE also keeps each finished job's results (a tuning point's score, a seed's rows) in
+FILE, one JSON line each, so a comparison stopped on one machine goes on from that file on another
+(where OUT's runs are gone): the file the reported comparison was made in is committed,
+experiments/data/compare_jobs.jsonl.
+
+  python -m experiments.compare --out=out/compare --jobs_file=experiments/data/compare_jobs.jsonl
 """
 import collections
 import functools
+import hashlib
 import itertools
 import json
 import math
@@ -49,8 +56,8 @@ import ranks
 import run
 from run import knob
 import toy
-from experiments.tune import (SCRIPTS, STOPPING, check_flag, integers, mean_ci, pair_subset,
-                              run_arm, stop_children_on_interrupt)
+from experiments.tune import (SCRIPTS, STOPPING, check_flag, code_digest, integers, mean_ci,
+                              pair_subset, run_arm, stop_children_on_interrupt)
 from reward import make_oracle
 
 SETTINGS = ("standard", "rare")
@@ -219,6 +226,60 @@ def spent(runs):
             increments[run_dir] = calls - before
             before = calls
     return len(increments), sum(increments.values())
+
+
+def stored(r, out):  # a Run as JSON, its directories relative to the comparison's --out
+    return dict(asdict(r), policy=os.path.relpath(r.policy, out),
+                path=[(os.path.relpath(d, out), calls) for d, calls in r.path])
+
+
+def loaded(r, out):  # stored()'s inverse
+    return Run(**dict(r, policy=os.path.join(out, r["policy"]),
+                      path=tuple((os.path.join(out, d), calls) for d, calls in r["path"])))
+
+
+class JobFile:
+    """Finished jobs, one JSON line each: {"key", "job", "value", "seconds"}. The key is the
+    SHA-256 of everything that decides the job's result (`job`: the code's and the toy build's
+    digests, the script, its flags, the seed, the budgets, the split), so a job of other code or
+    another toy is never reused, and a job is deterministic (one thread), so a reused one is the
+    result it would give again. Read as data only; a line that is not a job is refused by number,
+    except a last line cut short by a kill, which is dropped (its job runs again)."""
+
+    def __init__(self, path):
+        self.path, self.lock, self.done = path, threading.Lock(), {}
+        if not path or not os.path.exists(path):
+            return
+        text = data.read_text(path)
+        whole = text[:text.rfind("\n") + 1]  # a last line cut short by a kill is dropped
+        for number, line in enumerate(whole.splitlines(), 1):
+            record = data.parse_json(line, path, number)
+            if not isinstance(record, dict) or not isinstance(record.get("key"), str) or \
+                    not {"job", "value"} <= set(record):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a 'key' string, "
+                                 "a 'job' and a 'value', as compare writes")
+            self.done[record["key"]] = record["value"]
+        if whole != text:  # every whole line checked: now the next job's line starts a line
+            with open(path, "w") as f:
+                f.write(whole)
+
+    def run(self, job, compute):
+        """compute()'s JSON-able result for `job` (a dict), from the file or computed and added
+        to it; either way as JSON gives it back (a dict's keys are strings)."""
+        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        if key in self.done:
+            return self.done[key]
+        started = time.time()
+        value = json.loads(json.dumps(compute()))
+        if self.path:
+            line = json.dumps({"key": key, "job": job, "value": value,
+                               "seconds": round(time.time() - started, 1)})
+            with self.lock, open(self.path, "a") as f:
+                f.write(line + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        self.done[key] = value
+        return value
 
 
 QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_samples=2",
@@ -443,6 +504,8 @@ def compare(cfg):
     budgets, arms, settings = checked(cfg)
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
+    jobs_file = JobFile(cfg.jobs_file)  # read and checked before any work
+    code = code_digest()
     spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
     # threads can deadlock the child. The runners stop before the evaluators they wait on, the
     # tuners (one thread an arm, waiting on runners) before the runners.
@@ -455,7 +518,13 @@ def compare(cfg):
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
             paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
+            toy_key = toy.built_key(os.path.join(toy_dir, "build.json"))
             out = os.path.join(cfg.out, setting)
+
+            def job_of(kind, arm, flags, seed, passes):  # what decides a job's result (JobFile)
+                return dict(kind=kind, code=code, toy=toy_key, script=arm.script, flags=flags,
+                            arm_flags=list(arm.flags), seed=seed, budgets=list(passes),
+                            samples=cfg.samples if kind == "heldout" else 0, max_new=max_new)
             here = [a for a in arms if a.script]
             evaluate_job = lambda d, split, samples=cfg.samples: evaluation(
                 evaluators, d, paths, split, samples, max_new)
@@ -472,10 +541,18 @@ def compare(cfg):
                 made = []  # every run, at every budget
                 for i, budget in enumerate(budgets):
                     def tune_job(job):  # a run at `budget`, scored greedily on valid.jsonl
-                        runs = train(arm, job[0], paths, job[1], out, cfg.quick, "valid",
-                                     chain(arm, budgets, i))
-                        made.extend(runs.values())  # from the runners' threads: atomic
-                        return evaluate_job(runs[budget].policy, "valid", samples=0)["reward"]
+                        point, seed = job
+                        passes = chain(arm, budgets, i)
+
+                        def compute():
+                            runs = train(arm, point, paths, seed, out, cfg.quick, "valid", passes)
+                            policy = runs[budget].policy
+                            return {"score": evaluate_job(policy, "valid", samples=0)["reward"],
+                                    "runs": [stored(r, cfg.out) for r in runs.values()]}
+
+                        done = jobs_file.run(job_of("tune", arm, point, seed, passes), compute)
+                        made.extend(loaded(r, cfg.out) for r in done["runs"])  # atomic
+                        return done["score"]
 
                     def score(points):  # the mean over the tuning seeds of each point
                         seeds = TUNING_SEEDS[:1] if cfg.quick else TUNING_SEEDS
@@ -513,13 +590,19 @@ def compare(cfg):
 
             def job(arm_seed):  # an arm's runs at every budget for a seed, then their evaluation
                 arm, seed = arm_seed
-                rows = {}
-                for i, budget in enumerate(budgets):
-                    r = train(arm, tuned[arm.name][budget], paths, seed, out, cfg.quick,
-                              "heldout", chain(arm, budgets, i))[budget]
-                    rows[budget] = {**evaluate_job(r.policy, "heldout"), "calls": r.calls,
-                                    "steps": r.steps, "wall_s": r.wall_s}
-                return rows
+
+                def compute():
+                    rows = {}
+                    for i, budget in enumerate(budgets):
+                        r = train(arm, tuned[arm.name][budget], paths, seed, out, cfg.quick,
+                                  "heldout", chain(arm, budgets, i))[budget]
+                        rows[budget] = {**evaluate_job(r.policy, "heldout"), "calls": r.calls,
+                                        "steps": r.steps, "wall_s": r.wall_s}
+                    return rows
+
+                by_budget = {str(b): tuned[arm.name][b] for b in budgets}
+                rows = jobs_file.run(job_of("heldout", arm, by_budget, seed, budgets), compute)
+                return {int(b): row for b, row in rows.items()}
 
             finished = list(runners.map(job, jobs))
             print(f"[{setting}] runs and evaluations done ({time.time() - t_start:.0f} s)",
@@ -815,6 +898,7 @@ class Config:
     jobs: int = knob(2, "runs at a time, and as many evaluation processes; one thread each",
                      at_least=1)
     quick: bool = knob(False, "the quick toy, one seed, the first grid point: a smoke test")
+    jobs_file: str = knob("", "keep each finished job's results here, and reuse them (JobFile)")
     plan: bool = knob(False, "print the runs this would make and an estimate of the time; run none")
 
 

@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -208,9 +209,11 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     validation split at each budget, runs at both budgets within them with that budget's flags,
     is evaluated on the held-out split (calls, optimizer steps and wall seconds recorded), every
     claim between arms gets a paired difference, the tuning runs are all counted; a second call
-    reuses every run."""
+    reuses every run, and with the runs gone, the jobs file gives every result again."""
     arms = "sft,dpo,dpo_online,selm,pbpo"
-    cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True)
+    jobs_file = tmp_path / "jobs.jsonl"
+    cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True,
+                   jobs_file=str(jobs_file))
     res = C.compare(cfg)["settings"]["standard"]
     budgets = (32, 64)
     assert set(res["table"]) == set(arms.split(","))
@@ -247,6 +250,22 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     stamps = {r: os.path.getmtime(runs_dir / r / "command.json") for r in os.listdir(runs_dir)}
     C.compare(cfg)  # everything finished is reused
     assert {r: os.path.getmtime(runs_dir / r / "command.json") for r in stamps} == stamps
+    shutil.rmtree(runs_dir)  # another machine: the runs are gone, the jobs file is not
+    with open(jobs_file, "a") as f:
+        f.write('{"key": "cut short by a ki')  # a write a kill cut short
+    again = C.compare(cfg)["settings"]["standard"]
+    assert not runs_dir.exists()  # no run was made again
+    for key in ("table", "tuned", "tuning", "claims"):
+        assert json.dumps(again[key], default=str) == json.dumps(res[key], default=str), key
+    assert jobs_file.read_text().endswith("}\n")  # the cut line dropped, the whole ones kept
+
+
+def test_a_jobs_file_line_that_is_not_a_job_is_refused_by_number(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"key": "k", "job": {}, "value": 1}\n["not", "a", "job"]\n{"key": "c')
+    with pytest.raises(ValueError, match=f"{path}:2: expected a JSON object with a 'key' string"):
+        C.JobFile(str(path))
+    assert path.read_text().endswith('{"key": "c')  # refused: the file is as it was
 
 
 def test_compare_extends_a_grid_whose_choice_is_on_an_edge(tmp_path, monkeypatch):
@@ -315,6 +334,7 @@ writes its metrics and `started` (its pid), then ends (--hold=0) or waits for SI
 it writes `stopped` and exits 1, as a run does."""
 import fcntl
 import os
+import shutil
 import signal
 import sys
 
