@@ -36,6 +36,7 @@ experiments/data/compare_jobs.jsonl.
 import collections
 import functools
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -238,35 +239,121 @@ def loaded(r, out):  # stored()'s inverse
                       path=tuple((os.path.join(out, d), calls) for d, calls in r["path"])))
 
 
+def toy_digest(toy_dir):
+    """SHA-256 of a toy build's files, build.json (its timings) apart: what the runs read. The
+    build is meant to come out bit for bit anywhere; this checks it did."""
+    files = sorted(os.path.join(d, f) for d, _, names in os.walk(toy_dir) for f in names)
+    return toy.files_digest([f for f in files if os.path.basename(f) != "build.json"])
+
+
+def job_code_digest():
+    """SHA-256 of the code a job's result depends on: the scripts (tune.code_digest), torch's
+    version, and this driver's functions and constants that make a job's runs and evaluations
+    (JOB_CODE). A new function a job calls belongs in JOB_CODE; the tables, claims and plots do
+    not, so editing them reuses every job."""
+    sources = [inspect.getsource(f) for f in JOB_CODE]
+    constants = [EXPLORE_PROMPTS, ONLINE_ITERATIONS, QUICK_FLAGS, RANKING_CALLS, TUNING_SEEDS]
+    text = json.dumps([code_digest(), torch.__version__, sources, repr(constants)])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def job_of(kind, arm, flags, seed, budgets, code, toy_files, samples, max_new):
+    """What decides a job's result, the JobFile's key. kind 'tune': a tuning point, flags a list,
+    budgets the chain its run passes through, scored greedily on the validation split; kind
+    'heldout': a seed's runs, flags {budget: list}, evaluated on the held-out split with
+    `samples` samples a prompt."""
+    return dict(kind=kind, code=code, toy=toy_files, script=arm.script, arm_flags=list(arm.flags),
+                flags=flags, seed=seed, budgets=list(budgets),
+                samples=samples if kind == "heldout" else 0, max_new=max_new)
+
+
+RUN_FIELDS = {"policy": str, "calls": (int, float), "steps": int, "wall_s": (int, float),
+              "path": list}
+ROW_FIELDS = ("accuracy", "reward", "n", "expected_reward", "kl_sft", "calls", "steps", "wall_s")
+
+
+def check_job(record, where):
+    """A JobFile line, checked as data before any of it is used: the key is its job's, and the
+    value has the shape compare gives it. -> the record; a ValueError naming `where` otherwise."""
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    def fail(what):
+        raise ValueError(f"{where}: expected {what}, as compare writes it")
+
+    if not isinstance(record, dict) or not {"key", "job", "value"} <= set(record):
+        fail("a JSON object with 'key', 'job' and 'value'")
+    job, value = record["job"], record["value"]
+    if record["key"] != job_key(job):
+        fail("'key' to be the SHA-256 of its 'job'")
+    if not isinstance(job, dict) or job.get("kind") not in ("tune", "heldout"):
+        fail("a 'job' whose kind is 'tune' or 'heldout'")
+    if job["kind"] == "tune":
+        runs = value.get("runs") if isinstance(value, dict) else None
+        if not number(value.get("score") if runs is not None else None) or not isinstance(
+                runs, list):
+            fail("a tuning job's value {'score': number, 'runs': [...]}")
+        for r in runs:
+            if not isinstance(r, dict) or set(r) != set(RUN_FIELDS) or not all(
+                    isinstance(r[k], t) for k, t in RUN_FIELDS.items()):
+                fail(f"each run to have {', '.join(RUN_FIELDS)}")
+            for step in [[r["policy"], 0], *r["path"]]:
+                if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], str)
+                        and not os.path.isabs(step[0]) and ".." not in step[0].split("/")
+                        and number(step[1])):
+                    fail("a run's directories relative to --out, inside it, with their calls")
+    elif not isinstance(value, dict) or sorted(value) != sorted(map(str, job["budgets"])) or \
+            not all(isinstance(row, dict) and set(row) == set(ROW_FIELDS) and
+                    all(v is None or number(v) for v in row.values()) for row in value.values()):
+        fail(f"a held-out job's value {{budget: {{{', '.join(ROW_FIELDS)}}}}} for its budgets")
+    return record
+
+
+def job_key(job):
+    return hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+
+
 class JobFile:
-    """Finished jobs, one JSON line each: {"key", "job", "value", "seconds"}. The key is the
-    SHA-256 of everything that decides the job's result (`job`: the code's and the toy build's
-    digests, the script, its flags, the seed, the budgets, the split), so a job of other code or
-    another toy is never reused, and a job is deterministic (one thread), so a reused one is the
-    result it would give again. Read as data only; a line that is not a job is refused by number,
-    except a last line cut short by a kill, which is dropped (its job runs again)."""
+    """Finished jobs of a comparison, one JSON line each: {"key", "job", "value", "seconds"}.
+    `job` is everything that decides its result (job_of: the code's and the toy's digests, the
+    script, its flags, the seed, the budgets, the split), the key its SHA-256: a job of other code
+    or another toy is never reused, and a job is deterministic (one thread a run), so a reused one
+    is the result it would give again. One driver a file, with the same --out on every machine
+    (the runs' directories are named under it). Read as data: every line is checked before any
+    work (check_job) and a bad one refused by its number, except a last line cut short by a kill,
+    which is dropped (its job runs again)."""
 
     def __init__(self, path):
         self.path, self.lock, self.done = path, threading.Lock(), {}
-        if not path or not os.path.exists(path):
+        if not path:
             return
-        text = data.read_text(path)
-        whole = text[:text.rfind("\n") + 1]  # a last line cut short by a kill is dropped
-        for number, line in enumerate(whole.splitlines(), 1):
-            record = data.parse_json(line, path, number)
-            if not isinstance(record, dict) or not isinstance(record.get("key"), str) or \
-                    not {"job", "value"} <= set(record):
-                raise ValueError(f"{path}:{number}: expected a JSON object with a 'key' string, "
-                                 "a 'job' and a 'value', as compare writes")
+        folder = os.path.dirname(path) or "."
+        if not os.access(folder, os.W_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"--jobs_file={path}: cannot write there")
+        if not os.path.exists(path):
+            return
+        lines = data.read_text(path).split("\n")  # the last: "" after a whole line
+        if lines[-1]:  # no newline after it: whole (a kill after the write) or cut short
+            try:
+                check_job(json.loads(lines[-1]), "")
+                lines.append("")
+            except ValueError:
+                print(f"{path}:{len(lines)}: cut short (a killed write?): dropped, its job runs "
+                      "again")
+                lines[-1] = ""
+        for number, line in enumerate(lines[:-1], 1):
+            record = check_job(data.parse_json(line, path, number), f"{path}:{number}")
             self.done[record["key"]] = record["value"]
-        if whole != text:  # every whole line checked: now the next job's line starts a line
-            with open(path, "w") as f:
-                f.write(whole)
+        text = "\n".join(lines)
+        if text != data.read_text(path):  # every line checked: rewrite it whole, atomically
+            with open(path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(path + ".tmp", path)
 
     def run(self, job, compute):
-        """compute()'s JSON-able result for `job` (a dict), from the file or computed and added
+        """compute()'s JSON-able result for `job` (job_of), from the file or computed and added
         to it; either way as JSON gives it back (a dict's keys are strings)."""
-        key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()
+        key = job_key(job)
         if key in self.done:
             return self.done[key]
         started = time.time()
@@ -348,6 +435,11 @@ def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
             os.replace(out_file + ".tmp", out_file)  # a run killed mid-write leaves no half file
     with open(out_file) as f:
         return json.load(f)
+
+
+# what a job's result depends on in this driver (job_code_digest), beside the scripts themselves
+JOB_CODE = (train, budget_flags, offline_pairs, pair_subset, merge, flag_value, run_cost, chain,
+            run_arm, sft_policy, evaluate, evaluation)
 
 
 # ---------------------------------------------------------------- tuning: the stages, the edges
@@ -505,7 +597,7 @@ def compare(cfg):
     results = {"config": asdict(cfg), "budgets": budgets, "settings": {}}
     max_new = 16 if cfg.quick else 48
     jobs_file = JobFile(cfg.jobs_file)  # read and checked before any work
-    code = code_digest()
+    code = job_code_digest()
     spawn = multiprocessing.get_context("spawn")  # not fork: forking a process that runs
     # threads can deadlock the child. The runners stop before the evaluators they wait on, the
     # tuners (one thread an arm, waiting on runners) before the runners.
@@ -518,16 +610,13 @@ def compare(cfg):
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
             paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
-            toy_key = toy.built_key(os.path.join(toy_dir, "build.json"))
+            toy_files = toy_digest(toy_dir)
             out = os.path.join(cfg.out, setting)
-
-            def job_of(kind, arm, flags, seed, passes):  # what decides a job's result (JobFile)
-                return dict(kind=kind, code=code, toy=toy_key, script=arm.script, flags=flags,
-                            arm_flags=list(arm.flags), seed=seed, budgets=list(passes),
-                            samples=cfg.samples if kind == "heldout" else 0, max_new=max_new)
             here = [a for a in arms if a.script]
             evaluate_job = lambda d, split, samples=cfg.samples: evaluation(
                 evaluators, d, paths, split, samples, max_new)
+            job_here = functools.partial(job_of, code=code, toy_files=toy_files, samples=cfg.samples,
+                                    max_new=max_new)  # a job's key, less what is its own
 
             # 1. tuning, at every budget: each stage's points × the tuning seeds, on valid.jsonl;
             # a setting not in --tune_on takes the tuned flags of the first setting
@@ -550,8 +639,8 @@ def compare(cfg):
                             return {"score": evaluate_job(policy, "valid", samples=0)["reward"],
                                     "runs": [stored(r, cfg.out) for r in runs.values()]}
 
-                        done = jobs_file.run(job_of("tune", arm, point, seed, passes), compute)
-                        made.extend(loaded(r, cfg.out) for r in done["runs"])  # atomic
+                        done = jobs_file.run(job_here("tune", arm, point, seed, passes), compute)
+                        made.extend([loaded(r, cfg.out) for r in done["runs"]])  # atomic
                         return done["score"]
 
                     def score(points):  # the mean over the tuning seeds of each point
@@ -601,7 +690,8 @@ def compare(cfg):
                     return rows
 
                 by_budget = {str(b): tuned[arm.name][b] for b in budgets}
-                rows = jobs_file.run(job_of("heldout", arm, by_budget, seed, budgets), compute)
+                rows = jobs_file.run(job_here("heldout", arm, by_budget, seed, budgets),
+                                     compute)
                 return {int(b): row for b, row in rows.items()}
 
             finished = list(runners.map(job, jobs))
@@ -898,7 +988,8 @@ class Config:
     jobs: int = knob(2, "runs at a time, and as many evaluation processes; one thread each",
                      at_least=1)
     quick: bool = knob(False, "the quick toy, one seed, the first grid point: a smoke test")
-    jobs_file: str = knob("", "keep each finished job's results here, and reuse them (JobFile)")
+    jobs_file: str = knob("", "a JSONL file of every finished job's results, reused by a later "
+                          "run, on this machine or another (the run reported is committed)")
     plan: bool = knob(False, "print the runs this would make and an estimate of the time; run none")
 
 

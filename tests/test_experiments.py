@@ -250,22 +250,63 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     stamps = {r: os.path.getmtime(runs_dir / r / "command.json") for r in os.listdir(runs_dir)}
     C.compare(cfg)  # everything finished is reused
     assert {r: os.path.getmtime(runs_dir / r / "command.json") for r in stamps} == stamps
-    shutil.rmtree(runs_dir)  # another machine: the runs are gone, the jobs file is not
+    for gone in ("runs", "toy", "data"):  # another machine: only the jobs file came along
+        shutil.rmtree(tmp_path / "standard" / gone)
+    whole = jobs_file.read_text()
     with open(jobs_file, "a") as f:
         f.write('{"key": "cut short by a ki')  # a write a kill cut short
     again = C.compare(cfg)["settings"]["standard"]
-    assert not runs_dir.exists()  # no run was made again
+    assert not runs_dir.exists()  # no run was made again: the rebuilt toy is the same toy
     for key in ("table", "tuned", "tuning", "claims"):
         assert json.dumps(again[key], default=str) == json.dumps(res[key], default=str), key
-    assert jobs_file.read_text().endswith("}\n")  # the cut line dropped, the whole ones kept
+    assert jobs_file.read_text() == whole  # the cut line dropped, the whole ones kept
 
 
-def test_a_jobs_file_line_that_is_not_a_job_is_refused_by_number(tmp_path):
+def test_a_job_is_keyed_by_all_that_decides_it():
+    arm = C.Arm("dpo", "train_selm.py", ("--alpha=0",))
+    args = dict(kind="heldout", arm=arm, flags={"384": ["--lr=1e-4"]}, seed=0, budgets=[384],
+                code="c", toy_files="t", samples=8, max_new=48)
+    key = C.job_key(C.job_of(**args))
+    for name, other in [("kind", "tune"), ("arm", C.Arm("dpo", "train_selm.py")),
+                        ("flags", {"384": ["--lr=3e-4"]}), ("seed", 1), ("budgets", [768]),
+                        ("code", "d"), ("toy_files", "u"), ("samples", 0), ("max_new", 16)]:
+        assert C.job_key(C.job_of(**dict(args, **{name: other}))) != key, name
+
+
+def job_line(kind="tune", value=None, **changes):
+    job = dict(kind=kind, seed=0, budgets=[384])
+    run = dict(policy="standard/runs/r/final", calls=380, steps=48, wall_s=30.5,
+               path=[["standard/runs/r", 380]])
+    row = dict.fromkeys(C.ROW_FIELDS, 0.5)
+    value = value or ({"score": 0.9, "runs": [run]} if kind == "tune" else {"384": row})
+    return json.dumps({"key": C.job_key(job), "job": job, "value": value, **changes}) + "\n"
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('["not", "a", "job"]\n', "a JSON object with 'key', 'job' and 'value'"),
+    (job_line(key="0" * 64), "'key' to be the SHA-256 of its 'job'"),
+    (job_line(value=[1]), "a tuning job's value {'score': number, 'runs': [...]}"),
+    (job_line(value={"score": 0.9, "runs": [{"policy": 1}]}), "each run to have policy, calls"),
+    (job_line(value={"score": 0.9, "runs": [dict(policy="../x", calls=1, steps=1, wall_s=1.0,
+                                                  path=[])]}), "a run's directories relative to --out, inside it"),
+    (job_line("heldout", value={"768": {}}), "a held-out job's value {budget: {accuracy"),
+], ids=["not-an-object", "key", "tune-value", "run-fields", "run-outside", "heldout-value"])
+def test_a_jobs_file_line_that_is_not_a_job_is_refused_by_number(tmp_path, line, expected):
     path = tmp_path / "jobs.jsonl"
-    path.write_text('{"key": "k", "job": {}, "value": 1}\n["not", "a", "job"]\n{"key": "c')
-    with pytest.raises(ValueError, match=f"{path}:2: expected a JSON object with a 'key' string"):
+    text = job_line() + line + job_line("heldout") + '{"key": "c'
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: expected {expected}")):
         C.JobFile(str(path))
-    assert path.read_text().endswith('{"key": "c')  # refused: the file is as it was
+    assert path.read_text() == text  # refused: the file is as it was
+
+
+def test_a_jobs_file_keeps_a_whole_last_line_and_refuses_an_unwritable_path(tmp_path):
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(job_line() + job_line("heldout").rstrip("\n"))  # killed before its newline
+    assert len(C.JobFile(str(path)).done) == 2
+    assert path.read_text() == job_line() + job_line("heldout")
+    with pytest.raises(ValueError, match="--jobs_file=/nonexistent/j.jsonl: cannot write there"):
+        C.JobFile("/nonexistent/j.jsonl")
 
 
 def test_compare_extends_a_grid_whose_choice_is_on_an_edge(tmp_path, monkeypatch):
@@ -334,7 +375,6 @@ writes its metrics and `started` (its pid), then ends (--hold=0) or waits for SI
 it writes `stopped` and exits 1, as a run does."""
 import fcntl
 import os
-import shutil
 import signal
 import sys
 
