@@ -317,9 +317,10 @@ class JobFile:
     """Finished jobs of a comparison, one JSON line each: {"key", "job", "value", "seconds"}.
     `job` is everything that decides its result (job_of: the code's and the toy's digests, the
     script, its flags, the seed, the budgets, the split), the key its SHA-256: a job of other code
-    or another toy is never reused, and a job is deterministic (one thread a run), so a reused one
-    is the result it would give again. One driver a file, with the same --out on every machine
-    (the runs' directories are named under it). Read as data: every line is checked before any
+    or another toy is never reused. A job is deterministic (one thread a run), so on the same kind
+    of machine a reused one is bit for bit the result it would give again; another CPU may round
+    otherwise, and its runs then are other draws of the same protocol. One driver a file, with the
+    same --out on every machine (the runs' directories are named under it). Read as data: every line is checked before any
     work (check_job) and a bad one refused by its number, except a last line cut short by a kill,
     which is dropped (its job runs again)."""
 
