@@ -58,7 +58,7 @@ import run
 from run import knob
 import toy
 from experiments.tune import (SCRIPTS, STOPPING, check_flag, code_digest, integers, mean_ci,
-                              pair_subset, run_arm, stop_children_on_interrupt)
+                              pair_subset, run_arm, start_child, stop_children_on_interrupt)
 from reward import make_oracle
 
 SETTINGS = ("standard", "rare")
@@ -239,18 +239,25 @@ def loaded(r, out):  # stored()'s inverse
                       path=tuple((os.path.join(out, d), calls) for d, calls in r["path"])))
 
 
-def toy_digest(toy_dir):
-    """SHA-256 of a toy build's files, build.json (its timings) apart: what the runs read. The
-    build is meant to come out bit for bit anywhere; this checks it did."""
-    files = sorted(os.path.join(d, f) for d, _, names in os.walk(toy_dir) for f in names)
-    return toy.files_digest([f for f in files if os.path.basename(f) != "build.json"])
+CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
+def toy_digest(paths):
+    """SHA-256 of the files a toy build wrote and the runs read (not build.json, with its
+    timings, nor the evaluations written beside them later). The build is meant to come out bit
+    for bit anywhere; this checks it did."""
+    files = []
+    for p in paths:  # a checkpoint directory, or a prompt or pair file
+        files += [os.path.join(p, f) for f in CHECKPOINT_FILES] if os.path.isdir(p) else [p]
+    return toy.files_digest(files)
+
+
+@functools.lru_cache(maxsize=None)
 def job_code_digest():
     """SHA-256 of the code a job's result depends on: the scripts (tune.code_digest), torch's
     version, and this driver's functions and constants that make a job's runs and evaluations
-    (JOB_CODE). A new function a job calls belongs in JOB_CODE; the tables, claims and plots do
-    not, so editing them reuses every job."""
+    (JOB_CODE), comments and docstrings included. A new function a job calls belongs in JOB_CODE;
+    the tables, claims and plots do not, so editing them reuses every job."""
     sources = [inspect.getsource(f) for f in JOB_CODE]
     constants = [EXPLORE_PROMPTS, ONLINE_ITERATIONS, QUICK_FLAGS, RANKING_CALLS, TUNING_SEEDS]
     text = json.dumps([code_digest(), torch.__version__, sources, repr(constants)])
@@ -267,16 +274,22 @@ def job_of(kind, arm, flags, seed, budgets, code, toy_files, samples, max_new):
                 samples=samples if kind == "heldout" else 0, max_new=max_new)
 
 
-RUN_FIELDS = {"policy": str, "calls": (int, float), "steps": int, "wall_s": (int, float),
-              "path": list}
+RUN_FIELDS = ("policy", "calls", "steps", "wall_s", "path")
 ROW_FIELDS = ("accuracy", "reward", "n", "expected_reward", "kl_sft", "calls", "steps", "wall_s")
+MAY_BE_NONE = ("expected_reward", "kl_sft")  # not measured when --samples=0
 
 
 def check_job(record, where):
     """A JobFile line, checked as data before any of it is used: the key is its job's, and the
-    value has the shape compare gives it. -> the record; a ValueError naming `where` otherwise."""
+    value has the shape compare gives it, every number finite. -> the record; a ValueError naming
+    `where` otherwise."""
     def number(x):
-        return isinstance(x, (int, float)) and not isinstance(x, bool)
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def inside(step):  # [a run directory relative to --out, inside it; its oracle calls]
+        return (isinstance(step, list) and len(step) == 2 and isinstance(step[0], str)
+                and not os.path.isabs(step[0]) and ".." not in step[0].split("/")
+                and number(step[1]))
 
     def fail(what):
         raise ValueError(f"{where}: expected {what}, as compare writes it")
@@ -284,27 +297,26 @@ def check_job(record, where):
     if not isinstance(record, dict) or not {"key", "job", "value"} <= set(record):
         fail("a JSON object with 'key', 'job' and 'value'")
     job, value = record["job"], record["value"]
+    if not isinstance(job, dict) or job.get("kind") not in ("tune", "heldout") or \
+            not isinstance(job.get("budgets"), list):
+        fail("a 'job' object whose kind is 'tune' or 'heldout', with a list of budgets")
     if record["key"] != job_key(job):
         fail("'key' to be the SHA-256 of its 'job'")
-    if not isinstance(job, dict) or job.get("kind") not in ("tune", "heldout"):
-        fail("a 'job' whose kind is 'tune' or 'heldout'")
     if job["kind"] == "tune":
-        runs = value.get("runs") if isinstance(value, dict) else None
-        if not number(value.get("score") if runs is not None else None) or not isinstance(
-                runs, list):
+        if not isinstance(value, dict) or set(value) != {"score", "runs"} or \
+                not number(value["score"]) or not isinstance(value["runs"], list):
             fail("a tuning job's value {'score': number, 'runs': [...]}")
-        for r in runs:
-            if not isinstance(r, dict) or set(r) != set(RUN_FIELDS) or not all(
-                    isinstance(r[k], t) for k, t in RUN_FIELDS.items()):
+        for r in value["runs"]:
+            if not isinstance(r, dict) or set(r) != set(RUN_FIELDS) or \
+                    not all(map(number, (r["calls"], r["steps"], r["wall_s"]))) or \
+                    not isinstance(r["steps"], int) or not isinstance(r["path"], list):
                 fail(f"each run to have {', '.join(RUN_FIELDS)}")
-            for step in [[r["policy"], 0], *r["path"]]:
-                if not (isinstance(step, list) and len(step) == 2 and isinstance(step[0], str)
-                        and not os.path.isabs(step[0]) and ".." not in step[0].split("/")
-                        and number(step[1])):
-                    fail("a run's directories relative to --out, inside it, with their calls")
+            if not all(map(inside, [[r["policy"], 0], *r["path"]])):
+                fail("a run's directories relative to --out, inside it, with their calls")
     elif not isinstance(value, dict) or sorted(value) != sorted(map(str, job["budgets"])) or \
             not all(isinstance(row, dict) and set(row) == set(ROW_FIELDS) and
-                    all(v is None or number(v) for v in row.values()) for row in value.values()):
+                    all(number(v) or v is None and k in MAY_BE_NONE for k, v in row.items())
+                    for row in value.values()):
         fail(f"a held-out job's value {{budget: {{{', '.join(ROW_FIELDS)}}}}} for its budgets")
     return record
 
@@ -329,26 +341,29 @@ class JobFile:
         if not path:
             return
         folder = os.path.dirname(path) or "."
-        if not os.access(folder, os.W_OK) or os.path.exists(path) and not os.access(path, os.W_OK):
-            raise ValueError(f"--jobs_file={path}: cannot write there")
+        if os.path.isdir(path) or not os.access(folder, os.W_OK) or \
+                os.path.exists(path) and not os.access(path, os.W_OK):
+            raise ValueError(f"--jobs_file={path}: cannot write a file there")
         if not os.path.exists(path):
             return
-        lines = data.read_text(path).split("\n")  # the last: "" after a whole line
+        text = data.read_text(path)
+        lines = text.split("\n")  # the last: "" after a whole line
         if lines[-1]:  # no newline after it: whole (a kill after the write) or cut short
             try:
-                check_job(json.loads(lines[-1]), "")
+                data.parse_json(lines[-1], path, len(lines))
                 lines.append("")
-            except ValueError:
-                print(f"{path}:{len(lines)}: cut short (a killed write?): dropped, its job runs "
+            except ValueError:  # not JSON: cut short
+                print(f"{path}:{len(lines)}: cut short (a killed write): dropped, its job runs "
                       "again")
                 lines[-1] = ""
         for number, line in enumerate(lines[:-1], 1):
             record = check_job(data.parse_json(line, path, number), f"{path}:{number}")
             self.done[record["key"]] = record["value"]
-        text = "\n".join(lines)
-        if text != data.read_text(path):  # every line checked: rewrite it whole, atomically
+        if "\n".join(lines) != text:  # every line checked: the file rewritten whole, atomically
             with open(path + ".tmp", "w") as f:
-                f.write(text)
+                f.write("\n".join(lines))
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(path + ".tmp", path)
 
     def run(self, job, compute):
@@ -374,6 +389,28 @@ QUICK_FLAGS = {"train_pbpo.py": ["--t_out=2", "--t_in=2", "--group=2", "--ref_sa
                                  "--leader_prompts=4", "--max_new_tokens=16"],
                "train_selm.py": ["--iterations=1", "--batch_size=4", "--micro_batch=4",
                                  "--max_new_tokens=16"]}
+
+
+def tuning_point(arm, flags, seed, passes, paths, out, cfg, evaluate):
+    """A tuning job: the arm's run with `flags` through the budgets `passes` (PbPO's continue
+    each other), scored by the greedy gold reward on the validation split at the last ->
+    {"score", "runs": every run it made, stored()}."""
+    runs = train(arm, flags, paths, seed, out, cfg.quick, "valid", passes)
+    return {"score": evaluate(runs[passes[-1]].policy, "valid", samples=0)["reward"],
+            "runs": [stored(r, cfg.out) for r in runs.values()]}
+
+
+def heldout_rows(arm, flags, seed, budgets, paths, out, cfg, evaluate):
+    """A comparison job: the arm's runs for one seed at every budget with that budget's tuned
+    flags, evaluated on the held-out split -> {budget: evaluate()'s metrics, calls, steps,
+    wall_s}."""
+    rows = {}
+    for i, budget in enumerate(budgets):
+        r = train(arm, flags[budget], paths, seed, out, cfg.quick, "heldout",
+                  chain(arm, budgets, i))[budget]
+        rows[budget] = {**evaluate(r.policy, "heldout"), "calls": r.calls, "steps": r.steps,
+                        "wall_s": r.wall_s}
+    return rows
 
 
 # ---------------------------------------------------------------- evaluation
@@ -422,10 +459,12 @@ def evaluate(policy_dir, paths, split, samples, max_new):
 
 
 def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
-    """evaluate()'s results, read from policy_dir/eval_{split}_{samples}.json if it exists, else
-    computed in one of the `evaluators` processes (started once per comparison, one thread each,
-    so an evaluation pays for no interpreter start, import or SFT load) and written there."""
-    out_file = os.path.join(policy_dir, f"eval_{split}_{samples}.json")
+    """evaluate()'s results, read from policy_dir/eval_{split}_{samples}_{max_new}_{code}.json
+    if it exists, else computed in one of the `evaluators` processes (started once per
+    comparison, one thread each, so an evaluation pays for no interpreter start, import or SFT
+    load) and written there. code: job_code_digest()'s first 12: other code evaluates again."""
+    tag = f"{split}_{samples}_{max_new}_{job_code_digest()[:12]}"
+    out_file = os.path.join(policy_dir, f"eval_{tag}.json")
     with LOCKS[out_file]:
         if not os.path.exists(out_file):
             if STOPPING.is_set():
@@ -439,8 +478,9 @@ def evaluation(evaluators, policy_dir, paths, split, samples, max_new):
 
 
 # what a job's result depends on in this driver (job_code_digest), beside the scripts themselves
-JOB_CODE = (train, budget_flags, offline_pairs, pair_subset, merge, flag_value, run_cost, chain,
-            run_arm, sft_policy, evaluate, evaluation)
+JOB_CODE = (tuning_point, heldout_rows, train, budget_flags, offline_pairs, pair_subset, merge,
+            flag_value, run_cost, chain, stored, run_arm, start_child, evaluator_starts, sft_policy,
+            evaluate, evaluation)
 
 
 # ---------------------------------------------------------------- tuning: the stages, the edges
@@ -611,7 +651,7 @@ def compare(cfg):
             rare = setting == "rare"
             toy_dir = os.path.join(cfg.out, setting, "toy")
             paths = toy.build(toy_dir, quick=cfg.quick, rare=rare)
-            toy_files = toy_digest(toy_dir)
+            toy_files = toy_digest(paths)
             out = os.path.join(cfg.out, setting)
             here = [a for a in arms if a.script]
             evaluate_job = lambda d, split, samples=cfg.samples: evaluation(
@@ -633,14 +673,9 @@ def compare(cfg):
                     def tune_job(job):  # a run at `budget`, scored greedily on valid.jsonl
                         point, seed = job
                         passes = chain(arm, budgets, i)
-
-                        def compute():
-                            runs = train(arm, point, paths, seed, out, cfg.quick, "valid", passes)
-                            policy = runs[budget].policy
-                            return {"score": evaluate_job(policy, "valid", samples=0)["reward"],
-                                    "runs": [stored(r, cfg.out) for r in runs.values()]}
-
-                        done = jobs_file.run(job_here("tune", arm, point, seed, passes), compute)
+                        done = jobs_file.run(job_here("tune", arm, point, seed, passes),
+                                             lambda: tuning_point(arm, point, seed, passes, paths,
+                                                                  out, cfg, evaluate_job))
                         made.extend([loaded(r, cfg.out) for r in done["runs"]])  # atomic
                         return done["score"]
 
@@ -680,19 +715,10 @@ def compare(cfg):
 
             def job(arm_seed):  # an arm's runs at every budget for a seed, then their evaluation
                 arm, seed = arm_seed
-
-                def compute():
-                    rows = {}
-                    for i, budget in enumerate(budgets):
-                        r = train(arm, tuned[arm.name][budget], paths, seed, out, cfg.quick,
-                                  "heldout", chain(arm, budgets, i))[budget]
-                        rows[budget] = {**evaluate_job(r.policy, "heldout"), "calls": r.calls,
-                                        "steps": r.steps, "wall_s": r.wall_s}
-                    return rows
-
                 by_budget = {str(b): tuned[arm.name][b] for b in budgets}
                 rows = jobs_file.run(job_here("heldout", arm, by_budget, seed, budgets),
-                                     compute)
+                                     lambda: heldout_rows(arm, tuned[arm.name], seed, budgets,
+                                                          paths, out, cfg, evaluate_job))
                 return {int(b): row for b, row in rows.items()}
 
             finished = list(runners.map(job, jobs))

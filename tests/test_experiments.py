@@ -215,6 +215,7 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     cfg = C.Config(out=str(tmp_path), settings="standard", arms=arms, quick=True,
                    jobs_file=str(jobs_file))
     res = C.compare(cfg)["settings"]["standard"]
+    whole = jobs_file.read_text()
     budgets = (32, 64)
     assert set(res["table"]) == set(arms.split(","))
     for arm, by_budget in res["table"].items():
@@ -248,11 +249,11 @@ def test_compare_quick_tunes_runs_evaluates_and_judges(tmp_path):
     md = (tmp_path / "compare.md").read_text()
     assert "| pbpo | 64 |" in md and "| all |" in md
     stamps = {r: os.path.getmtime(runs_dir / r / "command.json") for r in os.listdir(runs_dir)}
-    C.compare(cfg)  # everything finished is reused
+    C.compare(cfg)  # everything finished is reused, and every job: the toy is the same toy
     assert {r: os.path.getmtime(runs_dir / r / "command.json") for r in stamps} == stamps
+    assert jobs_file.read_text() == whole
     for gone in ("runs", "toy", "data"):  # another machine: only the jobs file came along
         shutil.rmtree(tmp_path / "standard" / gone)
-    whole = jobs_file.read_text()
     with open(jobs_file, "a") as f:
         f.write('{"key": "cut short by a ki')  # a write a kill cut short
     again = C.compare(cfg)["settings"]["standard"]
@@ -273,8 +274,8 @@ def test_a_job_is_keyed_by_all_that_decides_it():
         assert C.job_key(C.job_of(**dict(args, **{name: other}))) != key, name
 
 
-def job_line(kind="tune", value=None, **changes):
-    job = dict(kind=kind, seed=0, budgets=[384])
+def job_line(kind="tune", value=None, budgets=(384,), **changes):
+    job = dict(kind=kind, seed=0, budgets=list(budgets) if isinstance(budgets, tuple) else budgets)
     run = dict(policy="standard/runs/r/final", calls=380, steps=48, wall_s=30.5,
                path=[["standard/runs/r", 380]])
     row = dict.fromkeys(C.ROW_FIELDS, 0.5)
@@ -290,7 +291,11 @@ def job_line(kind="tune", value=None, **changes):
     (job_line(value={"score": 0.9, "runs": [dict(policy="../x", calls=1, steps=1, wall_s=1.0,
                                                   path=[])]}), "a run's directories relative to --out, inside it"),
     (job_line("heldout", value={"768": {}}), "a held-out job's value {budget: {accuracy"),
-], ids=["not-an-object", "key", "tune-value", "run-fields", "run-outside", "heldout-value"])
+    (job_line("heldout", value={"384": dict.fromkeys(C.ROW_FIELDS)}), "a held-out job's value"),
+    (job_line(value={"score": float("nan"), "runs": []}), "a tuning job's value"),
+    (job_line(budgets=384), "a 'job' object whose kind is 'tune' or 'heldout', with a list"),
+], ids=["not-an-object", "key", "tune-value", "run-fields", "run-outside", "heldout-value",
+        "none", "nan", "budgets"])
 def test_a_jobs_file_line_that_is_not_a_job_is_refused_by_number(tmp_path, line, expected):
     path = tmp_path / "jobs.jsonl"
     text = job_line() + line + job_line("heldout") + '{"key": "c'
@@ -300,13 +305,35 @@ def test_a_jobs_file_line_that_is_not_a_job_is_refused_by_number(tmp_path, line,
     assert path.read_text() == text  # refused: the file is as it was
 
 
-def test_a_jobs_file_keeps_a_whole_last_line_and_refuses_an_unwritable_path(tmp_path):
+def test_a_jobs_file_keeps_a_whole_last_line_and_refuses_a_bad_one(tmp_path):
     path = tmp_path / "jobs.jsonl"
     path.write_text(job_line() + job_line("heldout").rstrip("\n"))  # killed before its newline
     assert len(C.JobFile(str(path)).done) == 2
     assert path.read_text() == job_line() + job_line("heldout")
-    with pytest.raises(ValueError, match="--jobs_file=/nonexistent/j.jsonl: cannot write there"):
-        C.JobFile("/nonexistent/j.jsonl")
+    bad = job_line() + job_line(key="0" * 64).rstrip("\n")  # whole, but not a job: not dropped
+    path.write_text(bad)
+    with pytest.raises(ValueError, match=re.escape(f"{path}:2: expected 'key' to be the SHA")):
+        C.JobFile(str(path))
+    assert path.read_text() == bad
+    for where in ("/nonexistent/j.jsonl", str(tmp_path)):
+        with pytest.raises(ValueError, match=f"--jobs_file={where}: cannot write a file there"):
+            C.JobFile(where)
+
+
+def test_the_toy_digest_reads_what_the_build_wrote_not_what_came_later(tmp_path):
+    paths = C.toy.ToyPaths(*(str(tmp_path / f) for f in C.toy.FILES))
+    for p in paths:
+        if p.endswith(".jsonl"):
+            pathlib.Path(p).write_text("{}\n")
+        else:
+            os.makedirs(p)
+            for f in C.CHECKPOINT_FILES:
+                (pathlib.Path(p) / f).write_text(f)
+    digest = C.toy_digest(paths)
+    (pathlib.Path(paths.model) / "eval_heldout_8_48_abc.json").write_text("{}")  # the SFT's
+    assert C.toy_digest(paths) == digest
+    (pathlib.Path(paths.rm) / "model.safetensors").write_text("other weights")
+    assert C.toy_digest(paths) != digest
 
 
 def test_compare_extends_a_grid_whose_choice_is_on_an_edge(tmp_path, monkeypatch):
@@ -417,6 +444,7 @@ import toy
 driver, fake, out = sys.argv[1:]
 toy.build = lambda *args, **kwargs: types.SimpleNamespace(model="m", train="t", valid="v",
                                                           heldout="h", prefs="p", rm="r")
+C.toy_digest = lambda paths: "a stand-in toy"
 with run.friendly_errors(f"experiments/{driver}.py"):
     if driver == "tune":  # 3 runs, 2 at a time
         fields = [("lr", float, run.knob(0.0, "")), ("hold", int, run.knob(0, ""))]
